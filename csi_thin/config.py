@@ -1,0 +1,165 @@
+"""Frozen configuration, read once at start-up (YAML file and/or flags) and validated.
+
+A pool config names the backend and where its devices come from. Validation errors are
+InvalidArgument with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import pathlib
+import re
+from typing import Any
+
+import yaml
+
+from csi_thin import errors, model
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?)?B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: str | int) -> int:
+    """Parse "64KiB", "10G", "1048576" into bytes (binary units)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise errors.InvalidArgument(f"not a size: {value!r} (examples: 1048576, 64KiB, 10GiB)")
+    unit = (m.group(2) or "")[:1].upper()
+    return int(m.group(1)) * _UNITS[unit]
+
+
+class BackendKind(enum.StrEnum):
+    DMTHIN = "dmthin"
+    REFLINK = "reflink"
+
+
+@dataclasses.dataclass(frozen=True)
+class DmThinConfig:
+    """Where a dm-thin pool's data and metadata come from, and its creation options.
+
+    Either block devices (data_device + metadata_device) or sparse loop files (data_file +
+    metadata_file, created with the given sizes when missing).
+    """
+
+    data_device: str | None = None
+    metadata_device: str | None = None
+    data_file: str | None = None
+    data_size: int = 0
+    metadata_file: str | None = None
+    metadata_size: int = 0  # 0: sized from the kernel docs' formula with headroom
+    block_size: int = 64 * model.KiB
+    low_water_mark_blocks: int = 0  # 0: derived (about 1% of the data blocks)
+    zero_blocks: bool = True
+    discard_passdown: bool = True
+    error_if_no_space: bool = True
+
+    def validate(self) -> None:
+        devs = self.data_device is not None or self.metadata_device is not None
+        files = self.data_file is not None or self.metadata_file is not None
+        if devs == files:
+            raise errors.InvalidArgument(
+                "dmthin pool: give either data_device + metadata_device or data_file (+ metadata_file)"
+            )
+        if devs and not (self.data_device and self.metadata_device):
+            raise errors.InvalidArgument("dmthin pool: data_device and metadata_device go together")
+        if files and (not self.data_file or self.data_size <= 0):
+            raise errors.InvalidArgument("dmthin pool: data_file needs a positive data_size")
+        bs = self.block_size
+        if bs < 64 * model.KiB or bs > model.GiB or bs % (64 * model.KiB):
+            raise errors.InvalidArgument(
+                f"dmthin pool: block_size {bs} must be 64KiB..1GiB in multiples of 64KiB"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReflinkConfig:
+    """A pool directory on a reflink-capable filesystem (XFS reflink=1, btrfs), either an existing
+    mount or a loop-mounted image file the pool creates (image_file + image_size + fs_type)."""
+
+    directory: str = ""
+    image_file: str | None = None
+    image_size: int = 0
+    fs_type: str = "xfs"
+    block_size: int = 64 * model.KiB  # sizes are rounded to this, like a thin pool's block
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    backend: BackendKind
+    state_dir: str  # LMDB lives here
+    dmthin: DmThinConfig | None = None
+    reflink: ReflinkConfig | None = None
+    thresholds: model.Thresholds = dataclasses.field(default_factory=model.Thresholds)
+
+    def validate(self) -> None:
+        if not _NAME.match(self.name):
+            raise errors.InvalidArgument(
+                f"pool name {self.name!r}: 1-32 of [a-z0-9-], starting and ending alphanumeric"
+            )
+        if not pathlib.PurePath(self.state_dir).is_absolute():
+            raise errors.InvalidArgument(f"state_dir {self.state_dir!r} must be absolute")
+        for label, value in (("data", self.thresholds.data), ("metadata", self.thresholds.metadata)):
+            if not 0.0 < value <= 1.0:
+                raise errors.InvalidArgument(f"{label} threshold {value} must be in (0, 1]")
+        if self.backend == BackendKind.DMTHIN:
+            if self.dmthin is None:
+                raise errors.InvalidArgument("backend dmthin needs a 'dmthin' section")
+            self.dmthin.validate()
+        elif self.reflink is None or not self.reflink.directory:
+            raise errors.InvalidArgument("backend reflink needs a 'reflink' section with a directory")
+
+    @property
+    def block_size(self) -> int:
+        if self.dmthin is not None:
+            return self.dmthin.block_size
+        assert self.reflink is not None
+        return self.reflink.block_size
+
+
+_SIZE_FIELDS = {"data_size", "metadata_size", "block_size", "image_size"}
+
+
+def _section(cls: type[Any], raw: dict[str, Any] | None) -> Any:
+    if raw is None:
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise errors.InvalidArgument(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    values = {k: parse_size(v) if k in _SIZE_FIELDS else v for k, v in raw.items()}
+    return cls(**values)
+
+
+def pool_from_dict(raw: dict[str, Any]) -> PoolConfig:
+    """Build and validate a PoolConfig from a parsed YAML/JSON mapping."""
+    known = {"name", "backend", "state_dir", "dmthin", "reflink", "thresholds"}
+    unknown = set(raw) - known
+    if unknown:
+        raise errors.InvalidArgument(f"unknown pool keys: {sorted(unknown)}")
+    try:
+        backend = BackendKind(raw.get("backend", "dmthin"))
+    except ValueError as exc:
+        raise errors.InvalidArgument(f"backend must be one of {[b.value for b in BackendKind]}") from exc
+    cfg = PoolConfig(
+        name=str(raw.get("name", "")),
+        backend=backend,
+        state_dir=str(raw.get("state_dir", "")),
+        dmthin=_section(DmThinConfig, raw.get("dmthin")),
+        reflink=_section(ReflinkConfig, raw.get("reflink")),
+        thresholds=_section(model.Thresholds, raw.get("thresholds")) or model.Thresholds(),
+    )
+    cfg.validate()
+    return cfg
+
+
+def load_pool(path: str) -> PoolConfig:
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise errors.InvalidArgument(f"{path}: expected a mapping at the top level")
+    return pool_from_dict(raw)

@@ -1,0 +1,92 @@
+"""Frozen values shared by the layers: device records, pool status, thresholds.
+
+These are what the pool engine returns and what the controller and node services translate into CSI
+messages. They carry no behaviour beyond derived properties and compatibility checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+#: dm-thin device ids are 24 bits wide.
+MAX_DEVICE_ID = (1 << 24) - 1
+SECTOR = 512
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class DeviceKind(enum.StrEnum):
+    VOLUME = "volume"
+    SNAPSHOT = "snapshot"
+
+
+class DeviceState(enum.StrEnum):
+    """Lifecycle of a device record. "-ing" states are intents; recovery resolves them."""
+
+    CREATING = "creating"
+    READY = "ready"
+    DELETING = "deleting"
+    LOST = "lost"  # the record exists but the pool has no such device: reported, never re-created
+
+
+class PoolMode(enum.StrEnum):
+    RW = "rw"
+    RO = "ro"
+    OUT_OF_DATA_SPACE = "out_of_data_space"
+    FAIL = "fail"
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One thin device (volume or snapshot) as recorded by the pool engine."""
+
+    name: str
+    dev_id: int
+    kind: DeviceKind
+    state: DeviceState
+    size_bytes: int
+    origin: str | None  # name of the device this one was snapshotted/cloned from
+    created_at: float  # unix seconds
+    active: bool = False  # a dm device (or loop device) exists for it right now
+    path: str | None = None  # block device path while active
+
+    def is_compatible_with(self, *, kind: DeviceKind, size_bytes: int, origin: str | None) -> bool:
+        """True when a create with these parameters may return this existing device (idempotency)."""
+        return self.kind == kind and self.size_bytes == size_bytes and self.origin == origin
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStatus:
+    transaction_id: int
+    block_size_bytes: int
+    data_used_bytes: int
+    data_total_bytes: int
+    metadata_used_bytes: int
+    metadata_total_bytes: int
+    mode: PoolMode
+    needs_check: bool
+
+    @property
+    def data_used_ratio(self) -> float:
+        return self.data_used_bytes / self.data_total_bytes if self.data_total_bytes else 1.0
+
+    @property
+    def metadata_used_ratio(self) -> float:
+        return self.metadata_used_bytes / self.metadata_total_bytes if self.metadata_total_bytes else 1.0
+
+    @property
+    def healthy(self) -> bool:
+        return self.mode == PoolMode.RW and not self.needs_check
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Above these used ratios, new devices are refused (existing ones keep working).
+
+    Metadata's is lower: a full metadata device turns the pool read-only until an offline repair.
+    """
+
+    data: float = 0.95
+    metadata: float = 0.80

@@ -1,0 +1,91 @@
+"""The primitive steps a pool backend offers the engine.
+
+The engine (journal, recovery, locking, thresholds, records) is backend-neutral; a backend only
+performs single kernel-level steps on devices named by their numeric id. Every step is one
+observable change, so the engine can journal intent before it and decide after a crash whether it
+happened (by asking `device_ids()` and `transaction_id()`).
+
+Errors: a step raises `csi_thin.errors.NotFound` (or a subclass) when the device id does not exist,
+`csi_thin.errors.AlreadyExists` (or a subclass) when it already exists, `errors.ResourceExhausted`
+when the pool is out of space, `errors.DeadlineExceeded` when the deadline passes, and
+`errors.Internal` for everything else. Steps never retry beyond the deadline.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import model
+
+
+class Backend(Protocol):
+    #: "dmthin" or "reflink"; shown in status output
+    kind: str
+
+    def assemble(self, *, deadline: deadline_mod.Deadline) -> None:
+        """Make the pool usable: idempotent; re-assembly from the same devices keeps every device.
+
+        Checks the metadata of an inactive pool first and stops with a clear error if it fails.
+        """
+        ...
+
+    def teardown(self, *, deadline: deadline_mod.Deadline) -> None:
+        """Deactivate every device and the pool itself; all data and metadata are kept."""
+        ...
+
+    def destroy(self, *, deadline: deadline_mod.Deadline) -> None:
+        """Tear down and remove what assemble created (loop files, pool image). Irreversible."""
+        ...
+
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
+
+    def transaction_id(self, *, deadline: deadline_mod.Deadline) -> int: ...
+
+    def set_transaction_id(self, old: int, new: int, *, deadline: deadline_mod.Deadline) -> None:
+        """Compare-and-swap the pool's transaction id (fails if the current id is not `old`)."""
+        ...
+
+    def create_thin(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> None:
+        """Create an empty thin device (dm-thin ignores the size: it lives in the activation table)."""
+        ...
+
+    def create_snap(
+        self, dev_id: int, origin_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        """Create `dev_id` as a snapshot of `origin_id`.
+
+        An active origin is made consistent around the step (dm-thin: suspend/resume; reflink:
+        freeze/thaw) and is always resumed/thawed, on every failure path, within the deadline.
+        """
+        ...
+
+    def delete(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:
+        """Delete an inactive device from the pool; NotFound if the pool has no such id."""
+        ...
+
+    def device_ids(self, *, deadline: deadline_mod.Deadline) -> dict[int, int]:
+        """Every device id the pool holds, mapped to its allocated bytes (from the pool's metadata)."""
+        ...
+
+    def activate(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> str:
+        """Make the device usable as a block device of `size_bytes`; return its path. Idempotent."""
+        ...
+
+    def deactivate(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:
+        """Remove the block device (not the data). Succeeds if it is not active."""
+        ...
+
+    def resize(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> None:
+        """Grow a device (active: reload + resume / refresh capacity; inactive: record only)."""
+        ...
+
+    def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]: ...
+
+    def device_path(self, dev_id: int) -> str:
+        """Where the block device of `dev_id` appears while active."""
+        ...
+
+    def mapped_bytes(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int:
+        """Allocated bytes of one device (active: live status; inactive: pool metadata)."""
+        ...
