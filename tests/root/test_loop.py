@@ -1,0 +1,111 @@
+"""csi_thin.dm.loop on real loop devices (root tier: runs as root on the host, no dm needed)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from csi_thin import errors
+from csi_thin.dm import loop
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def attached(tmp_path: pathlib.Path) -> Iterator[list[str]]:
+    """Loop devices a test attached; detached afterwards whatever happens (never others' loops)."""
+    devs: list[str] = []
+    yield devs
+    for dev in devs:
+        loop.detach(dev)
+
+
+def _sparse(path: pathlib.Path, size: int) -> pathlib.Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_attach_find_write_detach(tmp_path: pathlib.Path, attached: list[str]) -> None:
+    backing = _sparse(tmp_path / "data.img", 8 * MiB)
+    dev = loop.attach(str(backing))
+    attached.append(dev)
+    assert dev.startswith("/dev/loop")
+    assert loop.size_bytes(dev) == 8 * MiB
+    assert loop.find(str(backing)) == dev
+    assert loop.backing_file(dev) == str(backing.resolve())
+    # a write through the device lands in the file
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"csi-thin" * 512, MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    with open(backing, "rb") as f:
+        f.seek(MiB)
+        assert f.read(8) == b"csi-thin"
+    loop.detach(dev)
+    assert loop.find(str(backing)) is None
+    assert loop.backing_file(dev) is None
+    loop.detach(dev)  # already detached: fine
+
+
+def test_direct_io_is_used_when_supported(tmp_path: pathlib.Path, attached: list[str]) -> None:
+    backing = _sparse(tmp_path / "dio.img", 4 * MiB)
+    dev = loop.attach(str(backing), direct_io=True)
+    attached.append(dev)
+    n = dev.removeprefix("/dev/loop")
+    with open(f"/sys/block/loop{n}/loop/dio", encoding="utf-8") as f:
+        assert f.read().strip() == "1"
+    buffered = loop.attach(str(_sparse(tmp_path / "buf.img", 4 * MiB)), direct_io=False)
+    attached.append(buffered)
+    n = buffered.removeprefix("/dev/loop")
+    with open(f"/sys/block/loop{n}/loop/dio", encoding="utf-8") as f:
+        assert f.read().strip() == "0"
+
+
+def test_read_only(tmp_path: pathlib.Path, attached: list[str]) -> None:
+    backing = _sparse(tmp_path / "ro.img", 4 * MiB)
+    dev = loop.attach(str(backing), read_only=True)
+    attached.append(dev)
+    n = dev.removeprefix("/dev/loop")
+    with open(f"/sys/block/loop{n}/ro", encoding="utf-8") as f:
+        assert f.read().strip() == "1"
+    # depending on the kernel the open or the write is refused
+    with pytest.raises(OSError):
+        fd = os.open(dev, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 4096, 0)
+        finally:
+            os.close(fd)
+
+
+def test_refresh_capacity_after_grow(tmp_path: pathlib.Path, attached: list[str]) -> None:
+    backing = _sparse(tmp_path / "grow.img", 4 * MiB)
+    dev = loop.attach(str(backing))
+    attached.append(dev)
+    os.truncate(backing, 12 * MiB)
+    assert loop.size_bytes(dev) == 4 * MiB
+    loop.refresh_capacity(dev)
+    assert loop.size_bytes(dev) == 12 * MiB
+
+
+def test_find_resolves_symlinks(tmp_path: pathlib.Path, attached: list[str]) -> None:
+    backing = _sparse(tmp_path / "real.img", 4 * MiB)
+    link = tmp_path / "link.img"
+    link.symlink_to(backing)
+    dev = loop.attach(str(link))
+    attached.append(dev)
+    assert loop.find(str(backing)) == dev
+    assert loop.find(str(link)) == dev
+    assert loop.find(str(tmp_path / "absent.img")) is None
+
+
+def test_bad_paths(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        loop.detach("/dev/sda")
+    with pytest.raises(FileNotFoundError):
+        loop.attach(str(tmp_path / "missing.img"))
