@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests import conftest, kubeenv
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[kubeenv.KubeEnv]:
+    """A real kube-apiserver + etcd for the whole session (fails when the tools are not built)."""
+    conftest.tool("kube-apiserver")
+    conftest.tool("etcd")
+    with kubeenv.running(conftest.BIN) as env:
+        yield env
