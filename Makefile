@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PY := $(CURDIR)/.venv/bin/python
 STAMPS := .stamps
 HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools dmsetup kmod
+LINT_DIRS := csi_thin tests $(wildcard bench)
 PYTEST_HOST := $(PY) -m pytest -m "not vm"
 
 .PHONY: all setup deps venv proto tools vm-setup lint unit test test-host vm-test demo bench clean
@@ -36,8 +37,8 @@ vm-setup: deps
 	vm/setup.sh
 
 lint: venv proto
-	$(PY) -m ruff check csi_thin tests bench
-	$(PY) -m ruff format --check csi_thin tests bench
+	$(PY) -m ruff check $(LINT_DIRS)
+	$(PY) -m ruff format --check $(LINT_DIRS)
 	$(PY) -m mypy
 	.venv/bin/lint-imports
 

@@ -14,16 +14,20 @@ resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: lin
 PKG=$(resolve)
 [ -n "$PKG" ] || { apt-get update -qq; PKG=$(resolve); }
 [ -n "$PKG" ] || { echo "vm: cannot resolve linux-image-amd64 (apt-get update?)" >&2; exit 1; }
-if [ -f "$VM_STATE/kernel.pkg" ] && [ "$(cat "$VM_STATE/kernel.pkg")" = "$PKG" ] && [ -f "$KDIR/vmlinux" ] \
-   && [ -f "$VM_STATE/initramfs.cpio" ] && [ "$VM_STATE/initramfs.cpio" -nt "$HERE/guest/init" ]; then
-  echo "vm: ready ($PKG)"; exit 0
+# The initramfs depends on the unpacked kernel and on our init script: rebuild it when either changes
+# (content hashes, not mtimes: a fresh clone has new mtimes).
+initrd_key() { cat "$VM_STATE/kernel.pkg" "$HERE/guest/init" "$HERE/build-initramfs.sh" | sha256sum | cut -c1-16; }
+if [ "$(cat "$VM_STATE/kernel.pkg" 2>/dev/null)" != "$PKG" ] || [ ! -f "$KDIR/vmlinux" ]; then
+  ls "$VM_STATE/debs/${PKG}"_*.deb >/dev/null 2>&1 || (cd "$VM_STATE/debs" && apt-get download "$PKG")
+  rm -rf "$KDIR" && mkdir -p "$KDIR"
+  dpkg-deb -x "$VM_STATE"/debs/"$PKG"_*.deb "$KDIR"
+  depmod -b "$KDIR" "$(ls "$KDIR/lib/modules")"
+  python3 "$HERE/extract-vmlinux.py" "$KDIR/boot/vmlinuz-$(ls "$KDIR/lib/modules")" "$KDIR/vmlinux"
+  echo "$PKG" > "$VM_STATE/kernel.pkg"
 fi
-ls "$VM_STATE/debs/${PKG}"_*.deb >/dev/null 2>&1 || (cd "$VM_STATE/debs" && apt-get download "$PKG")
-rm -rf "$KDIR" && mkdir -p "$KDIR"
-dpkg-deb -x "$VM_STATE"/debs/"$PKG"_*.deb "$KDIR"
+if [ ! -f "$VM_STATE/initramfs.cpio" ] || [ "$(cat "$VM_STATE/initramfs.key" 2>/dev/null)" != "$(initrd_key)" ]; then
+  "$HERE/build-initramfs.sh"
+  initrd_key > "$VM_STATE/initramfs.key"
+fi
 KVER=$(ls "$KDIR/lib/modules")
-depmod -b "$KDIR" "$KVER"
-python3 "$HERE/extract-vmlinux.py" "$KDIR/boot/vmlinuz-$KVER" "$KDIR/vmlinux"
-"$HERE/build-initramfs.sh"
-echo "$PKG" > "$VM_STATE/kernel.pkg"
 echo "vm: ready ($PKG, KVER=$KVER)"
