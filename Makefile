@@ -51,7 +51,7 @@ test-host: setup lint
 	$(PYTEST_HOST) -q
 
 vm-test: venv proto vm-setup
-	VM_ENV="PYTEST_ADDOPTS" vm/run.sh -- "$(PY) -m pytest -m vm tests/vm -q -p no:cacheprovider"
+	VM_ENV="PYTEST_ADDOPTS" vm/run.sh -- "$(PY) -m pytest -m vm tests/vm -q -p no:cacheprovider --basetemp=/scratch/pytest"
 
 test: test-host vm-test
 
