@@ -1,0 +1,727 @@
+"""The pool engine: the only code that changes the pool, and the API the CSI layer calls.
+
+Flow of a mutation: validate -> claim the name (and the source) without blocking -> "does it exist,
+and is it compatible?" -> pool health and thresholds -> a journalled transition:
+
+    intent + "-ing" record in LMDB  ->  kernel steps (each with an explicit undo)
+        ->  set_transaction_id(N, N+1)  ->  record + txid N+1 + intent closed, in ONE LMDB txn
+
+On a failure the undos run in reverse order and the intent is closed; if an undo fails too, the
+intent stays open and the next call on the name (or start-up recovery) resolves it from the pool's
+evidence (csi_thin.pool.recovery). A backend only performs single steps (csi_thin.pool.backend).
+
+Concurrency: per-name claims are non-blocking (a second caller gets OperationPending, ABORTED at the
+edge). Fenced mutations of different names also serialize on one pool lock, because the pool's
+transaction id is a single compare-and-swap counter; that lock blocks, within the caller's deadline.
+
+Fault injection: every step boundary calls `self._step_boundary(point)`, which calls the module-level
+`step_hook` when a test set one (to record the points, fail a step once, or SIGKILL the process).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.pool import backend as backend_mod
+from csi_thin.pool import recovery
+from csi_thin.store import lmdb_store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Test seam: called with the name of every step boundary ("create_volume/create_thin:done", ...).
+step_hook: Callable[[str], None] | None = None
+
+#: Undo gets at least this long even when the caller's deadline has passed: leaving a half-done
+#: mutation behind costs more than overrunning a deadline by a bounded amount.
+UNDO_GRACE_SECONDS = 30.0
+
+MAX_NAME_LEN = 256
+MAX_SIZE_BYTES = 1 << 50  # 1 PiB: anything above is a unit mistake
+
+
+RecoveryReport = recovery.RecoveryReport
+
+
+class _RollForward(Exception):
+    """Raised by an undo that cannot undo (a delete happened): the transition finishes instead."""
+
+
+@dataclasses.dataclass
+class _Done:
+    name: str
+    undo: Callable[[], None]
+
+
+class _Transition:
+    """The steps of one journalled mutation, recorded so they can be undone in reverse order."""
+
+    def __init__(self, engine: PoolEngine, op: str, intent: lmdb_store.Intent) -> None:
+        self.engine = engine
+        self.op = op
+        self.intent = intent
+        self.done: list[_Done] = []
+        self.result: dict[str, Any] = {}
+
+    def step(self, name: str, do: Callable[[], T], undo: Callable[[], None]) -> T:
+        self.engine._step_boundary(f"{self.op}/{name}")
+        # Recorded before it runs: a step that raised may still have happened (a timeout after the
+        # kernel acted), so every undo checks the pool instead of assuming.
+        self.done.append(_Done(name, undo))
+        value = do()
+        self.engine._step_boundary(f"{self.op}/{name}:done")
+        return value
+
+
+def _round_up(size: int, block: int) -> int:
+    return -(-size // block) * block
+
+
+def _validate_name(name: str, what: str = "name") -> None:
+    if not name or len(name) > MAX_NAME_LEN:
+        raise errors.InvalidArgument(f"{what} must be 1..{MAX_NAME_LEN} characters, got {len(name)}")
+    if "\x00" in name or "/" in name or not name.isprintable():
+        raise errors.InvalidArgument(f"{what} {name!r}: no '/', NUL or control characters")
+
+
+class PoolEngine:
+    def __init__(
+        self,
+        *,
+        backend: backend_mod.Backend,
+        store: lmdb_store.LmdbStore,
+        thresholds: model.Thresholds,
+        block_size: int,
+    ) -> None:
+        if block_size <= 0:
+            raise errors.InvalidArgument(f"block_size {block_size} must be positive")
+        self.backend = backend
+        self.store = store
+        self.thresholds = thresholds
+        self.block_size = block_size
+        self._claims_mutex = threading.Lock()
+        self._claimed: set[str] = set()
+        self._pool_lock = threading.Lock()
+
+    # ---- seams and locks -------------------------------------------------------------------------
+
+    def _step_boundary(self, point: str) -> None:
+        hook = step_hook
+        if hook is not None:
+            hook(point)
+
+    @contextlib.contextmanager
+    def _claim(self, *names: str) -> Iterator[None]:
+        """Per-name claim, non-blocking: a second caller on any of the names gets OperationPending."""
+        keys = set(names)
+        with self._claims_mutex:
+            busy = sorted(keys & self._claimed)
+            if busy:
+                raise errors.OperationPending(f"an operation on {busy[0]!r} is in progress; retry later")
+            self._claimed |= keys
+        try:
+            yield
+        finally:
+            with self._claims_mutex:
+                self._claimed -= keys
+
+    @contextlib.contextmanager
+    def _fenced(self, deadline: deadline_mod.Deadline) -> Iterator[None]:
+        """The pool lock every fenced mutation holds from its intent to its commit. Any fenced intent
+        still open when it is acquired is stale (its owner failed to undo): resolve it first."""
+        if not self._pool_lock.acquire(timeout=max(deadline.remaining(), 0.001)):
+            raise errors.DeadlineExceeded("deadline exceeded waiting for the pool's transaction lock")
+        try:
+            for intent in self.store.intents():
+                if intent.fenced:
+                    self._resolve(intent, deadline)
+            yield
+        finally:
+            self._pool_lock.release()
+
+    def _resolve(self, intent: lmdb_store.Intent, deadline: deadline_mod.Deadline) -> None:
+        result = recovery.resolve_intent(
+            self.backend, self.store, intent, deadline=deadline, boundary=self._step_boundary
+        )
+        log.info("event=resolved op=%s name=%s result=%s", intent.op, intent.name, result)
+
+    def _resolve_stale_unfenced(self, name: str, deadline: deadline_mod.Deadline) -> None:
+        """Called holding the name's claim: an open unfenced intent on it is left from a failure."""
+        for intent in self.store.intents():
+            if intent.name == name and not intent.fenced:
+                self._resolve(intent, deadline)
+
+    @contextlib.contextmanager
+    def _transition(
+        self,
+        op: str,
+        *,
+        begin: Callable[[lmdb_store.WriteTxn], lmdb_store.Intent],
+        commit: Callable[[lmdb_store.WriteTxn, _Transition], None],
+        abort: Callable[[lmdb_store.WriteTxn, _Transition], None],
+        deadline: deadline_mod.Deadline,
+    ) -> Iterator[_Transition]:
+        """Write the intent and the "-ing" record, run the steps of the block, then write the result
+        (commit) or undo the steps in reverse and write the failure (abort)."""
+        with self.store.write() as w:
+            intent = begin(w)
+        tx = _Transition(self, op, intent)
+        try:
+            self._step_boundary(f"{op}/journaled")
+            yield tx
+        except Exception as exc:
+            undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+            if self._unwind(tx, exc, abort, undo_deadline):
+                return  # rolled forward: the mutation completed after all
+            raise
+        with self.store.write() as w:
+            commit(w, tx)
+        self._step_boundary(f"{op}/committed")
+        log.info("event=committed op=%s name=%s dev_id=%d", op, intent.name, intent.dev_id)
+
+    def _unwind(
+        self,
+        tx: _Transition,
+        exc: Exception,
+        abort: Callable[[lmdb_store.WriteTxn, _Transition], None],
+        deadline: deadline_mod.Deadline,
+    ) -> bool:
+        """Undo in reverse order; True when the transition rolled forward instead."""
+        log.warning("event=undo op=%s name=%s error=%r", tx.op, tx.intent.name, exc)
+        try:
+            for done in reversed(tx.done):
+                done.undo()
+                self._step_boundary(f"{tx.op}/undo:{done.name}")
+        except _RollForward:
+            try:
+                self._resolve(tx.intent, deadline)
+            except Exception as resolve_exc:
+                exc.add_note(f"finishing {tx.op} {tx.intent.name!r} failed: {resolve_exc!r}; left open")
+                return False
+            return True
+        except Exception as undo_exc:
+            # The intent stays open (the record keeps its "-ing" state): the next call on the name, or
+            # recovery, resolves it from the pool's evidence.
+            exc.add_note(f"undo of {tx.op} {tx.intent.name!r} failed too: {undo_exc!r}; left open")
+            log.exception("event=undo-failed op=%s name=%s", tx.op, tx.intent.name)
+            return False
+        with self.store.write() as w:
+            abort(w, tx)
+        self._step_boundary(f"{tx.op}/aborted")
+        return False
+
+    # ---- checks ------------------------------------------------------------------------------------
+
+    def _require_healthy(self, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+        st = self.backend.status(deadline=deadline)
+        if not st.healthy:
+            raise errors.Unavailable(
+                f"pool is not healthy (mode={st.mode.value}, needs_check={st.needs_check}): "
+                "mutations are refused until it is repaired (thin_check / thin_repair offline)"
+            )
+        return st
+
+    def _require_room(self, st: model.PoolStatus) -> None:
+        if st.data_used_ratio > self.thresholds.data:
+            raise errors.PoolExhausted(
+                f"pool data {st.data_used_ratio:.1%} used, above the {self.thresholds.data:.0%} threshold: "
+                "new volumes and snapshots are refused"
+            )
+        if st.metadata_used_ratio > self.thresholds.metadata:
+            raise errors.PoolExhausted(
+                f"pool metadata {st.metadata_used_ratio:.1%} used, above the "
+                f"{self.thresholds.metadata:.0%} threshold: new volumes and snapshots are refused"
+            )
+
+    def _size(self, size_bytes: int) -> int:
+        if size_bytes <= 0 or size_bytes > MAX_SIZE_BYTES:
+            raise errors.InvalidArgument(f"size {size_bytes} must be in 1..{MAX_SIZE_BYTES} bytes")
+        return _round_up(size_bytes, self.block_size)
+
+    def _ready(self, name: str, what: str = "device") -> model.Device:
+        dev = self.store.get(name)
+        if dev is None:
+            raise errors.NotFound(f"{what} {name!r} not found")
+        if dev.state == model.DeviceState.LOST:
+            raise errors.FailedPrecondition(
+                f"{what} {name!r} is LOST: its record exists but the pool has no device {dev.dev_id}"
+            )
+        if dev.state != model.DeviceState.READY:
+            raise errors.OperationPending(f"{what} {name!r} is {dev.state.value}; retry later")
+        return dev
+
+    # ---- recovery ------------------------------------------------------------------------------------
+
+    def recover(self, *, deadline: deadline_mod.Deadline) -> RecoveryReport:
+        """Finish or undo every open intent and reconcile the store with the pool (at start-up)."""
+        with self._pool_lock:
+            report = recovery.recover(
+                self.backend, self.store, deadline=deadline, boundary=self._step_boundary
+            )
+        log.info(
+            "event=recovered txid=%d forward=%s back=%s lost=%s orphans=%s",
+            report.pool_txid,
+            list(report.rolled_forward),
+            list(report.rolled_back),
+            list(report.lost),
+            list(report.orphans),
+        )
+        return report
+
+    # ---- creates -------------------------------------------------------------------------------------
+
+    def create_volume(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device:
+        return self._create("create_volume", name, size_bytes, source=None, deadline=deadline)
+
+    def create_snapshot(self, name: str, source: str, *, deadline: deadline_mod.Deadline) -> model.Device:
+        """Snapshot of a volume (same size). An active source is made consistent by the backend."""
+        return self._create("create_snapshot", name, None, source=source, deadline=deadline)
+
+    def clone(
+        self, name: str, source: str, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> model.Device:
+        """A volume from a volume (clone) or from a snapshot (restore); it may be larger than the
+        source (dm-thin keeps no size per device, so a larger restore is free)."""
+        return self._create("clone", name, size_bytes, source=source, deadline=deadline)
+
+    def _create(
+        self,
+        op: str,
+        name: str,
+        size_bytes: int | None,
+        *,
+        source: str | None,
+        deadline: deadline_mod.Deadline,
+    ) -> model.Device:
+        _validate_name(name)
+        if source is not None:
+            _validate_name(source, "source")
+            if source == name:
+                raise errors.InvalidArgument(f"{name!r} cannot be its own source")
+        size = None if size_bytes is None else self._size(size_bytes)
+        kind = model.DeviceKind.SNAPSHOT if op == "create_snapshot" else model.DeviceKind.VOLUME
+        # Claiming the source too keeps it from being deleted, grown or deactivated under the step.
+        with self._claim(name, *([source] if source else [])):
+            self._resolve_stale_unfenced(name, deadline)
+            existing = self._existing(name, kind=kind, size=size, source=source)
+            if existing is not None:
+                return existing
+            st = self._require_healthy(deadline)
+            self._require_room(st)
+            with self._fenced(deadline):
+                existing = self._existing(name, kind=kind, size=size, source=source)
+                if existing is not None:
+                    return existing
+                src = None
+                if source is not None:
+                    src = self._ready(source, "source")
+                    if op == "create_snapshot" and src.kind != model.DeviceKind.VOLUME:
+                        raise errors.InvalidArgument(f"source {source!r} is a {src.kind.value}, not a volume")
+                    if size is None:
+                        size = src.size_bytes
+                    if size < src.size_bytes:
+                        raise errors.OutOfRange(
+                            f"size {size} is smaller than the source {source!r} ({src.size_bytes})"
+                        )
+                assert size is not None
+                return self._create_fenced(op=op, name=name, kind=kind, size=size, src=src, deadline=deadline)
+
+    def _existing(
+        self, name: str, *, kind: model.DeviceKind, size: int | None, source: str | None
+    ) -> model.Device | None:
+        dev = self.store.get(name)
+        if dev is None:
+            return None
+        if dev.state == model.DeviceState.CREATING:
+            raise errors.OperationPending(f"{name!r} is being created; retry later")
+        if dev.state == model.DeviceState.DELETING:
+            raise errors.OperationPending(f"{name!r} is being deleted; retry later")
+        want = dev.size_bytes if size is None else size
+        if not dev.is_compatible_with(kind=kind, size_bytes=want, origin=source):
+            raise errors.AlreadyExists(
+                f"{name!r} exists as {dev.kind.value} of {dev.size_bytes} bytes from {dev.origin!r}, "
+                f"incompatible with {kind.value} of {want} bytes from {source!r}"
+            )
+        if dev.state == model.DeviceState.LOST:
+            raise errors.FailedPrecondition(f"{name!r} exists but is LOST (the pool has no device)")
+        return dev
+
+    def _create_fenced(
+        self,
+        *,
+        op: str,
+        name: str,
+        kind: model.DeviceKind,
+        size: int,
+        src: model.Device | None,
+        deadline: deadline_mod.Deadline,
+    ) -> model.Device:
+        step_name = "create_thin" if src is None else "create_snap"
+        collided: builtins.list[int] = []
+
+        def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
+            dev_id = w.allocate_id()
+            base = w.transaction_id()
+            w.put(
+                model.Device(
+                    name=name,
+                    dev_id=dev_id,
+                    kind=kind,
+                    state=model.DeviceState.CREATING,
+                    size_bytes=size,
+                    origin=src.name if src else None,
+                    created_at=time.time(),
+                )
+            )
+            return w.open_intent(
+                op=op,
+                name=name,
+                dev_id=dev_id,
+                size_bytes=size,
+                origin_id=src.dev_id if src else None,
+                base_txid=base,
+                steps=(step_name, "fence"),
+                created_at=time.time(),
+            )
+
+        def commit(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            rec = w.get(name)
+            assert rec is not None and tx.intent.base_txid is not None
+            w.put(dataclasses.replace(rec, state=model.DeviceState.READY))
+            w.close_intent(tx.intent)
+            w.set_transaction_id(tx.intent.base_txid + 1)
+
+        def abort(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            w.remove(name)
+            if collided:  # someone else's device holds the id: keep it reserved as an orphan
+                w.reserve_orphan(tx.intent.dev_id)
+            w.close_intent(tx.intent)
+
+        with self._transition(op, begin=begin, commit=commit, abort=abort, deadline=deadline) as tx:
+            dev_id = tx.intent.dev_id
+            base = tx.intent.base_txid
+            assert base is not None
+
+            def create() -> None:
+                try:
+                    if src is None:
+                        self.backend.create_thin(dev_id, size, deadline=deadline)
+                    else:
+                        self.backend.create_snap(dev_id, src.dev_id, size, deadline=deadline)
+                except errors.AlreadyExists as exc:
+                    collided.append(dev_id)
+                    raise errors.Unavailable(
+                        f"thin id {dev_id} already exists in the pool but no record owns it: "
+                        "reserved as an orphan; retry"
+                    ) from exc
+
+            def undo_create() -> None:
+                if not collided:
+                    self._delete_if_present(dev_id, deadline)
+
+            tx.step(step_name, create, undo_create)
+            tx.step(
+                "fence",
+                lambda: self.backend.set_transaction_id(base, base + 1, deadline=deadline),
+                lambda: self._unfence(base, deadline),
+            )
+        dev = self.store.get(name)
+        assert dev is not None
+        return dev
+
+    def _delete_if_present(self, dev_id: int, deadline: deadline_mod.Deadline) -> None:
+        undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+        if dev_id in self.backend.device_ids(deadline=undo_deadline):
+            with contextlib.suppress(errors.NotFound):
+                self.backend.delete(dev_id, deadline=undo_deadline)
+
+    def _unfence(self, base: int, deadline: deadline_mod.Deadline) -> None:
+        undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+        if self.backend.transaction_id(deadline=undo_deadline) == base + 1:
+            self.backend.set_transaction_id(base + 1, base, deadline=undo_deadline)
+
+    # ---- delete --------------------------------------------------------------------------------------
+
+    def delete(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        """Delete a device from the pool and its record; absent is done; active is refused."""
+        _validate_name(name)
+        with self._claim(name):
+            self._resolve_stale_unfenced(name, deadline)
+            if self.store.get(name) is None:
+                return
+            self._require_healthy(deadline)
+            with self._fenced(deadline):
+                dev = self.store.get(name)
+                if dev is None:
+                    return
+                if dev.active:
+                    raise errors.FailedPrecondition(f"{name!r} is active at {dev.path}: deactivate it first")
+                if dev.state == model.DeviceState.LOST:
+                    self._forget_lost(dev, deadline)
+                    return
+                self._delete_fenced(dev, deadline)
+
+    def _forget_lost(self, dev: model.Device, deadline: deadline_mod.Deadline) -> None:
+        """A LOST record has no device in the pool: dropping it changes no pool metadata."""
+        if dev.dev_id in self.backend.device_ids(deadline=deadline):
+            raise errors.FailedPrecondition(f"{dev.name!r} is LOST but the pool shows it: run recovery")
+        with self.store.write() as w:
+            w.remove(dev.name)
+
+    def _delete_fenced(self, dev: model.Device, deadline: deadline_mod.Deadline) -> None:
+        def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
+            w.put(dataclasses.replace(dev, state=model.DeviceState.DELETING))
+            return w.open_intent(
+                op="delete",
+                name=dev.name,
+                dev_id=dev.dev_id,
+                size_bytes=dev.size_bytes,
+                base_txid=w.transaction_id(),
+                steps=("delete", "fence"),
+                created_at=time.time(),
+            )
+
+        def commit(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            assert tx.intent.base_txid is not None
+            w.remove(dev.name)
+            w.close_intent(tx.intent)
+            w.set_transaction_id(tx.intent.base_txid + 1)
+
+        def abort(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            w.put(dataclasses.replace(dev, state=model.DeviceState.READY))
+            w.close_intent(tx.intent)
+
+        def delete() -> None:
+            with contextlib.suppress(errors.NotFound):  # already gone: the delete is done
+                self.backend.delete(dev.dev_id, deadline=deadline)
+
+        def undo_delete() -> None:
+            undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+            if dev.dev_id not in self.backend.device_ids(deadline=undo_deadline):
+                raise _RollForward  # a delete cannot be undone: finish it
+
+        def undo_fence() -> None:
+            raise _RollForward  # the fence runs only after the delete happened
+
+        with self._transition("delete", begin=begin, commit=commit, abort=abort, deadline=deadline) as tx:
+            base = tx.intent.base_txid
+            assert base is not None
+            tx.step("delete", delete, undo_delete)
+            tx.step(
+                "fence",
+                lambda: self.backend.set_transaction_id(base, base + 1, deadline=deadline),
+                undo_fence,
+            )
+
+    # ---- grow, activate, deactivate (no pool metadata change: journalled, not fenced) ----------------
+
+    def grow(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device:
+        """Grow a device (active: the backend reloads its table). Shrinking is OutOfRange.
+
+        Not refused above the space thresholds: growing allocates nothing until written, and existing
+        volumes keep working. Refused (Unavailable) when the pool is unhealthy.
+        """
+        _validate_name(name)
+        size = self._size(size_bytes)
+        with self._claim(name):
+            self._resolve_stale_unfenced(name, deadline)
+            dev = self._ready(name)
+            if size < dev.size_bytes:
+                raise errors.OutOfRange(f"{name!r} is {dev.size_bytes} bytes; shrinking to {size} is refused")
+            if size == dev.size_bytes:
+                return dev
+            self._require_healthy(deadline)
+            self._unfenced(
+                "grow",
+                dev,
+                size=size,
+                do=lambda: self.backend.resize(dev.dev_id, size, deadline=deadline),
+                undo=lambda: None,  # growing cannot be undone; the record keeps the old size
+                result=lambda d, _: dataclasses.replace(d, size_bytes=size),
+                deadline=deadline,
+            )
+            return self._ready(name)
+
+    def activate(self, name: str, *, deadline: deadline_mod.Deadline) -> model.Device:
+        """Make the device a block device (.active, .path). Idempotent."""
+        _validate_name(name)
+        with self._claim(name):
+            self._resolve_stale_unfenced(name, deadline)
+            dev = self._ready(name)
+
+            def undo() -> None:
+                if not dev.active:
+                    self.backend.deactivate(dev.dev_id, deadline=deadline)
+
+            self._unfenced(
+                "activate",
+                dev,
+                size=dev.size_bytes,
+                do=lambda: self.backend.activate(dev.dev_id, dev.size_bytes, deadline=deadline),
+                undo=undo,
+                result=lambda d, path: dataclasses.replace(d, active=True, path=str(path)),
+                deadline=deadline,
+            )
+            return self._ready(name)
+
+    def deactivate(self, name: str, *, deadline: deadline_mod.Deadline) -> model.Device:
+        """Remove the block device (the data stays). Idempotent."""
+        _validate_name(name)
+        with self._claim(name):
+            self._resolve_stale_unfenced(name, deadline)
+            dev = self.store.get(name)
+            if dev is None:
+                raise errors.NotFound(f"device {name!r} not found")
+            if dev.state in (model.DeviceState.CREATING, model.DeviceState.DELETING):
+                raise errors.OperationPending(f"{name!r} is {dev.state.value}; retry later")
+            if dev.state == model.DeviceState.LOST and not dev.active:
+                return dev
+
+            def undo() -> None:
+                # A deactivate that removed the device and then failed: put the device back.
+                undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+                active = self.backend.active_ids(deadline=undo_deadline)
+                if dev.active and dev.dev_id not in active:
+                    self.backend.activate(dev.dev_id, dev.size_bytes, deadline=undo_deadline)
+
+            self._unfenced(
+                "deactivate",
+                dev,
+                size=dev.size_bytes,
+                do=lambda: self.backend.deactivate(dev.dev_id, deadline=deadline),
+                undo=undo,
+                result=lambda d, _: dataclasses.replace(d, active=False, path=None),
+                deadline=deadline,
+            )
+            got = self.store.get(name)
+            assert got is not None
+            return got
+
+    def _unfenced(
+        self,
+        op: str,
+        dev: model.Device,
+        *,
+        size: int,
+        do: Callable[[], object],
+        undo: Callable[[], None],
+        result: Callable[[model.Device, object], model.Device],
+        deadline: deadline_mod.Deadline,
+    ) -> None:
+        def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
+            return w.open_intent(
+                op=op,
+                name=dev.name,
+                dev_id=dev.dev_id,
+                size_bytes=size,
+                old_size_bytes=dev.size_bytes,
+                steps=(op,),
+                created_at=time.time(),
+            )
+
+        def commit(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            rec = w.get(dev.name)
+            assert rec is not None
+            w.put(result(rec, tx.result.get("value")))
+            w.close_intent(tx.intent)
+
+        def abort(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            w.close_intent(tx.intent)
+
+        with self._transition(op, begin=begin, commit=commit, abort=abort, deadline=deadline) as tx:
+            tx.result["value"] = tx.step(op, do, undo)
+
+    # ---- queries -------------------------------------------------------------------------------------
+
+    def get(self, name: str) -> model.Device | None:
+        # Reads need no claim: LMDB readers see the last committed state and never block.
+        return self.store.get(name)
+
+    def list(self, *, kind: model.DeviceKind | None = None) -> builtins.list[model.Device]:
+        devs = self.store.devices()
+        return sorted((d for d in devs if kind is None or d.kind == kind), key=lambda d: d.name)
+
+    def usage(self, name: str, *, deadline: deadline_mod.Deadline) -> int:
+        dev = self._ready(name)
+        return self.backend.mapped_bytes(dev.dev_id, deadline=deadline)
+
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+        return self.backend.status(deadline=deadline)
+
+    def provisioned_bytes(self) -> int:
+        return sum(d.size_bytes for d in self.store.devices() if d.state == model.DeviceState.READY)
+
+    def intents(self) -> builtins.list[lmdb_store.Intent]:
+        return self.store.intents()
+
+    # ---- orphans ---------------------------------------------------------------------------------
+
+    def orphans(self) -> builtins.list[int]:
+        """Pool ids no record owns, as found by the last recovery (reserved; never reused)."""
+        return sorted(i for i, owner in self.store.ids().items() if owner == lmdb_store.ORPHAN)
+
+    def gc_orphans(self, *, deadline: deadline_mod.Deadline) -> builtins.list[int]:
+        """Delete every orphan id from the pool (each one a fenced transaction); return them."""
+        deleted: builtins.list[int] = []
+        self._require_healthy(deadline)
+        with self._fenced(deadline):
+            active = self.backend.active_ids(deadline=deadline)
+            for dev_id in self.orphans():
+                if dev_id in active:
+                    log.warning("event=gc-skip dev_id=%d reason=active", dev_id)
+                    continue
+                self._gc_one(dev_id, deadline)
+                deleted.append(dev_id)
+        return deleted
+
+    def _gc_one(self, dev_id: int, deadline: deadline_mod.Deadline) -> None:
+        def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
+            return w.open_intent(
+                op="gc",
+                name=f"orphan-{dev_id}",
+                dev_id=dev_id,
+                base_txid=w.transaction_id(),
+                steps=("delete", "fence"),
+                created_at=time.time(),
+            )
+
+        def commit(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            assert tx.intent.base_txid is not None
+            if w.owner(dev_id) == lmdb_store.ORPHAN:
+                w.free_id(dev_id)
+            w.close_intent(tx.intent)
+            w.set_transaction_id(tx.intent.base_txid + 1)
+
+        def abort(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            w.close_intent(tx.intent)
+
+        def undo_delete() -> None:
+            if dev_id not in self.backend.device_ids(deadline=deadline):
+                raise _RollForward
+
+        def undo_fence() -> None:
+            raise _RollForward
+
+        def delete() -> None:
+            with contextlib.suppress(errors.NotFound):
+                self.backend.delete(dev_id, deadline=deadline)
+
+        with self._transition("gc", begin=begin, commit=commit, abort=abort, deadline=deadline) as tx:
+            base = tx.intent.base_txid
+            assert base is not None
+            tx.step("delete", delete, undo_delete)
+            tx.step(
+                "fence",
+                lambda: self.backend.set_transaction_id(base, base + 1, deadline=deadline),
+                undo_fence,
+            )

@@ -1,0 +1,334 @@
+"""Start-up recovery: make the pool and the LMDB store agree again after whatever a crash left.
+
+Evidence, in order of trust: the pool's transaction id (moved by exactly one fenced mutation at a
+time), the pool's device ids, and the journal's open intents. The rules:
+
+- A fenced intent (create, snapshot, clone, delete, gc) with the pool at base+1: the fence happened,
+  so the mutation happened: roll forward. With the pool at base: the fence did not happen: undo
+  whatever of its steps the pool shows (delete a created id), except a delete whose device is already
+  gone, which can only go forward (fence it, then close it).
+- Resize intents roll forward (growing is idempotent); activation intents are closed and the
+  `active` flags are taken from the kernel.
+- A READY record whose id the pool does not have is flagged LOST (never re-created empty). A pool id
+  no record owns is an orphan: reserved (never reused) and reported, deleted only by gc_orphans.
+
+Every step here is idempotent and rechecks the pool before acting, so recovery is itself re-runnable
+after a crash at any point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.pool import backend as backend_mod
+from csi_thin.store import lmdb_store
+
+log = logging.getLogger(__name__)
+
+#: ops whose kernel steps create a device
+CREATE_OPS = frozenset({"create_volume", "create_snapshot", "clone"})
+#: ops whose kernel step deletes a device (gc: an orphan, without a record)
+DELETE_OPS = frozenset({"delete", "gc"})
+
+Boundary = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryReport:
+    pool_txid: int
+    store_txid: int
+    adopted_txid: bool = False  # a pristine store took the pool's transaction id
+    rolled_forward: tuple[str, ...] = ()
+    rolled_back: tuple[str, ...] = ()
+    lost: tuple[str, ...] = ()  # names of records whose device the pool does not have
+    found: tuple[str, ...] = ()  # LOST records whose device is back
+    active_fixed: tuple[str, ...] = ()  # records whose active flag was corrected from the kernel
+    orphans: tuple[int, ...] = ()  # pool ids no record owns (reserved, reported, never reused)
+
+    def clean(self) -> bool:
+        return not (self.lost or self.orphans)
+
+
+class TransactionMismatch(errors.Internal):
+    """The pool and the store disagree by more than one fenced mutation: nothing is guessed."""
+
+
+def _mismatch(pool_txid: int, store_txid: int, what: str) -> TransactionMismatch:
+    return TransactionMismatch(
+        f"pool transaction id {pool_txid} vs store {store_txid} ({what}): the pool and the LMDB store "
+        "disagree by more than one mutation; refusing to guess. Check that the right pool was assembled "
+        "for this state_dir."
+    )
+
+
+def _noop(point: str) -> None:
+    del point
+
+
+def resolve_intent(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    deadline: deadline_mod.Deadline,
+    boundary: Boundary = _noop,
+) -> str:
+    """Finish or undo one open intent; return "forward" or "back". Idempotent."""
+    if intent.fenced:
+        return _resolve_fenced(backend, store, intent, deadline=deadline, boundary=boundary)
+    return _resolve_unfenced(backend, store, intent, deadline=deadline)
+
+
+def _resolve_fenced(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    deadline: deadline_mod.Deadline,
+    boundary: Boundary,
+) -> str:
+    assert intent.base_txid is not None
+    base = intent.base_txid
+    store_txid = store.transaction_id()
+    pool_txid = backend.transaction_id(deadline=deadline)
+    if store_txid != base or pool_txid not in (base, base + 1):
+        raise _mismatch(pool_txid, store_txid, f"open intent {intent.op} {intent.name!r} at base {base}")
+    in_pool = intent.dev_id in backend.device_ids(deadline=deadline)
+    fenced = pool_txid == base + 1
+    log.info(
+        "event=resolve op=%s name=%s dev_id=%d base=%d pool_txid=%d in_pool=%s",
+        intent.op,
+        intent.name,
+        intent.dev_id,
+        base,
+        pool_txid,
+        in_pool,
+    )
+
+    if intent.op in CREATE_OPS:
+        return _resolve_create(
+            backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline, boundary=boundary
+        )
+    if intent.op in DELETE_OPS:
+        return _resolve_delete(
+            backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline, boundary=boundary
+        )
+    raise errors.Internal(f"journal: unknown fenced op {intent.op!r}")
+
+
+def _resolve_create(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    fenced: bool,
+    in_pool: bool,
+    deadline: deadline_mod.Deadline,
+    boundary: Boundary,
+) -> str:
+    assert intent.base_txid is not None
+    if fenced:
+        with store.write() as w:
+            rec = w.get(intent.name)
+            if rec is not None and rec.dev_id == intent.dev_id:
+                state = model.DeviceState.READY if in_pool else model.DeviceState.LOST
+                w.put(dataclasses.replace(rec, state=state))
+            w.close_intent(intent)
+            w.set_transaction_id(intent.base_txid + 1)
+        return "forward"
+    if in_pool:
+        boundary(f"recover/{intent.op}/delete")
+        with contextlib.suppress(errors.NotFound):
+            backend.delete(intent.dev_id, deadline=deadline)
+        boundary(f"recover/{intent.op}/delete:done")
+    with store.write() as w:
+        _drop(w, intent)
+        w.close_intent(intent)
+    return "back"
+
+
+def _drop(w: lmdb_store.WriteTxn, intent: lmdb_store.Intent) -> None:
+    """Remove the intent's record (if it still owns the intent's id) and free the id."""
+    rec = w.get(intent.name) if intent.op != "gc" else None
+    if rec is not None and rec.dev_id == intent.dev_id:
+        w.remove(intent.name)
+    elif w.owner(intent.dev_id) in (intent.name, lmdb_store.ORPHAN):
+        w.free_id(intent.dev_id)
+
+
+def _resolve_delete(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    fenced: bool,
+    in_pool: bool,
+    deadline: deadline_mod.Deadline,
+    boundary: Boundary,
+) -> str:
+    assert intent.base_txid is not None
+    base = intent.base_txid
+    if not fenced and in_pool:  # the delete did not happen: undo = keep the device
+        with store.write() as w:
+            rec = w.get(intent.name) if intent.op == "delete" else None
+            if rec is not None and rec.dev_id == intent.dev_id:
+                w.put(dataclasses.replace(rec, state=model.DeviceState.READY))
+            w.close_intent(intent)
+        return "back"
+    if not fenced:  # deleted but not fenced: a delete cannot be undone, finish it
+        boundary(f"recover/{intent.op}/fence")
+        backend.set_transaction_id(base, base + 1, deadline=deadline)
+        boundary(f"recover/{intent.op}/fence:done")
+    with store.write() as w:
+        _drop(w, intent)
+        w.close_intent(intent)
+        w.set_transaction_id(base + 1)
+    return "forward"
+
+
+def _resolve_unfenced(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    deadline: deadline_mod.Deadline,
+) -> str:
+    if intent.op == "grow":
+        in_pool = intent.dev_id in backend.device_ids(deadline=deadline)
+        if in_pool and intent.dev_id in backend.active_ids(deadline=deadline):
+            backend.resize(intent.dev_id, intent.size_bytes, deadline=deadline)
+        with store.write() as w:
+            rec = w.get(intent.name)
+            if in_pool and rec is not None and rec.dev_id == intent.dev_id:
+                w.put(dataclasses.replace(rec, size_bytes=max(rec.size_bytes, intent.size_bytes)))
+            w.close_intent(intent)
+        return "forward"
+    if intent.op in ("activate", "deactivate"):
+        active = intent.dev_id in backend.active_ids(deadline=deadline)
+        with store.write() as w:
+            rec = w.get(intent.name)
+            if rec is not None and rec.dev_id == intent.dev_id:
+                path = backend.device_path(intent.dev_id) if active else None
+                w.put(dataclasses.replace(rec, active=active, path=path))
+            w.close_intent(intent)
+        return "forward" if active == (intent.op == "activate") else "back"
+    raise errors.Internal(f"journal: unknown op {intent.op!r}")
+
+
+def recover(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    *,
+    deadline: deadline_mod.Deadline,
+    boundary: Boundary = _noop,
+) -> RecoveryReport:
+    """Resolve every open intent, then reconcile records, ids and active flags with the pool."""
+    forward: list[str] = []
+    back: list[str] = []
+    intents = store.intents()
+    pool_txid = backend.transaction_id(deadline=deadline)
+    adopted = False
+    if store.is_pristine() and not intents and pool_txid != store.transaction_id():
+        # A new store over an existing pool (state_dir lost): adopt the pool's id; its devices are
+        # reported as orphans below, never deleted.
+        with store.write() as w:
+            w.set_transaction_id(pool_txid)
+        adopted = True
+
+    fenced = [i for i in intents if i.fenced]
+    if len(fenced) > 1:
+        raise errors.Internal(
+            f"journal holds {len(fenced)} open fenced intents (at most one can exist): "
+            + ", ".join(f"{i.op} {i.name!r}" for i in fenced)
+        )
+    for intent in intents:
+        result = resolve_intent(backend, store, intent, deadline=deadline, boundary=boundary)
+        (forward if result == "forward" else back).append(f"{intent.op} {intent.name}")
+
+    pool_txid = backend.transaction_id(deadline=deadline)
+    store_txid = store.transaction_id()
+    if pool_txid != store_txid:
+        raise _mismatch(pool_txid, store_txid, "no open intent")
+
+    pool_ids = backend.device_ids(deadline=deadline)
+    active_ids = backend.active_ids(deadline=deadline)
+    lost, found, fixed = _reconcile_records(backend, store, pool_ids=pool_ids, active_ids=active_ids)
+    orphans = _reconcile_ids(store, pool_ids=pool_ids)
+    for name in lost:
+        log.warning("event=lost name=%s reason=record READY but the pool has no such device", name)
+    if orphans:
+        log.warning("event=orphans ids=%s hint='csi-thin pool gc --orphans' deletes them", orphans)
+    return RecoveryReport(
+        pool_txid=pool_txid,
+        store_txid=store.transaction_id(),
+        adopted_txid=adopted,
+        rolled_forward=tuple(forward),
+        rolled_back=tuple(back),
+        lost=tuple(sorted(lost)),
+        found=tuple(sorted(found)),
+        active_fixed=tuple(sorted(fixed)),
+        orphans=tuple(orphans),
+    )
+
+
+def _reconcile_records(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    *,
+    pool_ids: dict[int, int],
+    active_ids: set[int],
+) -> tuple[list[str], list[str], list[str]]:
+    """Flag LOST (or found again) records and take the active flags from the kernel."""
+    lost: list[str] = []
+    found: list[str] = []
+    fixed: list[str] = []
+    with store.write() as w:
+        records = {d.name: d for d in store.devices()}
+        for rec in records.values():
+            new = rec
+            in_pool = rec.dev_id in pool_ids
+            if rec.state == model.DeviceState.READY and not in_pool:
+                new = dataclasses.replace(new, state=model.DeviceState.LOST)
+                lost.append(rec.name)
+            elif rec.state == model.DeviceState.LOST and in_pool:
+                new = dataclasses.replace(new, state=model.DeviceState.READY)
+                found.append(rec.name)
+            elif rec.state in (model.DeviceState.CREATING, model.DeviceState.DELETING):
+                # Impossible by construction (the "-ing" state and its intent are written in one
+                # LMDB transaction): keep whatever the pool has, never lose it.
+                new = dataclasses.replace(
+                    new, state=model.DeviceState.READY if in_pool else model.DeviceState.LOST
+                )
+                (found if in_pool else lost).append(rec.name)
+            elif rec.state == model.DeviceState.LOST:
+                lost.append(rec.name)
+            active = rec.dev_id in active_ids
+            path = backend.device_path(rec.dev_id) if active else None
+            if (new.active, new.path) != (active, path):
+                new = dataclasses.replace(new, active=active, path=path)
+                fixed.append(rec.name)
+            if new != rec:
+                w.put(new)
+    return lost, found, fixed
+
+
+def _reconcile_ids(store: lmdb_store.LmdbStore, *, pool_ids: dict[int, int]) -> list[int]:
+    """Free allocations nothing holds; reserve (and return) pool ids no record owns."""
+    with store.write() as w:
+        records = store.devices()
+        owned = {d.dev_id: d.name for d in records}
+        for dev_id, owner in store.ids().items():
+            if owner == lmdb_store.ORPHAN:
+                if dev_id not in pool_ids:
+                    w.free_id(dev_id)
+            elif owned.get(dev_id) != owner:
+                w.free_id(dev_id)  # an allocation no record holds: nothing in the pool either
+        orphans = sorted(i for i in pool_ids if i not in owned)
+        for dev_id in orphans:
+            w.reserve_orphan(dev_id)
+    return orphans

@@ -1,0 +1,1 @@
+"""Node-local metadata stores: the LMDB store of device records, id allocation and the journal."""

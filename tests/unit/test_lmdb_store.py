@@ -1,0 +1,152 @@
+"""LMDB store: round trips (write, close, reopen, compare), id allocation, schema versions."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import threading
+
+import lmdb
+import pytest
+
+from csi_thin import errors, model
+from csi_thin.store import lmdb_store
+
+
+def _dev(name: str, dev_id: int, **kw: object) -> model.Device:
+    fields: dict[str, object] = {
+        "name": name,
+        "dev_id": dev_id,
+        "kind": model.DeviceKind.VOLUME,
+        "state": model.DeviceState.READY,
+        "size_bytes": 1 << 20,
+        "origin": None,
+        "created_at": 1700000000.5,
+    }
+    fields.update(kw)
+    return model.Device(**fields)  # type: ignore[arg-type]
+
+
+def test_round_trip_records_ids_journal_txid(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "db")
+    devs = [
+        _dev("vol-a", 1),
+        _dev("snap-a", 2, kind=model.DeviceKind.SNAPSHOT, origin="vol-a", active=True, path="/dev/x"),
+        _dev("vol-b", 3, state=model.DeviceState.CREATING, size_bytes=5 << 30),
+        _dev("lost", 4, state=model.DeviceState.LOST),
+    ]
+    with lmdb_store.LmdbStore(path) as store, store.write() as w:
+        for d in devs:
+            w.put(d)
+        w.reserve_orphan(77)
+        intent = w.open_intent(
+            op="create_volume", name="vol-b", dev_id=3, size_bytes=5 << 30, base_txid=9, steps=("a", "b")
+        )
+        w.set_transaction_id(9)
+    with lmdb_store.LmdbStore(path) as store:
+        assert sorted(store.devices(), key=lambda d: d.dev_id) == devs
+        assert store.get("snap-a") == devs[1]
+        assert store.get("nope") is None
+        assert store.ids() == {1: "vol-a", 2: "snap-a", 3: "vol-b", 4: "lost", 77: lmdb_store.ORPHAN}
+        assert store.intents() == [intent]
+        assert intent.fenced and intent.seq == 1 and intent.steps == ("a", "b")
+        assert store.transaction_id() == 9
+        assert not store.is_pristine()
+
+
+def test_remove_frees_the_id_and_close_intent(tmp_path: pathlib.Path) -> None:
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        with store.write() as w:
+            w.put(_dev("a", 5))
+            i1 = w.open_intent(op="delete", name="a", dev_id=5, base_txid=0)
+            i2 = w.open_intent(op="grow", name="a", dev_id=5, size_bytes=2)
+        assert [i.seq for i in store.intents()] == [1, 2] and not i2.fenced
+        with store.write() as w:
+            w.remove("a")
+            w.close_intent(i1)
+        assert store.ids() == {} and store.get("a") is None
+        assert store.intents() == [i2]
+
+
+def test_failed_write_commits_nothing(tmp_path: pathlib.Path) -> None:
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        with pytest.raises(RuntimeError), store.write() as w:
+            w.put(_dev("a", 1))
+            w.set_transaction_id(4)
+            raise RuntimeError("boom")
+        assert store.devices() == [] and store.ids() == {} and store.transaction_id() == 0
+        assert store.is_pristine()
+
+
+def test_allocation_skips_used_ids_and_wraps(tmp_path: pathlib.Path) -> None:
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        with store.write() as w:
+            first = w.allocate_id()
+            w.put(_dev("a", first))
+            w.reserve_orphan(2)
+            third = w.allocate_id()
+        assert (first, third) == (1, 3)
+        with store.write() as w:  # near the top of the 24-bit range it wraps to the lowest free id
+            w._txn.put(b"next_id", str(model.MAX_DEVICE_ID).encode(), db=w._dbs["meta"])
+            top = w.allocate_id()
+            w.put(_dev("top", top))
+            assert top == model.MAX_DEVICE_ID
+            assert w.allocate_id() == 3  # 1 is "a", 2 is an orphan, 3 was never reserved
+
+
+def test_ids_not_reused_until_the_record_goes(tmp_path: pathlib.Path) -> None:
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        seen = set()
+        for n in range(20):
+            with store.write() as w:
+                dev_id = w.allocate_id()
+                assert dev_id not in store.ids()
+                w.put(_dev(f"d{n}", dev_id))
+                seen.add(dev_id)
+        assert len(seen) == 20
+
+
+def test_newer_record_schema_is_refused_clearly(tmp_path: pathlib.Path) -> None:
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        with store.write() as w:
+            raw = json.loads(lmdb_store.encode_device(_dev("a", 1)))
+            raw["v"] = lmdb_store.SCHEMA_VERSION + 1
+            w._txn.put(b"a", json.dumps(raw).encode(), db=w._dbs["devices"])
+        with pytest.raises(lmdb_store.SchemaTooNew, match="upgrade csi-thin"):
+            store.get("a")
+
+
+def test_newer_store_schema_is_refused_at_open(tmp_path: pathlib.Path) -> None:
+    lmdb_store.LmdbStore(str(tmp_path)).close()
+    env = lmdb.open(str(tmp_path), max_dbs=8)
+    meta = env.open_db(b"meta")
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", b"99", db=meta)
+    env.close()
+    with pytest.raises(lmdb_store.SchemaTooNew) as exc:
+        lmdb_store.LmdbStore(str(tmp_path))
+    assert isinstance(exc.value, errors.Internal)
+
+
+def test_corrupt_record_is_a_clear_error() -> None:
+    with pytest.raises(lmdb_store.StoreCorrupt):
+        lmdb_store.decode_device(b"{not json")
+    with pytest.raises(lmdb_store.StoreCorrupt, match="schema version"):
+        lmdb_store.decode_device(b"{}")
+
+
+def test_concurrent_writers_from_threads(tmp_path: pathlib.Path) -> None:
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+
+        def worker(n: int) -> None:
+            for k in range(10):
+                with store.write() as w:
+                    w.put(_dev(f"t{n}-{k}", w.allocate_id()))
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ids = store.ids()
+        assert len(ids) == 80 and len(set(ids.values())) == 80
