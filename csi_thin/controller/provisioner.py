@@ -1,0 +1,305 @@
+"""Volumes and snapshots as the CSI Controller sees them, on top of the pool engine.
+
+Every create starts with "does it exist, and is it compatible?" (so retries return the same object
+and a different request under the same name gets ALREADY_EXISTS); every delete treats an absent
+device as done. Locking is the engine's: it holds a per-name lock for each mutation and answers a
+second caller with OperationPending (ABORTED), so nothing here takes a lock of its own. Reads
+(get/list/capacity) take no lock: they see one consistent record each and a list is a snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Protocol
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.controller import naming, paging
+
+TiB = 1024 * model.GiB
+
+
+class Engine(Protocol):
+    """The part of `csi_thin.pool.engine.PoolEngine` the controller uses."""
+
+    def create_volume(
+        self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> model.Device: ...
+    def create_snapshot(self, name: str, source: str, *, deadline: deadline_mod.Deadline) -> model.Device: ...
+    def clone(
+        self, name: str, source: str, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> model.Device: ...
+    def delete(self, name: str, *, deadline: deadline_mod.Deadline) -> None: ...
+    def grow(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device: ...
+    def get(self, name: str) -> model.Device | None: ...
+    def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]: ...
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
+
+
+class AccessType(enum.StrEnum):
+    MOUNT = "mount"
+    BLOCK = "block"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    node_id: str
+    block_size: int
+    thresholds: model.Thresholds = dataclasses.field(default_factory=model.Thresholds)
+    #: provisioned volume bytes may reach this multiple of the pool's data size (thin provisioning)
+    overprovision_ratio: float = 10.0
+    #: size of a volume whose request names no capacity
+    default_size: int = model.GiB
+    #: anything above this is not a size anyone means: INVALID_ARGUMENT rather than an attempt
+    max_volume_bytes: int = 256 * TiB
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityRange:
+    """CSI's capacity range; 0 means "not set" for either bound (as in the protobuf)."""
+
+    required: int = 0
+    limit: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ContentSource:
+    kind: naming.IdKind
+    id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeRequest:
+    name: str
+    capacity: CapacityRange
+    source: ContentSource | None = None
+    #: node ids the volume may live on (None: no requirement)
+    allowed_nodes: frozenset[str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    available_bytes: int
+    maximum_volume_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    abnormal: bool
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    devices: list[model.Device]
+    next_token: str
+
+
+def round_up(value: int, block: int) -> int:
+    return -(-value // block) * block
+
+
+def choose_size(rng: CapacityRange, settings: Settings, *, at_least: int = 0) -> int:
+    """The size to allocate for a capacity range: a multiple of the pool block size inside it.
+
+    `at_least` raises the choice (a clone is never smaller than its source) while it fits the limit.
+    """
+    if rng.required < 0 or rng.limit < 0:
+        raise errors.InvalidArgument("capacity_range: required_bytes and limit_bytes must not be negative")
+    if rng.limit and rng.limit < rng.required:
+        raise errors.InvalidArgument(
+            f"capacity_range: limit_bytes {rng.limit} is below required_bytes {rng.required}"
+        )
+    if rng.required > settings.max_volume_bytes:
+        raise errors.InvalidArgument(
+            f"capacity_range: required_bytes {rng.required} exceeds the driver maximum "
+            f"{settings.max_volume_bytes}"
+        )
+    bs = settings.block_size
+    want = rng.required or (min(settings.default_size, rng.limit) if rng.limit else settings.default_size)
+    size = round_up(max(want, at_least), bs)
+    if rng.limit and size > rng.limit:
+        size = rng.limit // bs * bs
+    if size == 0 or size < max(rng.required, at_least):
+        raise errors.OutOfRange(
+            f"no multiple of the pool block size {bs} fits capacity_range "
+            f"[{rng.required}, {rng.limit or 'unbounded'}]"
+            + (f" and source size {at_least}" if at_least else "")
+        )
+    return min(size, settings.max_volume_bytes // bs * bs)
+
+
+class InvalidToken(errors.CsiThinError):
+    """CSI answers a starting_token it did not issue with ABORTED."""
+
+    code = "ABORTED"
+
+
+class Provisioner:
+    def __init__(self, *, engine: Engine, settings: Settings) -> None:
+        self._engine = engine
+        self._settings = settings
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    # -- volumes ---------------------------------------------------------------------------------
+
+    def create_volume(self, req: VolumeRequest, *, deadline: deadline_mod.Deadline) -> model.Device:
+        name = naming.device_name(req.name, naming.IdKind.VOLUME)
+        source = self._source_device(req.source)
+        size = choose_size(req.capacity, self._settings, at_least=source.size_bytes if source else 0)
+        existing = self._engine.get(name)
+        if existing is not None:
+            return self._existing_volume(existing, req, source)
+        if req.allowed_nodes is not None and self._settings.node_id not in req.allowed_nodes:
+            raise errors.ResourceExhausted(
+                f"accessibility requirements name no segment of this node ({self._settings.node_id})"
+            )
+        self._check_overprovision(size, deadline=deadline)
+        if source is None:
+            return self._engine.create_volume(name, size, deadline=deadline)
+        return self._engine.clone(name, source.name, size, deadline=deadline)
+
+    def delete_volume(self, volume_id: str, *, deadline: deadline_mod.Deadline) -> None:
+        if naming.is_own_id(volume_id, naming.IdKind.VOLUME):
+            self._engine.delete(volume_id, deadline=deadline)
+
+    def get_volume(self, volume_id: str) -> model.Device:
+        return self._get(volume_id, naming.IdKind.VOLUME)
+
+    def list_volumes(self, *, max_entries: int, token: str) -> Page:
+        return self._page(self._engine.list(kind=model.DeviceKind.VOLUME), max_entries, token)
+
+    def expand_volume(
+        self, volume_id: str, rng: CapacityRange, *, deadline: deadline_mod.Deadline
+    ) -> model.Device:
+        device = self.get_volume(volume_id)
+        size = choose_size(rng, self._settings)
+        if device.size_bytes >= rng.required:  # already there (a retry, or a no-op): never shrink
+            return device
+        self._check_overprovision(size - device.size_bytes, deadline=deadline)
+        return self._engine.grow(volume_id, size, deadline=deadline)
+
+    def condition(self, device: model.Device, *, deadline: deadline_mod.Deadline) -> Condition:
+        if device.state != model.DeviceState.READY:
+            return Condition(abnormal=True, message=f"device is {device.state.value}")
+        return pool_condition(self._engine.status(deadline=deadline), self._settings.thresholds)
+
+    def capacity(self, *, node_id: str | None, deadline: deadline_mod.Deadline) -> Capacity:
+        if node_id is not None and node_id != self._settings.node_id:
+            return Capacity(available_bytes=0, maximum_volume_bytes=0)
+        status = self._engine.status(deadline=deadline)
+        if not status.healthy:
+            return Capacity(available_bytes=0, maximum_volume_bytes=0)
+        bs = self._settings.block_size
+        logical = int(self._settings.overprovision_ratio * status.data_total_bytes) - self._provisioned()
+        physical = int(status.data_total_bytes * self._settings.thresholds.data) - status.data_used_bytes
+        logical = max(0, min(logical, self._settings.max_volume_bytes)) // bs * bs
+        return Capacity(
+            available_bytes=max(0, min(logical, physical)) // bs * bs, maximum_volume_bytes=logical
+        )
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def create_snapshot(self, name: str, source_id: str, *, deadline: deadline_mod.Deadline) -> model.Device:
+        snap = naming.device_name(name, naming.IdKind.SNAPSHOT)
+        existing = self._engine.get(snap)
+        if existing is not None:
+            if existing.kind != model.DeviceKind.SNAPSHOT or existing.origin != source_id:
+                raise errors.AlreadyExists(f"snapshot {name!r} exists with another source volume")
+            return _ready(existing)
+        source = self.get_volume(source_id)
+        return self._engine.create_snapshot(snap, source.name, deadline=deadline)
+
+    def delete_snapshot(self, snapshot_id: str, *, deadline: deadline_mod.Deadline) -> None:
+        if naming.is_own_id(snapshot_id, naming.IdKind.SNAPSHOT):
+            self._engine.delete(snapshot_id, deadline=deadline)
+
+    def get_snapshot(self, snapshot_id: str) -> model.Device:
+        return self._get(snapshot_id, naming.IdKind.SNAPSHOT)
+
+    def list_snapshots(self, *, snapshot_id: str, source_id: str, max_entries: int, token: str) -> Page:
+        snaps = self._engine.list(kind=model.DeviceKind.SNAPSHOT)
+        if snapshot_id:
+            snaps = [s for s in snaps if s.name == snapshot_id]
+        if source_id:
+            snaps = [s for s in snaps if s.origin == source_id]
+        return self._page(snaps, max_entries, token)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _get(self, device_id: str, kind: naming.IdKind) -> model.Device:
+        wanted = model.DeviceKind.VOLUME if kind == naming.IdKind.VOLUME else model.DeviceKind.SNAPSHOT
+        device = self._engine.get(device_id) if naming.is_own_id(device_id, kind) else None
+        if device is None or device.kind != wanted:
+            raise errors.NotFound(f"{wanted.value} {device_id!r} does not exist")
+        return device
+
+    def _source_device(self, source: ContentSource | None) -> model.Device | None:
+        if source is None:
+            return None
+        return self._get(source.id, source.kind)
+
+    def _existing_volume(
+        self, existing: model.Device, req: VolumeRequest, source: model.Device | None
+    ) -> model.Device:
+        rng = req.capacity
+        fits = existing.size_bytes >= rng.required and (not rng.limit or existing.size_bytes <= rng.limit)
+        same_source = existing.origin == (source.name if source else None)
+        if existing.kind != model.DeviceKind.VOLUME or not fits or not same_source:
+            raise errors.AlreadyExists(
+                f"volume {req.name!r} exists with another size ({existing.size_bytes}) or content source"
+            )
+        if existing.state != model.DeviceState.READY:
+            raise errors.OperationPending(f"volume {req.name!r} is {existing.state.value}")
+        return existing
+
+    def _provisioned(self) -> int:
+        return sum(d.size_bytes for d in self._engine.list(kind=model.DeviceKind.VOLUME))
+
+    def _check_overprovision(self, extra: int, *, deadline: deadline_mod.Deadline) -> None:
+        status = self._engine.status(deadline=deadline)
+        limit = int(self._settings.overprovision_ratio * status.data_total_bytes)
+        provisioned = self._provisioned()
+        if provisioned + extra > limit:
+            raise errors.ResourceExhausted(
+                f"provisioning {extra} more bytes would exceed {self._settings.overprovision_ratio}x the "
+                f"pool's data size ({provisioned} of {limit} bytes provisioned)"
+            )
+
+    @staticmethod
+    def _page(devices: list[model.Device], max_entries: int, token: str) -> Page:
+        names = sorted(devices, key=lambda d: d.name)
+        start = paging.start_after(token)
+        if start is None and token:
+            raise InvalidToken(f"starting_token {token!r} was not issued by this driver")
+        if start is not None:
+            names = [d for d in names if d.name > start]
+        if max_entries <= 0 or len(names) <= max_entries:
+            return Page(devices=names, next_token="")
+        page = names[:max_entries]
+        return Page(devices=page, next_token=paging.token_after(page[-1].name))
+
+
+def _ready(device: model.Device) -> model.Device:
+    if device.state != model.DeviceState.READY:
+        raise errors.OperationPending(f"{device.kind.value} {device.name!r} is {device.state.value}")
+    return device
+
+
+def pool_condition(status: model.PoolStatus, thresholds: model.Thresholds) -> Condition:
+    """Whether the pool lets a volume work normally, and why not."""
+    if status.mode != model.PoolMode.RW:
+        return Condition(abnormal=True, message=f"thin pool is {status.mode.value}")
+    if status.needs_check:
+        return Condition(abnormal=True, message="thin pool needs a metadata check")
+    if status.data_used_ratio >= thresholds.data:
+        return Condition(
+            abnormal=True, message=f"thin pool data {status.data_used_ratio:.0%} used: writes may fail soon"
+        )
+    if status.metadata_used_ratio >= thresholds.metadata:
+        return Condition(abnormal=True, message=f"thin pool metadata {status.metadata_used_ratio:.0%} used")
+    return Condition(abnormal=False, message="")

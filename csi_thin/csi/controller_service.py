@@ -1,0 +1,205 @@
+"""CSI Controller: each method validates, delegates to controller.provisioner, and responds.
+
+No ControllerPublish: a volume lives on the node that holds its pool and needs no attach step.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from csi_thin import model
+from csi_thin.controller import naming, provisioner
+from csi_thin.csi import interceptor, validate
+from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
+from csi_thin.node import volumes
+
+_RPC = csi_pb2.ControllerServiceCapability.RPC
+CAPABILITIES = (
+    _RPC.CREATE_DELETE_VOLUME,
+    _RPC.CREATE_DELETE_SNAPSHOT,
+    _RPC.LIST_VOLUMES,
+    _RPC.LIST_SNAPSHOTS,
+    _RPC.GET_CAPACITY,
+    _RPC.CLONE_VOLUME,
+    _RPC.EXPAND_VOLUME,
+    _RPC.GET_VOLUME,
+    _RPC.VOLUME_CONDITION,
+    _RPC.SINGLE_NODE_MULTI_WRITER,
+    _RPC.GET_SNAPSHOT,
+)
+
+
+class ControllerService(csi_pb2_grpc.ControllerServicer):
+    def __init__(self, *, provisioner: provisioner.Provisioner) -> None:
+        self._prov = provisioner
+        self._node_id = provisioner.settings.node_id
+
+    # -- volumes ---------------------------------------------------------------------------------
+
+    def CreateVolume(
+        self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateVolumeResponse:
+        vreq, cap = validate.volume_request(request)
+        device = self._prov.create_volume(vreq, deadline=interceptor.rpc_deadline(context))
+        return csi_pb2.CreateVolumeResponse(volume=self._volume(device, cap))
+
+    def DeleteVolume(
+        self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteVolumeResponse:
+        volume_id = validate.device_id(request.volume_id)
+        self._prov.delete_volume(volume_id, deadline=interceptor.rpc_deadline(context))
+        return csi_pb2.DeleteVolumeResponse()
+
+    def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
+        volume_id = validate.device_id(request.volume_id)
+        unsupported = validate.unsupported(request.volume_capabilities, request.volume_context)
+        self._prov.get_volume(volume_id)
+        if unsupported:
+            return csi_pb2.ValidateVolumeCapabilitiesResponse(message=unsupported)
+        confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
+            volume_context=request.volume_context,
+            volume_capabilities=request.volume_capabilities,
+            parameters=request.parameters,
+        )
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
+
+    def ListVolumes(
+        self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListVolumesResponse:
+        limit = validate.max_entries(request.max_entries)
+        page = self._prov.list_volumes(max_entries=limit, token=request.starting_token)
+        deadline = interceptor.rpc_deadline(context)
+        entries = [
+            csi_pb2.ListVolumesResponse.Entry(
+                volume=self._volume(d, None),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(
+                    volume_condition=_condition(self._prov.condition(d, deadline=deadline))
+                ),
+            )
+            for d in page.devices
+        ]
+        return csi_pb2.ListVolumesResponse(entries=entries, next_token=page.next_token)
+
+    def ControllerGetVolume(
+        self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetVolumeResponse:
+        device = self._prov.get_volume(validate.device_id(request.volume_id))
+        condition = self._prov.condition(device, deadline=interceptor.rpc_deadline(context))
+        status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(volume_condition=_condition(condition))
+        return csi_pb2.ControllerGetVolumeResponse(volume=self._volume(device, None), status=status)
+
+    def ControllerExpandVolume(
+        self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerExpandVolumeResponse:
+        volume_id, rng, block = validate.expand_request(request)
+        device = self._prov.expand_volume(volume_id, rng, deadline=interceptor.rpc_deadline(context))
+        return csi_pb2.ControllerExpandVolumeResponse(
+            capacity_bytes=device.size_bytes, node_expansion_required=not block
+        )
+
+    def GetCapacity(
+        self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetCapacityResponse:
+        if request.volume_capabilities:
+            validate.capabilities(request.volume_capabilities)
+        node = request.accessible_topology.segments.get(validate.TOPOLOGY_KEY)
+        cap = self._prov.capacity(node_id=node, deadline=interceptor.rpc_deadline(context))
+        response = csi_pb2.GetCapacityResponse(available_capacity=cap.available_bytes)
+        response.maximum_volume_size.value = cap.maximum_volume_bytes
+        response.minimum_volume_size.value = self._prov.settings.block_size
+        return response
+
+    def ControllerGetCapabilities(
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:
+        caps = [csi_pb2.ControllerServiceCapability(rpc=_RPC(type=t)) for t in CAPABILITIES]
+        return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=caps)
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def CreateSnapshot(
+        self, request: csi_pb2.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateSnapshotResponse:
+        name = validate.name(request.name)
+        source = validate.device_id(request.source_volume_id, "source_volume_id")
+        device = self._prov.create_snapshot(name, source, deadline=interceptor.rpc_deadline(context))
+        return csi_pb2.CreateSnapshotResponse(snapshot=_snapshot(device))
+
+    def DeleteSnapshot(
+        self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteSnapshotResponse:
+        snapshot_id = validate.device_id(request.snapshot_id, "snapshot_id")
+        self._prov.delete_snapshot(snapshot_id, deadline=interceptor.rpc_deadline(context))
+        return csi_pb2.DeleteSnapshotResponse()
+
+    def ListSnapshots(
+        self, request: csi_pb2.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ListSnapshotsResponse:
+        page = self._prov.list_snapshots(
+            snapshot_id=request.snapshot_id,
+            source_id=request.source_volume_id,
+            max_entries=validate.max_entries(request.max_entries),
+            token=request.starting_token,
+        )
+        entries = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=_snapshot(d)) for d in page.devices]
+        return csi_pb2.ListSnapshotsResponse(entries=entries, next_token=page.next_token)
+
+    def GetSnapshot(
+        self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetSnapshotResponse:
+        device = self._prov.get_snapshot(validate.device_id(request.snapshot_id, "snapshot_id"))
+        return csi_pb2.GetSnapshotResponse(snapshot=_snapshot(device))
+
+    # -- not offered: volumes are node-local and need no attach; parameters are not mutable ------
+
+    def ControllerPublishVolume(
+        self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerPublishVolumeResponse:
+        raise NotImplementedError("ControllerPublishVolume: volumes are node-local")
+
+    def ControllerUnpublishVolume(
+        self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerUnpublishVolumeResponse:
+        raise NotImplementedError("ControllerUnpublishVolume: volumes are node-local")
+
+    def ControllerModifyVolume(
+        self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerModifyVolumeResponse:
+        raise NotImplementedError("ControllerModifyVolume: no mutable parameters")
+
+    # -- responses -------------------------------------------------------------------------------
+
+    def _volume(self, device: model.Device, cap: volumes.Capability | None) -> csi_pb2.Volume:
+        volume = csi_pb2.Volume(
+            volume_id=device.name,
+            capacity_bytes=device.size_bytes,
+            accessible_topology=[csi_pb2.Topology(segments={validate.TOPOLOGY_KEY: self._node_id})],
+        )
+        if cap is not None:
+            volume.volume_context[validate.CTX_ACCESS_TYPE] = "block" if cap.block else "mount"
+            if not cap.block:
+                volume.volume_context[validate.CTX_FS_TYPE] = cap.fs_type
+        if device.origin and naming.is_own_id(device.origin, naming.IdKind.SNAPSHOT):
+            volume.content_source.snapshot.snapshot_id = device.origin
+        elif device.origin:
+            volume.content_source.volume.volume_id = device.origin
+        return volume
+
+
+def _snapshot(device: model.Device) -> csi_pb2.Snapshot:
+    created = timestamp_pb2.Timestamp()
+    created.FromNanoseconds(int(device.created_at * 1e9))
+    return csi_pb2.Snapshot(
+        snapshot_id=device.name,
+        source_volume_id=device.origin or "",
+        size_bytes=device.size_bytes,
+        creation_time=created,
+        ready_to_use=device.state == model.DeviceState.READY,
+    )
+
+
+def _condition(cond: provisioner.Condition) -> csi_pb2.VolumeCondition:
+    return csi_pb2.VolumeCondition(abnormal=cond.abnormal, message=cond.message)

@@ -1,0 +1,51 @@
+"""CSI Identity: who the plugin is, what it offers, and whether its pool is ready."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+import csi_thin
+from csi_thin import deadline as deadline_mod
+from csi_thin.csi import interceptor
+from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
+
+DEFAULT_NAME = "csi-thin.io"
+
+_Service = csi_pb2.PluginCapability.Service
+_Expansion = csi_pb2.PluginCapability.VolumeExpansion
+
+
+class IdentityService(csi_pb2_grpc.IdentityServicer):
+    def __init__(
+        self,
+        *,
+        ready: Callable[[deadline_mod.Deadline], bool],
+        name: str = DEFAULT_NAME,
+        controller: bool = True,
+    ) -> None:
+        """`ready` answers Probe: true only while the pool is assembled and healthy."""
+        self._ready = ready
+        self._name = name
+        self._controller = controller
+
+    def GetPluginInfo(
+        self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginInfoResponse:
+        return csi_pb2.GetPluginInfoResponse(name=self._name, vendor_version=csi_thin.__version__)
+
+    def GetPluginCapabilities(
+        self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginCapabilitiesResponse:
+        services = [_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS] + (
+            [_Service.CONTROLLER_SERVICE] if self._controller else []
+        )
+        caps = [csi_pb2.PluginCapability(service=_Service(type=s)) for s in services]
+        caps.append(csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)))
+        return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
+
+    def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
+        response = csi_pb2.ProbeResponse()
+        response.ready.value = self._ready(interceptor.rpc_deadline(context))
+        return response

@@ -1,0 +1,130 @@
+"""The gRPC edge's one interceptor: structured logging and the one domain-error -> status mapping.
+
+Servicers raise domain errors (csi_thin.errors) and never call `context.abort`; this interceptor
+turns them into a status by isinstance (a subclass keeps its parent's code, as `code` is inherited)
+and logs one key=value line per call. Unexpected exceptions become INTERNAL with the traceback logged.
+Request fields marked `csi_secret` in the CSI spec (every `secrets` map) are redacted before a
+request is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import json_format, message
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors
+from csi_thin.csi.pb import csi_pb2
+
+log = logging.getLogger("csi_thin.csi")
+
+#: RPCs get at most this long even if the client gives more (or no deadline at all)
+MAX_RPC_SECONDS = 110.0
+REDACTED = "***"
+
+
+def rpc_deadline(context: grpc.ServicerContext, *, cap: float = MAX_RPC_SECONDS) -> deadline_mod.Deadline:
+    """A Deadline for the work of this RPC, a little short of the client's so the reply makes it."""
+    remaining = context.time_remaining()
+    seconds = cap if remaining is None else min(cap, remaining)
+    return deadline_mod.Deadline.after(max(0.0, seconds - min(0.5, seconds * 0.1)))
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for an exception raised by a servicer: the one place this mapping lives."""
+    if isinstance(exc, errors.CsiThinError):
+        return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL), exc.message
+    if isinstance(exc, NotImplementedError):  # an RPC this driver does not offer
+        return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def redact(msg: message.Message) -> message.Message:
+    """A copy of `msg` with every csi_secret field (at any depth) replaced by a marker."""
+    copy = type(msg)()
+    copy.CopyFrom(msg)
+    _redact_in_place(copy)
+    return copy
+
+
+def _redact_in_place(msg: message.Message) -> None:
+    for field, value in msg.ListFields():
+        if field.GetOptions().Extensions[csi_pb2.csi_secret]:
+            if field.message_type is not None and field.message_type.GetOptions().map_entry:
+                for key in list(value):
+                    value[key] = REDACTED
+            else:
+                msg.ClearField(field.name)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            if field.is_repeated:
+                for item in value:
+                    _redact_in_place(item)
+            else:
+                _redact_in_place(value)
+
+
+def _fields(request: Any) -> str:
+    if not isinstance(request, message.Message):
+        return "{}"
+    as_dict = json_format.MessageToDict(redact(request), preserving_proto_field_name=True)
+    return json.dumps(as_dict, separators=(",", ":"), sort_keys=True)
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+    _Handler = grpc.RpcMethodHandler[Any, Any]
+else:  # grpc's classes are not subscriptable at run time
+    _Interceptor = grpc.ServerInterceptor
+    _Handler = grpc.RpcMethodHandler
+
+
+class EdgeInterceptor(_Interceptor):
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming (health Watch): nothing of ours to translate
+        method: str = handler_call_details.method
+        inner = handler.unary_unary
+
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.monotonic()
+            try:
+                response = inner(request, context)
+            except Exception as exc:  # the one place errors become statuses
+                code, text = status_of(exc)
+                ms = (time.monotonic() - started) * 1000
+                level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+                log.log(
+                    level,
+                    "rpc=%s code=%s ms=%.1f error=%s request=%s",
+                    method,
+                    code.name,
+                    ms,
+                    json.dumps(text),
+                    _fields(request),
+                    exc_info=not isinstance(exc, errors.CsiThinError),
+                )
+                context.abort(code, text)
+            log.info(
+                "rpc=%s code=OK ms=%.1f request=%s",
+                method,
+                (time.monotonic() - started) * 1000,
+                _fields(request),
+            )
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

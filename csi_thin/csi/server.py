@@ -1,0 +1,144 @@
+"""The gRPC server: endpoints, the health service, the interceptor, graceful shutdown.
+
+Why the synchronous server with a thread pool and not grpc.aio: everything below the edge blocks
+(LMDB transactions, subprocesses with deadlines, kernel ioctls). Under asyncio each call would be
+pushed into an executor anyway, adding a second concurrency model for nothing. With threads, two
+calls on the same volume genuinely run at once, and the engine's per-name lock turns the loser into
+ABORTED at once instead of queueing it behind the winner.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from csi_thin import errors
+from csi_thin.csi import interceptor
+from csi_thin.csi.pb import csi_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+#: in-flight RPCs get this long to finish after SIGTERM before they are cancelled
+DEFAULT_GRACE_SECONDS = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """`unix:///abs/path.sock` or `tcp://host:port`."""
+
+    scheme: str
+    address: str  # the socket path or host:port
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        if text.startswith("unix://"):
+            path = text[len("unix://") :]
+            if not path.startswith("/") or os.path.normpath(path) != path:
+                raise errors.InvalidArgument(f"endpoint {text!r}: unix sockets need an absolute path")
+            return cls("unix", path)
+        if text.startswith("tcp://"):
+            host, sep, port = text[len("tcp://") :].rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise errors.InvalidArgument(f"endpoint {text!r}: expected tcp://host:port")
+            return cls("tcp", f"{host}:{port}")
+        raise errors.InvalidArgument(f"endpoint {text!r}: expected unix:///path or tcp://host:port")
+
+    @property
+    def target(self) -> str:
+        """What grpc's add_insecure_port and insecure_channel take."""
+        return f"unix://{self.address}" if self.scheme == "unix" else self.address
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket left by a dead server; refuse to steal one that a live server answers on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise errors.FailedPrecondition(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+            log.info("msg=%s path=%s", "removed stale socket", path)
+            return
+        except OSError:
+            pass
+    raise errors.FailedPrecondition(f"{path}: another server is listening on it")
+
+
+@dataclasses.dataclass
+class Services:
+    identity: csi_pb2_grpc.IdentityServicer
+    controller: csi_pb2_grpc.ControllerServicer | None = None
+    node: csi_pb2_grpc.NodeServicer | None = None
+
+
+class Server:
+    def __init__(self, endpoint: Endpoint, services: Services, *, max_workers: int = 16) -> None:
+        self.endpoint = endpoint
+        self._health = health.HealthServicer()
+        self._server = grpc.server(
+            concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+            interceptors=[interceptor.EdgeInterceptor()],
+        )
+        csi_pb2_grpc.add_IdentityServicer_to_server(services.identity, self._server)
+        if services.controller is not None:
+            csi_pb2_grpc.add_ControllerServicer_to_server(services.controller, self._server)
+        if services.node is not None:
+            csi_pb2_grpc.add_NodeServicer_to_server(services.node, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        if self.endpoint.scheme == "unix":
+            os.makedirs(os.path.dirname(self.endpoint.address), exist_ok=True)
+            remove_stale_socket(self.endpoint.address)
+        if self._server.add_insecure_port(self.endpoint.target) == 0 and self.endpoint.scheme == "tcp":
+            raise errors.Unavailable(f"cannot listen on {self.endpoint.target}")
+        self._server.start()
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("msg=%s endpoint=%s", "serving", self.endpoint.target)
+
+    def stop(self, grace: float = DEFAULT_GRACE_SECONDS) -> None:
+        """Stop accepting RPCs, let in-flight ones finish within `grace`, then cancel the rest."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait(grace + 1.0)
+        if self.endpoint.scheme == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.endpoint.address)
+        log.info("msg=%s endpoint=%s", "stopped", self.endpoint.target)
+
+    def serve_until_signalled(self, grace: float = DEFAULT_GRACE_SECONDS) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully (main thread only)."""
+        done = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("msg=%s signal=%s", "shutting down", signal.Signals(signum).name)
+            done.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            done.wait()
+        finally:
+            self.stop(grace)
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -1,0 +1,130 @@
+"""`csi-thin standalone`: Identity + Controller + Node on one socket, LMDB the only metadata store.
+
+The embedded default: no Kubernetes, one node, one pool. Start-up order: load and validate the pool
+config, assemble the pool, run the engine's recovery (finish or undo whatever a crash left), then
+serve. SIGTERM stops accepting calls and lets in-flight ones finish within the grace period; the
+pool stays assembled (staged volumes keep working across a driver restart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from csi_thin import config, errors, model
+from csi_thin import deadline as deadline_mod
+from csi_thin.controller import provisioner
+from csi_thin.csi import controller_service, identity_service, node_service, server
+from csi_thin.node import volumes
+from csi_thin.pool import backend as backend_mod
+from csi_thin.pool import dmthin, engine, reflink
+from csi_thin.store import lmdb_store
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add the `standalone` subcommand to the CLI's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "standalone", help="serve Identity, Controller and Node on one socket (no Kubernetes)"
+    )
+    p.add_argument("--endpoint", required=True, help="unix:///path/csi.sock or tcp://host:port")
+    p.add_argument("--pool-config", required=True, help="pool config file (YAML)")
+    p.add_argument("--node-id", default=socket.gethostname(), help="this node's id (default: hostname)")
+    p.add_argument("--driver-name", default=identity_service.DEFAULT_NAME)
+    p.add_argument("--overprovision-ratio", type=float, default=provisioner.Settings.overprovision_ratio)
+    p.add_argument(
+        "--max-volumes", type=int, default=0, help="NodeGetInfo max_volumes_per_node (0: no limit)"
+    )
+    p.add_argument("--grace", type=float, default=server.DEFAULT_GRACE_SECONDS, help="shutdown grace (s)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=main)
+
+
+def make_backend(cfg: config.PoolConfig) -> backend_mod.Backend:
+    if cfg.backend == config.BackendKind.DMTHIN:
+        return dmthin.DmThinBackend(cfg)
+    return reflink.ReflinkBackend(cfg)
+
+
+@contextlib.contextmanager
+def open_engine(
+    cfg: config.PoolConfig, *, backend: backend_mod.Backend | None = None
+) -> Iterator[engine.PoolEngine]:
+    """Assemble the pool, open LMDB, recover, and yield the engine (the store is closed after)."""
+    pool = backend if backend is not None else make_backend(cfg)
+    pool.assemble(deadline=deadline_mod.default())
+    with lmdb_store.LmdbStore(cfg.state_dir) as store:
+        eng = engine.PoolEngine(
+            backend=pool, store=store, thresholds=cfg.thresholds, block_size=cfg.block_size
+        )
+        eng.recover(deadline=deadline_mod.default())
+        yield eng
+
+
+def services(
+    eng: engine.PoolEngine,
+    *,
+    node_id: str,
+    block_size: int,
+    thresholds: model.Thresholds,
+    driver_name: str = identity_service.DEFAULT_NAME,
+    overprovision_ratio: float = provisioner.Settings.overprovision_ratio,
+    max_volumes: int = 0,
+) -> server.Services:
+    """The three CSI services of a standalone driver over one engine (the composition root)."""
+
+    def ready(deadline: deadline_mod.Deadline) -> bool:
+        try:
+            return eng.status(deadline=deadline).healthy
+        except errors.CsiThinError as exc:
+            log.warning("msg=%s error=%s", "probe: pool not ready", exc)
+            return False
+
+    settings = provisioner.Settings(
+        node_id=node_id, block_size=block_size, thresholds=thresholds, overprovision_ratio=overprovision_ratio
+    )
+    return server.Services(
+        identity=identity_service.IdentityService(ready=ready, name=driver_name),
+        controller=controller_service.ControllerService(
+            provisioner=provisioner.Provisioner(engine=eng, settings=settings)
+        ),
+        node=node_service.NodeService(
+            volumes=volumes.NodeVolumes(engine=eng, thresholds=thresholds),
+            node_id=node_id,
+            max_volumes=max_volumes,
+        ),
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        endpoint = server.Endpoint.parse(args.endpoint)
+        cfg = config.load_pool(args.pool_config)
+        if not args.node_id or len(args.node_id) > 128:
+            raise errors.InvalidArgument("--node-id must be 1..128 characters")
+        with open_engine(cfg) as eng:
+            svc = services(
+                eng,
+                node_id=args.node_id,
+                block_size=cfg.block_size,
+                thresholds=cfg.thresholds,
+                driver_name=args.driver_name,
+                overprovision_ratio=args.overprovision_ratio,
+                max_volumes=args.max_volumes,
+            )
+            server.Server(endpoint, svc).serve_until_signalled(args.grace)
+    except errors.CsiThinError as exc:
+        log.error("msg=%s code=%s error=%s", "standalone driver failed", exc.code, exc.message)  # noqa: TRY400
+        return 1
+    return 0

@@ -1,0 +1,179 @@
+"""Request validation at the gRPC edge: protobuf in, checked domain values out.
+
+Everything a client can send is checked here before any layer below sees it; a failure is
+InvalidArgument with a message that names the field, and nothing has been changed. Ids are checked
+for shape only: a well-formed id this driver never issued is the lower layers' NOT_FOUND (CSI and
+csi-sanity require NOT_FOUND, or success for deletes, for ids that do not exist).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Iterable, Mapping
+
+from csi_thin import errors
+from csi_thin.controller import naming, provisioner
+from csi_thin.csi.pb import csi_pb2
+from csi_thin.node import filesystem, volumes
+
+#: CSI: names and ids SHOULD be at most 128 bytes; we hold clients to it.
+MAX_ID_BYTES = 128
+MAX_PATH_BYTES = 4096
+MAX_MOUNT_FLAGS = 32
+TOPOLOGY_KEY = "topology.csi-thin.io/node"
+#: volume_context keys: CreateVolume records the access and filesystem type; the node reads them back
+CTX_ACCESS_TYPE = "csi-thin.io/access-type"
+CTX_FS_TYPE = "csi-thin.io/fs-type"
+DEFAULT_FS = "ext4"
+
+_ID = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: keeps ids printable in logs
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MOUNT_FLAG = re.compile(r"^[A-Za-z0-9_.=:/+-]{1,256}$")
+
+_Mode = csi_pb2.VolumeCapability.AccessMode
+_SINGLE_NODE = {
+    _Mode.SINGLE_NODE_WRITER,
+    _Mode.SINGLE_NODE_READER_ONLY,
+    _Mode.SINGLE_NODE_SINGLE_WRITER,
+    _Mode.SINGLE_NODE_MULTI_WRITER,
+}
+_MULTI_NODE = {_Mode.MULTI_NODE_READER_ONLY, _Mode.MULTI_NODE_SINGLE_WRITER, _Mode.MULTI_NODE_MULTI_WRITER}
+
+
+def device_id(value: str, field: str = "volume_id") -> str:
+    if not value:
+        raise errors.InvalidArgument(f"{field} is required")
+    if len(value.encode()) > MAX_ID_BYTES or not _ID.match(value):
+        raise errors.InvalidArgument(f"{field}: at most {MAX_ID_BYTES} visible ASCII characters")
+    return value
+
+
+def name(value: str, field: str = "name") -> str:
+    if not value:
+        raise errors.InvalidArgument(f"{field} is required")
+    if len(value.encode()) > MAX_ID_BYTES:
+        raise errors.InvalidArgument(f"{field} is longer than {MAX_ID_BYTES} bytes")
+    if _CONTROL.search(value):
+        raise errors.InvalidArgument(f"{field} contains control characters")
+    return value
+
+
+def path(value: str, field: str) -> str:
+    """An absolute, normalised path with no traversal: what kubelet sends, and nothing else."""
+    if not value:
+        raise errors.InvalidArgument(f"{field} is required")
+    if len(value.encode()) > MAX_PATH_BYTES or _CONTROL.search(value):
+        raise errors.InvalidArgument(f"{field}: too long or contains control characters")
+    if not value.startswith("/") or value.startswith("//"):
+        raise errors.InvalidArgument(f"{field} {value!r} must be an absolute path")
+    if ".." in value.split("/") or posixpath.normpath(value) != value or value == "/":
+        raise errors.InvalidArgument(f"{field} {value!r} must be normalised, without '..' or '.'")
+    return value
+
+
+def capacity(rng: csi_pb2.CapacityRange) -> provisioner.CapacityRange:
+    if rng.required_bytes < 0 or rng.limit_bytes < 0:
+        raise errors.InvalidArgument("capacity_range: sizes must not be negative")
+    if rng.limit_bytes and rng.limit_bytes < rng.required_bytes:
+        raise errors.InvalidArgument("capacity_range: limit_bytes is below required_bytes")
+    return provisioner.CapacityRange(required=rng.required_bytes, limit=rng.limit_bytes)
+
+
+def capability(cap: csi_pb2.VolumeCapability, context: Mapping[str, str] | None = None) -> volumes.Capability:
+    """One volume capability: single-node access modes, block or mount (ext4 default, xfs)."""
+    mode = cap.access_mode.mode
+    if mode in _MULTI_NODE:
+        raise errors.InvalidArgument(
+            f"access mode {_Mode.Mode.Name(mode)} is not supported: volumes are node-local"
+        )
+    if mode not in _SINGLE_NODE:
+        raise errors.InvalidArgument(f"volume_capability: unknown or missing access mode {mode}")
+    read_only = mode == _Mode.SINGLE_NODE_READER_ONLY
+    which = cap.WhichOneof("access_type")
+    recorded = (context or {}).get(CTX_ACCESS_TYPE)
+    if which is None:
+        raise errors.InvalidArgument("volume_capability: access_type (block or mount) is required")
+    if recorded and recorded != which:
+        raise errors.InvalidArgument(f"volume_capability: the volume was created for {recorded} access")
+    if which == "block":
+        return volumes.Capability(block=True, fs_type="", read_only=read_only)
+    fs_type = cap.mount.fs_type or (context or {}).get(CTX_FS_TYPE) or DEFAULT_FS
+    if fs_type not in filesystem.SUPPORTED:
+        raise errors.InvalidArgument(f"fs_type {fs_type!r}: supported are {', '.join(filesystem.SUPPORTED)}")
+    flags = tuple(cap.mount.mount_flags)
+    if len(flags) > MAX_MOUNT_FLAGS or not all(_MOUNT_FLAG.match(f) for f in flags):
+        raise errors.InvalidArgument("mount_flags: at most 32 flags of [A-Za-z0-9_.=:/+-]")
+    return volumes.Capability(block=False, fs_type=fs_type, mount_flags=flags, read_only=read_only)
+
+
+def capabilities(
+    caps: Iterable[csi_pb2.VolumeCapability], context: Mapping[str, str] | None = None
+) -> list[volumes.Capability]:
+    checked = [capability(c, context) for c in caps]
+    if not checked:
+        raise errors.InvalidArgument("volume_capabilities is required")
+    if len({c.block for c in checked}) > 1 or len({c.fs_type for c in checked}) > 1:
+        raise errors.InvalidArgument("volume_capabilities disagree on the access or filesystem type")
+    return checked
+
+
+def content_source(src: csi_pb2.VolumeContentSource) -> provisioner.ContentSource | None:
+    which = src.WhichOneof("type")
+    if which == "snapshot":
+        return provisioner.ContentSource(
+            naming.IdKind.SNAPSHOT, device_id(src.snapshot.snapshot_id, "snapshot_id")
+        )
+    if which == "volume":
+        return provisioner.ContentSource(naming.IdKind.VOLUME, device_id(src.volume.volume_id, "volume_id"))
+    return None
+
+
+def allowed_nodes(req: csi_pb2.TopologyRequirement) -> frozenset[str] | None:
+    """The node ids the requisite topology allows (None: no requirement)."""
+    if not req.requisite:
+        return None
+    return frozenset(t.segments[TOPOLOGY_KEY] for t in req.requisite if TOPOLOGY_KEY in t.segments)
+
+
+def max_entries(value: int) -> int:
+    if value < 0:
+        raise errors.InvalidArgument("max_entries must not be negative")
+    return value
+
+
+def volume_request(req: csi_pb2.CreateVolumeRequest) -> tuple[provisioner.VolumeRequest, volumes.Capability]:
+    caps = capabilities(req.volume_capabilities)
+    vreq = provisioner.VolumeRequest(
+        name=name(req.name),
+        capacity=capacity(req.capacity_range),
+        source=content_source(req.volume_content_source),
+        allowed_nodes=allowed_nodes(req.accessibility_requirements),
+    )
+    return vreq, caps[0]
+
+
+def unsupported(caps: Iterable[csi_pb2.VolumeCapability], context: Mapping[str, str]) -> str:
+    """ValidateVolumeCapabilities: why these capabilities are not supported ("" when they are).
+
+    No capabilities at all is a malformed request (INVALID_ARGUMENT); unsupported ones are an answer.
+    """
+    try:
+        capabilities(caps, context)
+    except errors.InvalidArgument as exc:
+        if not list(caps):
+            raise
+        return exc.message
+    return ""
+
+
+def expand_request(
+    req: csi_pb2.ControllerExpandVolumeRequest,
+) -> tuple[str, provisioner.CapacityRange, bool]:
+    """(volume id, capacity range, is a block volume) of a ControllerExpandVolume request."""
+    volume_id = device_id(req.volume_id)
+    rng = capacity(req.capacity_range)
+    if rng.required <= 0:
+        raise errors.InvalidArgument("capacity_range.required_bytes is required")
+    block = req.HasField("volume_capability") and capability(req.volume_capability).block
+    return volume_id, rng, block

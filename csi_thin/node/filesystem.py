@@ -1,0 +1,112 @@
+"""Filesystems and mounts on the node: probe, mkfs, mount, bind, unmount, grow, stats.
+
+Every command goes through csi_thin.runner with the caller's deadline. The one rule that matters
+most lives here: a device is formatted only when it is provably blank (no signature that `blkid -p`
+recognises and a zeroed first MiB); a device with data is never reformatted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, runner
+
+SUPPORTED = ("ext4", "xfs")
+_PROBE_BYTES = 1024 * 1024
+#: blkid exit status: 2 = nothing found
+_BLKID_NOTHING = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    total_bytes: int
+    available_bytes: int
+    used_bytes: int
+    total_inodes: int
+    available_inodes: int
+    used_inodes: int
+
+
+def probe(device: str, *, deadline: deadline_mod.Deadline) -> str | None:
+    """The filesystem (or other signature) type on `device`, or None when the device is blank."""
+    res = runner.run(["blkid", "-p", "-o", "export", device], deadline=deadline, check=False)
+    if res.returncode == _BLKID_NOTHING:
+        if not _zero_head(device):
+            raise errors.FailedPrecondition(
+                f"{device} holds data without a recognisable filesystem: refusing to format it"
+            )
+        return None
+    if res.returncode != 0:
+        raise errors.CommandFailed(res.argv, res.returncode, res.stderr or res.stdout)
+    fields = dict(line.split("=", 1) for line in res.stdout.splitlines() if "=" in line)
+    found = fields.get("TYPE") or fields.get("PTTYPE")
+    if not found:
+        raise errors.FailedPrecondition(f"{device} holds an unidentified signature: refusing to format it")
+    return found
+
+
+def _zero_head(device: str) -> bool:
+    with open(device, "rb") as f:
+        return not any(f.read(_PROBE_BYTES))
+
+
+def make(device: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
+    """mkfs on a blank device; discards are skipped (a new thin device is already unmapped)."""
+    if fs_type == "ext4":
+        argv = ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device]
+    elif fs_type == "xfs":
+        argv = ["mkfs.xfs", "-q", "-K", device]
+    else:
+        raise errors.InvalidArgument(f"unsupported fs type {fs_type!r}")
+    runner.run(argv, deadline=deadline)
+
+
+def mount(
+    device: str, target: str, *, fs_type: str, options: list[str], deadline: deadline_mod.Deadline
+) -> None:
+    opts = list(options) + (["nouuid"] if fs_type == "xfs" and "nouuid" not in options else [])
+    argv = ["mount", "-t", fs_type] + (["-o", ",".join(opts)] if opts else []) + [device, target]
+    runner.run(argv, deadline=deadline)
+
+
+def bind(source: str, target: str, *, read_only: bool, deadline: deadline_mod.Deadline) -> None:
+    # util-linux >= 2.27 turns "bind,ro" into the bind plus the read-only remount it needs
+    runner.run(["mount", "-o", "bind,ro" if read_only else "bind", source, target], deadline=deadline)
+
+
+def unmount(target: str, *, deadline: deadline_mod.Deadline) -> None:
+    runner.run(["umount", target], deadline=deadline)
+
+
+def grow(device: str, mount_point: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
+    """Grow a mounted filesystem to its device's size (a no-op when it already fills it)."""
+    if fs_type == "ext4":
+        runner.run(["resize2fs", device], deadline=deadline)
+    elif fs_type == "xfs":
+        runner.run(["xfs_growfs", mount_point], deadline=deadline)
+    else:
+        raise errors.FailedPrecondition(f"cannot grow a {fs_type} filesystem")
+
+
+def usage(path: str) -> Usage:
+    st = os.statvfs(path)
+    total = st.f_blocks * st.f_frsize
+    return Usage(
+        total_bytes=total,
+        available_bytes=st.f_bavail * st.f_frsize,
+        used_bytes=total - st.f_bfree * st.f_frsize,
+        total_inodes=st.f_files,
+        available_inodes=st.f_favail,
+        used_inodes=st.f_files - st.f_ffree,
+    )
+
+
+def block_size_of(path: str) -> int:
+    """Size in bytes of the block device at `path` (a device node or a bind of one)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)

@@ -1,0 +1,234 @@
+"""Stage, publish, stats and expansion of pool devices on this node.
+
+Flow: NodeStageVolume activates the device (the only time a thin device is active) and, for mount
+volumes, makes and mounts its filesystem at the staging path; NodePublishVolume bind-mounts the
+staged filesystem (or the block device node) at the target; the reverse calls undo each step and
+deactivate the device. Mount state is always read back from /proc/self/mountinfo, so every call is
+idempotent: a repeated call finds its own work done and succeeds; a different device or mode at the
+same path is ALREADY_EXISTS. Mutations of one volume are serialised by the engine's per-name lock
+for activate/deactivate; the CO never runs two node calls for one volume at once, and a mount that
+raced us shows up in mountinfo as a conflict, never as a silent success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import stat
+from typing import Protocol
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.node import filesystem, mountinfo
+
+
+class Engine(Protocol):
+    """The part of `csi_thin.pool.engine.PoolEngine` the node uses."""
+
+    def activate(self, name: str, *, deadline: deadline_mod.Deadline) -> model.Device: ...
+    def deactivate(self, name: str, *, deadline: deadline_mod.Deadline) -> model.Device: ...
+    def get(self, name: str) -> model.Device | None: ...
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Capability:
+    block: bool
+    fs_type: str = "ext4"
+    mount_flags: tuple[str, ...] = ()
+    #: the access mode only allows reading (SINGLE_NODE_READER_ONLY)
+    read_only: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+    abnormal: bool
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    usage: filesystem.Usage | None  # None for block volumes
+    block_bytes: int  # block volumes: device size
+    condition: Condition
+
+
+class NodeVolumes:
+    def __init__(self, *, engine: Engine, thresholds: model.Thresholds) -> None:
+        self._engine = engine
+        self._thresholds = thresholds
+
+    # -- stage -----------------------------------------------------------------------------------
+
+    def stage(
+        self, volume_id: str, staging_path: str, cap: Capability, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        self._device(volume_id)
+        if cap.block:
+            self._engine.activate(volume_id, deadline=deadline)
+            return
+        os.makedirs(staging_path, exist_ok=True)
+        current = mountinfo.at(staging_path)
+        if current is not None:
+            self._check_same_device(volume_id, current, staging_path)
+            return
+        device = _path(self._engine.activate(volume_id, deadline=deadline))
+        found = filesystem.probe(device, deadline=deadline)
+        if found is None:
+            filesystem.make(device, cap.fs_type, deadline=deadline)
+        elif found != cap.fs_type:
+            raise errors.FailedPrecondition(
+                f"volume {volume_id} holds a {found} filesystem, not the requested {cap.fs_type}"
+            )
+        options = list(cap.mount_flags) + (["ro"] if cap.read_only else [])
+        filesystem.mount(device, staging_path, fs_type=cap.fs_type, options=options, deadline=deadline)
+        if found is not None and not cap.read_only:
+            # restored or cloned into a larger volume: the filesystem still has its source's size
+            filesystem.grow(device, staging_path, cap.fs_type, deadline=deadline)
+
+    def unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        while mountinfo.at(staging_path) is not None:
+            filesystem.unmount(staging_path, deadline=deadline)
+        if self._engine.get(volume_id) is not None:
+            self._engine.deactivate(volume_id, deadline=deadline)
+
+    # -- publish ---------------------------------------------------------------------------------
+
+    def publish(
+        self,
+        volume_id: str,
+        *,
+        staging_path: str,
+        target_path: str,
+        cap: Capability,
+        read_only: bool,
+        deadline: deadline_mod.Deadline,
+    ) -> None:
+        device = self._device(volume_id)
+        read_only = read_only or cap.read_only
+        if cap.block:
+            if not device.active or not device.path:
+                raise errors.FailedPrecondition(f"volume {volume_id} is not staged")
+            source = device.path
+        else:
+            staged = mountinfo.at(staging_path)
+            if staged is None:
+                raise errors.FailedPrecondition(f"volume {volume_id} is not staged at {staging_path}")
+            self._check_same_device(volume_id, staged, staging_path)
+            source = staging_path
+        current = mountinfo.at(target_path)
+        if current is not None:
+            if not self._is_device(device, current, target_path):
+                raise errors.AlreadyExists(f"{target_path} already has another device mounted")
+            if current.read_only != read_only:
+                raise errors.AlreadyExists(f"{target_path} is published with another read-only mode")
+            return
+        if cap.block:
+            _make_file(target_path)
+        else:
+            os.makedirs(target_path, exist_ok=True)
+        filesystem.bind(source, target_path, read_only=read_only, deadline=deadline)
+
+    def unpublish(self, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        while mountinfo.at(target_path) is not None:
+            filesystem.unmount(target_path, deadline=deadline)
+        # CSI: the plugin removes what it created at the target path
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isdir(target_path):
+                os.rmdir(target_path)
+            else:
+                os.unlink(target_path)
+
+    # -- stats and expansion ---------------------------------------------------------------------
+
+    def stats(self, volume_id: str, volume_path: str, *, deadline: deadline_mod.Deadline) -> Stats:
+        device = self._device(volume_id)
+        try:
+            mode = os.stat(volume_path).st_mode
+        except FileNotFoundError as exc:
+            raise errors.NotFound(f"volume path {volume_path} does not exist") from exc
+        condition = self._condition(device, deadline=deadline)
+        if stat.S_ISBLK(mode):
+            return Stats(usage=None, block_bytes=filesystem.block_size_of(volume_path), condition=condition)
+        mount = mountinfo.at(volume_path)
+        if mount is None or not self._is_device(device, mount, volume_path):
+            raise errors.NotFound(f"volume {volume_id} is not mounted at {volume_path}")
+        return Stats(usage=filesystem.usage(volume_path), block_bytes=0, condition=condition)
+
+    def expand(
+        self, volume_id: str, volume_path: str, *, block: bool | None, deadline: deadline_mod.Deadline
+    ) -> int:
+        """Grow the filesystem at volume_path to the device size; return the device size."""
+        device = self._device(volume_id)
+        if not device.active or not device.path:
+            raise errors.FailedPrecondition(f"volume {volume_id} is not staged on this node")
+        if not os.path.exists(volume_path):
+            raise errors.NotFound(f"volume path {volume_path} does not exist")
+        if block or stat.S_ISBLK(os.stat(volume_path).st_mode):
+            return filesystem.block_size_of(device.path)
+        mount = mountinfo.at(volume_path)
+        if mount is None or not self._is_device(device, mount, volume_path):
+            raise errors.NotFound(f"volume {volume_id} is not mounted at {volume_path}")
+        filesystem.grow(device.path, volume_path, mount.fs_type, deadline=deadline)
+        return filesystem.block_size_of(device.path)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _device(self, volume_id: str) -> model.Device:
+        device = self._engine.get(volume_id)
+        if device is None or device.kind != model.DeviceKind.VOLUME:
+            raise errors.NotFound(f"volume {volume_id!r} does not exist")
+        return device
+
+    @staticmethod
+    def _is_device(device: model.Device, mount: mountinfo.Mount, path: str) -> bool:
+        """Whether `mount` (at `path`) shows this device: its filesystem, or its node bound there."""
+        if not device.path:
+            return False
+        try:
+            rdev = os.stat(device.path).st_rdev
+            if mount.dev == rdev:
+                return True
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+    def _check_same_device(self, volume_id: str, mount: mountinfo.Mount, path: str) -> None:
+        device = self._engine.get(volume_id)
+        if device is None or not self._is_device(device, mount, path):
+            raise errors.AlreadyExists(f"{path} already has another device mounted ({mount.source})")
+
+    def _condition(self, device: model.Device, *, deadline: deadline_mod.Deadline) -> Condition:
+        if not device.active or not device.path or not os.path.exists(device.path):
+            return Condition(abnormal=True, message=f"block device of {device.name} is missing")
+        status = self._engine.status(deadline=deadline)
+        # the same rules as the controller's volume condition (controller.provisioner.pool_condition);
+        # node and controller are sibling layers and share no code but the model
+        if status.mode != model.PoolMode.RW or status.needs_check:
+            return Condition(abnormal=True, message=f"thin pool is {status.mode.value}")
+        if status.data_used_ratio >= self._thresholds.data:
+            return Condition(abnormal=True, message=f"thin pool data {status.data_used_ratio:.0%} used")
+        if status.metadata_used_ratio >= self._thresholds.metadata:
+            return Condition(
+                abnormal=True, message=f"thin pool metadata {status.metadata_used_ratio:.0%} used"
+            )
+        return Condition(abnormal=False, message="")
+
+
+def _path(device: model.Device) -> str:
+    if not device.path:
+        raise errors.Internal(f"activated {device.name} but the engine reports no device path")
+    return device.path
+
+
+def _make_file(target: str) -> None:
+    """A block volume is published by binding the device node onto a plain file."""
+    if os.path.isdir(target):
+        if os.listdir(target):
+            raise errors.FailedPrecondition(f"{target} is a non-empty directory")
+        os.rmdir(target)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "a", encoding="utf-8"):
+        pass
