@@ -1,0 +1,743 @@
+"""The pool engine suite, backend-neutral.
+
+Every test takes a `harness` fixture (a Harness subclass) supplied by the module that imports the
+suite: tests/unit/test_engine_fake.py (FakeBackend), tests/vm/test_engine_dmthin.py (dm-thin on loop
+files in the VM), and later the reflink backend. A harness opens engines on ONE pool and one state
+dir, so a test can close an engine, "reboot", fork a child that opens its own, and reopen.
+
+Fault injection goes through the engine's single seam, `engine.step_hook`: the suite first records
+the boundaries each mutation passes, then (a) SIGKILLs a forked child at each one and (b) fails each
+one once in-process; after each, the pool and LMDB must agree (see `check_consistent`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.pool import backend as backend_mod
+from csi_thin.pool import engine as engine_mod
+from csi_thin.store import lmdb_store
+
+__all__ = [
+    "test_activate_deactivate_idempotent",
+    "test_clone_and_restore_into_larger_volume",
+    "test_concurrent_creates_of_different_names",
+    "test_concurrent_creates_of_one_name",
+    "test_create_is_idempotent_and_checks_compatibility",
+    "test_create_volume_rounds_up_and_records",
+    "test_delete_absent_active_and_lost",
+    "test_fail_every_step_once",
+    "test_grow_while_active_and_refuse_shrink",
+    "test_kill_at_every_step_boundary",
+    "test_kill_during_recovery_is_rerunnable",
+    "test_orphans_reported_and_gc",
+    "test_pool_exhausted_and_unhealthy",
+    "test_reassembly_after_reboot",
+    "test_snapshot_data_survives_origin_changes",
+    "test_snapshot_of_unknown_or_non_volume_source",
+    "test_source_claimed_during_snapshot",
+]
+
+MiB = model.MiB
+
+
+def dl() -> deadline_mod.Deadline:
+    return deadline_mod.Deadline.after(120)
+
+
+class Harness:
+    """One pool + one state dir; subclasses supply the backend."""
+
+    has_block_devices = False
+    block_size = 64 * 1024
+
+    def __init__(self, state_dir: str, thresholds: model.Thresholds | None = None) -> None:
+        self.state_dir = state_dir
+        self.thresholds = thresholds or model.Thresholds()
+        self._open: list[engine_mod.PoolEngine] = []
+
+    def make_backend(self) -> backend_mod.Backend:
+        raise NotImplementedError
+
+    def set_condition(self, engine: engine_mod.PoolEngine, **fields: Any) -> None:
+        """Make the pool look full or unhealthy (fake only; real harnesses skip those checks)."""
+        raise NotImplementedError
+
+    def open(self, *, assemble: bool = True, recover: bool = True) -> engine_mod.PoolEngine:
+        backend = self.make_backend()
+        if assemble:
+            backend.assemble(deadline=dl())
+        store = lmdb_store.LmdbStore(os.path.join(self.state_dir, "lmdb"))
+        engine = engine_mod.PoolEngine(
+            backend=backend, store=store, thresholds=self.thresholds, block_size=self.block_size
+        )
+        if recover:
+            engine.recover(deadline=dl())
+        self._open.append(engine)
+        return engine
+
+    def close(self, engine: engine_mod.PoolEngine) -> None:
+        if engine in self._open:
+            self._open.remove(engine)
+            engine.store.close()
+
+    def reboot(self, engine: engine_mod.PoolEngine) -> engine_mod.PoolEngine:
+        """Tear the pool down (devices kept), drop the engine, assemble again and recover."""
+        engine.backend.teardown(deadline=dl())
+        self.close(engine)
+        return self.open()
+
+    def shutdown(self) -> None:
+        for engine in list(self._open):
+            self.close(engine)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def write_at(path: str, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_at(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def committed(engine: engine_mod.PoolEngine) -> dict[str, int]:
+    return {d.name: d.dev_id for d in engine.list() if d.state == model.DeviceState.READY}
+
+
+def check_consistent(
+    engine: engine_mod.PoolEngine,
+    *,
+    before: dict[str, int],
+    may_vanish: frozenset[str] = frozenset(),
+    allowed_orphans: frozenset[int] = frozenset(),
+) -> None:
+    """The pool and LMDB agree: no open intent, same transaction id, same id set (plus reported
+    orphans only where expected), no leaked id, no committed device lost, active flags true."""
+    backend = engine.backend
+    assert engine.intents() == [], engine.intents()
+    assert engine.store.transaction_id() == backend.transaction_id(deadline=dl())
+    records = engine.list()
+    bad = [d for d in records if d.state != model.DeviceState.READY]
+    assert not bad, bad
+    pool_ids = set(backend.device_ids(deadline=dl()))
+    orphans = set(engine.orphans())
+    assert orphans <= allowed_orphans, (orphans, allowed_orphans)
+    record_ids = {d.dev_id for d in records}
+    assert len(record_ids) == len(records), "two records share an id"
+    assert pool_ids == record_ids | orphans, (pool_ids, record_ids, orphans)
+    ids_map = engine.store.ids()
+    assert ids_map == {**{d.dev_id: d.name for d in records}, **dict.fromkeys(orphans, "")}
+    now = committed(engine)
+    for name, dev_id in before.items():
+        if name not in may_vanish:
+            assert now.get(name) == dev_id, f"committed device {name} lost"
+    active = backend.active_ids(deadline=dl())
+    for d in records:
+        assert d.active == (d.dev_id in active), d
+        assert (d.path is not None) == d.active, d
+
+
+# ---- basic operations --------------------------------------------------------------------------------
+
+
+def test_create_volume_rounds_up_and_records(harness: Harness) -> None:
+    e = harness.open()
+    dev = e.create_volume("vol", 1_000_000, deadline=dl())
+    bs = harness.block_size
+    assert dev.size_bytes == -(-1_000_000 // bs) * bs
+    assert dev.state == model.DeviceState.READY and dev.kind == model.DeviceKind.VOLUME
+    assert not dev.active and dev.path is None and dev.origin is None
+    assert e.get("vol") == dev and e.list() == [dev] and e.list(kind=model.DeviceKind.SNAPSHOT) == []
+    assert 1 <= dev.dev_id <= model.MAX_DEVICE_ID
+    assert e.store.transaction_id() == 1
+    assert e.usage("vol", deadline=dl()) == 0
+    st = e.status(deadline=dl())
+    assert st.healthy and st.transaction_id == 1
+    for bad in ("", "a/b", "x\x00", "n" * 300):
+        with pytest.raises(errors.InvalidArgument):
+            e.create_volume(bad, MiB, deadline=dl())
+    for size in (0, -1, 1 << 60):
+        with pytest.raises(errors.InvalidArgument):
+            e.create_volume("sz", size, deadline=dl())
+    with pytest.raises(errors.NotFound):
+        e.usage("nope", deadline=dl())
+    check_consistent(e, before=committed(e))
+
+
+def test_create_is_idempotent_and_checks_compatibility(harness: Harness) -> None:
+    e = harness.open()
+    a = e.create_volume("a", 4 * MiB, deadline=dl())
+    assert e.create_volume("a", 4 * MiB - 1, deadline=dl()) == a  # rounds to the same size
+    with pytest.raises(errors.AlreadyExists):
+        e.create_volume("a", 8 * MiB, deadline=dl())
+    s = e.create_snapshot("s", "a", deadline=dl())
+    assert s.kind == model.DeviceKind.SNAPSHOT and s.origin == "a" and s.size_bytes == a.size_bytes
+    assert e.create_snapshot("s", "a", deadline=dl()) == s
+    with pytest.raises(errors.AlreadyExists):
+        e.create_volume("s", 4 * MiB, deadline=dl())
+    c = e.clone("c", "s", 4 * MiB, deadline=dl())
+    assert e.clone("c", "s", 4 * MiB, deadline=dl()) == c
+    with pytest.raises(errors.AlreadyExists):
+        e.clone("c", "a", 4 * MiB, deadline=dl())
+    assert e.store.transaction_id() == 3  # idempotent returns changed nothing
+    assert len({a.dev_id, s.dev_id, c.dev_id}) == 3
+    check_consistent(e, before=committed(e))
+
+
+def test_snapshot_of_unknown_or_non_volume_source(harness: Harness) -> None:
+    e = harness.open()
+    with pytest.raises(errors.NotFound):
+        e.create_snapshot("s", "missing", deadline=dl())
+    with pytest.raises(errors.NotFound):
+        e.clone("c", "missing", MiB, deadline=dl())
+    e.create_volume("v", 2 * MiB, deadline=dl())
+    e.create_snapshot("s", "v", deadline=dl())
+    with pytest.raises(errors.InvalidArgument):
+        e.create_snapshot("ss", "s", deadline=dl())
+    with pytest.raises(errors.OutOfRange):
+        e.clone("small", "v", MiB, deadline=dl())
+    with pytest.raises(errors.InvalidArgument):
+        e.create_snapshot("v", "v", deadline=dl())
+    assert {d.name for d in e.list()} == {"v", "s"}
+    check_consistent(e, before=committed(e))
+
+
+def test_activate_deactivate_idempotent(harness: Harness) -> None:
+    e = harness.open()
+    e.create_volume("v", 2 * MiB, deadline=dl())
+    a1 = e.activate("v", deadline=dl())
+    a2 = e.activate("v", deadline=dl())
+    assert a1.active and a1.path and a1 == a2
+    assert a1.dev_id in e.backend.active_ids(deadline=dl())
+    if harness.has_block_devices:
+        assert device_size(a1.path) == a1.size_bytes
+    check_consistent(e, before=committed(e))
+    d1 = e.deactivate("v", deadline=dl())
+    d2 = e.deactivate("v", deadline=dl())
+    assert not d1.active and d1.path is None and d1 == d2
+    with pytest.raises(errors.NotFound):
+        e.activate("nope", deadline=dl())
+    with pytest.raises(errors.NotFound):
+        e.deactivate("nope", deadline=dl())
+    assert e.store.transaction_id() == 1  # activation is not a pool-metadata mutation
+    check_consistent(e, before=committed(e))
+
+
+def test_delete_absent_active_and_lost(harness: Harness) -> None:
+    e = harness.open()
+    e.delete("never-was", deadline=dl())
+    v = e.create_volume("v", MiB, deadline=dl())
+    e.activate("v", deadline=dl())
+    with pytest.raises(errors.FailedPrecondition):
+        e.delete("v", deadline=dl())
+    e.deactivate("v", deadline=dl())
+    e.delete("v", deadline=dl())
+    e.delete("v", deadline=dl())
+    assert e.get("v") is None and v.dev_id not in e.backend.device_ids(deadline=dl())
+    assert e.store.ids() == {}
+    # a LOST record: the pool lost the device behind our back
+    w = e.create_volume("w", MiB, deadline=dl())
+    e.backend.delete(w.dev_id, deadline=dl())
+    report = e.recover(deadline=dl())
+    assert report.lost == ("w",)
+    got = e.get("w")
+    assert got is not None and got.state == model.DeviceState.LOST
+    with pytest.raises(errors.FailedPrecondition):
+        e.activate("w", deadline=dl())
+    with pytest.raises(errors.FailedPrecondition):
+        e.create_volume("w", MiB, deadline=dl())  # never re-created empty
+    e.delete("w", deadline=dl())
+    assert e.get("w") is None and e.store.ids() == {}
+    check_consistent(e, before=committed(e))
+
+
+def test_grow_while_active_and_refuse_shrink(harness: Harness) -> None:
+    e = harness.open()
+    e.create_volume("v", 2 * MiB, deadline=dl())
+    dev = e.activate("v", deadline=dl())
+    assert dev.path is not None
+    if harness.has_block_devices:
+        write_at(dev.path, 0, b"before-grow" * 100)
+    g = e.grow("v", 5 * MiB, deadline=dl())
+    assert g.size_bytes == 5 * MiB and g.active
+    assert e.grow("v", 5 * MiB, deadline=dl()) == g
+    with pytest.raises(errors.OutOfRange):
+        e.grow("v", MiB, deadline=dl())
+    if harness.has_block_devices:
+        assert device_size(dev.path) == 5 * MiB
+        assert read_at(dev.path, 0, 1100) == b"before-grow" * 100
+        write_at(dev.path, 5 * MiB - 4096, b"z" * 4096)
+    e.deactivate("v", deadline=dl())
+    assert e.grow("v", 6 * MiB, deadline=dl()).size_bytes == 6 * MiB  # inactive: record only
+    dev = e.activate("v", deadline=dl())
+    if harness.has_block_devices:
+        assert dev.path is not None and device_size(dev.path) == 6 * MiB
+    with pytest.raises(errors.NotFound):
+        e.grow("nope", MiB, deadline=dl())
+    check_consistent(e, before=committed(e))
+
+
+def test_snapshot_data_survives_origin_changes(harness: Harness) -> None:
+    e = harness.open()
+    v = e.activate(e.create_volume("v", 4 * MiB, deadline=dl()).name, deadline=dl())
+    assert v.path is not None
+    if harness.has_block_devices:
+        write_at(v.path, 0, b"A" * 65536)
+        write_at(v.path, MiB, b"B" * 4096)
+    s_active = e.create_snapshot("s1", "v", deadline=dl())  # of an ACTIVE origin
+    if harness.has_block_devices:
+        write_at(v.path, 0, b"C" * 65536)
+    e.deactivate("v", deadline=dl())
+    s_inactive = e.create_snapshot("s2", "v", deadline=dl())  # of an INACTIVE origin
+    assert s_active.dev_id != s_inactive.dev_id
+    if not harness.has_block_devices:
+        return
+    v = e.activate("v", deadline=dl())
+    assert v.path is not None
+    write_at(v.path, 0, b"D" * 65536)
+    s1 = e.activate("s1", deadline=dl())
+    s2 = e.activate("s2", deadline=dl())
+    assert s1.path and s2.path
+    assert read_at(s1.path, 0, 65536) == b"A" * 65536
+    assert read_at(s1.path, MiB, 4096) == b"B" * 4096
+    assert read_at(s2.path, 0, 65536) == b"C" * 65536
+    assert read_at(v.path, 0, 65536) == b"D" * 65536
+    assert e.usage("s1", deadline=dl()) > 0
+    check_consistent(e, before=committed(e))
+
+
+def test_clone_and_restore_into_larger_volume(harness: Harness) -> None:
+    e = harness.open()
+    v = e.activate(e.create_volume("v", 2 * MiB, deadline=dl()).name, deadline=dl())
+    if harness.has_block_devices:
+        assert v.path is not None
+        write_at(v.path, 0, b"orig" * 1024)
+    e.deactivate("v", deadline=dl())
+    e.create_snapshot("snap", "v", deadline=dl())
+    restored = e.clone("restored", "snap", 8 * MiB, deadline=dl())
+    cloned = e.clone("cloned", "v", 2 * MiB, deadline=dl())
+    assert restored.kind == cloned.kind == model.DeviceKind.VOLUME
+    assert restored.origin == "snap" and restored.size_bytes == 8 * MiB
+    e.delete("snap", deadline=dl())  # the restored volume does not depend on the snapshot's record
+    e.delete("v", deadline=dl())
+    r = e.activate("restored", deadline=dl())
+    c = e.activate("cloned", deadline=dl())
+    if harness.has_block_devices:
+        assert r.path and c.path
+        assert device_size(r.path) == 8 * MiB
+        assert read_at(r.path, 0, 4096) == b"orig" * 1024
+        assert read_at(c.path, 0, 4096) == b"orig" * 1024
+        write_at(r.path, 7 * MiB, b"tail" * 1024)
+        assert read_at(r.path, 7 * MiB, 4096) == b"tail" * 1024
+    check_consistent(e, before=committed(e))
+
+
+def test_pool_exhausted_and_unhealthy(harness: Harness) -> None:
+    if not hasattr(harness, "fake"):
+        pytest.skip("needs a backend whose fullness and mode a test can set (FakeBackend)")
+    e = harness.open()
+    e.create_volume("v", MiB, deadline=dl())
+    harness.set_condition(e, data_used=int(64 * model.GiB * 0.96))
+    with pytest.raises(errors.PoolExhausted, match="data"):
+        e.create_volume("w", MiB, deadline=dl())
+    with pytest.raises(errors.PoolExhausted):
+        e.create_snapshot("s", "v", deadline=dl())
+    # existing volumes keep working
+    e.activate("v", deadline=dl())
+    e.grow("v", 2 * MiB, deadline=dl())
+    e.deactivate("v", deadline=dl())
+    assert e.create_volume("v", 2 * MiB, deadline=dl()).name == "v"  # idempotent create still answers
+    harness.set_condition(e, data_used=None, metadata_used_ratio=0.85)
+    with pytest.raises(errors.PoolExhausted, match="metadata"):
+        e.create_volume("w", MiB, deadline=dl())
+    harness.set_condition(e, metadata_used_ratio=0.01, mode="ro")
+    with pytest.raises(errors.Unavailable, match="not healthy"):
+        e.create_volume("w", MiB, deadline=dl())
+    with pytest.raises(errors.Unavailable):
+        e.delete("v", deadline=dl())
+    with pytest.raises(errors.Unavailable):
+        e.grow("v", 4 * MiB, deadline=dl())
+    assert e.activate("v", deadline=dl()).active  # reads keep working on a read-only pool
+    e.deactivate("v", deadline=dl())
+    harness.set_condition(e, mode="rw", needs_check=True)
+    with pytest.raises(errors.Unavailable, match="needs_check=True"):
+        e.create_volume("w", MiB, deadline=dl())
+    harness.set_condition(e, needs_check=False)
+    e.create_volume("w", MiB, deadline=dl())
+    e.delete("v", deadline=dl())
+    check_consistent(e, before=committed(e))
+
+
+def test_reassembly_after_reboot(harness: Harness) -> None:
+    e = harness.open()
+    v = e.activate(e.create_volume("v", 4 * MiB, deadline=dl()).name, deadline=dl())
+    if harness.has_block_devices:
+        assert v.path is not None
+        write_at(v.path, 0, b"keep" * 1024)
+    e.create_snapshot("s", "v", deadline=dl())
+    e.clone("c", "s", 6 * MiB, deadline=dl())
+    e.create_volume("idle", MiB, deadline=dl())
+    before = {d.name: d for d in e.list()}
+    txid = e.store.transaction_id()
+    e = harness.reboot(e)
+    after = {d.name: d for d in e.list()}
+    assert set(after) == set(before)
+    for name, d in after.items():
+        b = before[name]
+        assert (d.dev_id, d.kind, d.size_bytes, d.origin, d.state) == (
+            b.dev_id,
+            b.kind,
+            b.size_bytes,
+            b.origin,
+            b.state,
+        )
+        assert not d.active  # teardown deactivated everything; recovery took the flags from the kernel
+    assert e.store.transaction_id() == txid == e.backend.transaction_id(deadline=dl())
+    check_consistent(e, before=committed(e))
+    c = e.activate("c", deadline=dl())
+    if harness.has_block_devices:
+        assert c.path is not None and read_at(c.path, 0, 4096) == b"keep" * 1024
+    e.create_volume("after-reboot", MiB, deadline=dl())
+    check_consistent(e, before=committed(e))
+
+
+def test_orphans_reported_and_gc(harness: Harness) -> None:
+    e = harness.open()
+    e.create_volume("v", MiB, deadline=dl())
+    orphan_id = 4242
+    e.backend.create_thin(orphan_id, MiB, deadline=dl())  # a device no record owns
+    report = e.recover(deadline=dl())
+    assert report.orphans == (orphan_id,) and e.orphans() == [orphan_id]
+    assert orphan_id in e.backend.device_ids(deadline=dl())  # reported, never silently deleted
+    e.recover(deadline=dl())  # re-runnable
+    check_consistent(e, before=committed(e), allowed_orphans=frozenset({orphan_id}))
+    # an orphan id is never handed out while it is reserved
+    with e.store.write() as w:
+        w._txn.put(b"next_id", str(orphan_id).encode(), db=w._dbs["meta"])
+    assert e.create_volume("w", MiB, deadline=dl()).dev_id != orphan_id
+    assert e.gc_orphans(deadline=dl()) == [orphan_id]
+    assert e.orphans() == [] and orphan_id not in e.backend.device_ids(deadline=dl())
+    assert e.gc_orphans(deadline=dl()) == []
+    check_consistent(e, before=committed(e))
+
+
+# ---- fault injection ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A mutation: `prep` builds what it needs (in-process, committed), `run` is the mutation."""
+
+    name: str
+    prep: Callable[[engine_mod.PoolEngine, str], None]
+    run: Callable[[engine_mod.PoolEngine, str], object]
+    may_vanish: Callable[[str], frozenset[str]] = lambda tag: frozenset()
+    orphan: bool = False
+
+
+def _ensure_volume(e: engine_mod.PoolEngine, name: str, *, active: bool = False) -> None:
+    e.create_volume(name, 2 * MiB, deadline=dl())
+    if active:
+        e.activate(name, deadline=dl())
+
+
+def _prep_base(e: engine_mod.PoolEngine, tag: str) -> None:
+    _ensure_volume(e, "base")
+    e.create_snapshot("base-snap", "base", deadline=dl())
+
+
+def _prep_orphan(e: engine_mod.PoolEngine, tag: str) -> None:
+    if not e.orphans():
+        pool_ids = e.backend.device_ids(deadline=dl())
+        dev_id = max([*pool_ids, *e.store.ids(), 0]) + 1000
+        e.backend.create_thin(dev_id, MiB, deadline=dl())
+        e.recover(deadline=dl())
+
+
+SCENARIOS = [
+    Scenario("create_volume", lambda e, t: None, lambda e, t: e.create_volume(f"v-{t}", MiB, deadline=dl())),
+    Scenario(
+        "create_snapshot",
+        _prep_base,
+        lambda e, t: e.create_snapshot(f"s-{t}", "base", deadline=dl()),
+    ),
+    Scenario(
+        "create_snapshot_of_active",
+        lambda e, t: _ensure_volume(e, "base-active", active=True),
+        lambda e, t: e.create_snapshot(f"sa-{t}", "base-active", deadline=dl()),
+    ),
+    Scenario(
+        "restore_larger",
+        _prep_base,
+        lambda e, t: e.clone(f"r-{t}", "base-snap", 4 * MiB, deadline=dl()),
+    ),
+    Scenario(
+        "delete",
+        lambda e, t: _ensure_volume(e, f"d-{t}"),
+        lambda e, t: e.delete(f"d-{t}", deadline=dl()),
+        may_vanish=lambda t: frozenset({f"d-{t}"}),
+    ),
+    Scenario(
+        "grow_active",
+        lambda e, t: _ensure_volume(e, f"g-{t}", active=True),
+        lambda e, t: e.grow(f"g-{t}", 4 * MiB, deadline=dl()),
+    ),
+    Scenario(
+        "activate",
+        lambda e, t: _ensure_volume(e, f"a-{t}"),
+        lambda e, t: e.activate(f"a-{t}", deadline=dl()),
+    ),
+    Scenario(
+        "deactivate",
+        lambda e, t: _ensure_volume(e, f"da-{t}", active=True),
+        lambda e, t: e.deactivate(f"da-{t}", deadline=dl()),
+    ),
+    Scenario("gc_orphans", _prep_orphan, lambda e, t: e.gc_orphans(deadline=dl()), orphan=True),
+]
+
+
+class InjectedFault(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def hooked(hook: Callable[[str], None] | None) -> Iterator[None]:
+    engine_mod.step_hook = hook
+    try:
+        yield
+    finally:
+        engine_mod.step_hook = None
+
+
+def record_points(harness: Harness) -> dict[str, list[str]]:
+    """Run every mutation once with a recording hook: the boundaries it passes, in order."""
+    points: dict[str, list[str]] = {}
+    e = harness.open()
+    for sc in SCENARIOS:
+        sc.prep(e, "rec")
+        seen: list[str] = []
+        with hooked(seen.append):
+            sc.run(e, "rec")
+        assert seen, sc.name
+        points[sc.name] = seen
+    harness.close(e)
+    return points
+
+
+def _allowed_orphans(e: engine_mod.PoolEngine, sc: Scenario) -> frozenset[int]:
+    return frozenset(e.orphans()) if sc.orphan else frozenset()
+
+
+def test_kill_at_every_step_boundary(harness: Harness) -> None:
+    points = record_points(harness)
+    total = 0
+    for sc in SCENARIOS:
+        for k, point in enumerate(points[sc.name]):
+            tag = f"k{k}"
+            e = harness.open()
+            sc.prep(e, tag)
+            before = committed(e)
+            orphans = _allowed_orphans(e, sc)
+            harness.close(e)
+            pid = os.fork()
+            if pid == 0:  # the child: its own engine and LMDB env; never returns into pytest
+                code = 3
+                try:
+                    child = harness.open(assemble=False, recover=False)
+                    calls = iter(range(10_000))
+
+                    def kill_at(p: str, k: int = k, calls: Iterator[int] = calls) -> None:
+                        if next(calls) == k:
+                            os.kill(os.getpid(), signal.SIGKILL)
+
+                    engine_mod.step_hook = kill_at
+                    sc.run(child, tag)
+                except BaseException:
+                    code = 2
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
+                sc.name,
+                point,
+                status,
+            )
+            e = harness.open()  # recovers
+            check_consistent(e, before=before, may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
+            # whatever the crash left, the mutation can be retried to completion
+            sc.run(e, tag)
+            check_consistent(e, before=committed(e), may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
+            harness.close(e)
+            total += 1
+    print(f"\nfault injection (SIGKILL): {total} step boundaries, {len(SCENARIOS)} mutations: consistent")
+    assert total >= 2 * len(SCENARIOS)
+
+
+def test_fail_every_step_once(harness: Harness) -> None:
+    points = record_points(harness)
+    total = 0
+    e = harness.open()
+    for sc in SCENARIOS:
+        for k in range(len(points[sc.name])):
+            tag = f"f{k}"
+            sc.prep(e, tag)
+            before = committed(e)
+            orphans = _allowed_orphans(e, sc)
+            calls = iter(range(10_000))
+
+            def fail_at(p: str, k: int = k, calls: Iterator[int] = calls) -> None:
+                if next(calls) == k:
+                    raise InjectedFault(p)
+
+            with hooked(fail_at), contextlib.suppress(InjectedFault, errors.CsiThinError):
+                sc.run(e, tag)
+            # undo ran in-process: consistent without any recovery
+            check_consistent(e, before=before, may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
+            e.recover(deadline=dl())
+            check_consistent(e, before=before, may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
+            sc.run(e, tag)  # and the mutation can be retried
+            check_consistent(e, before=committed(e), may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
+            total += 1
+    print(f"\nfault injection (fail once): {total} step boundaries, {len(SCENARIOS)} mutations: consistent")
+
+
+def test_kill_during_recovery_is_rerunnable(harness: Harness) -> None:
+    """Crash a create after its kernel step, then crash recovery itself at each of its boundaries."""
+    for stop in ("create_volume/create_thin:done", "create_volume/fence:done"):
+        e = harness.open()
+        _prep_base(e, "x")
+        e.delete("d-x", deadline=dl())
+        before = committed(e)
+        harness.close(e)
+        for kill_recovery_at in ("recover/create_volume/delete", "recover/create_volume/delete:done", None):
+            name = f"rr-{stop.split('/')[1].split(':')[0]}-{kill_recovery_at}".replace("/", "_")
+            for point, phase in ((stop, "run"), (kill_recovery_at, "recover")):
+                if point is None:
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    code = 3
+                    try:
+                        child = harness.open(assemble=False, recover=False)
+
+                        def kill_at(p: str, point: str = point) -> None:
+                            if p == point:
+                                os.kill(os.getpid(), signal.SIGKILL)
+
+                        engine_mod.step_hook = kill_at
+                        if phase == "run":
+                            child.create_volume(name, MiB, deadline=dl())
+                        else:
+                            child.recover(deadline=dl())
+                    except BaseException:
+                        code = 2
+                    finally:
+                        os._exit(code)
+                _, status = os.waitpid(pid, 0)
+                # recovery of a fenced create rolls forward and never reaches its delete points
+                assert os.WIFSIGNALED(status) or (phase == "recover" and os.WEXITSTATUS(status) == 3)
+            e = harness.open()
+            check_consistent(e, before=before)
+            harness.close(e)
+
+
+def test_source_claimed_during_snapshot(harness: Harness) -> None:
+    e = harness.open()
+    e.create_volume("src", MiB, deadline=dl())
+    seen: list[BaseException] = []
+
+    def during(p: str) -> None:
+        if p == "create_snapshot/create_snap":
+            for call in (
+                lambda: e.delete("src", deadline=dl()),
+                lambda: e.grow("src", 2 * MiB, deadline=dl()),
+                lambda: e.deactivate("src", deadline=dl()),
+                lambda: e.create_snapshot("snap", "src", deadline=dl()),
+            ):
+                try:
+                    call()
+                except errors.OperationPending as exc:
+                    seen.append(exc)
+
+    with hooked(during):
+        e.create_snapshot("snap", "src", deadline=dl())
+    assert len(seen) == 4
+    check_consistent(e, before=committed(e))
+
+
+def _threads(n: int, fn: Callable[[int], object]) -> list[object]:
+    results: list[object] = [None] * n
+    barrier = threading.Barrier(n)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(i)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_creates_of_one_name(harness: Harness) -> None:
+    e = harness.open()
+    results = _threads(50, lambda i: e.create_volume("same", 2 * MiB, deadline=dl()))
+    devices = [r for r in results if isinstance(r, model.Device)]
+    pending = [r for r in results if isinstance(r, errors.OperationPending)]
+    other = [r for r in results if not isinstance(r, model.Device | errors.OperationPending)]
+    assert not other, other
+    assert devices and all(d == devices[0] for d in devices)
+    assert [d.name for d in e.list()] == ["same"]
+    assert e.store.transaction_id() == 1
+    print(f"\nconcurrency: 50 creates of one name -> 1 device; {len(devices)} got it, {len(pending)} ABORTED")
+    check_consistent(e, before=committed(e))
+
+
+def test_concurrent_creates_of_different_names(harness: Harness) -> None:
+    e = harness.open()
+    results = _threads(50, lambda i: e.create_volume(f"vol-{i}", MiB, deadline=dl()))
+    errs = [r for r in results if not isinstance(r, model.Device)]
+    assert not errs, errs[:3]
+    devs = e.list()
+    assert len(devs) == 50 and len({d.dev_id for d in devs}) == 50
+    assert e.store.transaction_id() == 50 == e.backend.transaction_id(deadline=dl())
+    results = _threads(50, lambda i: e.delete(f"vol-{i}", deadline=dl()))
+    assert all(r is None for r in results), [r for r in results if r is not None][:3]
+    print("\nconcurrency: 50 different names in parallel -> 50 devices, then 50 deletes -> 0")
+    check_consistent(e, before={})
+    assert e.list() == [] and e.backend.device_ids(deadline=dl()) == {}
