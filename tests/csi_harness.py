@@ -53,7 +53,9 @@ def serve(
     backend.assemble(deadline=deadline_mod.default())
     sock = workdir / "csi.sock"
     with lmdb_store.LmdbStore(str(workdir / "state")) as store:
-        eng = engine_mod.PoolEngine(backend=backend, store=store, thresholds=thresholds, block_size=block_size)
+        eng = engine_mod.PoolEngine(
+            backend=backend, store=store, thresholds=thresholds, block_size=block_size
+        )
         eng.recover(deadline=deadline_mod.default())
         svc = standalone.services(
             eng,
@@ -103,7 +105,9 @@ def reflink_config(workdir: pathlib.Path, size: str = "2GiB") -> config.PoolConf
     )
 
 
-def mount_cap(fs_type: str = "", mode: int = Mode.SINGLE_NODE_WRITER, flags: tuple[str, ...] = ()) -> csi_pb2.VolumeCapability:
+def mount_cap(
+    fs_type: str = "", mode: int = Mode.SINGLE_NODE_WRITER, flags: tuple[str, ...] = ()
+) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
         access_mode=Mode(mode=mode),
@@ -114,7 +118,9 @@ def block_cap(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(), access_mode=Mode(mode=mode))
 
 
-def create_req(name: str, size: int = 64 * MiB, cap: csi_pb2.VolumeCapability | None = None, **kw: object) -> csi_pb2.CreateVolumeRequest:
+def create_req(
+    name: str, size: int = 64 * MiB, cap: csi_pb2.VolumeCapability | None = None, **kw: object
+) -> csi_pb2.CreateVolumeRequest:
     return csi_pb2.CreateVolumeRequest(
         name=name,
         capacity_range=csi_pb2.CapacityRange(required_bytes=size),

@@ -71,7 +71,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeGetVolumeStatsResponse:
         volume_id = validate.device_id(request.volume_id)
-        path = validate.path(request.volume_path, "volume_path")
+        path = validate.lookup_path(request.volume_path, "volume_path")
         stats = self._volumes.stats(volume_id, path, deadline=interceptor.rpc_deadline(context))
         return _stats(stats)
 
@@ -79,7 +79,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
         volume_id = validate.device_id(request.volume_id)
-        path = validate.path(request.volume_path, "volume_path")
+        path = validate.lookup_path(request.volume_path, "volume_path")
         block = (
             validate.capability(request.volume_capability).block
             if request.HasField("volume_capability")

@@ -128,3 +128,15 @@ def main(args: argparse.Namespace) -> int:
         log.error("msg=%s code=%s error=%s", "standalone driver failed", exc.code, exc.message)  # noqa: TRY400
         return 1
     return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """`python -m csi_thin.csi.standalone ...`: the subcommand on its own (same flags)."""
+    parser = argparse.ArgumentParser(prog="csi-thin")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["standalone", *(sys.argv[1:] if argv is None else argv)])
+    return main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -72,6 +72,18 @@ def path(value: str, field: str) -> str:
     return value
 
 
+def lookup_path(value: str, field: str) -> str:
+    """A path that only names where a volume is (stats, expansion): anything but a clean absolute
+    path cannot be where this driver put a volume, so it is NOT_FOUND (csi-sanity requires this for
+    "some/path"); a missing or malformed value is still INVALID_ARGUMENT."""
+    try:
+        return path(value, field)
+    except errors.InvalidArgument:
+        if not value or len(value.encode()) > MAX_PATH_BYTES or _CONTROL.search(value):
+            raise
+        raise errors.NotFound(f"no volume is staged or published at {field} {value!r}") from None
+
+
 def capacity(rng: csi_pb2.CapacityRange) -> provisioner.CapacityRange:
     if rng.required_bytes < 0 or rng.limit_bytes < 0:
         raise errors.InvalidArgument("capacity_range: sizes must not be negative")

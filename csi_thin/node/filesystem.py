@@ -17,6 +17,8 @@ SUPPORTED = ("ext4", "xfs")
 _PROBE_BYTES = 1024 * 1024
 #: blkid exit status: 2 = nothing found
 _BLKID_NOTHING = 2
+#: e2fsck exit status: 0 clean, 1 errors corrected, 2 corrected + reboot; 4 and up: not corrected
+_E2FSCK_UNCORRECTED = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,30 @@ def bind(source: str, target: str, *, read_only: bool, deadline: deadline_mod.De
 
 def unmount(target: str, *, deadline: deadline_mod.Deadline) -> None:
     runner.run(["umount", target], deadline=deadline)
+
+
+def ext4_bytes(device: str, *, deadline: deadline_mod.Deadline) -> int:
+    """Size of the ext4 filesystem on an (unmounted or mounted) device, from its superblock."""
+    out = runner.run(["dumpe2fs", "-h", device], deadline=deadline).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    try:
+        return int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError) as exc:
+        raise errors.Internal(f"dumpe2fs -h {device}: no block count/size in its output") from exc
+
+
+def grow_unmounted(device: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
+    """Grow an unmounted ext4 to its device's size when it is smaller (restored into a larger volume).
+
+    Offline, because ext4's online resize needs CAP_SYS_RESOURCE, which not every node plugin has;
+    XFS can only grow mounted (see `grow`), so it is left to the caller after the mount.
+    """
+    if fs_type != "ext4" or ext4_bytes(device, deadline=deadline) >= block_size_of(device):
+        return
+    res = runner.run(["e2fsck", "-f", "-p", device], deadline=deadline, check=False)
+    if res.returncode >= _E2FSCK_UNCORRECTED:
+        raise errors.CommandFailed(res.argv, res.returncode, res.stderr or res.stdout)
+    runner.run(["resize2fs", device], deadline=deadline)
 
 
 def grow(device: str, mount_point: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:

@@ -81,10 +81,13 @@ class NodeVolumes:
             raise errors.FailedPrecondition(
                 f"volume {volume_id} holds a {found} filesystem, not the requested {cap.fs_type}"
             )
+        # restored or cloned into a larger volume, the filesystem still has its source's size
+        grow = found is not None and not cap.read_only
+        if grow:
+            filesystem.grow_unmounted(device, cap.fs_type, deadline=deadline)
         options = list(cap.mount_flags) + (["ro"] if cap.read_only else [])
         filesystem.mount(device, staging_path, fs_type=cap.fs_type, options=options, deadline=deadline)
-        if found is not None and not cap.read_only:
-            # restored or cloned into a larger volume: the filesystem still has its source's size
+        if grow and cap.fs_type == "xfs":
             filesystem.grow(device, staging_path, cap.fs_type, deadline=deadline)
 
     def unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
