@@ -112,6 +112,8 @@ class PoolEngine:
         self._claims_mutex = threading.Lock()
         self._claimed: set[str] = set()
         self._pool_lock = threading.Lock()
+        #: what the last `recover` found and did (None before it ran)
+        self.last_recovery: RecoveryReport | None = None
 
     # ---- seams and locks -------------------------------------------------------------------------
 
@@ -268,6 +270,7 @@ class PoolEngine:
             report = recovery.recover(
                 self.backend, self.store, deadline=deadline, boundary=self._step_boundary
             )
+            self.last_recovery = report
         log.info(
             "event=recovered txid=%d forward=%s back=%s lost=%s orphans=%s",
             report.pool_txid,

@@ -1,0 +1,285 @@
+"""`csi-thin`: the command line. One subcommand group per concern; each group registers itself with
+`register(subparsers)` and sets `func(args) -> exit code`, so `standalone` (csi_thin.csi.standalone)
+and later groups plug in the same way.
+
+    csi-thin pool create  --config FILE     assemble the pool (creating loop files if needed) + recover
+    csi-thin pool status  --config FILE     health, transaction ids, space, devices, journal, orphans
+    csi-thin pool list    --config FILE     device records
+    csi-thin pool gc      --config FILE --orphans   delete pool devices no record owns
+    csi-thin pool destroy --config FILE --yes       tear down and delete the pool and its store
+
+Every command takes --json for machine-readable output. Domain errors print one line to stderr and
+exit 1 (2 for bad input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from csi_thin import app, config, errors, model
+from csi_thin import deadline as deadline_mod
+from csi_thin.pool import engine as engine_mod
+from csi_thin.pool import recovery
+
+Printer = Callable[[str], None]
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{n}B"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _device_json(d: model.Device) -> dict[str, Any]:
+    fields = dataclasses.asdict(d)
+    fields["kind"] = d.kind.value
+    fields["state"] = d.state.value
+    return fields
+
+
+def _report_json(r: recovery.RecoveryReport | None) -> dict[str, Any] | None:
+    return (
+        None
+        if r is None
+        else {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(r).items()}
+    )
+
+
+def _status_json(cfg: config.PoolConfig, eng: engine_mod.PoolEngine, st: model.PoolStatus) -> dict[str, Any]:
+    devs = eng.list()
+    return {
+        "pool": cfg.name,
+        "backend": eng.backend.kind,
+        "healthy": st.healthy,
+        "mode": st.mode.value,
+        "needs_check": st.needs_check,
+        "pool_transaction_id": st.transaction_id,
+        "store_transaction_id": eng.store.transaction_id(),
+        "block_size_bytes": st.block_size_bytes,
+        "data_used_bytes": st.data_used_bytes,
+        "data_total_bytes": st.data_total_bytes,
+        "data_used_ratio": round(st.data_used_ratio, 6),
+        "metadata_used_bytes": st.metadata_used_bytes,
+        "metadata_total_bytes": st.metadata_total_bytes,
+        "metadata_used_ratio": round(st.metadata_used_ratio, 6),
+        "thresholds": dataclasses.asdict(cfg.thresholds),
+        "volumes": sum(d.kind == model.DeviceKind.VOLUME for d in devs),
+        "snapshots": sum(d.kind == model.DeviceKind.SNAPSHOT for d in devs),
+        "active": sum(d.active for d in devs),
+        "lost": sorted(d.name for d in devs if d.state == model.DeviceState.LOST),
+        "provisioned_bytes": eng.provisioned_bytes(),
+        "open_intents": [f"{i.op} {i.name}" for i in eng.intents()],
+        "orphans": eng.orphans(),
+    }
+
+
+def _print_status(s: dict[str, Any], out: Printer) -> None:
+    rows: list[tuple[str, object]] = [
+        ("pool", f"{s['pool']} ({s['backend']})"),
+        (
+            "health",
+            ("healthy" if s["healthy"] else "UNHEALTHY")
+            + f" mode={s['mode']} needs_check={s['needs_check']}",
+        ),
+        ("transaction id", f"pool {s['pool_transaction_id']}, store {s['store_transaction_id']}"),
+        (
+            "data",
+            f"{_human(s['data_used_bytes'])} / {_human(s['data_total_bytes'])} ({s['data_used_ratio']:.1%}, "
+            f"refuse above {s['thresholds']['data']:.0%})",
+        ),
+        (
+            "metadata",
+            f"{_human(s['metadata_used_bytes'])} / {_human(s['metadata_total_bytes'])} "
+            f"({s['metadata_used_ratio']:.1%}, refuse above {s['thresholds']['metadata']:.0%})",
+        ),
+        ("devices", f"{s['volumes']} volumes, {s['snapshots']} snapshots, {s['active']} active"),
+        ("provisioned", _human(s["provisioned_bytes"])),
+        ("lost", ", ".join(s["lost"]) or "none"),
+        ("open intents", ", ".join(s["open_intents"]) or "none"),
+        ("orphans", ", ".join(map(str, s["orphans"])) or "none"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        out(f"{key.ljust(width)}  {value}")
+
+
+def _print_report(r: recovery.RecoveryReport, out: Printer) -> None:
+    out(
+        f"recovery: forward={list(r.rolled_forward)} back={list(r.rolled_back)} lost={list(r.lost)} "
+        f"orphans={list(r.orphans)} active-fixed={list(r.active_fixed)}"
+        + (" (store adopted the pool's transaction id)" if r.adopted_txid else "")
+    )
+
+
+# ---- pool commands -------------------------------------------------------------------------------
+
+
+def _deadline(args: argparse.Namespace) -> deadline_mod.Deadline:
+    return deadline_mod.Deadline.after(float(args.timeout))
+
+
+def cmd_pool_create(args: argparse.Namespace, out: Printer = _out) -> int:
+    cfg = config.load_pool(args.config)
+    dl = _deadline(args)
+    with app.open_engine(cfg, deadline=dl) as eng:
+        st = eng.status(deadline=dl)
+        status = _status_json(cfg, eng, st)
+        if args.json:
+            out(json.dumps({"status": status, "recovery": _report_json(eng.last_recovery)}, indent=2))
+        else:
+            _print_status(status, out)
+            if eng.last_recovery is not None:
+                _print_report(eng.last_recovery, out)
+    return 0
+
+
+def cmd_pool_status(args: argparse.Namespace, out: Printer = _out) -> int:
+    cfg = config.load_pool(args.config)
+    dl = _deadline(args)
+    # read-only: no assembly, no recovery, no owner lock (works next to a running driver)
+    with app.open_engine(cfg, assemble=False, recover=False, owner=False, deadline=dl) as eng:
+        status = _status_json(cfg, eng, eng.status(deadline=dl))
+    if args.json:
+        out(json.dumps(status, indent=2))
+    else:
+        _print_status(status, out)
+    return 0 if status["healthy"] else 1
+
+
+def cmd_pool_list(args: argparse.Namespace, out: Printer = _out) -> int:
+    cfg = config.load_pool(args.config)
+    kind = model.DeviceKind(args.kind) if args.kind else None
+    with app.open_store(cfg) as store:
+        devs = sorted((d for d in store.devices() if kind is None or d.kind == kind), key=lambda d: d.name)
+    if args.json:
+        out(json.dumps([_device_json(d) for d in devs], indent=2))
+        return 0
+    rows = [
+        (
+            d.name,
+            d.kind.value,
+            d.state.value,
+            _human(d.size_bytes),
+            d.dev_id,
+            d.origin,
+            "yes" if d.active else "no",
+            d.path,
+        )
+        for d in devs
+    ]
+    out(table(("NAME", "KIND", "STATE", "SIZE", "ID", "ORIGIN", "ACTIVE", "PATH"), rows))
+    return 0
+
+
+def cmd_pool_gc(args: argparse.Namespace, out: Printer = _out) -> int:
+    if not args.orphans:
+        raise errors.InvalidArgument("say what to collect: --orphans")
+    cfg = config.load_pool(args.config)
+    dl = _deadline(args)
+    with app.open_engine(cfg, deadline=dl) as eng:  # recovery first: it finds (and reserves) orphans
+        deleted = eng.gc_orphans(deadline=dl)
+        left = eng.orphans()
+    if args.json:
+        out(json.dumps({"deleted": deleted, "left": left}))
+    else:
+        out(
+            f"deleted {len(deleted)} orphan(s): {deleted}"
+            + (f"; still there (active): {left}" if left else "")
+        )
+    return 0
+
+
+def cmd_pool_destroy(args: argparse.Namespace, out: Printer = _out) -> int:
+    if not args.yes:
+        raise errors.InvalidArgument("destroying a pool deletes every volume and snapshot in it: pass --yes")
+    cfg = config.load_pool(args.config)
+    app.destroy(cfg, deadline=_deadline(args))
+    out(json.dumps({"destroyed": cfg.name}) if args.json else f"pool {cfg.name} destroyed")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the `pool` subcommand group."""
+    pool: argparse.ArgumentParser = subparsers.add_parser("pool", help="manage the node's pool")
+    sub = pool.add_subparsers(dest="pool_command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", required=True, help="pool config file (YAML)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--timeout", type=float, default=deadline_mod.DEFAULT_SECONDS, help="seconds")
+        p.set_defaults(func=func)
+        return p
+
+    add("create", cmd_pool_create, "assemble the pool (creating loop files if needed) and recover")
+    add("status", cmd_pool_status, "pool health, transaction ids, space, devices")
+    add("list", cmd_pool_list, "device records").add_argument(
+        "--kind", choices=[k.value for k in model.DeviceKind], help="only volumes or snapshots"
+    )
+    add("gc", cmd_pool_gc, "garbage-collect").add_argument(
+        "--orphans", action="store_true", help="delete pool devices that no record owns"
+    )
+    add("destroy", cmd_pool_destroy, "tear down and delete the pool and its store").add_argument(
+        "--yes", action="store_true", help="confirm: every volume and snapshot is lost"
+    )
+
+
+def _register_standalone(subparsers: Any) -> None:
+    from csi_thin.csi import standalone  # noqa: PLC0415 - grpc loads only for this group
+
+    standalone.register(subparsers, open_engine=app.open_engine)
+
+
+#: The subcommand groups, in help order. Each adds its parser and sets `func(args) -> int`.
+GROUPS: list[Callable[[Any], None]] = [register, _register_standalone]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csi-thin", description="CSI driver on a node-local thin pool")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in GROUPS:
+        group(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING,
+            format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+            stream=sys.stderr,
+        )
+    try:
+        return int(args.func(args))
+    except errors.CsiThinError as exc:
+        sys.stderr.write(f"csi-thin: {exc.code}: {exc.message}\n")
+        for note in getattr(exc, "__notes__", []):
+            sys.stderr.write(f"  {note}\n")
+        return 2 if isinstance(exc, errors.InvalidArgument) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""`csi-thin pool ...` end to end over FakeBackend (the backend factory is swapped in app)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from csi_thin import app, cli, config
+from csi_thin import deadline as deadline_mod
+from csi_thin.pool import backend as backend_mod
+from tests import fakes
+
+
+@pytest.fixture
+def cfg_file(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    state = tmp_path / "state"
+    path = tmp_path / "pool.yaml"
+    path.write_text(
+        "name: dev\nbackend: dmthin\n"
+        f"state_dir: {state}\n"
+        f"dmthin:\n  data_file: {tmp_path}/data.img\n  data_size: 1GiB\n"
+        "thresholds:\n  data: 0.9\n  metadata: 0.75\n"
+    )
+
+    def fake_backend(cfg: config.PoolConfig) -> backend_mod.Backend:
+        return fakes.FakeBackend(str(tmp_path / "fake-pool.json"))
+
+    monkeypatch.setattr(app, "make_backend", fake_backend)
+    return str(path)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_pool_lifecycle(cfg_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "pool", "create", "--config", cfg_file)
+    assert code == 0 and "healthy" in out and "transaction id  pool 0, store 0" in out
+    code, out, _ = run(capsys, "pool", "create", "--config", cfg_file, "--json")
+    doc = json.loads(out)
+    assert doc["status"]["pool"] == "dev" and doc["recovery"]["orphans"] == []
+
+    cfg = config.load_pool(cfg_file)
+    with app.open_engine(cfg) as eng:
+        eng.create_volume("vol-1", 10 << 20, deadline=deadline_mod.default())
+        eng.create_snapshot("snap-1", "vol-1", deadline=deadline_mod.default())
+        eng.activate("vol-1", deadline=deadline_mod.default())
+        eng.backend.create_thin(999, 1 << 20, deadline=deadline_mod.default())  # an orphan
+
+    code, out, _ = run(capsys, "pool", "list", "--config", cfg_file)
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "KIND", "STATE", "SIZE", "ID", "ORIGIN", "ACTIVE", "PATH"]
+    assert lines[1].split()[:4] == ["snap-1", "snapshot", "ready", "10.0MiB"]
+    assert lines[2].split()[0] == "vol-1" and "yes" in lines[2]
+    code, out, _ = run(capsys, "pool", "list", "--config", cfg_file, "--kind", "volume", "--json")
+    assert [d["name"] for d in json.loads(out)] == ["vol-1"]
+
+    code, out, _ = run(capsys, "pool", "status", "--config", cfg_file, "--json")
+    st = json.loads(out)
+    assert code == 0 and st["volumes"] == 1 and st["snapshots"] == 1 and st["active"] == 1
+    assert st["pool_transaction_id"] == st["store_transaction_id"] == 2
+    assert st["orphans"] == []  # status does not recover: the orphan is found by create/gc
+
+    code, out, err = run(capsys, "pool", "gc", "--config", cfg_file)
+    assert code == 2 and "--orphans" in err
+    code, out, _ = run(capsys, "pool", "gc", "--config", cfg_file, "--orphans", "--json")
+    assert json.loads(out) == {"deleted": [999], "left": []}
+
+    code, out, err = run(capsys, "pool", "destroy", "--config", cfg_file)
+    assert code == 2 and "--yes" in err
+    code, out, _ = run(capsys, "pool", "destroy", "--config", cfg_file, "--yes")
+    assert code == 0 and "destroyed" in out
+    assert not os.path.exists(os.path.join(cfg.state_dir, "data.mdb"))
+
+
+def test_owner_lock_refuses_a_second_mutator(cfg_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config.load_pool(cfg_file)
+    assert run(capsys, "pool", "create", "--config", cfg_file)[0] == 0
+    with app.exclusive(cfg):  # what a running driver holds (its LMDB env is in another process)
+        code, _, err = run(capsys, "pool", "gc", "--config", cfg_file, "--orphans")
+        assert code == 1 and "UNAVAILABLE" in err and "in use" in err
+        code, out, _ = run(capsys, "pool", "status", "--config", cfg_file)  # read-only works
+        assert code == 0 and "healthy" in out
+
+
+def test_bad_config_is_a_clear_error(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: Bad_Name\nstate_dir: /x\n")
+    code, _, err = run(capsys, "pool", "status", "--config", str(bad))
+    assert code == 2 and "INVALID_ARGUMENT" in err and "pool name" in err
+
+
+def test_help_lists_groups(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "pool" in out and "standalone" in out
