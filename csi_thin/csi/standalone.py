@@ -1,35 +1,34 @@
 """`csi-thin standalone`: Identity + Controller + Node on one socket, LMDB the only metadata store.
 
 The embedded default: no Kubernetes, one node, one pool. Start-up order: load and validate the pool
-config, assemble the pool, run the engine's recovery (finish or undo whatever a crash left), then
-serve. SIGTERM stops accepting calls and lets in-flight ones finish within the grace period; the
-pool stays assembled (staged volumes keep working across a driver restart).
+config; then csi_thin.app.open_engine takes the pool's owner lock, assembles the pool and runs the
+engine's recovery (finish or undo whatever a crash left); then serve. SIGTERM stops accepting calls
+and lets in-flight ones finish within the grace period; the pool stays assembled (staged volumes
+keep working across a driver restart).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import socket
 import sys
-from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from csi_thin import config, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.controller import provisioner
 from csi_thin.csi import controller_service, identity_service, node_service, server
 from csi_thin.node import volumes
-from csi_thin.pool import backend as backend_mod
-from csi_thin.pool import dmthin, engine, reflink
-from csi_thin.store import lmdb_store
+from csi_thin.pool import engine
 
 log = logging.getLogger(__name__)
 
 
-def register(subparsers: Any) -> None:
-    """Add the `standalone` subcommand to the CLI's subparsers."""
+def register(subparsers: Any, *, open_engine: EngineFactory) -> None:
+    """Add the `standalone` subcommand to the CLI's subparsers; it runs `main` with `open_engine`."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "standalone", help="serve Identity, Controller and Node on one socket (no Kubernetes)"
     )
@@ -43,28 +42,16 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--grace", type=float, default=server.DEFAULT_GRACE_SECONDS, help="shutdown grace (s)")
     p.add_argument("--log-level", default="INFO")
-    p.set_defaults(func=main)
+    p.set_defaults(func=functools.partial(main, open_engine=open_engine))
 
 
-def make_backend(cfg: config.PoolConfig) -> backend_mod.Backend:
-    if cfg.backend == config.BackendKind.DMTHIN:
-        return dmthin.DmThinBackend(cfg)
-    return reflink.ReflinkBackend(cfg)
+class EngineFactory(Protocol):
+    """`csi_thin.app.open_engine`: assemble, take the pool's owner lock, open LMDB, recover.
 
+    Injected by the CLI (the composition root sits above this layer and may not be imported here).
+    """
 
-@contextlib.contextmanager
-def open_engine(
-    cfg: config.PoolConfig, *, backend: backend_mod.Backend | None = None
-) -> Iterator[engine.PoolEngine]:
-    """Assemble the pool, open LMDB, recover, and yield the engine (the store is closed after)."""
-    pool = backend if backend is not None else make_backend(cfg)
-    pool.assemble(deadline=deadline_mod.default())
-    with lmdb_store.LmdbStore(cfg.state_dir) as store:
-        eng = engine.PoolEngine(
-            backend=pool, store=store, thresholds=cfg.thresholds, block_size=cfg.block_size
-        )
-        eng.recover(deadline=deadline_mod.default())
-        yield eng
+    def __call__(self, cfg: config.PoolConfig) -> contextlib.AbstractContextManager[engine.PoolEngine]: ...
 
 
 def services(
@@ -102,7 +89,7 @@ def services(
     )
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
         stream=sys.stderr,
@@ -128,15 +115,3 @@ def main(args: argparse.Namespace) -> int:
         log.error("msg=%s code=%s error=%s", "standalone driver failed", exc.code, exc.message)  # noqa: TRY400
         return 1
     return 0
-
-
-def run(argv: list[str] | None = None) -> int:
-    """`python -m csi_thin.csi.standalone ...`: the subcommand on its own (same flags)."""
-    parser = argparse.ArgumentParser(prog="csi-thin")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["standalone", *(sys.argv[1:] if argv is None else argv)])
-    return main(args)
-
-
-if __name__ == "__main__":
-    sys.exit(run())
