@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import threading
+from typing import TYPE_CHECKING
 
 from csi_thin import config as config_mod
 from csi_thin import deadline as deadline_mod
@@ -251,6 +252,7 @@ class DmThinBackend:
                 f"(exit {result.returncode}); the pool was NOT assembled. Inspect and repair offline "
                 f"(thin_repair) before starting again. thin_check said: {result.output[-1500:]}"
             )
+        log.info("pool=%s metadata=%s thin_check=ok", self._pool, metadata_dev)
 
     def _check_live_pool(self, info: ioctl.DeviceInfo) -> None:
         """An active pool must be ours as configured; a suspended one is resumed."""
@@ -487,3 +489,10 @@ class DmThinBackend:
     def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]:
         deadline.check("list devices")
         return set(self._our_thins())
+
+
+if TYPE_CHECKING:
+    from csi_thin.pool import backend as backend_mod
+
+    def _implements_backend(config: config_mod.PoolConfig) -> backend_mod.Backend:
+        return DmThinBackend(config)  # mypy proves DmThinBackend satisfies the Protocol
