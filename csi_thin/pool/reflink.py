@@ -1,0 +1,800 @@
+"""A pool backend without device-mapper: sparse files on a reflink filesystem, served by loop devices.
+
+Sits beside the dm-thin backend under the pool engine and offers the same primitive steps
+(`csi_thin.pool.backend.Backend`). The pool is a directory on XFS (reflink=1) or btrfs: an existing
+mount, or an image file this backend formats and loop-mounts at the directory (small setups).
+
+The mapping onto dm-thin:
+- device id N is the sparse file `<directory>/devices/<N>.img`; its length is the device size;
+- create_snap is an FICLONE reflink of the origin file: instant, copy-on-write, like a thin snapshot;
+- the transaction id is a small file, replaced atomically, with compare-and-swap under a lock;
+- activate attaches the file to a loop device; the kernel's loop table is the truth of what is
+  active and where (`loop.find(backing_file)`), so nothing here can drift from it;
+- an attached, mounted origin is frozen (FIFREEZE) around the clone where dm-thin would suspend.
+
+Crash safety: a new device file is built under a temporary name, fsynced, then linked to its final
+name (link(2) never replaces, so an existing device is never clobbered) and the directory fsynced.
+A crash leaves either no device or a whole one; leftovers under the temporary prefix are removed by
+the next assemble and never listed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+
+from csi_thin import config, errors, model, runner
+from csi_thin import deadline as deadline_mod
+from csi_thin.dm import loop
+
+log = logging.getLogger(__name__)
+
+# linux/fs.h: _IOW(0x94, 9, int), _IOWR('X', 119, int), _IOWR('X', 120, int)
+FICLONE = 0x40049409
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
+
+#: Filesystems this backend can format an image with (both reflink with FICLONE).
+FS_TYPES = ("xfs", "btrfs")
+
+_DEVICES = "devices"
+_TXID = "transaction_id"
+_LOCK = ".lock"
+_TMP = ".tmp-"
+_SUFFIX = ".img"
+_DEVICE_FILE = re.compile(r"(0|[1-9][0-9]{0,7})\.img")
+#: statvfs gives inode counts, not bytes; status reports them scaled by XFS's default (v5) inode size
+#: so the figures read as bytes and the used ratio is exact.
+NOMINAL_INODE_BYTES = 512
+#: errnos with which FICLONE says "this filesystem (or this pair of files) cannot share extents"
+_NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
+
+
+class DeviceBusy(errors.FailedPrecondition):
+    """The device's block device is in use (mounted, or claimed by another holder)."""
+
+
+class NotActive(errors.FailedPrecondition):
+    """The device exists but has no block device now."""
+
+
+class TransactionIdMismatch(errors.FailedPrecondition):
+    """set_transaction_id's `old` is not the pool's current transaction id."""
+
+
+class NoReflink(errors.FailedPrecondition):
+    """The pool directory's filesystem cannot share extents (FICLONE)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """One line of /proc/self/mountinfo, the fields this backend needs."""
+
+    dev: int  # st_dev / st_rdev form of major:minor
+    mount_point: str
+    fs_type: str
+    source: str
+    read_only: bool
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    out: list[str] = []
+    i = 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Parse /proc/<pid>/mountinfo (proc(5)): `id parent maj:min root point opts [tags] - fs src super`."""
+    out: list[Mount] = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 10 or "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        major, minor = (int(x) for x in fields[2].split(":"))
+        out.append(
+            Mount(
+                dev=os.makedev(major, minor),
+                mount_point=_unescape(fields[4]),
+                fs_type=fields[sep + 1],
+                source=_unescape(fields[sep + 2]),
+                read_only="ro" in fields[5].split(","),
+            )
+        )
+    return out
+
+
+def mounts() -> list[Mount]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return parse_mountinfo(f.read())
+
+
+def _is_mount_of(mount: Mount, dev: str) -> bool:
+    try:
+        if mount.dev == os.stat(dev).st_rdev:
+            return True
+    except FileNotFoundError:
+        return False
+    return mount.source.startswith("/") and os.path.realpath(mount.source) == os.path.realpath(dev)
+
+
+def device_file_id(name: str) -> int | None:
+    """The device id of a file name in the devices directory (`<N>.img`), None for anything else."""
+    m = _DEVICE_FILE.fullmatch(name)
+    if m is None:
+        return None
+    stem = m.group(1)
+    dev_id = int(stem)
+    return dev_id if dev_id <= model.MAX_DEVICE_ID else None
+
+
+def _check_id(dev_id: int) -> None:
+    if isinstance(dev_id, bool) or not isinstance(dev_id, int) or not 0 <= dev_id <= model.MAX_DEVICE_ID:
+        raise errors.InvalidArgument(f"device id {dev_id!r} is not in 0..{model.MAX_DEVICE_ID}")
+
+
+def _check_size(size_bytes: int) -> None:
+    if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes <= 0:
+        raise errors.InvalidArgument(f"device size {size_bytes!r} must be a positive number of bytes")
+    if size_bytes % model.SECTOR:
+        raise errors.InvalidArgument(f"device size {size_bytes} is not a multiple of {model.SECTOR} bytes")
+
+
+def _oserror(what: str, exc: OSError) -> errors.CsiThinError:
+    """Map an OSError of a pool step onto the backend's error contract."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return errors.ResourceExhausted(f"{what}: pool filesystem is full ({os.strerror(exc.errno)})")
+    return errors.Internal(f"{what}: {os.strerror(exc.errno or 0) if exc.errno else exc}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clone(src_fd: int, dst_fd: int) -> None:
+    """Share every extent of src with dst (dst becomes a CoW copy). A seam for fault injection."""
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
+
+
+@contextlib.contextmanager
+def _frozen(mount_point: str) -> Iterator[None]:
+    """Hold the filesystem mounted at `mount_point` frozen (flushed, writes blocked); always thaw."""
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise errors.Unavailable(
+                    f"filesystem at {mount_point} is already frozen by someone else; retry later"
+                ) from exc
+            raise errors.Internal(f"freeze {mount_point}: {os.strerror(exc.errno or 0)}") from exc
+        log.info("event=freeze mount_point=%s", mount_point)
+        try:
+            yield
+        finally:
+            try:
+                fcntl.ioctl(fd, FITHAW, 0)
+            except OSError as exc:  # EINVAL: not frozen (someone thawed it already): fine
+                if exc.errno != errno.EINVAL:
+                    log.exception("event=thaw_failed mount_point=%s", mount_point)
+                    raise errors.Internal(
+                        f"thaw {mount_point}: {os.strerror(exc.errno or 0)}; run `fsfreeze -u {mount_point}`"
+                    ) from exc
+            log.info("event=thaw mount_point=%s", mount_point)
+    finally:
+        os.close(fd)
+
+
+class ReflinkBackend:
+    """`csi_thin.pool.backend.Backend` on sparse reflinked files and loop devices."""
+
+    kind = "reflink"
+
+    def __init__(self, cfg: config.PoolConfig) -> None:
+        if cfg.reflink is None or not cfg.reflink.directory:
+            raise errors.InvalidArgument("backend reflink needs a 'reflink' section with a directory")
+        rc = cfg.reflink
+        if not os.path.isabs(rc.directory):
+            raise errors.InvalidArgument(f"reflink directory {rc.directory!r} must be absolute")
+        if rc.image_file is not None:
+            if not os.path.isabs(rc.image_file):
+                raise errors.InvalidArgument(f"reflink image_file {rc.image_file!r} must be absolute")
+            if rc.fs_type not in FS_TYPES:
+                raise errors.InvalidArgument(
+                    f"reflink fs_type {rc.fs_type!r} cannot reflink: use one of {list(FS_TYPES)}"
+                )
+        if rc.block_size <= 0 or rc.block_size % model.SECTOR:
+            raise errors.InvalidArgument(f"reflink block_size {rc.block_size} must be a multiple of 512")
+        self._cfg = rc
+        self._name = cfg.name
+        self._dir = os.path.realpath(rc.directory)
+        self._devices = os.path.join(self._dir, _DEVICES)
+        self._image = os.path.realpath(rc.image_file) if rc.image_file else None
+        # per-id locks: activate/deactivate/snapshot of one id are check-then-act sequences on the
+        # kernel's loop table; the engine serialises per name, this guards direct callers too
+        self._locks: collections.defaultdict[int, threading.Lock] = collections.defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+
+    # --- paths and small helpers ---------------------------------------------------------------
+
+    def _path(self, dev_id: int) -> str:
+        return os.path.join(self._devices, f"{dev_id}{_SUFFIX}")
+
+    @contextlib.contextmanager
+    def _locked(self, dev_id: int) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks[dev_id]
+        with lock:
+            yield
+
+    def _require_assembled(self) -> None:
+        if not (os.path.isdir(self._devices) and os.path.isfile(os.path.join(self._dir, _TXID))):
+            raise errors.Unavailable(f"reflink pool {self._name} at {self._dir} is not assembled")
+
+    def _require_device(self, dev_id: int) -> str:
+        _check_id(dev_id)
+        self._require_assembled()
+        path = self._path(dev_id)
+        if not os.path.isfile(path):
+            raise errors.NotFound(f"pool {self._name} has no device {dev_id}")
+        return path
+
+    def _mount_of(self, dev: str) -> Mount | None:
+        """A mount of block device `dev`: by major:minor, or by source for btrfs (whose mounts show
+        an anonymous device number)."""
+        return next((m for m in mounts() if _is_mount_of(m, dev)), None)
+
+    def _image_mounted(self) -> Mount | None:
+        """The mount at the pool directory, if any."""
+        return next((m for m in reversed(mounts()) if m.mount_point == self._dir), None)
+
+    @contextlib.contextmanager
+    def _pool_lock(self, deadline: deadline_mod.Deadline) -> Iterator[None]:
+        """Serialise transaction id updates across threads and processes (flock on a lock file)."""
+        fd = os.open(os.path.join(self._dir, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            for _ in deadline.backoff(first=0.005, cap=0.1):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    continue
+            else:
+                raise errors.DeadlineExceeded(f"pool {self._name}: lock not acquired before the deadline")
+            yield
+        finally:
+            os.close(fd)
+
+    # --- assemble / teardown / destroy ------------------------------------------------------
+
+    def assemble(self, *, deadline: deadline_mod.Deadline) -> None:
+        deadline.check("assemble")
+        if self._image is not None:
+            self._assemble_image(deadline)
+        elif not os.path.isdir(self._dir):
+            raise errors.FailedPrecondition(
+                f"reflink pool directory {self._dir} does not exist (mount an XFS reflink=1 or btrfs "
+                "filesystem there, or configure image_file + image_size)"
+            )
+        self._probe_reflink()
+        try:
+            os.makedirs(self._devices, exist_ok=True)
+            txid = os.path.join(self._dir, _TXID)
+            if not os.path.exists(txid):
+                self._write_txid(0)
+            for name in os.listdir(self._devices):
+                if name.startswith(_TMP):  # a step that crashed before its link: never a device
+                    log.info("event=remove_partial pool=%s file=%s", self._name, name)
+                    os.unlink(os.path.join(self._devices, name))
+            _fsync_dir(self._devices)
+        except OSError as exc:
+            raise _oserror(f"assemble pool {self._name}", exc) from exc
+        log.info("event=assembled pool=%s directory=%s", self._name, self._dir)
+
+    def _assemble_image(self, deadline: deadline_mod.Deadline) -> None:
+        assert self._image is not None
+        if not os.path.exists(self._image):
+            self._create_image(deadline)
+        # direct IO where the host allows it: the image's pages are cached once, inside it; its
+        # filesystem is made with 4 KiB sectors so it mounts whatever block size the loop gets
+        dev = loop.find(self._image) or loop.attach(self._image, direct_io=True)
+        current = self._image_mounted()
+        if current is not None:
+            if not _is_mount_of(current, dev):
+                raise errors.FailedPrecondition(
+                    f"reflink pool directory {self._dir} is already a mount of {current.source}, "
+                    f"not of the pool image {self._image}"
+                )
+            return
+        other = self._mount_of(dev)
+        if other is not None:
+            raise errors.FailedPrecondition(
+                f"pool image {self._image} ({dev}) is mounted at {other.mount_point}, not at {self._dir}"
+            )
+        self._check_image(dev, deadline)
+        os.makedirs(self._dir, exist_ok=True)
+        runner.run(["mount", "-t", self._cfg.fs_type, dev, self._dir], deadline=deadline)
+        log.info("event=image_mounted pool=%s image=%s dev=%s", self._name, self._image, dev)
+
+    def _create_image(self, deadline: deadline_mod.Deadline) -> None:
+        """Make and format the image under a temporary name, then rename: never a half-made image."""
+        assert self._image is not None
+        size = self._cfg.image_size
+        if size <= 0:
+            raise errors.InvalidArgument(f"reflink pool image {self._image} is missing and image_size is 0")
+        parent = os.path.dirname(self._image)
+        tmp = os.path.join(parent, f"{_TMP}{os.path.basename(self._image)}")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.truncate(size)
+            if self._cfg.fs_type == "xfs":
+                argv = ["mkfs.xfs", "-q", "-f", "-m", "reflink=1", "-s", "size=4096", tmp]
+            else:
+                argv = ["mkfs.btrfs", "-q", "-f", tmp]
+            runner.run(argv, deadline=deadline)
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self._image)
+            _fsync_dir(parent)
+        except OSError as exc:
+            raise _oserror(f"create pool image {self._image}", exc) from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        log.info("event=image_created pool=%s image=%s size=%d", self._name, self._image, size)
+
+    def _check_image(self, dev: str, deadline: deadline_mod.Deadline) -> None:
+        """The metadata check of an inactive pool: a read-only fsck of the unmounted image."""
+        if self._cfg.fs_type == "xfs":
+            argv = ["xfs_repair", "-n", dev]
+        else:
+            argv = ["btrfs", "check", "--readonly", dev]
+        res = runner.run(argv, deadline=deadline, check=False)
+        if res.returncode != 0:
+            raise errors.FailedPrecondition(
+                f"pool image {self._image} failed its check ({argv[0]} exited {res.returncode}); "
+                f"repair it offline before assembling: {(res.stderr or res.stdout).strip()[-1000:]}"
+            )
+
+    def _probe_reflink(self) -> None:
+        """Prove the directory can reflink by cloning a small temp file; refuse clearly if not."""
+        src = os.path.join(self._dir, f"{_TMP}probe-{uuid.uuid4().hex}")
+        dst = src + "-clone"
+        try:
+            try:
+                src_fd = os.open(src, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise _oserror(f"reflink probe in {self._dir}", exc) from exc
+            try:
+                os.write(src_fd, b"csi-thin reflink probe\n" * 200)
+                dst_fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    _clone(src_fd, dst_fd)
+                finally:
+                    os.close(dst_fd)
+            except OSError as exc:
+                if exc.errno not in _NO_REFLINK:
+                    raise _oserror(f"reflink probe in {self._dir}", exc) from exc
+                fs = next((m.fs_type for m in reversed(mounts()) if m.dev == os.stat(self._dir).st_dev), "?")
+                raise NoReflink(
+                    f"reflink pool directory {self._dir} is on {fs}, which cannot reflink "
+                    f"(FICLONE: {os.strerror(exc.errno or 0)}); use XFS made with -m reflink=1, or btrfs"
+                ) from exc
+            finally:
+                os.close(src_fd)
+        finally:
+            for path in (src, dst):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+    def teardown(self, *, deadline: deadline_mod.Deadline) -> None:
+        deadline.check("teardown")
+        busy: list[DeviceBusy] = []
+        if os.path.isdir(self._devices):
+            for dev_id in sorted(self._list()):
+                try:
+                    self.deactivate(dev_id, deadline=deadline)
+                except DeviceBusy as exc:
+                    busy.append(exc)
+        if busy:
+            raise DeviceBusy(f"teardown of pool {self._name}: " + "; ".join(e.message for e in busy))
+        if self._image is None:
+            return
+        current = self._image_mounted()
+        dev = loop.find(self._image)
+        if current is not None and dev is not None and _is_mount_of(current, dev):
+            res = runner.run(["umount", self._dir], deadline=deadline, check=False)
+            if res.returncode != 0:
+                raise DeviceBusy(
+                    f"unmount pool {self._name} at {self._dir}: {(res.stderr or res.stdout).strip()}"
+                )
+        if dev is not None:
+            # btrfs lets go of its device a moment after umount returns: the detach is then
+            # deferred to the last close, so wait for it rather than race a re-assembly
+            loop.detach(dev)
+            for _ in deadline.backoff(first=0.005, cap=0.1):
+                if loop.find(self._image) is None:
+                    break
+            else:
+                raise DeviceBusy(f"pool image {self._image} ({dev}) is still open after unmount")
+        log.info("event=teardown pool=%s", self._name)
+
+    def destroy(self, *, deadline: deadline_mod.Deadline) -> None:
+        self.teardown(deadline=deadline)
+        try:
+            if self._image is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._image)
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    os.rmdir(self._dir)  # the mount point assemble made; kept if someone filled it
+            else:
+                if os.path.isdir(self._devices):
+                    for name in os.listdir(self._devices):
+                        os.unlink(os.path.join(self._devices, name))
+                    os.rmdir(self._devices)
+                for name in (_TXID, _LOCK):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self._dir, name))
+        except OSError as exc:
+            raise _oserror(f"destroy pool {self._name}", exc) from exc
+        log.info("event=destroyed pool=%s", self._name)
+
+    # --- status and transaction id -----------------------------------------------------------
+
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+        """Usage from statvfs of the pool filesystem.
+
+        The metadata figures are the filesystem's inodes (used/total, times NOMINAL_INODE_BYTES): its
+        analogue of a thin pool's metadata space. btrfs has no inode limit (it reports 0 inodes) and
+        keeps metadata in the same space as data, so there the data figures stand for both.
+        """
+        deadline.check("status")
+        txid = self.transaction_id(deadline=deadline)
+        st = os.statvfs(self._dir)
+        total = st.f_blocks * st.f_frsize
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        free = st.f_bavail * st.f_frsize
+        if st.f_files > 0:
+            meta_total = st.f_files * NOMINAL_INODE_BYTES
+            meta_used = (st.f_files - st.f_ffree) * NOMINAL_INODE_BYTES
+        else:
+            meta_total, meta_used = total, used
+        if st.f_flag & os.ST_RDONLY:
+            mode = model.PoolMode.RO
+        elif free < max(4 * self._cfg.block_size, min(total // 256, 64 * model.MiB)):
+            # "~0": a filesystem refuses writes with a little space still free (XFS keeps per-AG
+            # and delayed-allocation reserves), so full means below a small slack, not zero
+            mode = model.PoolMode.OUT_OF_DATA_SPACE
+        else:
+            mode = model.PoolMode.RW
+        return model.PoolStatus(
+            transaction_id=txid,
+            block_size_bytes=self._cfg.block_size,
+            data_used_bytes=used,
+            data_total_bytes=total,
+            metadata_used_bytes=meta_used,
+            metadata_total_bytes=meta_total,
+            mode=mode,
+            needs_check=False,
+        )
+
+    def transaction_id(self, *, deadline: deadline_mod.Deadline) -> int:
+        deadline.check("read transaction id")
+        self._require_assembled()
+        return self._read_txid()
+
+    def _read_txid(self) -> int:
+        path = os.path.join(self._dir, _TXID)
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError as exc:
+            raise _oserror(f"read {path}", exc) from exc
+        if not text.isdigit():
+            raise errors.Internal(f"{path} holds {text[:40]!r}, not a transaction id")
+        return int(text)
+
+    def _write_txid(self, value: int) -> None:
+        path = os.path.join(self._dir, _TXID)
+        tmp = os.path.join(self._dir, f"{_TMP}{_TXID}-{uuid.uuid4().hex}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, f"{value}\n".encode("ascii"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            _fsync_dir(self._dir)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def set_transaction_id(self, old: int, new: int, *, deadline: deadline_mod.Deadline) -> None:
+        deadline.check("set transaction id")
+        for label, value in (("old", old), ("new", new)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise errors.InvalidArgument(f"transaction id {label}={value!r} must be a non-negative int")
+        self._require_assembled()
+        with self._pool_lock(deadline):
+            current = self._read_txid()
+            if current != old:
+                raise TransactionIdMismatch(
+                    f"pool {self._name}: transaction id is {current}, not {old} (cannot set {new})"
+                )
+            try:
+                self._write_txid(new)
+            except OSError as exc:
+                raise _oserror(f"set transaction id of pool {self._name}", exc) from exc
+        log.info("event=set_transaction_id pool=%s old=%d new=%d", self._name, old, new)
+
+    # --- device steps -----------------------------------------------------------------------
+
+    def _list(self) -> list[int]:
+        try:
+            names = os.listdir(self._devices)
+        except OSError as exc:
+            raise _oserror(f"list devices of pool {self._name}", exc) from exc
+        return [i for i in (device_file_id(n) for n in names) if i is not None]
+
+    def _publish(self, tmp: str, dev_id: int) -> None:
+        """fsync `tmp`, link it to the device's final name (never replacing one), fsync the dir."""
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, self._path(dev_id))
+        except FileExistsError as exc:
+            raise errors.AlreadyExists(f"pool {self._name} already has device {dev_id}") from exc
+        os.unlink(tmp)
+        _fsync_dir(self._devices)
+
+    def _tmp(self, dev_id: int) -> str:
+        return os.path.join(self._devices, f"{_TMP}{dev_id}-{uuid.uuid4().hex}")
+
+    def create_thin(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> None:
+        _check_id(dev_id)
+        _check_size(size_bytes)
+        deadline.check(f"create device {dev_id}")
+        self._require_assembled()
+        if os.path.exists(self._path(dev_id)):
+            raise errors.AlreadyExists(f"pool {self._name} already has device {dev_id}")
+        tmp = self._tmp(dev_id)
+        try:
+            with open(tmp, "xb") as f:
+                f.truncate(size_bytes)
+            self._publish(tmp, dev_id)
+        except OSError as exc:
+            raise _oserror(f"create device {dev_id}", exc) from exc
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        log.info("event=create_thin pool=%s id=%d size=%d", self._name, dev_id, size_bytes)
+
+    def create_snap(
+        self, dev_id: int, origin_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        _check_id(dev_id)
+        _check_size(size_bytes)
+        origin = self._require_device(origin_id)
+        deadline.check(f"snapshot {origin_id} -> {dev_id}")
+        if os.path.exists(self._path(dev_id)):
+            raise errors.AlreadyExists(f"pool {self._name} already has device {dev_id}")
+        tmp = self._tmp(dev_id)
+        with self._locked(origin_id):
+            try:
+                src_fd = os.open(origin, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    dst_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    try:
+                        with self._consistent(origin):
+                            os.fsync(src_fd)  # a buffered loop may hold writes in the page cache
+                            deadline.check(f"clone {origin_id} -> {dev_id}")
+                            _clone(src_fd, dst_fd)
+                        if os.fstat(dst_fd).st_size < size_bytes:  # restore into a larger device
+                            os.ftruncate(dst_fd, size_bytes)
+                    finally:
+                        os.close(dst_fd)
+                finally:
+                    os.close(src_fd)
+                self._publish(tmp, dev_id)
+            except OSError as exc:
+                raise _oserror(f"snapshot {origin_id} -> {dev_id}", exc) from exc
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        log.info("event=create_snap pool=%s id=%d origin=%d", self._name, dev_id, origin_id)
+
+    @contextlib.contextmanager
+    def _consistent(self, origin: str) -> Iterator[None]:
+        """Make an attached origin's content stable: freeze a filesystem mounted from it, else flush
+        the loop device's page cache; an inactive origin needs nothing."""
+        dev = loop.find(origin)
+        if dev is None:
+            yield
+            return
+        mount = self._mount_of(dev)
+        if mount is None:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)  # raw block use: push the block device's dirty pages into the file
+            finally:
+                os.close(fd)
+            yield
+            return
+        with _frozen(mount.mount_point):
+            yield
+
+    def delete(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:
+        path = self._require_device(dev_id)
+        deadline.check(f"delete device {dev_id}")
+        with self._locked(dev_id):
+            dev = loop.find(path)
+            if dev is not None:
+                raise DeviceBusy(
+                    f"device {dev_id} of pool {self._name} is active ({dev}); deactivate it first"
+                )
+            try:
+                os.unlink(path)
+                _fsync_dir(self._devices)
+            except FileNotFoundError as exc:
+                raise errors.NotFound(f"pool {self._name} has no device {dev_id}") from exc
+            except OSError as exc:
+                raise _oserror(f"delete device {dev_id}", exc) from exc
+        log.info("event=delete pool=%s id=%d", self._name, dev_id)
+
+    def device_ids(self, *, deadline: deadline_mod.Deadline) -> dict[int, int]:
+        """Every device with its allocated bytes (st_blocks; extents shared by reflink count in each)."""
+        deadline.check("list devices")
+        self._require_assembled()
+        out: dict[int, int] = {}
+        for dev_id in self._list():
+            try:
+                out[dev_id] = os.stat(self._path(dev_id)).st_blocks * model.SECTOR
+            except FileNotFoundError:
+                continue  # deleted while listing
+        return out
+
+    def activate(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> str:
+        """Attach the device file to a loop device; grow it first if the requested size is larger.
+        A smaller size never truncates data: the file keeps its length.
+
+        Buffered, not direct IO: with direct IO the kernel gives the loop device the file's DIO
+        alignment as its logical block size, and on XFS that turns from 512 to 4096 bytes once the
+        file shares extents, i.e. after the first snapshot. A filesystem made with 1 KiB blocks on
+        the volume would then no longer mount. Buffered loop devices always have 512-byte sectors.
+        (Direct IO with a fixed 4 KiB block size would need `block_size` on `loop.attach`.)
+        """
+        _check_size(size_bytes)
+        path = self._require_device(dev_id)
+        deadline.check(f"activate device {dev_id}")
+        with self._locked(dev_id):
+            try:
+                grown = self._grow_file(path, size_bytes)
+                dev = loop.find(path)
+                if dev is None:
+                    dev = loop.attach(path, direct_io=False)
+                    log.info("event=activate pool=%s id=%d dev=%s", self._name, dev_id, dev)
+                elif grown:
+                    loop.refresh_capacity(dev)
+            except OSError as exc:
+                raise _oserror(f"activate device {dev_id}", exc) from exc
+        return dev
+
+    def _grow_file(self, path: str, size_bytes: int) -> bool:
+        if os.stat(path).st_size >= size_bytes:
+            return False
+        os.truncate(path, size_bytes)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def deactivate(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:
+        """Detach the device's loop device. Not active: done. Mounted or claimed: DeviceBusy.
+
+        The exclusive open both proves nobody holds the device (a mount or a dm table claims it
+        exclusively) and keeps anyone from mounting it before the detach completes: the detach then
+        takes effect as this last opener closes.
+        """
+        _check_id(dev_id)
+        deadline.check(f"deactivate device {dev_id}")
+        self._require_assembled()
+        path = self._path(dev_id)
+        with self._locked(dev_id):
+            dev = loop.find(path)
+            if dev is None:
+                return
+            try:
+                fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    mount = self._mount_of(dev)
+                    where = f"mounted at {mount.mount_point}" if mount else "held by another user"
+                    raise DeviceBusy(f"device {dev_id} of pool {self._name} ({dev}) is {where}") from exc
+                if exc.errno in (errno.ENXIO, errno.ENOENT):
+                    return
+                raise _oserror(f"deactivate device {dev_id}", exc) from exc
+            try:
+                loop.detach(dev)
+            finally:
+                os.close(fd)
+            for _ in deadline.backoff(first=0.005, cap=0.1):
+                if loop.find(path) is None:
+                    break
+            else:
+                raise DeviceBusy(
+                    f"device {dev_id} of pool {self._name} ({dev}) is still open by another user"
+                )
+        log.info("event=deactivate pool=%s id=%d dev=%s", self._name, dev_id, dev)
+
+    def resize(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> None:
+        """Grow the device file; an attached loop device picks the new size up at once."""
+        _check_size(size_bytes)
+        path = self._require_device(dev_id)
+        deadline.check(f"resize device {dev_id}")
+        with self._locked(dev_id):
+            try:
+                current = os.stat(path).st_size
+                if size_bytes < current:
+                    raise errors.OutOfRange(
+                        f"device {dev_id} of pool {self._name} is {current} bytes: "
+                        f"cannot shrink to {size_bytes}"
+                    )
+                grown = self._grow_file(path, size_bytes)
+                dev = loop.find(path)
+                if grown and dev is not None:
+                    loop.refresh_capacity(dev)
+            except OSError as exc:
+                raise _oserror(f"resize device {dev_id}", exc) from exc
+        log.info("event=resize pool=%s id=%d size=%d", self._name, dev_id, size_bytes)
+
+    def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]:
+        deadline.check("list active devices")
+        self._require_assembled()
+        return {i for i in self._list() if loop.find(self._path(i)) is not None}
+
+    def device_path(self, dev_id: int) -> str:
+        path = self._require_device(dev_id)
+        dev = loop.find(path)
+        if dev is None:
+            raise NotActive(f"device {dev_id} of pool {self._name} is not active")
+        return dev
+
+    def mapped_bytes(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int:
+        path = self._require_device(dev_id)
+        deadline.check(f"mapped bytes of device {dev_id}")
+        try:
+            return os.stat(path).st_blocks * model.SECTOR
+        except FileNotFoundError as exc:
+            raise errors.NotFound(f"pool {self._name} has no device {dev_id}") from exc

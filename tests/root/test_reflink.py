@@ -1,0 +1,495 @@
+"""csi_thin.pool.reflink on real loop devices, XFS (reflink=1) and btrfs images, as root on the host.
+
+Every fixture cleans up what the test made, even on failure: mounts under the test's temp dir are
+unmounted (deepest first), then every loop device whose backing file lies under it is detached. Loop
+devices of other tests or engineers are never touched.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import pathlib
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from csi_thin import config, errors, model, runner
+from csi_thin import deadline as deadline_mod
+from csi_thin.dm import loop
+from csi_thin.pool import backend as backend_mod
+from csi_thin.pool import reflink
+
+MiB = model.MiB
+IMAGE_SIZE = 512 * MiB  # mkfs.xfs needs >= 300 MiB
+
+
+def dl() -> deadline_mod.Deadline:
+    return deadline_mod.Deadline.after(60)
+
+
+def _loops_under(prefix: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in os.listdir("/sys/block"):
+        if name.startswith("loop"):
+            backing = loop.backing_file(f"/dev/{name}")
+            if backing and backing.removesuffix(" (deleted)").startswith(prefix):
+                out[f"/dev/{name}"] = backing
+    return out
+
+
+def _unmount(mount_point: str) -> None:
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # a test that failed mid-freeze must not leave a frozen filesystem behind
+        fcntl.ioctl(fd, reflink.FITHAW, 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    runner.run(["umount", mount_point], deadline=dl(), check=False)
+
+
+def cleanup_under(root: pathlib.Path) -> None:
+    """Unmount everything mounted under `root` and detach every loop device backed by a file there.
+
+    Order matters: a pool filesystem hosts the files of the loop devices a volume is mounted from,
+    so volumes are unmounted first, then their loops detached, then the pool unmounted, then its
+    image loop detached (paths of loops on a lazily unmounted filesystem would no longer match).
+    """
+    prefix = str(root.resolve()) + "/"
+    under = [m for m in reflink.mounts() if m.mount_point.startswith(prefix)]
+    backings = _loops_under(prefix)
+    hosts = [m for m in under if any(b.startswith(m.mount_point + "/") for b in backings.values())]
+    for m in sorted(under, key=lambda m: -len(m.mount_point)):
+        if m not in hosts:
+            _unmount(m.mount_point)
+    for dev, backing in backings.items():
+        if any(backing.startswith(h.mount_point + "/") for h in hosts):
+            loop.detach(dev)
+    for m in sorted(hosts, key=lambda m: -len(m.mount_point)):
+        _unmount(m.mount_point)
+    for dev in _loops_under(prefix):
+        loop.detach(dev)
+    left = [m.mount_point for m in reflink.mounts() if m.mount_point.startswith(prefix)]
+    assert not left, f"mounts left behind: {left}"
+
+
+def make_config(tmp: pathlib.Path, *, fs_type: str = "xfs", image: bool = True) -> config.PoolConfig:
+    return config.PoolConfig(
+        name="test",
+        backend=config.BackendKind.REFLINK,
+        state_dir=str(tmp / "state"),
+        reflink=config.ReflinkConfig(
+            directory=str(tmp / "pool"),
+            image_file=str(tmp / "pool.img") if image else None,
+            image_size=IMAGE_SIZE if image else 0,
+            fs_type=fs_type,
+        ),
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    yield tmp_path
+    cleanup_under(tmp_path)
+
+
+@pytest.fixture(params=["xfs", "btrfs"])
+def pool(request: pytest.FixtureRequest, workdir: pathlib.Path) -> reflink.ReflinkBackend:
+    be = reflink.ReflinkBackend(make_config(workdir, fs_type=request.param))
+    be.assemble(deadline=dl())
+    return be
+
+
+@pytest.fixture
+def xfs_pool(workdir: pathlib.Path) -> reflink.ReflinkBackend:
+    be = reflink.ReflinkBackend(make_config(workdir))
+    be.assemble(deadline=dl())
+    return be
+
+
+def pwrite(dev: str, data: bytes, offset: int) -> None:
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def pread(dev: str, size: int, offset: int) -> bytes:
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def blockdev_size(dev: str) -> int:
+    return int(runner.run(["blockdev", "--getsize64", dev], deadline=dl()).stdout)
+
+
+def test_is_a_backend(xfs_pool: reflink.ReflinkBackend) -> None:
+    be: backend_mod.Backend = xfs_pool
+    assert be.kind == "reflink"
+
+
+def test_every_method(pool: reflink.ReflinkBackend, workdir: pathlib.Path) -> None:
+    d = dl()
+    st = pool.status(deadline=d)
+    assert st.transaction_id == 0
+    assert st.mode == model.PoolMode.RW and not st.needs_check and st.healthy
+    assert st.block_size_bytes == 64 * model.KiB
+    assert 0 < st.data_used_bytes < st.data_total_bytes <= IMAGE_SIZE
+    assert 0 <= st.metadata_used_bytes < st.metadata_total_bytes
+
+    # transaction id: compare-and-swap
+    pool.set_transaction_id(0, 1, deadline=d)
+    assert pool.transaction_id(deadline=d) == 1
+    with pytest.raises(reflink.TransactionIdMismatch, match="is 1, not 0"):
+        pool.set_transaction_id(0, 2, deadline=d)
+    assert pool.transaction_id(deadline=d) == 1
+
+    # create_thin / device_ids / mapped_bytes
+    pool.create_thin(1, 16 * MiB, deadline=d)
+    with pytest.raises(errors.AlreadyExists):
+        pool.create_thin(1, 16 * MiB, deadline=d)
+    assert pool.device_ids(deadline=d) == {1: 0}
+    assert pool.mapped_bytes(1, deadline=d) == 0
+    assert os.stat(workdir / "pool" / "devices" / "1.img").st_size == 16 * MiB
+
+    # activate is idempotent and the path is the kernel's loop device for the file
+    assert pool.active_ids(deadline=d) == set()
+    with pytest.raises(reflink.NotActive):
+        pool.device_path(1)
+    dev = pool.activate(1, 16 * MiB, deadline=d)
+    assert dev.startswith("/dev/loop")
+    assert pool.activate(1, 16 * MiB, deadline=d) == dev
+    assert pool.device_path(1) == dev
+    assert pool.active_ids(deadline=d) == {1}
+    assert blockdev_size(dev) == 16 * MiB
+    pwrite(dev, b"A" * MiB, 0)
+    assert pool.mapped_bytes(1, deadline=d) >= MiB
+    assert pool.device_ids(deadline=d)[1] >= MiB
+
+    # snapshot of an active (unmounted) origin; delete of an active device is refused
+    pool.create_snap(2, 1, 16 * MiB, deadline=d)
+    with pytest.raises(errors.AlreadyExists):
+        pool.create_snap(2, 1, 16 * MiB, deadline=d)
+    with pytest.raises(errors.NotFound):
+        pool.create_snap(3, 99, 16 * MiB, deadline=d)
+    assert set(pool.device_ids(deadline=d)) == {1, 2}
+    with pytest.raises(reflink.DeviceBusy):
+        pool.delete(1, deadline=d)
+
+    # resize: active grows the block device, inactive grows the file, shrink refused
+    pool.resize(1, 32 * MiB, deadline=d)
+    assert blockdev_size(dev) == 32 * MiB
+    pool.resize(2, 24 * MiB, deadline=d)
+    assert os.stat(workdir / "pool" / "devices" / "2.img").st_size == 24 * MiB
+    with pytest.raises(errors.OutOfRange):
+        pool.resize(2, 8 * MiB, deadline=d)
+    with pytest.raises(errors.NotFound):
+        pool.resize(42, 8 * MiB, deadline=d)
+
+    # deactivate: idempotent
+    pool.deactivate(1, deadline=d)
+    pool.deactivate(1, deadline=d)
+    assert pool.active_ids(deadline=d) == set()
+    assert loop.find(str(workdir / "pool" / "devices" / "1.img")) is None
+
+    # delete: NotFound when absent
+    pool.delete(2, deadline=d)
+    with pytest.raises(errors.NotFound):
+        pool.delete(2, deadline=d)
+    with pytest.raises(errors.NotFound):
+        pool.mapped_bytes(2, deadline=d)
+    with pytest.raises(errors.NotFound):
+        pool.device_path(2)
+
+    # bad ids and sizes change nothing
+    for bad in (-1, model.MAX_DEVICE_ID + 1):
+        with pytest.raises(errors.InvalidArgument):
+            pool.create_thin(bad, MiB, deadline=d)
+    with pytest.raises(errors.InvalidArgument):
+        pool.create_thin(5, 1000, deadline=d)
+    assert set(pool.device_ids(deadline=d)) == {1}
+
+    # teardown keeps data; re-assembly finds every device and the transaction id
+    dev = pool.activate(1, 32 * MiB, deadline=d)
+    pool.teardown(deadline=d)
+    assert loop.find(str(workdir / "pool.img")) is None
+    assert not any(m.mount_point == str(workdir / "pool") for m in reflink.mounts())
+    with pytest.raises(errors.Unavailable):
+        pool.device_ids(deadline=d)
+    pool.teardown(deadline=d)  # idempotent
+    pool.assemble(deadline=d)
+    pool.assemble(deadline=d)  # idempotent
+    assert set(pool.device_ids(deadline=d)) == {1}
+    assert pool.transaction_id(deadline=d) == 1
+    assert pool.active_ids(deadline=d) == set()
+    dev = pool.activate(1, 32 * MiB, deadline=d)
+    assert pread(dev, 4, 0) == b"AAAA"
+
+    # destroy removes what assemble made
+    pool.destroy(deadline=d)
+    assert not (workdir / "pool.img").exists()
+    assert loop.find(str(workdir / "pool" / "devices" / "1.img")) is None
+
+
+def test_snapshot_keeps_the_data_of_its_time(pool: reflink.ReflinkBackend) -> None:
+    d = dl()
+    pool.create_thin(10, 8 * MiB, deadline=d)
+    origin = pool.activate(10, 8 * MiB, deadline=d)
+    pwrite(origin, b"before" * 1000, 3 * MiB)
+    pool.create_snap(11, 10, 8 * MiB, deadline=d)
+    pwrite(origin, b"after!" * 1000, 3 * MiB)  # the origin changes after the snapshot
+    snap = pool.activate(11, 8 * MiB, deadline=d)
+    assert pread(snap, 6000, 3 * MiB) == b"before" * 1000
+    assert pread(origin, 6000, 3 * MiB) == b"after!" * 1000
+    # writes to the snapshot do not reach the origin
+    pwrite(snap, b"snap" * 1024, 0)
+    assert pread(origin, 4, 0) == b"\0\0\0\0"
+
+    # restore the snapshot into a larger device
+    pool.deactivate(11, deadline=d)
+    pool.create_snap(12, 11, 32 * MiB, deadline=d)
+    restored = pool.activate(12, 32 * MiB, deadline=d)
+    assert blockdev_size(restored) == 32 * MiB
+    assert pread(restored, 6000, 3 * MiB) == b"before" * 1000
+    assert pread(restored, 4, 0) == b"snap"
+    assert pread(restored, 4, 31 * MiB) == b"\0\0\0\0"
+
+
+def test_grow_while_attached(xfs_pool: reflink.ReflinkBackend) -> None:
+    d = dl()
+    xfs_pool.create_thin(1, 8 * MiB, deadline=d)
+    dev = xfs_pool.activate(1, 8 * MiB, deadline=d)
+    pwrite(dev, b"keep", 7 * MiB)
+    assert blockdev_size(dev) == 8 * MiB
+    xfs_pool.resize(1, 64 * MiB, deadline=d)
+    assert blockdev_size(dev) == 64 * MiB
+    assert pread(dev, 4, 7 * MiB) == b"keep"
+    pwrite(dev, b"tail", 63 * MiB)
+    assert pread(dev, 4, 63 * MiB) == b"tail"
+    xfs_pool.resize(1, 64 * MiB, deadline=d)  # same size: a no-op
+    # activate with a larger size grows an attached device too
+    assert xfs_pool.activate(1, 96 * MiB, deadline=d) == dev
+    assert blockdev_size(dev) == 96 * MiB
+
+
+def _mkfs_mount(dev: str, target: pathlib.Path) -> None:
+    runner.run(["mkfs.ext4", "-q", "-F", dev], deadline=dl())  # 64 MiB: 1 KiB blocks
+    target.mkdir(parents=True, exist_ok=True)
+    runner.run(["mount", "-t", "ext4", dev, str(target)], deadline=dl())
+
+
+def _write_with_timeout(path: pathlib.Path, data: bytes, seconds: float = 15.0) -> bool:
+    """Write and fsync in a thread; False if it did not finish in time (a frozen filesystem)."""
+    done = threading.Event()
+
+    def work() -> None:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        done.set()
+
+    threading.Thread(target=work, daemon=True).start()
+    return done.wait(seconds)
+
+
+def test_snapshot_of_a_mounted_origin_is_consistent(
+    pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    d = dl()
+    pool.create_thin(1, 64 * MiB, deadline=d)
+    dev = pool.activate(1, 64 * MiB, deadline=d)
+    mnt = workdir / "mnt"
+    _mkfs_mount(dev, mnt)
+    # written, not synced: only the freeze before the clone can put it into the snapshot
+    (mnt / "data.txt").write_bytes(b"frozen in time\n" * 1000)
+    pool.create_snap(2, 1, 64 * MiB, deadline=d)
+    (mnt / "data.txt").write_bytes(b"changed later\n")
+    assert _write_with_timeout(mnt / "after.txt", b"thawed\n"), "origin filesystem left frozen"
+    # deactivating a mounted device is refused and changes nothing
+    with pytest.raises(reflink.DeviceBusy, match="mounted at"):
+        pool.deactivate(1, deadline=d)
+    assert pool.device_path(1) == dev
+    with pytest.raises(reflink.DeviceBusy):
+        pool.teardown(deadline=d)
+
+    snap = pool.activate(2, 64 * MiB, deadline=d)
+    fsck = runner.run(["e2fsck", "-n", "-f", snap], deadline=d, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    snap_mnt = workdir / "snapmnt"
+    snap_mnt.mkdir()
+    runner.run(["mount", "-t", "ext4", "-o", "ro", snap, str(snap_mnt)], deadline=d)
+    try:
+        assert (snap_mnt / "data.txt").read_bytes() == b"frozen in time\n" * 1000
+        assert not (snap_mnt / "after.txt").exists()
+    finally:
+        runner.run(["umount", str(snap_mnt)], deadline=d)
+    runner.run(["umount", str(mnt)], deadline=d)
+    pool.deactivate(1, deadline=d)
+    pool.deactivate(2, deadline=d)
+    assert pool.active_ids(deadline=d) == set()
+
+
+def test_failed_clone_thaws_the_origin(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = dl()
+    xfs_pool.create_thin(1, 64 * MiB, deadline=d)
+    dev = xfs_pool.activate(1, 64 * MiB, deadline=d)
+    mnt = workdir / "mnt"
+    _mkfs_mount(dev, mnt)
+    froze: list[bool] = []
+
+    def failing_clone(src_fd: int, dst_fd: int) -> None:
+        # prove the origin really is frozen during the clone: a freeze now answers EBUSY
+        fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.ioctl(fd, reflink.FIFREEZE, 0)
+        except OSError as exc:
+            froze.append(exc.errno == errno.EBUSY)
+        else:
+            fcntl.ioctl(fd, reflink.FITHAW, 0)
+            froze.append(False)
+        finally:
+            os.close(fd)
+        raise OSError(errno.EIO, "injected clone failure")
+
+    monkeypatch.setattr(reflink, "_clone", failing_clone)
+    with pytest.raises(errors.Internal, match=r"injected clone failure|Input/output error"):
+        xfs_pool.create_snap(2, 1, 64 * MiB, deadline=d)
+    assert froze == [True]
+    assert _write_with_timeout(mnt / "after.txt", b"still writable\n"), "origin filesystem left frozen"
+    assert set(xfs_pool.device_ids(deadline=d)) == {1}
+    assert [n for n in os.listdir(workdir / "pool" / "devices") if n != "1.img"] == []
+    monkeypatch.undo()
+    runner.run(["umount", str(mnt)], deadline=d)
+
+
+def test_refuses_a_directory_that_cannot_reflink(workdir: pathlib.Path) -> None:
+    """tmp_path lives on the host's ext4: no FICLONE there."""
+    (workdir / "pool").mkdir()
+    be = reflink.ReflinkBackend(make_config(workdir, image=False))
+    with pytest.raises(
+        errors.FailedPrecondition, match=r"cannot reflink.*XFS made with -m reflink=1, or btrfs"
+    ):
+        be.assemble(deadline=dl())
+    assert os.listdir(workdir / "pool") == []
+    with pytest.raises(errors.InvalidArgument, match="fs_type 'ext4' cannot reflink"):
+        reflink.ReflinkBackend(make_config(workdir, fs_type="ext4"))
+
+
+def test_refuses_ext4_mounted_pool_directory(workdir: pathlib.Path) -> None:
+    image = workdir / "ext4.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    runner.run(["mkfs.ext4", "-q", "-F", str(image)], deadline=dl())
+    dev = loop.attach(str(image))
+    (workdir / "pool").mkdir()
+    runner.run(["mount", dev, str(workdir / "pool")], deadline=dl())
+    be = reflink.ReflinkBackend(make_config(workdir, image=False))
+    with pytest.raises(reflink.NoReflink, match="is on ext4, which cannot reflink"):
+        be.assemble(deadline=dl())
+
+
+def test_existing_xfs_mount(workdir: pathlib.Path) -> None:
+    """A pool on a filesystem someone else mounted: teardown and destroy leave the mount alone."""
+    image = workdir / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    runner.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], deadline=dl())
+    dev = loop.attach(str(image))
+    (workdir / "pool").mkdir()
+    runner.run(["mount", dev, str(workdir / "pool")], deadline=dl())
+    d = dl()
+    be = reflink.ReflinkBackend(make_config(workdir, image=False))
+    be.assemble(deadline=d)
+    be.create_thin(7, 4 * MiB, deadline=d)
+    be.activate(7, 4 * MiB, deadline=d)
+    be.teardown(deadline=d)
+    assert be.active_ids(deadline=d) == set()
+    be.assemble(deadline=d)
+    assert set(be.device_ids(deadline=d)) == {7}
+    be.destroy(deadline=d)
+    assert os.listdir(workdir / "pool") == []
+    assert any(m.mount_point == str(workdir / "pool") for m in reflink.mounts())
+
+
+def test_partial_files_are_never_devices(xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path) -> None:
+    """A crash between creating the temp file and linking it leaves no device, and assemble tidies up."""
+    d = dl()
+    devices = workdir / "pool" / "devices"
+    (devices / ".tmp-5-deadbeef").write_bytes(b"half")
+    (devices / "junk.txt").write_bytes(b"x")
+    assert xfs_pool.device_ids(deadline=d) == {}
+    xfs_pool.assemble(deadline=d)
+    assert sorted(os.listdir(devices)) == ["junk.txt"]
+
+
+def test_status_reports_read_only_and_full(xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path) -> None:
+    d = dl()
+    pool_dir = str(workdir / "pool")
+    # fill the pool filesystem
+    xfs_pool.create_thin(1, IMAGE_SIZE, deadline=d)
+    dev = xfs_pool.activate(1, IMAGE_SIZE, deadline=d)
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        chunk = b"\xff" * (4 * MiB)
+        with pytest.raises(OSError):  # ENOSPC from the loop device's backing file
+            for off in range(0, IMAGE_SIZE, len(chunk)):
+                os.pwrite(fd, chunk, off)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    st = xfs_pool.status(deadline=d)
+    assert st.mode == model.PoolMode.OUT_OF_DATA_SPACE
+    xfs_pool.deactivate(1, deadline=d)
+    xfs_pool.delete(1, deadline=d)
+    assert xfs_pool.status(deadline=d).mode == model.PoolMode.RW
+    runner.run(["mount", "-o", "remount,ro", pool_dir], deadline=d)
+    try:
+        assert xfs_pool.status(deadline=d).mode == model.PoolMode.RO
+    finally:
+        runner.run(["mount", "-o", "remount,rw", pool_dir], deadline=d)
+
+
+def test_concurrent_transaction_ids_and_creates(xfs_pool: reflink.ReflinkBackend) -> None:
+    """Compare-and-swap under contention: exactly one winner per step, no lost update."""
+    d = dl()
+    wins: list[int] = []
+    lock = threading.Lock()
+
+    def bump(worker: int) -> None:
+        for _ in range(20):
+            cur = xfs_pool.transaction_id(deadline=d)
+            try:
+                xfs_pool.set_transaction_id(cur, cur + 1, deadline=d)
+            except reflink.TransactionIdMismatch:
+                continue
+            with lock:
+                wins.append(worker)
+
+    def create(base: int) -> None:
+        for i in range(10):
+            xfs_pool.create_thin(base + i, MiB, deadline=d)
+            xfs_pool.activate(base + i, MiB, deadline=d)
+
+    threads = [threading.Thread(target=bump, args=(w,)) for w in range(4)]
+    threads += [threading.Thread(target=create, args=(100 * (w + 1),)) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert xfs_pool.transaction_id(deadline=d) == len(wins)
+    assert len(xfs_pool.device_ids(deadline=d)) == 30
+    active = xfs_pool.active_ids(deadline=d)
+    assert len(active) == 30
+    assert len({xfs_pool.device_path(i) for i in active}) == 30
+    xfs_pool.teardown(deadline=d)
