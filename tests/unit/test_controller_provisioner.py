@@ -1,0 +1,276 @@
+"""Controller logic over a fake engine: naming, sizes, idempotency, pagination, capacity."""
+
+from __future__ import annotations
+
+import pytest
+
+from csi_thin import deadline, errors, model
+from csi_thin.controller import naming, paging, provisioner
+from tests.unit import fake_engine
+
+MiB = model.MiB
+GiB = model.GiB
+BS = 64 * 1024
+DL = deadline.Deadline.after(60)
+
+
+def make(**kw: object) -> tuple[provisioner.Provisioner, fake_engine.FakeEngine]:
+    eng = fake_engine.FakeEngine()
+    settings = provisioner.Settings(node_id="n1", block_size=BS, **kw)  # type: ignore[arg-type]
+    return provisioner.Provisioner(engine=eng, settings=settings), eng
+
+
+def req(name: str, required: int = 0, limit: int = 0, **kw: object) -> provisioner.VolumeRequest:
+    return provisioner.VolumeRequest(name=name, capacity=provisioner.CapacityRange(required, limit), **kw)  # type: ignore[arg-type]
+
+
+# -- naming ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("pvc-0f1e", "v-pvc-0f1e"), ("a", "v-a"), ("a" * 63, "v-" + "a" * 63)],
+)
+def test_readable_names(name: str, expected: str) -> None:
+    assert naming.device_name(name, naming.IdKind.VOLUME) == expected
+
+
+@pytest.mark.parametrize("name", ["Upper", "with space", "a" * 64, "-lead", "trail-", "ü", "x" * 128, "a.b"])
+def test_hashed_names_are_bounded_safe_and_deterministic(name: str) -> None:
+    got = naming.device_name(name, naming.IdKind.SNAPSHOT)
+    assert got.startswith("sh-") and len(got) == 43
+    assert got == naming.device_name(name, naming.IdKind.SNAPSHOT)
+    assert naming.is_own_id(got, naming.IdKind.SNAPSHOT)
+    assert not naming.is_own_id(got, naming.IdKind.VOLUME)
+
+
+def test_forms_and_kinds_do_not_collide() -> None:
+    readable = naming.device_name("h-abc", naming.IdKind.VOLUME)
+    hashed = naming.device_name("H-abc", naming.IdKind.VOLUME)
+    assert readable == "v-h-abc" and hashed.startswith("vh-") and readable != hashed
+    assert naming.device_name("x", naming.IdKind.VOLUME) != naming.device_name("x", naming.IdKind.SNAPSHOT)
+
+
+@pytest.mark.parametrize("value", ["some-vol-id", "v-", "v-UP", "x-abc", "vh-", "s-abc/../x", ""])
+def test_foreign_ids(value: str) -> None:
+    assert not naming.is_own_id(value, naming.IdKind.VOLUME)
+
+
+# -- sizes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("required", "limit", "at_least", "expected"),
+    [
+        (0, 0, 0, GiB),  # default size
+        (1, 0, 0, BS),  # rounded up to the block size
+        (BS + 1, 0, 0, 2 * BS),
+        (0, 10 * MiB, 0, 10 * MiB),  # the default capped by the limit
+        (1, BS + 100, 0, BS),
+        (10 * MiB, 0, 20 * MiB, 20 * MiB),  # a clone is never smaller than its source
+        (10 * MiB, 30 * MiB, 20 * MiB, 20 * MiB),
+    ],
+)
+def test_choose_size(required: int, limit: int, at_least: int, expected: int) -> None:
+    settings = provisioner.Settings(node_id="n", block_size=BS)
+    got = provisioner.choose_size(provisioner.CapacityRange(required, limit), settings, at_least=at_least)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("required", "limit", "at_least", "error"),
+    [
+        (-1, 0, 0, errors.InvalidArgument),
+        (0, -1, 0, errors.InvalidArgument),
+        (10, 5, 0, errors.InvalidArgument),
+        (1 << 62, 0, 0, errors.InvalidArgument),  # absurd
+        (100, 200, 0, errors.OutOfRange),  # no block multiple fits
+        (10 * MiB, 15 * MiB, 20 * MiB, errors.OutOfRange),  # source larger than the limit
+    ],
+)
+def test_choose_size_rejects(required: int, limit: int, at_least: int, error: type[Exception]) -> None:
+    settings = provisioner.Settings(node_id="n", block_size=BS)
+    with pytest.raises(error):
+        provisioner.choose_size(provisioner.CapacityRange(required, limit), settings, at_least=at_least)
+
+
+# -- create / idempotency ------------------------------------------------------------------------------
+
+
+def test_create_is_idempotent_and_checks_compatibility() -> None:
+    prov, _ = make()
+    a = prov.create_volume(req("pvc-a", 10 * MiB), deadline=DL)
+    assert prov.create_volume(req("pvc-a", 10 * MiB), deadline=DL) == a
+    assert prov.create_volume(req("pvc-a", 5 * MiB, 20 * MiB), deadline=DL) == a  # fits the range
+    with pytest.raises(errors.AlreadyExists):
+        prov.create_volume(req("pvc-a", 20 * MiB), deadline=DL)
+    src = provisioner.ContentSource(naming.IdKind.VOLUME, a.name)
+    with pytest.raises(errors.AlreadyExists):
+        prov.create_volume(req("pvc-a", 10 * MiB, source=src), deadline=DL)
+
+
+def test_clone_and_restore_into_larger() -> None:
+    prov, _ = make()
+    a = prov.create_volume(req("pvc-a", 10 * MiB), deadline=DL)
+    snap = prov.create_snapshot("snap-1", a.name, deadline=DL)
+    assert prov.create_snapshot("snap-1", a.name, deadline=DL) == snap
+    r = prov.create_volume(
+        req("pvc-r", 30 * MiB, source=provisioner.ContentSource(naming.IdKind.SNAPSHOT, snap.name)),
+        deadline=DL,
+    )
+    assert (r.size_bytes, r.origin) == (30 * MiB, snap.name)
+    c = prov.create_volume(
+        req("pvc-c", source=provisioner.ContentSource(naming.IdKind.VOLUME, a.name)), deadline=DL
+    )
+    assert c.size_bytes == GiB  # default size, larger than the source
+    small = prov.create_volume(
+        req("pvc-s", 1, source=provisioner.ContentSource(naming.IdKind.VOLUME, a.name)), deadline=DL
+    )
+    assert small.size_bytes == 10 * MiB  # raised to the source's size
+
+
+def test_missing_and_foreign_sources_are_not_found() -> None:
+    prov, _ = make()
+    for kind, ident in [
+        (naming.IdKind.SNAPSHOT, "s-nope"),
+        (naming.IdKind.SNAPSHOT, "foreign-id"),
+        (naming.IdKind.VOLUME, "v-nope"),
+    ]:
+        with pytest.raises(errors.NotFound):
+            prov.create_volume(req("pvc-x", source=provisioner.ContentSource(kind, ident)), deadline=DL)
+    with pytest.raises(errors.NotFound):
+        prov.create_snapshot("s", "v-nope", deadline=DL)
+
+
+def test_snapshot_name_reused_for_another_source() -> None:
+    prov, _ = make()
+    a = prov.create_volume(req("pvc-a"), deadline=DL)
+    b = prov.create_volume(req("pvc-b"), deadline=DL)
+    prov.create_snapshot("snap", a.name, deadline=DL)
+    with pytest.raises(errors.AlreadyExists):
+        prov.create_snapshot("snap", b.name, deadline=DL)
+
+
+def test_topology_requirement() -> None:
+    prov, eng = make()
+    with pytest.raises(errors.ResourceExhausted):
+        prov.create_volume(req("pvc-a", allowed_nodes=frozenset({"other"})), deadline=DL)
+    assert not eng.devices
+    assert prov.create_volume(req("pvc-a", allowed_nodes=frozenset({"n1", "other"})), deadline=DL)
+
+
+def test_overprovision_limit() -> None:
+    prov, eng = make(overprovision_ratio=2.0)  # 10 GiB pool: 20 GiB may be provisioned
+    prov.create_volume(req("pvc-a", 15 * GiB), deadline=DL)
+    with pytest.raises(errors.ResourceExhausted):
+        prov.create_volume(req("pvc-b", 6 * GiB), deadline=DL)
+    prov.create_volume(req("pvc-b", 5 * GiB), deadline=DL)
+    assert len(eng.devices) == 2
+
+
+def test_delete_absent_foreign_and_wrong_kind_ids_are_done() -> None:
+    prov, eng = make()
+    a = prov.create_volume(req("pvc-a"), deadline=DL)
+    prov.delete_volume("v-absent", deadline=DL)
+    prov.delete_volume("reallyfakevolumeid", deadline=DL)
+    prov.delete_snapshot(a.name, deadline=DL)  # a volume id is not a snapshot id
+    assert a.name in eng.devices
+    prov.delete_volume(a.name, deadline=DL)
+    prov.delete_volume(a.name, deadline=DL)
+    assert not eng.devices
+
+
+def test_expand() -> None:
+    prov, _ = make()
+    a = prov.create_volume(req("pvc-a", 10 * MiB), deadline=DL)
+    grown = prov.expand_volume(a.name, provisioner.CapacityRange(20 * MiB + 1), deadline=DL)
+    assert grown.size_bytes == 20 * MiB + BS
+    assert prov.expand_volume(a.name, provisioner.CapacityRange(5 * MiB), deadline=DL) == grown  # no shrink
+    with pytest.raises(errors.NotFound):
+        prov.expand_volume("v-nope", provisioner.CapacityRange(5 * MiB), deadline=DL)
+
+
+def test_busy_names_give_operation_pending() -> None:
+    prov, eng = make()
+    eng.busy.add("v-pvc-a")
+    with pytest.raises(errors.OperationPending):
+        prov.create_volume(req("pvc-a"), deadline=DL)
+
+
+# -- listing -----------------------------------------------------------------------------------------
+
+
+def test_tokens_round_trip_and_reject_foreign() -> None:
+    assert paging.start_after(paging.token_after("v-abc")) == "v-abc"
+    for bad in ["", "invalid-token", "c1.", "c1.%%%", "c2.djEtYWJj", "c1.////"]:
+        assert paging.start_after(bad) is None
+
+
+def test_pagination_is_stable_across_inserts_and_deletes() -> None:
+    prov, eng = make()
+    for n in "aebdc":
+        prov.create_volume(req(f"pvc-{n}"), deadline=DL)
+    first = prov.list_volumes(max_entries=2, token="")
+    assert [d.name for d in first.devices] == ["v-pvc-a", "v-pvc-b"] and first.next_token
+    eng.devices.pop("v-pvc-b")  # the last volume of the page goes away
+    prov.create_volume(req("pvc-0"), deadline=DL)  # one sorts before the cursor, one after
+    prov.create_volume(req("pvc-cc"), deadline=DL)
+    second = prov.list_volumes(max_entries=2, token=first.next_token)
+    assert [d.name for d in second.devices] == ["v-pvc-c", "v-pvc-cc"]
+    third = prov.list_volumes(max_entries=2, token=second.next_token)
+    assert [d.name for d in third.devices] == ["v-pvc-d", "v-pvc-e"] and third.next_token == ""
+    assert len(prov.list_volumes(max_entries=0, token="").devices) == 6
+    with pytest.raises(provisioner.InvalidToken):
+        prov.list_volumes(max_entries=2, token="invalid-token")
+
+
+def test_list_snapshots_filters() -> None:
+    prov, _ = make()
+    a = prov.create_volume(req("pvc-a"), deadline=DL)
+    b = prov.create_volume(req("pvc-b"), deadline=DL)
+    sa = prov.create_snapshot("sa", a.name, deadline=DL)
+    prov.create_snapshot("sb", b.name, deadline=DL)
+    assert [
+        s.name
+        for s in prov.list_snapshots(snapshot_id=sa.name, source_id="", max_entries=0, token="").devices
+    ] == [sa.name]
+    assert [
+        s.name for s in prov.list_snapshots(snapshot_id="", source_id=a.name, max_entries=0, token="").devices
+    ] == [sa.name]
+    assert prov.list_snapshots(snapshot_id="s-none", source_id="", max_entries=0, token="").devices == []
+    assert len(prov.list_snapshots(snapshot_id="", source_id="", max_entries=0, token="").devices) == 2
+
+
+# -- capacity and condition ----------------------------------------------------------------------------
+
+
+def test_capacity() -> None:
+    prov, eng = make(overprovision_ratio=2.0)
+    eng.data_used = 1 * GiB
+    cap = prov.capacity(node_id=None, deadline=DL)
+    # logical: 2 x 10 GiB - 0 provisioned; physical: 10 GiB x 0.95 - 1 GiB
+    assert cap.maximum_volume_bytes == 20 * GiB
+    assert cap.available_bytes == (int(10 * GiB * 0.95) - GiB) // BS * BS
+    prov.create_volume(req("pvc-a", 15 * GiB), deadline=DL)
+    cap = prov.capacity(node_id="n1", deadline=DL)
+    assert cap.maximum_volume_bytes == cap.available_bytes == 5 * GiB
+    assert prov.capacity(node_id="elsewhere", deadline=DL).available_bytes == 0
+    eng.mode = model.PoolMode.RO
+    assert prov.capacity(node_id=None, deadline=DL) == provisioner.Capacity(0, 0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "used", "abnormal"),
+    [
+        (model.PoolMode.RW, 0, False),
+        (model.PoolMode.RW, int(9.6 * GiB), True),
+        (model.PoolMode.RO, 0, True),
+        (model.PoolMode.OUT_OF_DATA_SPACE, 0, True),
+    ],
+)
+def test_condition(mode: model.PoolMode, used: int, abnormal: bool) -> None:
+    prov, eng = make()
+    a = prov.create_volume(req("pvc-a"), deadline=DL)
+    eng.mode, eng.data_used = mode, used
+    cond = prov.condition(a, deadline=DL)
+    assert cond.abnormal == abnormal and (cond.message != "") == abnormal
