@@ -12,7 +12,7 @@ import pytest
 from csi_thin import config, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
-from csi_thin.dm import ioctl, loop
+from csi_thin.dm import ioctl, loop, parse
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import dmthin
 
@@ -294,3 +294,76 @@ def test_bad_ids(be: dmthin.DmThinBackend) -> None:
         be.create_thin(model.MAX_DEVICE_ID + 1, MiB, deadline=_dl())
     with pytest.raises(errors.InvalidArgument):
         be.activate(-1, MiB, deadline=_dl())
+
+
+def test_active_pool_with_another_table_is_refused(be: dmthin.DmThinBackend, cfg: config.PoolConfig) -> None:
+    assert cfg.dmthin is not None
+    other = config.PoolConfig(
+        name=cfg.name,
+        backend=cfg.backend,
+        state_dir=cfg.state_dir,
+        dmthin=config.DmThinConfig(data_file=cfg.dmthin.data_file, data_size=DATA, block_size=2 * BS),
+    )
+    with pytest.raises(errors.FailedPrecondition) as exc:
+        dmthin.DmThinBackend(other).assemble(deadline=_dl())
+    assert "tear it down first" in exc.value.message
+    assert be.status(deadline=_dl()).healthy  # the running pool is untouched
+
+
+def test_stale_metadata_snapshot_and_missing_node(be: dmthin.DmThinBackend) -> None:
+    be.create_thin(1, 16 * MiB, deadline=_dl())
+    ctl = ioctl.Control()
+    ctl.message(be.pool_name, "reserve_metadata_snap")  # as if a crash hit between reserve and release
+    assert be.device_ids(deadline=_dl()) == {1: 0}
+    path = be.activate(1, 16 * MiB, deadline=_dl())
+    os.unlink(path)  # someone cleaned /dev (a container restart)
+    assert be.activate(1, 16 * MiB, deadline=_dl()) == path
+    assert _size(path) == 16 * MiB
+
+
+def test_block_device_pool(tmp_path: pathlib.Path) -> None:
+    """data_device + metadata_device: the pool sits on given block devices; destroy wipes the
+    metadata superblock so the next assemble starts a fresh pool, and the devices stay."""
+    work = pathlib.Path("/scratch") / f"blk-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    files = {"meta": (work / "meta", 4 * MiB), "data": (work / "data", 256 * MiB)}
+    devs: dict[str, str] = {}
+    for key, (path, size) in files.items():
+        with open(path, "wb") as f:
+            f.truncate(size)
+        devs[key] = loop.attach(str(path))
+    try:
+        cfg = config.PoolConfig(
+            name=f"b{uuid.uuid4().hex[:6]}",
+            backend=config.BackendKind.DMTHIN,
+            state_dir=str(work / "state"),
+            dmthin=config.DmThinConfig(
+                data_device=devs["data"],
+                metadata_device=devs["meta"],
+                zero_blocks=False,
+                discard_passdown=False,
+                error_if_no_space=False,
+            ),
+        )
+        be = dmthin.DmThinBackend(cfg)
+        be.assemble(deadline=_dl())
+        [table] = ioctl.Control().table(be.pool_name)
+        parsed = parse.parse_pool_table(table.params)
+        assert parsed.skip_block_zeroing
+        assert parsed.no_discard_passdown
+        assert not parsed.error_if_no_space
+        assert be.status(deadline=_dl()).data_total_bytes == 256 * MiB
+        be.create_thin(7, 8 * MiB, deadline=_dl())
+        be.teardown(deadline=_dl())
+        be.assemble(deadline=_dl())
+        assert set(be.device_ids(deadline=_dl())) == {7}
+        be.destroy(deadline=_dl())
+        assert loop.backing_file(devs["meta"]) is not None  # block devices are not ours to remove
+        be.assemble(deadline=_dl())  # a fresh pool on the wiped metadata
+        assert be.device_ids(deadline=_dl()) == {}
+        be.teardown(deadline=_dl())
+    finally:
+        for key, (path, _) in files.items():
+            loop.detach(devs[key])
+            path.unlink()
+        work.rmdir()
