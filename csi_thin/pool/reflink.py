@@ -34,6 +34,7 @@ from collections.abc import Iterator
 
 from csi_thin import config, errors, model, runner
 from csi_thin import deadline as deadline_mod
+from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import loop
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,17 @@ NOMINAL_INODE_BYTES = 512
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
 
 
-class DeviceBusy(errors.FailedPrecondition):
-    """The device's block device is in use (mounted, or claimed by another holder)."""
+class DeviceBusy(dm_errors.DeviceBusy):
+    """The device's block device is in use (mounted, or claimed by another holder).
+
+    A subclass of the dm backend's: callers catch one type for either backend."""
 
 
 class NotActive(errors.FailedPrecondition):
     """The device exists but has no block device now."""
 
 
-class TransactionIdMismatch(errors.FailedPrecondition):
+class TransactionIdMismatch(dm_errors.TransactionIdMismatch):
     """set_transaction_id's `old` is not the pool's current transaction id."""
 
 
@@ -304,11 +307,14 @@ class ReflinkBackend:
             txid = os.path.join(self._dir, _TXID)
             if not os.path.exists(txid):
                 self._write_txid(0)
-            for name in os.listdir(self._devices):
-                if name.startswith(_TMP):  # a step that crashed before its link: never a device
-                    log.info("event=remove_partial pool=%s file=%s", self._name, name)
-                    os.unlink(os.path.join(self._devices, name))
-            _fsync_dir(self._devices)
+            for folder in (self._devices, self._dir):
+                for name in os.listdir(folder):
+                    # a step (or probe, or txid update) that crashed before its link or rename:
+                    # never a device, and nothing else uses the name (assemble runs first, alone)
+                    if name.startswith(_TMP):
+                        log.info("event=remove_partial pool=%s file=%s", self._name, name)
+                        os.unlink(os.path.join(folder, name))
+                _fsync_dir(folder)
         except OSError as exc:
             raise _oserror(f"assemble pool {self._name}", exc) from exc
         log.info("event=assembled pool=%s directory=%s", self._name, self._dir)
@@ -643,7 +649,15 @@ class ReflinkBackend:
             return
         mount = self._mount_of(dev)
         if mount is None:
-            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                # claimed (mounted in another mount namespace?) but no mount of it is visible here:
+                # nothing to freeze, so the snapshot is crash-consistent, not filesystem-clean
+                log.warning("event=snapshot_unfrozen dev=%s reason=claimed_without_visible_mount", dev)
+                fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)  # raw block use: push the block device's dirty pages into the file
             finally:
