@@ -37,6 +37,7 @@ class Driver:
     backend: backend_mod.Backend
     socket: pathlib.Path
     node_id: str
+    server: server.Server
 
 
 @contextlib.contextmanager
@@ -76,6 +77,7 @@ def serve(
                     backend=backend,
                     socket=sock,
                     node_id=node_id,
+                    server=srv,
                 )
         finally:
             srv.stop(grace=5)
