@@ -335,6 +335,14 @@ class DmThinBackend:
             raise errors.Unavailable(f"pool {self._pool} has failed: no transaction id")
         return line.transaction_id
 
+    def _require_writable(self, what: str) -> None:
+        targets = self._ctl.status(self.pool_name, flush=False)
+        line = parse.parse_pool_status(targets[0].params)
+        if line.mode == model.PoolMode.OUT_OF_DATA_SPACE:
+            raise dm_errors.NoSpace(f"pool {self._pool} is out of data space: {what} refused")
+        if line.mode != model.PoolMode.RW:
+            raise errors.Unavailable(f"pool {self._pool} is {line.mode.value}: {what} refused")
+
     def set_transaction_id(self, old: int, new: int, *, deadline: deadline_mod.Deadline) -> None:
         deadline.check("set_transaction_id")
         try:
@@ -374,6 +382,9 @@ class DmThinBackend:
             # an inactive origin has no in-flight IO: dm-thin snapshots it without a suspend
             self._message(f"create_snap {dev_id} {origin_id}")
             return
+        # a flushing suspend waits for in-flight IO, which a pool without space (queueing) or a
+        # failed pool never completes: refuse instead of hanging past the deadline
+        self._require_writable(f"create_snap {dev_id} of active {origin_id}")
         # an active origin must be suspended (flushing its IO, freezing its filesystem) around the
         # message; it is resumed on every path, even past the deadline: a stuck origin is worse
         self._ctl.suspend(origin)

@@ -367,3 +367,36 @@ def test_block_device_pool(tmp_path: pathlib.Path) -> None:
             loop.detach(devs[key])
             path.unlink()
         work.rmdir()
+
+
+def test_full_pool_refuses_snapshot_of_active_origin_without_suspending() -> None:
+    work = pathlib.Path("/scratch") / f"full-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    cfg = config.PoolConfig(
+        name=f"f{uuid.uuid4().hex[:6]}",
+        backend=config.BackendKind.DMTHIN,
+        state_dir=str(work / "state"),
+        dmthin=config.DmThinConfig(data_file=str(work / "data.img"), data_size=16 * MiB, block_size=BS),
+    )
+    be = dmthin.DmThinBackend(cfg)
+    be.assemble(deadline=_dl())
+    try:
+        be.create_thin(1, 32 * MiB, deadline=_dl())
+        path = be.activate(1, 32 * MiB, deadline=_dl())
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            with pytest.raises(OSError):  # error_if_no_space: writes past the pool's end fail
+                for i in range(32 * MiB // MiB):
+                    os.pwrite(fd, b"z" * MiB, i * MiB)
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert be.status(deadline=_dl()).mode == model.PoolMode.OUT_OF_DATA_SPACE
+        with pytest.raises(errors.ResourceExhausted):
+            be.create_snap(2, 1, 32 * MiB, deadline=_dl())
+        info = ioctl.Control().info(os.path.basename(path))
+        assert info is not None
+        assert not info.suspended
+    finally:
+        be.destroy(deadline=_dl())
+        work.rmdir()
