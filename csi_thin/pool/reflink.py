@@ -317,7 +317,40 @@ class ReflinkBackend:
                 _fsync_dir(folder)
         except OSError as exc:
             raise _oserror(f"assemble pool {self._name}", exc) from exc
+        self._thaw_leftovers()
         log.info("event=assembled pool=%s directory=%s", self._name, self._dir)
+
+    def _thaw_leftovers(self) -> None:
+        """Thaw filesystems on this pool's devices that a killed snapshot step left frozen.
+
+        try/finally thaws on every failure a process survives; SIGKILL (or a crash of the node
+        agent) between FIFREEZE and FITHAW is the one it does not, and a frozen volume blocks its
+        writers forever. Assemble runs first at every start, so the freeze ends there. FITHAW of a
+        filesystem that is not frozen answers EINVAL and changes nothing.
+        """
+        for dev_id in self._list():
+            dev = loop.find(self._path(dev_id))
+            mount = self._mount_of(dev) if dev is not None else None
+            if mount is None:
+                continue
+            try:
+                fd = os.open(mount.mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue  # not reachable from here: not ours to repair
+            try:
+                fcntl.ioctl(fd, FITHAW, 0)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    log.warning("event=thaw_failed mount_point=%s errno=%d", mount.mount_point, exc.errno)
+            else:
+                log.warning(
+                    "event=thawed_leftover pool=%s id=%d mount_point=%s",
+                    self._name,
+                    dev_id,
+                    mount.mount_point,
+                )
+            finally:
+                os.close(fd)
 
     def _assemble_image(self, deadline: deadline_mod.Deadline) -> None:
         assert self._image is not None

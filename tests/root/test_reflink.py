@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import pathlib
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -370,6 +371,52 @@ def test_failed_clone_thaws_the_origin(
     assert set(xfs_pool.device_ids(deadline=d)) == {1}
     assert [n for n in os.listdir(workdir / "pool" / "devices") if n != "1.img"] == []
     monkeypatch.undo()
+    runner.run(["umount", str(mnt)], deadline=d)
+
+
+def _is_frozen(mount_point: pathlib.Path) -> bool:
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, reflink.FIFREEZE, 0)
+    except OSError as exc:
+        assert exc.errno == errno.EBUSY, exc
+        return True
+    else:
+        fcntl.ioctl(fd, reflink.FITHAW, 0)
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_snapshot_killed_while_frozen_is_thawed_by_assemble(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    """SIGKILL between FIFREEZE and FITHAW (no finally runs): the next assemble thaws the volume."""
+    d = dl()
+    xfs_pool.create_thin(1, 64 * MiB, deadline=d)
+    dev = xfs_pool.activate(1, 64 * MiB, deadline=d)
+    mnt = workdir / "mnt"
+    _mkfs_mount(dev, mnt)
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        try:
+            reflink._clone = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[assignment]
+            xfs_pool.create_snap(2, 1, 64 * MiB, deadline=d)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert _is_frozen(mnt)
+    leftovers = os.listdir(workdir / "pool" / "devices")
+    assert any(n.startswith(".tmp-2-") for n in leftovers), leftovers
+
+    restarted = reflink.ReflinkBackend(make_config(workdir))
+    restarted.assemble(deadline=d)
+    assert not _is_frozen(mnt)
+    assert _write_with_timeout(mnt / "after.txt", b"writable again\n")
+    assert restarted.device_ids(deadline=d).keys() == {1}
+    assert os.listdir(workdir / "pool" / "devices") == ["1.img"]
+    assert restarted.device_path(1) == dev  # assemble leaves active devices as they are
     runner.run(["umount", str(mnt)], deadline=d)
 
 
