@@ -358,7 +358,19 @@ class ReflinkBackend:
             self._create_image(deadline)
         # direct IO where the host allows it: the image's pages are cached once, inside it; its
         # filesystem is made with 4 KiB sectors so it mounts whatever block size the loop gets
-        dev = loop.find(self._image) or loop.attach(self._image, direct_io=True)
+        dev = loop.find(self._image)
+        attached_here = dev is None
+        if dev is None:
+            dev = loop.attach(self._image, direct_io=True)
+        try:
+            self._mount_image(dev, deadline)
+        except BaseException:
+            if attached_here:  # leave the host as it was: no loop device nobody will detach
+                with contextlib.suppress(errors.CsiThinError):
+                    loop.detach(dev)
+            raise
+
+    def _mount_image(self, dev: str, deadline: deadline_mod.Deadline) -> None:
         current = self._image_mounted()
         if current is not None:
             if not _is_mount_of(current, dev):
@@ -416,7 +428,7 @@ class ReflinkBackend:
             argv = ["btrfs", "check", "--readonly", dev]
         res = runner.run(argv, deadline=deadline, check=False)
         if res.returncode != 0:
-            raise errors.FailedPrecondition(
+            raise dm_errors.MetadataCheckFailed(
                 f"pool image {self._image} failed its check ({argv[0]} exited {res.returncode}); "
                 f"repair it offline before assembling: {(res.stderr or res.stdout).strip()[-1000:]}"
             )

@@ -19,6 +19,7 @@ import pytest
 
 from csi_thin import config, errors, model, runner
 from csi_thin import deadline as deadline_mod
+from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import loop
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import reflink
@@ -418,6 +419,22 @@ def test_snapshot_killed_while_frozen_is_thawed_by_assemble(
     assert os.listdir(workdir / "pool" / "devices") == ["1.img"]
     assert restarted.device_path(1) == dev  # assemble leaves active devices as they are
     runner.run(["umount", str(mnt)], deadline=d)
+
+
+def test_damaged_image_is_refused_before_mounting(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    """The check of an inactive pool (xfs_repair -n) stops assembly, and leaves no loop device."""
+    d = dl()
+    xfs_pool.create_thin(1, MiB, deadline=d)
+    xfs_pool.teardown(deadline=d)
+    with open(workdir / "pool.img", "r+b") as f:  # AGF, AGI, AGFL of AG 0 (4 KiB sectors)
+        f.seek(4096)
+        f.write(b"\xab" * 12288)
+    with pytest.raises(dm_errors.MetadataCheckFailed, match=r"failed its check.*repair it offline"):
+        xfs_pool.assemble(deadline=d)
+    assert loop.find(str(workdir / "pool.img")) is None
+    assert not any(m.mount_point == str(workdir / "pool") for m in reflink.mounts())
 
 
 def test_refuses_a_directory_that_cannot_reflink(workdir: pathlib.Path) -> None:
