@@ -19,6 +19,8 @@ _PROBE_BYTES = 1024 * 1024
 _BLKID_NOTHING = 2
 #: e2fsck exit status: 0 clean, 1 errors corrected, 2 corrected + reboot; 4 and up: not corrected
 _E2FSCK_UNCORRECTED = 4
+#: linux/capability.h: ext4's online resize ioctl requires it
+CAP_SYS_RESOURCE = 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +111,25 @@ def grow_unmounted(device: str, fs_type: str, *, deadline: deadline_mod.Deadline
 def grow(device: str, mount_point: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
     """Grow a mounted filesystem to its device's size (a no-op when it already fills it)."""
     if fs_type == "ext4":
+        if not has_capability(CAP_SYS_RESOURCE):
+            raise errors.FailedPrecondition(
+                "growing a mounted ext4 needs CAP_SYS_RESOURCE, which this node plugin lacks; "
+                "the filesystem is grown the next time the volume is staged"
+            )
         runner.run(["resize2fs", device], deadline=deadline)
     elif fs_type == "xfs":
         runner.run(["xfs_growfs", mount_point], deadline=deadline)
     else:
         raise errors.FailedPrecondition(f"cannot grow a {fs_type} filesystem")
+
+
+def has_capability(bit: int, status_path: str = "/proc/self/status") -> bool:
+    """Whether this process holds a Linux capability (in its effective set)."""
+    with open(status_path, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
 
 
 def usage(path: str) -> Usage:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 
-from csi_thin.node import mountinfo
+from csi_thin.node import filesystem, mountinfo
 
 SAMPLE = """\
 22 1 253:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw,errors=remount-ro
@@ -67,3 +68,12 @@ def test_malformed(line: str) -> None:
 def test_reads_this_process() -> None:
     mounts = mountinfo.read()
     assert any(m.mount_point == "/" for m in mounts)
+
+
+def test_has_capability(tmp_path: pathlib.Path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t000001fffeffffff\n")
+    assert filesystem.has_capability(21, str(status))  # CAP_SYS_ADMIN
+    assert not filesystem.has_capability(filesystem.CAP_SYS_RESOURCE, str(status))
+    status.write_text("CapEff:\t000001ffffffffff\n")
+    assert filesystem.has_capability(filesystem.CAP_SYS_RESOURCE, str(status))

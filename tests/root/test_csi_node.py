@@ -1,0 +1,384 @@
+"""The CSI Node service for real, as root: the standalone driver over real gRPC on the reflink
+backend (loop devices), with real mkfs, mounts and bind mounts. Every call is retried to prove it
+idempotent."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pathlib
+import stat
+import subprocess
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from csi_thin import deadline, model
+from csi_thin.csi.pb import csi_pb2
+from csi_thin.node import filesystem, mountinfo
+from csi_thin.pool import reflink
+from tests import csi_harness as h
+
+S = grpc.StatusCode
+MiB = h.MiB
+Mode = h.Mode
+
+
+class Node:
+    """The driver plus helpers that retry every node call."""
+
+    def __init__(self, d: h.Driver, workdir: pathlib.Path) -> None:
+        self.d = d
+        self.workdir = workdir
+
+    def create(self, name: str, size: int, cap: csi_pb2.VolumeCapability, **kw: object) -> csi_pb2.Volume:
+        return self.d.controller.CreateVolume(h.create_req(name, size, cap=cap, **kw)).volume
+
+    def stage(self, vol: csi_pb2.Volume, cap: csi_pb2.VolumeCapability, name: str | None = None) -> str:
+        path = str(self.workdir / "staging" / (name or vol.volume_id))
+        req = csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id,
+            staging_target_path=path,
+            volume_capability=cap,
+            volume_context=vol.volume_context,
+        )
+        self.d.node.NodeStageVolume(req)
+        self.d.node.NodeStageVolume(req)
+        return path
+
+    def publish(
+        self,
+        vol: csi_pb2.Volume,
+        cap: csi_pb2.VolumeCapability,
+        staging: str,
+        target: str,
+        *,
+        readonly: bool = False,
+    ) -> str:
+        path = str(self.workdir / "pods" / target)
+        req = csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id,
+            staging_target_path=staging,
+            target_path=path,
+            volume_capability=cap,
+            volume_context=vol.volume_context,
+            readonly=readonly,
+        )
+        self.d.node.NodePublishVolume(req)
+        self.d.node.NodePublishVolume(req)
+        return path
+
+    def unpublish(self, vol: csi_pb2.Volume, target: str) -> None:
+        for _ in range(2):
+            self.d.node.NodeUnpublishVolume(
+                csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=target)
+            )
+        assert not os.path.exists(target) and mountinfo.at(target) is None
+
+    def unstage(self, vol: csi_pb2.Volume, staging: str) -> None:
+        for _ in range(2):
+            self.d.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=staging)
+            )
+        assert mountinfo.at(staging) is None
+        dev = self.d.engine.get(vol.volume_id)
+        assert dev is not None and not dev.active
+
+    def stats(self, vol: csi_pb2.Volume, path: str) -> csi_pb2.NodeGetVolumeStatsResponse:
+        return self.d.node.NodeGetVolumeStats(
+            csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=path)
+        )
+
+
+def _cleanup_mounts(workdir: pathlib.Path, keep: str) -> None:
+    """Unmount whatever a failed test left under workdir (deepest first), except the pool itself."""
+    mounts = [m.mount_point for m in mountinfo.read() if m.mount_point.startswith(str(workdir) + "/")]
+    for mp in sorted(set(mounts), key=len, reverse=True):
+        if mp != keep:
+            subprocess.run(["umount", "-l", mp], check=False)
+
+
+@contextlib.contextmanager
+def reflink_driver(workdir: pathlib.Path, **kw: object) -> Iterator[h.Driver]:
+    cfg = h.reflink_config(workdir)
+    backend = reflink.ReflinkBackend(cfg)
+    with h.serve(workdir, backend, **kw) as d:  # type: ignore[arg-type]
+        yield d
+
+
+@pytest.fixture
+def node(tmp_path: pathlib.Path) -> Iterator[Node]:
+    cfg = h.reflink_config(tmp_path)
+    try:
+        with reflink_driver(tmp_path) as d:
+            yield Node(d, tmp_path)
+    finally:
+        _cleanup_mounts(tmp_path, keep=str(tmp_path / "pool"))
+        reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def test_mount_volume_life_cycle_ext4(node: Node) -> None:
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    staged = mountinfo.at(staging)
+    assert staged is not None and staged.fs_type == "ext4"
+    target = node.publish(vol, cap, staging, "pod-a/volume")
+    _write(f"{target}/hello", "world")
+    ro = node.publish(vol, cap, staging, "pod-b/volume", readonly=True)
+    assert pathlib.Path(f"{ro}/hello").read_text() == "world"
+    with pytest.raises(OSError) as exc:
+        _write(f"{ro}/nope", "x")
+    assert exc.value.errno == errno.EROFS
+
+    st = node.stats(vol, target)
+    by_unit = {u.unit: u for u in st.usage}
+    assert 50 * MiB < by_unit[csi_pb2.VolumeUsage.BYTES].total <= 64 * MiB
+    assert by_unit[csi_pb2.VolumeUsage.BYTES].used > 0
+    assert by_unit[csi_pb2.VolumeUsage.INODES].used > 0
+    assert not st.volume_condition.abnormal
+
+    # a different read-only mode at a published target, another volume at a staging path: conflicts
+    other = csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.volume_id,
+        staging_target_path=staging,
+        target_path=ro,
+        volume_capability=cap,
+        readonly=False,
+    )
+    assert h.code_of(lambda: node.d.node.NodePublishVolume(other)) == S.ALREADY_EXISTS
+    vol_b = node.create("pvc-b", 64 * MiB, cap)
+    steal = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol_b.volume_id, staging_target_path=staging, volume_capability=cap
+    )
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(steal)) == S.ALREADY_EXISTS
+
+    node.unpublish(vol, ro)
+    node.unpublish(vol, target)
+    node.unstage(vol, staging)
+    # the data survives: staged again, nothing is reformatted
+    staging = node.stage(vol, cap)
+    assert pathlib.Path(f"{staging}/hello").read_text() == "world"
+    node.unstage(vol, staging)
+    for v in (vol, vol_b):
+        node.d.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id))
+
+
+def test_xfs_is_mounted_nouuid_and_grows_online(node: Node) -> None:
+    cap = h.mount_cap("xfs")
+    vol = node.create("pvc-x", 320 * MiB, cap)
+    assert vol.volume_context["csi-thin.io/fs-type"] == "xfs"
+    # the recorded fs type is used when the stage request leaves it out
+    staging = node.stage(vol, h.mount_cap())
+    staged = mountinfo.at(staging)
+    assert staged is not None and staged.fs_type == "xfs"
+    target = node.publish(vol, h.mount_cap(), staging, "pod/volume")
+    before = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    grown = node.d.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=640 * MiB)
+        )
+    )
+    assert grown.capacity_bytes == 640 * MiB and grown.node_expansion_required
+    expand = csi_pb2.NodeExpandVolumeRequest(
+        volume_id=vol.volume_id, volume_path=target, staging_target_path=staging
+    )
+    for _ in range(2):
+        assert node.d.node.NodeExpandVolume(expand).capacity_bytes == 640 * MiB
+    after = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    assert after > before + 250 * MiB
+    # a second xfs with the same uuid (a restored snapshot) mounts beside the original thanks to nouuid
+    snap = node.d.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="sx", source_volume_id=vol.volume_id)
+    )
+    src = csi_pb2.VolumeContentSource(
+        snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot.snapshot_id)
+    )
+    copy = node.create("pvc-x2", 640 * MiB, cap, volume_content_source=src)
+    staging2 = node.stage(copy, cap)
+    assert mountinfo.at(staging2) is not None
+    node.unstage(copy, staging2)
+    node.unpublish(vol, target)
+    node.unstage(vol, staging)
+
+
+def test_restore_into_a_larger_volume_keeps_the_data_and_grows_the_filesystem(node: Node) -> None:
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    _write(f"{staging}/data", "payload")
+    snap = node.d.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="snap", source_volume_id=vol.volume_id)
+    )
+    node.unstage(vol, staging)
+    src = csi_pb2.VolumeContentSource(
+        snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot.snapshot_id)
+    )
+    big = node.create("pvc-big", 256 * MiB, cap, volume_content_source=src)
+    staging_big = node.stage(big, cap)
+    assert pathlib.Path(f"{staging_big}/data").read_text() == "payload"
+    total = os.statvfs(staging_big).f_blocks * os.statvfs(staging_big).f_frsize
+    assert total > 200 * MiB
+    node.unstage(big, staging_big)
+
+
+def test_a_device_with_data_is_never_reformatted(node: Node) -> None:
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    _write(f"{staging}/keep", "me")
+    node.unstage(vol, staging)
+    wrong = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=h.mount_cap("xfs")
+    )
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(wrong)) == S.FAILED_PRECONDITION
+    assert mountinfo.at(staging) is None
+    staging = node.stage(vol, cap)
+    assert pathlib.Path(f"{staging}/keep").read_text() == "me"
+    node.unstage(vol, staging)
+
+
+def test_unknown_data_without_a_filesystem_is_not_formatted(node: Node) -> None:
+    blk = h.block_cap()
+    vol = node.create("pvc-raw", 64 * MiB, blk)
+    staging = node.stage(vol, blk)
+    dev = node.d.engine.get(vol.volume_id)
+    assert dev is not None and dev.path
+    with open(dev.path, "r+b") as f:
+        f.seek(4096)
+        f.write(b"application data, no filesystem signature")
+    node.unstage(vol, staging)
+    as_mount = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=h.mount_cap()
+    )
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(as_mount)) == S.FAILED_PRECONDITION
+    node.d.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=staging)
+    )
+
+
+def test_block_volume_life_cycle(node: Node) -> None:
+    cap = h.block_cap()
+    vol = node.create("pvc-blk", 64 * MiB, cap)
+    assert vol.volume_context["csi-thin.io/access-type"] == "block"
+    staging = node.stage(vol, cap)
+    target = node.publish(vol, cap, staging, "pod/dev/blk")
+    st = os.stat(target)
+    assert stat.S_ISBLK(st.st_mode)
+    with open(target, "r+b") as f:
+        f.write(b"raw bytes")
+    stats = node.stats(vol, target)
+    assert stats.usage[0].total == 64 * MiB and not stats.volume_condition.abnormal
+    grown = node.d.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB),
+            volume_capability=cap,
+        )
+    )
+    assert not grown.node_expansion_required
+    expand = csi_pb2.NodeExpandVolumeRequest(
+        volume_id=vol.volume_id, volume_path=target, volume_capability=cap
+    )
+    assert node.d.node.NodeExpandVolume(expand).capacity_bytes == 128 * MiB
+    node.unpublish(vol, target)
+    node.unstage(vol, staging)
+
+
+def test_missing_volume_and_unstaged_paths(node: Node) -> None:
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    missing = str(node.workdir / "nowhere")
+    assert h.code_of(lambda: node.stats(vol, missing)) == S.NOT_FOUND
+    ghost = csi_pb2.Volume(volume_id="v-ghost")
+    assert h.code_of(lambda: node.stats(ghost, str(node.workdir))) == S.NOT_FOUND
+    stage = csi_pb2.NodeStageVolumeRequest(
+        volume_id="v-ghost", staging_target_path=str(node.workdir / "s"), volume_capability=cap
+    )
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(stage)) == S.NOT_FOUND
+    publish = csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.volume_id,
+        staging_target_path=str(node.workdir / "not-staged"),
+        target_path=str(node.workdir / "t"),
+        volume_capability=cap,
+    )
+    assert h.code_of(lambda: node.d.node.NodePublishVolume(publish)) == S.FAILED_PRECONDITION
+    # unpublishing and unstaging what is not there is done
+    node.d.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id="v-ghost", target_path=missing)
+    )
+    node.d.node.NodeUnstageVolume(
+        csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=missing)
+    )
+
+
+def test_node_capabilities_and_info(node: Node) -> None:
+    caps = {
+        c.rpc.type for c in node.d.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities
+    }
+    rpc = csi_pb2.NodeServiceCapability.RPC
+    assert {rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.EXPAND_VOLUME, rpc.VOLUME_CONDITION} <= caps
+
+
+def test_pool_above_threshold_existing_volumes_keep_working(tmp_path: pathlib.Path) -> None:
+    cfg = h.reflink_config(tmp_path)
+    try:
+        cap = h.mount_cap()
+        with reflink_driver(tmp_path) as d:
+            n = Node(d, tmp_path)
+            vol = n.create("pvc-a", 64 * MiB, cap)
+            staging = n.stage(vol, cap)
+            target = n.publish(vol, cap, staging, "pod/volume")
+        # the driver restarts with a threshold the pool is already above
+        with reflink_driver(tmp_path, thresholds=model.Thresholds(data=0.0001, metadata=0.0001)) as d:
+            n = Node(d, tmp_path)
+            assert h.code_of(lambda: n.create("pvc-b", 64 * MiB, cap)) == S.RESOURCE_EXHAUSTED
+            snap = csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=vol.volume_id)
+            assert h.code_of(lambda: d.controller.CreateSnapshot(snap)) == S.RESOURCE_EXHAUSTED
+            _write(f"{target}/still", "writable")
+            stats = n.stats(vol, target)
+            assert stats.volume_condition.abnormal and "used" in stats.volume_condition.message
+            n.unpublish(vol, target)
+            n.unstage(vol, staging)
+            staging = n.stage(vol, cap)  # staging an existing volume still works
+            assert pathlib.Path(f"{staging}/still").read_text() == "writable"
+            n.unstage(vol, staging)
+            d.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    finally:
+        _cleanup_mounts(tmp_path, keep=str(tmp_path / "pool"))
+        reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
+
+
+def test_ext4_grows_online_or_at_the_next_stage(node: Node) -> None:
+    """Online ext4 growth needs CAP_SYS_RESOURCE (this host's container drops it): without it the
+    node says FAILED_PRECONDITION, and the next stage grows the filesystem offline."""
+    cap = h.mount_cap()
+    vol = node.create("pvc-e", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    target = node.publish(vol, cap, staging, "pod/volume")
+    node.d.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=256 * MiB)
+        )
+    )
+    expand = csi_pb2.NodeExpandVolumeRequest(volume_id=vol.volume_id, volume_path=target)
+    if filesystem.has_capability(filesystem.CAP_SYS_RESOURCE):
+        assert node.d.node.NodeExpandVolume(expand).capacity_bytes == 256 * MiB
+        assert os.statvfs(target).f_blocks * os.statvfs(target).f_frsize > 200 * MiB
+        node.unpublish(vol, target)
+    else:
+        assert h.code_of(lambda: node.d.node.NodeExpandVolume(expand)) == S.FAILED_PRECONDITION
+        node.unpublish(vol, target)
+        node.unstage(vol, staging)
+        staging = node.stage(vol, cap)
+        assert os.statvfs(staging).f_blocks * os.statvfs(staging).f_frsize > 200 * MiB
+    node.unstage(vol, staging)
