@@ -90,11 +90,12 @@ def services(
 
 
 def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
+    # the CLI may have configured logging already (at WARNING unless -v): a serving driver logs its calls
+    level = "DEBUG" if getattr(args, "verbose", False) else args.log_level.upper()
     logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    logging.getLogger().setLevel(level)
     try:
         endpoint = server.Endpoint.parse(args.endpoint)
         cfg = config.load_pool(args.pool_config)
