@@ -37,6 +37,7 @@ __all__ = [
     "test_create_volume_rounds_up_and_records",
     "test_delete_absent_active_and_lost",
     "test_fail_every_step_once",
+    "test_failed_undo_is_resolved_by_the_next_call",
     "test_grow_while_active_and_refuse_shrink",
     "test_kill_at_every_step_boundary",
     "test_kill_during_recovery_is_rerunnable",
@@ -629,6 +630,62 @@ def test_fail_every_step_once(harness: Harness) -> None:
             check_consistent(e, before=committed(e), may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
             total += 1
     print(f"\nfault injection (fail once): {total} step boundaries, {len(SCENARIOS)} mutations: consistent")
+
+
+def _fail_at(*points: str) -> Callable[[str], None]:
+    def hook(p: str) -> None:
+        if p in points:
+            raise InjectedFault(p)
+
+    return hook
+
+
+def test_failed_undo_is_resolved_by_the_next_call(harness: Harness) -> None:
+    """A step fails AND its undo fails: the intent stays open, the record keeps its "-ing" state,
+    and the next call on the name (or any fenced call) resolves it from the pool's evidence."""
+    e = harness.open()
+    with (
+        hooked(_fail_at("create_volume/fence:done", "create_volume/undo:fence")),
+        pytest.raises(InjectedFault) as exc,
+    ):
+        e.create_volume("x", MiB, deadline=dl())
+    assert any("undo" in n for n in exc.value.__notes__)
+    stale = e.get("x")
+    assert stale is not None and stale.state == model.DeviceState.CREATING and e.intents()
+    assert stale.dev_id in e.backend.device_ids(deadline=dl())
+    with pytest.raises(errors.NotFound):
+        e.activate("x", deadline=dl())  # resolves the stale create (rolled back): x does not exist
+    assert e.intents() == [] and stale.dev_id not in e.backend.device_ids(deadline=dl())
+    x = e.create_volume("x", MiB, deadline=dl())
+    assert x.state == model.DeviceState.READY
+    check_consistent(e, before=committed(e))
+
+    # a stale fenced intent on one name is resolved by a fenced call on another
+    with (
+        hooked(_fail_at("create_volume/fence:done", "create_volume/undo:fence")),
+        pytest.raises(InjectedFault),
+    ):
+        e.create_volume("x2", MiB, deadline=dl())
+    e.create_volume("y", MiB, deadline=dl())
+    assert e.get("x2") is None
+    check_consistent(e, before=committed(e))
+
+    # delete: the step never ran, the (no-op) undo "failed": the record stays DELETING until the next call
+    with hooked(_fail_at("delete/delete", "delete/undo:delete")), pytest.raises(InjectedFault):
+        e.delete("y", deadline=dl())
+    got = e.get("y")
+    assert got is not None and got.state == model.DeviceState.DELETING
+    e.delete("y", deadline=dl())
+    assert e.get("y") is None
+    check_consistent(e, before=committed(e))
+
+    # grow: resized in the kernel, then the failure and a failed undo: the next call rolls forward
+    e.activate("x", deadline=dl())
+    with hooked(_fail_at("grow/grow:done", "grow/undo:grow")), pytest.raises(InjectedFault):
+        e.grow("x", 3 * MiB, deadline=dl())
+    assert e.intents()
+    assert e.grow("x", 3 * MiB, deadline=dl()).size_bytes == 3 * MiB
+    check_consistent(e, before=committed(e))
 
 
 def test_kill_during_recovery_is_rerunnable(harness: Harness) -> None:

@@ -74,10 +74,10 @@ class _Transition:
         self.result: dict[str, Any] = {}
 
     def step(self, name: str, do: Callable[[], T], undo: Callable[[], None]) -> T:
-        self.engine._step_boundary(f"{self.op}/{name}")
         # Recorded before it runs: a step that raised may still have happened (a timeout after the
         # kernel acted), so every undo checks the pool instead of assuming.
         self.done.append(_Done(name, undo))
+        self.engine._step_boundary(f"{self.op}/{name}")
         value = do()
         self.engine._step_boundary(f"{self.op}/{name}:done")
         return value
@@ -157,10 +157,16 @@ class PoolEngine:
         )
         log.info("event=resolved op=%s name=%s result=%s", intent.op, intent.name, result)
 
-    def _resolve_stale_unfenced(self, name: str, deadline: deadline_mod.Deadline) -> None:
-        """Called holding the name's claim: an open unfenced intent on it is left from a failure."""
+    def _resolve_stale(self, name: str, deadline: deadline_mod.Deadline) -> None:
+        """Called holding the name's claim, so no call on the name is in flight: an open intent on it
+        is left from a failed undo. Resolve it from the pool's evidence, as recovery would."""
         for intent in self.store.intents():
-            if intent.name == name and not intent.fenced:
+            if intent.name != name:
+                continue
+            if intent.fenced:
+                with self._fenced(deadline):  # resolves every stale fenced intent
+                    pass
+            else:
                 self._resolve(intent, deadline)
 
     @contextlib.contextmanager
@@ -315,7 +321,7 @@ class PoolEngine:
         kind = model.DeviceKind.SNAPSHOT if op == "create_snapshot" else model.DeviceKind.VOLUME
         # Claiming the source too keeps it from being deleted, grown or deactivated under the step.
         with self._claim(name, *([source] if source else [])):
-            self._resolve_stale_unfenced(name, deadline)
+            self._resolve_stale(name, deadline)
             existing = self._existing(name, kind=kind, size=size, source=source)
             if existing is not None:
                 return existing
@@ -459,7 +465,7 @@ class PoolEngine:
         """Delete a device from the pool and its record; absent is done; active is refused."""
         _validate_name(name)
         with self._claim(name):
-            self._resolve_stale_unfenced(name, deadline)
+            self._resolve_stale(name, deadline)
             if self.store.get(name) is None:
                 return
             self._require_healthy(deadline)
@@ -537,7 +543,7 @@ class PoolEngine:
         _validate_name(name)
         size = self._size(size_bytes)
         with self._claim(name):
-            self._resolve_stale_unfenced(name, deadline)
+            self._resolve_stale(name, deadline)
             dev = self._ready(name)
             if size < dev.size_bytes:
                 raise errors.OutOfRange(f"{name!r} is {dev.size_bytes} bytes; shrinking to {size} is refused")
@@ -559,7 +565,7 @@ class PoolEngine:
         """Make the device a block device (.active, .path). Idempotent."""
         _validate_name(name)
         with self._claim(name):
-            self._resolve_stale_unfenced(name, deadline)
+            self._resolve_stale(name, deadline)
             dev = self._ready(name)
 
             def undo() -> None:
@@ -581,7 +587,7 @@ class PoolEngine:
         """Remove the block device (the data stays). Idempotent."""
         _validate_name(name)
         with self._claim(name):
-            self._resolve_stale_unfenced(name, deadline)
+            self._resolve_stale(name, deadline)
             dev = self.store.get(name)
             if dev is None:
                 raise errors.NotFound(f"device {name!r} not found")
