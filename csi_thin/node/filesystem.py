@@ -111,6 +111,8 @@ def grow_unmounted(device: str, fs_type: str, *, deadline: deadline_mod.Deadline
 def grow(device: str, mount_point: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
     """Grow a mounted filesystem to its device's size (a no-op when it already fills it)."""
     if fs_type == "ext4":
+        if ext4_bytes(device, deadline=deadline) >= block_size_of(device):
+            return
         if not has_capability(CAP_SYS_RESOURCE):
             raise errors.FailedPrecondition(
                 "growing a mounted ext4 needs CAP_SYS_RESOURCE, which this node plugin lacks; "
