@@ -1,0 +1,117 @@
+"""Run csi-sanity (the CSI conformance suite, bin/csi-sanity) against the standalone driver.
+
+The driver is started exactly as `make demo` starts it (csi_thin.demo.driver) on a loop-file pool of
+the given backend; the JUnit report is parsed so the test can print and assert every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+
+from csi_thin import demo
+from tests import conftest
+
+MiB = 1024 * 1024
+
+#: csi-sanity skips a spec when the driver does not advertise its capability. Every skip reason we
+#: accept is listed here with why the driver honestly does not offer it (the README has the same list);
+#: a skip for any other reason fails the test.
+ALLOWED_SKIPS: dict[str, str] = {
+    "ControllerPublishVolume not supported": "node-local volumes: nothing to attach",
+    "ControllerUnpublishVolume not supported": "node-local volumes: nothing to attach",
+    "Controller Publish, UnpublishVolume not supported": "node-local volumes: nothing to attach",
+    "ControllerModifyVolume not supported": "no mutable parameters (MODIFY_VOLUME not advertised)",
+    "Modify volume not supported": "no volume attribute classes (MODIFY_VOLUME not advertised)",
+    "Modify Volume not supported": "no volume attribute classes (MODIFY_VOLUME not advertised)",
+    "GroupControllerService not supported": "no group snapshots (GroupController not offered)",
+    "pending": "marked pending (PIt) in csi-sanity v5.4.0 itself, not run by anyone",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    passed: list[str]
+    failed: list[tuple[str, str]]
+    skipped: list[tuple[str, str]]
+    seconds: float
+    output: str
+
+
+def _parse(junit: pathlib.Path) -> tuple[list[str], list[tuple[str, str]], list[tuple[str, str]]]:
+    passed: list[str] = []
+    failed: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        name = case.get("name", "?")
+        failure = case.find("failure")
+        if failure is None:
+            failure = case.find("error")
+        skip = case.find("skipped")
+        if failure is not None:
+            failed.append((name, (failure.get("message") or "") + "\n" + (failure.text or "")))
+        elif skip is not None:
+            skipped.append((name, skip.get("message") or ""))
+        else:
+            passed.append(name)
+    return passed, failed, skipped
+
+
+def run(workdir: pathlib.Path, backend: str, *, timeout: float = 1800) -> Result:
+    sanity = conftest.tool("csi-sanity")
+    config = demo.pool_config(workdir, backend)
+    socket = workdir / "csi.sock"
+    junit = workdir / "junit.xml"
+    with demo.driver(config, socket) as proc:
+        end = time.monotonic() + 120
+        while not socket.exists():
+            if proc.poll() is not None or time.monotonic() > end:
+                log = (workdir / "driver.log").read_text()
+                raise AssertionError(f"driver did not start (rc={proc.returncode}):\n{log[-4000:]}")
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [
+                str(sanity),
+                f"--csi.endpoint=unix://{socket}",
+                f"--csi.stagingdir={workdir}/sanity-staging",
+                f"--csi.mountdir={workdir}/sanity-mount",
+                f"--csi.testvolumesize={64 * MiB}",
+                f"--csi.testvolumeexpandsize={128 * MiB}",
+                f"--ginkgo.junit-report={junit}",
+                "--ginkgo.no-color",
+                "--ginkgo.timeout=1h",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        seconds = time.monotonic() - t0
+    if not junit.exists():
+        raise AssertionError(f"csi-sanity wrote no report (rc={out.returncode}):\n{out.stdout[-4000:]}")
+    passed, failed, skipped = _parse(junit)
+    return Result(passed, failed, skipped, seconds, out.stdout + out.stderr)
+
+
+def _allowed(message: str) -> bool:
+    reason = message.strip().removeprefix("skipped - ").strip()
+    return reason in ALLOWED_SKIPS
+
+
+def check(result: Result, label: str) -> None:
+    print(
+        f"\ncsi-sanity on {label}: {len(result.passed)} passed, {len(result.failed)} failed, "
+        f"{len(result.skipped)} skipped in {result.seconds:.0f}s"
+    )
+    for name, msg in result.skipped:
+        print(f"  skipped: {name}: {msg.strip()[:200]}")
+    for name, msg in result.failed:
+        print(f"  FAILED: {name}\n{msg.strip()[:1500]}")
+    assert result.passed, "csi-sanity ran no spec"
+    assert not result.failed, f"{len(result.failed)} csi-sanity specs failed"
+    unexplained = [name for name, msg in result.skipped if not _allowed(msg)]
+    assert not unexplained, f"skips without a documented reason: {unexplained}"
