@@ -41,12 +41,14 @@ __all__ = [
     "test_grow_while_active_and_refuse_shrink",
     "test_kill_at_every_step_boundary",
     "test_kill_during_recovery_is_rerunnable",
+    "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
     "test_pool_exhausted_and_unhealthy",
     "test_reassembly_after_reboot",
     "test_snapshot_data_survives_origin_changes",
     "test_snapshot_of_unknown_or_non_volume_source",
     "test_source_claimed_during_snapshot",
+    "test_transaction_id_mismatch_is_refused",
 ]
 
 MiB = model.MiB
@@ -449,6 +451,40 @@ def test_orphans_reported_and_gc(harness: Harness) -> None:
     assert e.gc_orphans(deadline=dl()) == [orphan_id]
     assert e.orphans() == [] and orphan_id not in e.backend.device_ids(deadline=dl())
     assert e.gc_orphans(deadline=dl()) == []
+    check_consistent(e, before=committed(e))
+
+
+def test_lost_store_adopts_the_pool_and_reports_orphans(harness: Harness) -> None:
+    """LMDB lost: a fresh store over the pool adopts its transaction id; every device is an orphan,
+    reported and reserved, never deleted by recovery."""
+    e = harness.open()
+    ids = {e.create_volume(f"v{i}", MiB, deadline=dl()).dev_id for i in range(3)}
+    txid = e.store.transaction_id()
+    harness.close(e)
+    for name in ("data.mdb", "lock.mdb"):
+        os.unlink(os.path.join(harness.state_dir, "lmdb", name))
+    e = harness.open(recover=False)
+    report = e.recover(deadline=dl())
+    assert report.adopted_txid and report.pool_txid == report.store_txid == txid
+    assert set(report.orphans) == ids == set(e.orphans()) == set(e.backend.device_ids(deadline=dl()))
+    check_consistent(e, before={}, allowed_orphans=frozenset(ids))
+    new = e.create_volume("new", MiB, deadline=dl())
+    assert new.dev_id not in ids
+    assert sorted(e.gc_orphans(deadline=dl())) == sorted(ids)
+    check_consistent(e, before=committed(e))
+
+
+def test_transaction_id_mismatch_is_refused(harness: Harness) -> None:
+    e = harness.open()
+    e.create_volume("v", MiB, deadline=dl())
+    e.backend.set_transaction_id(1, 5, deadline=dl())  # someone else moved the pool on
+    with pytest.raises(errors.Internal, match="disagree"):
+        e.recover(deadline=dl())
+    with pytest.raises(errors.CsiThinError):  # the fence's compare-and-swap refuses the mutation
+        e.create_volume("w", MiB, deadline=dl())
+    assert e.get("w") is None and e.intents() == []
+    e.backend.set_transaction_id(5, 1, deadline=dl())
+    e.recover(deadline=dl())
     check_consistent(e, before=committed(e))
 
 
