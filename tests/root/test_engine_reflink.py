@@ -1,5 +1,5 @@
 """The backend-neutral engine suite (tests/enginesuite.py) on the reflink backend: ReflinkBackend on
-a loop-mounted XFS (reflink=1) image in the test's temp dir, natively as root. Each test gets its
+a loop-mounted XFS (reflink=1) or btrfs image in the test's temp dir, natively as root. Each test gets its
 own pool; every mount and loop device under the temp dir is removed after it, even on failure."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.root import test_reflink
 class ReflinkHarness(enginesuite.Harness):
     has_block_devices = True
 
-    def __init__(self, root: pathlib.Path) -> None:
+    def __init__(self, root: pathlib.Path, fs_type: str) -> None:
         super().__init__(str(root / "state"))
         self.cfg = config.PoolConfig(
             name="engine",
@@ -32,7 +32,7 @@ class ReflinkHarness(enginesuite.Harness):
                 directory=str(root / "pool"),
                 image_file=str(root / "pool.img"),
                 image_size=512 * model.MiB,
-                fs_type="xfs",
+                fs_type=fs_type,
                 block_size=self.block_size,
             ),
         )
@@ -44,9 +44,9 @@ class ReflinkHarness(enginesuite.Harness):
         raise NotImplementedError("a real pool's fullness is not set by a test")
 
 
-@pytest.fixture
-def harness(tmp_path: pathlib.Path) -> Iterator[enginesuite.Harness]:
-    h = ReflinkHarness(tmp_path)
+@pytest.fixture(params=["xfs", "btrfs"])
+def harness(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[enginesuite.Harness]:
+    h = ReflinkHarness(tmp_path, request.param)
     try:
         yield h
     finally:
