@@ -27,6 +27,20 @@ log = logging.getLogger("csi_thin.csi")
 #: RPCs get at most this long even if the client gives more (or no deadline at all)
 MAX_RPC_SECONDS = 110.0
 REDACTED = "***"
+#: Polled all day by kubelet and the sidecars: their successes are logged at DEBUG only.
+QUIET_METHODS = frozenset(
+    {
+        "/csi.v1.Identity/Probe",
+        "/csi.v1.Identity/GetPluginInfo",
+        "/csi.v1.Identity/GetPluginCapabilities",
+        "/csi.v1.Controller/ControllerGetCapabilities",
+        "/csi.v1.Controller/GetCapacity",
+        "/csi.v1.Node/NodeGetCapabilities",
+        "/csi.v1.Node/NodeGetInfo",
+        "/csi.v1.Node/NodeGetVolumeStats",
+        "/grpc.health.v1.Health/Check",
+    }
+)
 
 
 def rpc_deadline(context: grpc.ServicerContext, *, cap: float = MAX_RPC_SECONDS) -> deadline_mod.Deadline:
@@ -115,7 +129,8 @@ class EdgeInterceptor(_Interceptor):
                     exc_info=not isinstance(exc, errors.CsiThinError),
                 )
                 context.abort(code, text)
-            log.info(
+            log.log(
+                logging.DEBUG if method in QUIET_METHODS else logging.INFO,
                 "rpc=%s code=OK ms=%.1f request=%s",
                 method,
                 (time.monotonic() - started) * 1000,

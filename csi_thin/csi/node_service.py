@@ -62,9 +62,9 @@ class NodeService(csi_pb2_grpc.NodeServicer):
     def NodeUnpublishVolume(
         self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeUnpublishVolumeResponse:
-        validate.device_id(request.volume_id)
+        volume_id = validate.device_id(request.volume_id)
         target = validate.path(request.target_path, "target_path")
-        self._volumes.unpublish(target, deadline=interceptor.rpc_deadline(context))
+        self._volumes.unpublish(volume_id, target, deadline=interceptor.rpc_deadline(context))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     def NodeGetVolumeStats(

@@ -5,9 +5,9 @@ volumes, makes and mounts its filesystem at the staging path; NodePublishVolume 
 staged filesystem (or the block device node) at the target; the reverse calls undo each step and
 deactivate the device. Mount state is always read back from /proc/self/mountinfo, so every call is
 idempotent: a repeated call finds its own work done and succeeds; a different device or mode at the
-same path is ALREADY_EXISTS. Mutations of one volume are serialised by the engine's per-name lock
-for activate/deactivate; the CO never runs two node calls for one volume at once, and a mount that
-raced us shows up in mountinfo as a conflict, never as a silent success.
+same path is ALREADY_EXISTS. Every mutating call holds a per-volume claim for its whole
+check-then-act sequence (probe, mkfs, mount): a second call on the same volume while one runs gets
+OperationPending (ABORTED) instead of racing it into a double mkfs. Stats take no claim: they only read.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from typing import Protocol
 
 from csi_thin import deadline as deadline_mod
@@ -54,14 +56,41 @@ class Stats:
     condition: Condition
 
 
+class _Claims:
+    """Non-blocking per-key claims: the loser of a race is told to retry, never queued."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held: set[str] = set()
+
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[None]:
+        with self._mutex:
+            if key in self._held:
+                raise errors.OperationPending(f"an operation on volume {key!r} is in progress; retry later")
+            self._held.add(key)
+        try:
+            yield
+        finally:
+            with self._mutex:
+                self._held.discard(key)
+
+
 class NodeVolumes:
     def __init__(self, *, engine: Engine, thresholds: model.Thresholds) -> None:
         self._engine = engine
         self._thresholds = thresholds
+        self._claims = _Claims()
 
     # -- stage -----------------------------------------------------------------------------------
 
     def stage(
+        self, volume_id: str, staging_path: str, cap: Capability, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        with self._claims.claim(volume_id):
+            self._stage(volume_id, staging_path, cap, deadline=deadline)
+
+    def _stage(
         self, volume_id: str, staging_path: str, cap: Capability, *, deadline: deadline_mod.Deadline
     ) -> None:
         self._device(volume_id)
@@ -91,6 +120,10 @@ class NodeVolumes:
             filesystem.grow(device, staging_path, cap.fs_type, deadline=deadline)
 
     def unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        with self._claims.claim(volume_id):
+            self._unstage(volume_id, staging_path, deadline=deadline)
+
+    def _unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
         while mountinfo.at(staging_path) is not None:
             filesystem.unmount(staging_path, deadline=deadline)
         if self._engine.get(volume_id) is not None:
@@ -99,6 +132,26 @@ class NodeVolumes:
     # -- publish ---------------------------------------------------------------------------------
 
     def publish(
+        self,
+        volume_id: str,
+        *,
+        staging_path: str,
+        target_path: str,
+        cap: Capability,
+        read_only: bool,
+        deadline: deadline_mod.Deadline,
+    ) -> None:
+        with self._claims.claim(volume_id):
+            self._publish(
+                volume_id,
+                staging_path=staging_path,
+                target_path=target_path,
+                cap=cap,
+                read_only=read_only,
+                deadline=deadline,
+            )
+
+    def _publish(
         self,
         volume_id: str,
         *,
@@ -133,7 +186,12 @@ class NodeVolumes:
             os.makedirs(target_path, exist_ok=True)
         filesystem.bind(source, target_path, read_only=read_only, deadline=deadline)
 
-    def unpublish(self, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
+    def unpublish(self, volume_id: str, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        with self._claims.claim(volume_id):
+            self._unpublish(target_path, deadline=deadline)
+
+    @staticmethod
+    def _unpublish(target_path: str, *, deadline: deadline_mod.Deadline) -> None:
         while mountinfo.at(target_path) is not None:
             filesystem.unmount(target_path, deadline=deadline)
         # CSI: the plugin removes what it created at the target path
@@ -163,6 +221,12 @@ class NodeVolumes:
         self, volume_id: str, volume_path: str, *, block: bool | None, deadline: deadline_mod.Deadline
     ) -> int:
         """Grow the filesystem at volume_path to the device size; return the device size."""
+        with self._claims.claim(volume_id):
+            return self._expand(volume_id, volume_path, block=block, deadline=deadline)
+
+    def _expand(
+        self, volume_id: str, volume_path: str, *, block: bool | None, deadline: deadline_mod.Deadline
+    ) -> int:
         device = self._device(volume_id)
         if not device.active or not device.path:
             raise errors.FailedPrecondition(f"volume {volume_id} is not staged on this node")

@@ -10,6 +10,7 @@ import os
 import pathlib
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -381,4 +382,39 @@ def test_ext4_grows_online_or_at_the_next_stage(node: Node) -> None:
         node.unstage(vol, staging)
         staging = node.stage(vol, cap)
         assert os.statvfs(staging).f_blocks * os.statvfs(staging).f_frsize > 200 * MiB
+    node.unstage(vol, staging)
+
+
+def test_a_second_call_on_a_volume_being_staged_is_aborted(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    staging = str(node.workdir / "staging" / "a")
+    entered, release = threading.Event(), threading.Event()
+    real_make = filesystem.make
+    calls: list[str] = []
+
+    def slow_make(device: str, fs_type: str, *, deadline: deadline.Deadline) -> None:
+        calls.append(device)
+        entered.set()
+        assert release.wait(30)
+        real_make(device, fs_type, deadline=deadline)
+
+    monkeypatch.setattr(filesystem, "make", slow_make)
+    req = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=cap
+    )
+    codes: list[grpc.StatusCode] = []
+    t = threading.Thread(target=lambda: codes.append(h.code_of(lambda: node.d.node.NodeStageVolume(req))))
+    t.start()
+    assert entered.wait(10)
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(req)) == S.ABORTED
+    unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=staging)
+    assert h.code_of(lambda: node.d.node.NodeUnstageVolume(unstage)) == S.ABORTED
+    release.set()
+    t.join(30)
+    assert codes == [S.OK] and len(calls) == 1
+    node.d.node.NodeStageVolume(req)  # the retry finds the work done
+    assert len(calls) == 1
     node.unstage(vol, staging)
