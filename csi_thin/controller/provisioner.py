@@ -189,6 +189,10 @@ class Provisioner:
         return pool_condition(self._engine.status(deadline=deadline), self._settings.thresholds)
 
     def capacity(self, *, node_id: str | None, deadline: deadline_mod.Deadline) -> Capacity:
+        """GetCapacity: the smaller of the thin headroom (overprovision ratio x data size - bytes
+        provisioned to volumes) and the physical headroom (data size x the data threshold - data used,
+        i.e. free space less the reserve above the threshold, where new devices are refused anyway).
+        The largest single volume is bounded by the thin headroom only: it is allocated lazily."""
         if node_id is not None and node_id != self._settings.node_id:
             return Capacity(available_bytes=0, maximum_volume_bytes=0)
         status = self._engine.status(deadline=deadline)
