@@ -8,7 +8,7 @@ HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools d
 LINT_DIRS := csi_thin tests $(wildcard bench)
 PYTEST_HOST := $(PY) -m pytest -m "not vm"
 
-.PHONY: all setup deps venv proto tools vm-setup lint unit test test-host vm-test demo bench clean
+.PHONY: all setup deps venv proto tools vm-setup lint unit test test-host vm-test demo demo-reflink bench clean
 
 all: test
 
@@ -55,8 +55,14 @@ vm-test: venv proto vm-setup
 
 test: test-host vm-test
 
-demo: venv proto vm-setup
-	vm/run.sh -- "$(PY) -m csi_thin.demo"
+# The embedded default on real dm-thin: natively where the kernel has device-mapper, else in the VM.
+demo: venv proto
+	if [ -e /dev/mapper/control ]; then $(PY) -m csi_thin.demo --backend dmthin; \
+	else $(MAKE) --no-print-directory vm-setup && vm/run.sh -- "$(PY) -m csi_thin.demo --backend dmthin"; fi
+
+# The same demo on the reflink backend, natively (no device-mapper needed; root for loop + mount).
+demo-reflink: venv proto
+	$(PY) -m csi_thin.demo --backend reflink
 
 # Benchmarks are not tests: they print ratios measured side by side in one VM boot.
 bench: venv proto vm-setup

@@ -26,6 +26,7 @@ from typing import TypeVar
 import grpc
 
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
+from csi_thin.node import mountinfo
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -97,6 +98,25 @@ def driver(config: pathlib.Path, socket: pathlib.Path) -> Iterator[subprocess.Po
             proc.wait()
         if proc.returncode not in (0, -signal.SIGTERM):
             print(f"driver exited {proc.returncode}; log:\n{log.read_text()[-4000:]}", file=sys.stderr)
+
+
+def cleanup(workdir: pathlib.Path, config: pathlib.Path) -> list[str]:
+    """Undo whatever a run left behind, whatever point it failed at: unmount everything under the
+    work directory (deepest first), then destroy the pool (its loop devices and files). Idempotent;
+    returns the problems it could not fix so the caller can report them."""
+    problems: list[str] = []
+    prefix = str(workdir) + "/"
+    for m in sorted(mountinfo.read(), key=lambda m: m.mount_point, reverse=True):
+        if m.mount_point.startswith(prefix):
+            rc = subprocess.run(["umount", m.mount_point], capture_output=True, text=True, check=False)
+            if rc.returncode:
+                problems.append(f"umount {m.mount_point}: {rc.stderr.strip()}")
+    if config.exists():
+        argv = [sys.executable, "-m", "csi_thin.cli", "pool", "destroy", "--config", str(config), "--yes"]
+        rc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if rc.returncode:
+            problems.append(f"pool destroy: {rc.stderr.strip()}")
+    return problems
 
 
 def wait_ready(demo: Demo, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
@@ -282,10 +302,12 @@ def run(workdir: pathlib.Path, backend: str) -> None:
         left = d.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
         if left:
             raise RuntimeError(f"volumes left after delete: {[e.volume.volume_id for e in left]}")
-    destroy = [sys.executable, "-m", "csi_thin.cli", "pool", "destroy", "--config", str(config), "--yes"]
     t0 = time.perf_counter()
-    subprocess.run(destroy, check=True, capture_output=True)
-    print(f"[{d.n + 1:2d}] {'csi-thin pool destroy':<58} {(time.perf_counter() - t0) * 1000:8.1f} ms")
+    problems = cleanup(workdir, config)
+    if problems:
+        raise RuntimeError("cleanup: " + "; ".join(problems))
+    title = "unmount all, csi-thin pool destroy (loops, files)"
+    print(f"[{d.n + 1:2d}] {title:<58} {(time.perf_counter() - t0) * 1000:8.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             print(log.read_text()[-4000:], file=sys.stderr)
         return 1
     finally:
+        for problem in cleanup(workdir, workdir / "pool.yaml"):
+            print(f"demo: cleanup: {problem}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"demo: OK in {time.perf_counter() - t0:.1f}s on {backend}")
     return 0

@@ -65,6 +65,22 @@ def run(workdir: pathlib.Path, backend: str, *, timeout: float = 1800) -> Result
     config = demo.pool_config(workdir, backend)
     socket = workdir / "csi.sock"
     junit = workdir / "junit.xml"
+    try:
+        return _run(sanity, config, socket, junit, workdir=workdir, timeout=timeout)
+    finally:
+        problems = demo.cleanup(workdir, config)
+        assert not problems, f"cleanup after csi-sanity: {problems}"
+
+
+def _run(
+    sanity: pathlib.Path,
+    config: pathlib.Path,
+    socket: pathlib.Path,
+    junit: pathlib.Path,
+    *,
+    workdir: pathlib.Path,
+    timeout: float,
+) -> Result:
     with demo.driver(config, socket) as proc:
         end = time.monotonic() + 120
         while not socket.exists():
