@@ -184,9 +184,17 @@ class Provisioner:
         return self._engine.grow(volume_id, size, deadline=deadline)
 
     def condition(self, device: model.Device, *, deadline: deadline_mod.Deadline) -> Condition:
-        if device.state != model.DeviceState.READY:
-            return Condition(abnormal=True, message=f"device is {device.state.value}")
-        return pool_condition(self._engine.status(deadline=deadline), self._settings.thresholds)
+        return self.conditions([device], deadline=deadline)[0]
+
+    def conditions(self, devices: list[model.Device], *, deadline: deadline_mod.Deadline) -> list[Condition]:
+        """The volume condition of each device (one pool status read for all of them)."""
+        pool = pool_condition(self._engine.status(deadline=deadline), self._settings.thresholds)
+        return [
+            pool
+            if d.state == model.DeviceState.READY
+            else Condition(abnormal=True, message=f"device is {d.state.value}")
+            for d in devices
+        ]
 
     def capacity(self, *, node_id: str | None, deadline: deadline_mod.Deadline) -> Capacity:
         """GetCapacity: the smaller of the thin headroom (overprovision ratio x data size - bytes

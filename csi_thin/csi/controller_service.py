@@ -72,15 +72,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ListVolumesResponse:
         limit = validate.max_entries(request.max_entries)
         page = self._prov.list_volumes(max_entries=limit, token=request.starting_token)
-        deadline = interceptor.rpc_deadline(context)
+        conditions = self._prov.conditions(page.devices, deadline=interceptor.rpc_deadline(context))
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
                 volume=self._volume(d, None),
-                status=csi_pb2.ListVolumesResponse.VolumeStatus(
-                    volume_condition=_condition(self._prov.condition(d, deadline=deadline))
-                ),
+                status=csi_pb2.ListVolumesResponse.VolumeStatus(volume_condition=_condition(c)),
             )
-            for d in page.devices
+            for d, c in zip(page.devices, conditions, strict=True)
         ]
         return csi_pb2.ListVolumesResponse(entries=entries, next_token=page.next_token)
 
