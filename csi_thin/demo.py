@@ -106,8 +106,9 @@ def cleanup(workdir: pathlib.Path, config: pathlib.Path) -> list[str]:
     returns the problems it could not fix so the caller can report them."""
     problems: list[str] = []
     prefix = str(workdir) + "/"
+    pool_dir = str(workdir / "pool")  # the reflink pool's own mount: `pool destroy` owns it
     for m in sorted(mountinfo.read(), key=lambda m: m.mount_point, reverse=True):
-        if m.mount_point.startswith(prefix):
+        if m.mount_point.startswith(prefix) and m.mount_point != pool_dir:
             rc = subprocess.run(["umount", m.mount_point], capture_output=True, text=True, check=False)
             if rc.returncode:
                 problems.append(f"umount {m.mount_point}: {rc.stderr.strip()}")
@@ -131,7 +132,7 @@ def wait_ready(demo: Demo, proc: subprocess.Popen[bytes], timeout: float = 120.0
     raise RuntimeError("driver not ready in time")
 
 
-def run(workdir: pathlib.Path, backend: str) -> None:
+def run(workdir: pathlib.Path, backend: str, fs_type: str) -> None:
     config = pool_config(workdir, backend)
     socket = workdir / "csi.sock"
     print(f"demo: backend={backend} workdir={workdir}")
@@ -140,14 +141,15 @@ def run(workdir: pathlib.Path, backend: str) -> None:
         d.step("start driver, assemble pool, Probe ready", lambda: wait_ready(d, proc))
         info = d.step("GetPluginInfo", lambda: d.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest()))
         print(f"     driver {info.name} {info.vendor_version}")
-        cap = mount_cap()
+        cap = mount_cap(fs_type)
+        base = 64 if fs_type == "ext4" else 320  # MiB; mkfs.xfs refuses filesystems under 300 MB
         vol = d.step(
-            "CreateVolume demo-a (64 MiB, ext4)",
+            f"CreateVolume demo-a ({base} MiB, {fs_type})",
             lambda: (
                 d.controller.CreateVolume(
                     csi_pb2.CreateVolumeRequest(
                         name="demo-a",
-                        capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
+                        capacity_range=csi_pb2.CapacityRange(required_bytes=base * MiB),
                         volume_capabilities=[cap],
                     )
                 ).volume
@@ -198,12 +200,12 @@ def run(workdir: pathlib.Path, backend: str) -> None:
         assert snap.ready_to_use, "snapshot not ready"
         (pub_a / "data.bin").write_bytes(b"changed after the snapshot")
         restored = d.step(
-            "CreateVolume demo-b from snapshot, larger (128 MiB)",
+            f"CreateVolume demo-b from snapshot, larger ({2 * base} MiB)",
             lambda: (
                 d.controller.CreateVolume(
                     csi_pb2.CreateVolumeRequest(
                         name="demo-b",
-                        capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB),
+                        capacity_range=csi_pb2.CapacityRange(required_bytes=2 * base * MiB),
                         volume_capabilities=[cap],
                         volume_content_source=csi_pb2.VolumeContentSource(
                             snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)
@@ -240,11 +242,11 @@ def run(workdir: pathlib.Path, backend: str) -> None:
             raise RuntimeError("restored data differs from what was written before the snapshot")
         print("     restored file matches the pre-snapshot write (sha256 " + digest[:16] + "...)")
         d.step(
-            "ControllerExpandVolume demo-a -> 96 MiB",
+            f"ControllerExpandVolume demo-a -> {base * 3 // 2} MiB",
             lambda: d.controller.ControllerExpandVolume(
                 csi_pb2.ControllerExpandVolumeRequest(
                     volume_id=vol.volume_id,
-                    capacity_range=csi_pb2.CapacityRange(required_bytes=96 * MiB),
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=base * 3 // 2 * MiB),
                     volume_capability=cap,
                 )
             ),
@@ -256,7 +258,7 @@ def run(workdir: pathlib.Path, backend: str) -> None:
                     volume_id=vol.volume_id,
                     volume_path=str(pub_a),
                     staging_target_path=str(stage_a),
-                    capacity_range=csi_pb2.CapacityRange(required_bytes=96 * MiB),
+                    capacity_range=csi_pb2.CapacityRange(required_bytes=base * 3 // 2 * MiB),
                     volume_capability=cap,
                 )
             ),
@@ -313,13 +315,19 @@ def run(workdir: pathlib.Path, backend: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="csi-thin-demo", description=__doc__)
     parser.add_argument("--backend", choices=["dmthin", "reflink"], default=None)
+    parser.add_argument(
+        "--fs-type",
+        choices=["ext4", "xfs"],
+        default="ext4",
+        help="filesystem of the demo volumes (online ext4 grow needs CAP_SYS_RESOURCE)",
+    )
     args = parser.parse_args(argv)
     backend = args.backend or ("dmthin" if os.path.exists("/dev/mapper/control") else "reflink")
     base = "/scratch" if os.path.isdir("/scratch") else None
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="csi-thin-demo-", dir=base))
     t0 = time.perf_counter()
     try:
-        run(workdir, backend)
+        run(workdir, backend, args.fs_type)
     except (grpc.RpcError, RuntimeError, AssertionError, OSError, subprocess.CalledProcessError) as exc:
         detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
         print(f"demo: FAILED: {detail}", file=sys.stderr)
