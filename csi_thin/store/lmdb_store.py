@@ -227,7 +227,11 @@ class LmdbStore:
     def __init__(self, path: str) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
-        self._env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=8, subdir=True, lock=True)
+        try:
+            self._env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=8, subdir=True, lock=True)
+        except lmdb.Error as exc:
+            # e.g. already open in this process: one LmdbStore per state_dir per process
+            raise errors.Unavailable(f"cannot open the LMDB store in {path}: {exc}") from exc
         self._write_lock = threading.Lock()
         self._dbs = {n: self._env.open_db(n.encode()) for n in ("devices", "ids", "journal", "meta")}
         with self._env.begin(write=True) as txn:

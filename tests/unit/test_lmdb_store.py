@@ -150,3 +150,8 @@ def test_concurrent_writers_from_threads(tmp_path: pathlib.Path) -> None:
             t.join()
         ids = store.ids()
         assert len(ids) == 80 and len(set(ids.values())) == 80
+
+
+def test_second_open_in_one_process_is_a_clear_error(tmp_path: pathlib.Path) -> None:
+    with lmdb_store.LmdbStore(str(tmp_path)), pytest.raises(errors.Unavailable, match="already open"):
+        lmdb_store.LmdbStore(str(tmp_path))
