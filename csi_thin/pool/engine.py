@@ -83,6 +83,11 @@ class _Transition:
         return value
 
 
+def _grace(deadline: deadline_mod.Deadline) -> deadline_mod.Deadline:
+    """The deadline an undo runs under: the caller's, or UNDO_GRACE_SECONDS if that is shorter."""
+    return deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+
+
 def _round_up(size: int, block: int) -> int:
     return -(-size // block) * block
 
@@ -188,7 +193,7 @@ class PoolEngine:
             self._step_boundary(f"{op}/journaled")
             yield tx
         except Exception as exc:
-            undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+            undo_deadline = _grace(deadline)
             if self._unwind(tx, exc, abort, undo_deadline):
                 return  # rolled forward: the mutation completed after all
             raise
@@ -449,13 +454,13 @@ class PoolEngine:
         return dev
 
     def _delete_if_present(self, dev_id: int, deadline: deadline_mod.Deadline) -> None:
-        undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+        undo_deadline = _grace(deadline)
         if dev_id in self.backend.device_ids(deadline=undo_deadline):
             with contextlib.suppress(errors.NotFound):
                 self.backend.delete(dev_id, deadline=undo_deadline)
 
     def _unfence(self, base: int, deadline: deadline_mod.Deadline) -> None:
-        undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+        undo_deadline = _grace(deadline)
         if self.backend.transaction_id(deadline=undo_deadline) == base + 1:
             self.backend.set_transaction_id(base + 1, base, deadline=undo_deadline)
 
@@ -515,7 +520,7 @@ class PoolEngine:
                 self.backend.delete(dev.dev_id, deadline=deadline)
 
         def undo_delete() -> None:
-            undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+            undo_deadline = _grace(deadline)
             if dev.dev_id not in self.backend.device_ids(deadline=undo_deadline):
                 raise _RollForward  # a delete cannot be undone: finish it
 
@@ -570,7 +575,7 @@ class PoolEngine:
 
             def undo() -> None:
                 if not dev.active:
-                    self.backend.deactivate(dev.dev_id, deadline=deadline)
+                    self.backend.deactivate(dev.dev_id, deadline=_grace(deadline))
 
             self._unfenced(
                 "activate",
@@ -598,7 +603,7 @@ class PoolEngine:
 
             def undo() -> None:
                 # A deactivate that removed the device and then failed: put the device back.
-                undo_deadline = deadline_mod.Deadline.after(max(deadline.remaining(), UNDO_GRACE_SECONDS))
+                undo_deadline = _grace(deadline)
                 active = self.backend.active_ids(deadline=undo_deadline)
                 if dev.active and dev.dev_id not in active:
                     self.backend.activate(dev.dev_id, dev.size_bytes, deadline=undo_deadline)
@@ -715,7 +720,7 @@ class PoolEngine:
             w.close_intent(tx.intent)
 
         def undo_delete() -> None:
-            if dev_id not in self.backend.device_ids(deadline=deadline):
+            if dev_id not in self.backend.device_ids(deadline=_grace(deadline)):
                 raise _RollForward
 
         def undo_fence() -> None:
