@@ -8,7 +8,7 @@ HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools d
 LINT_DIRS := csi_thin tests $(wildcard bench)
 PYTEST_HOST := $(PY) -m pytest -m "not vm"
 
-.PHONY: all setup deps venv proto tools vm-setup lint unit test test-host vm-test demo demo-reflink bench clean
+.PHONY: all setup deps venv proto tools vm-setup lint unit test test-host vm-test demo demo-reflink bench bench-native clean
 
 all: test
 
@@ -68,6 +68,10 @@ demo-reflink: venv proto
 # Benchmarks are not tests: they print ratios measured side by side in one VM boot.
 bench: venv proto vm-setup
 	vm/run.sh -- 'for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done'
+
+# The CSI-layer bench natively on the reflink backend (real CPU speed, no emulation).
+bench-native: venv proto
+	$(PY) bench/csi_ops.py
 
 clean:
 	rm -rf $(STAMPS) csi_thin/csi/pb bin .mypy_cache .ruff_cache .pytest_cache

@@ -20,9 +20,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from csi_thin import config, deadline, model
-from csi_thin.pool import dmthin, engine
-from csi_thin.store import lmdb_store
+from csi_thin import app, config, deadline, model
+from csi_thin.pool import engine
 
 N = int(os.environ.get("BENCH_N", "25"))
 POOL_SIZE = "2GiB"
@@ -55,15 +54,14 @@ def bench_engine(work: pathlib.Path) -> dict[str, list[float]]:
             "dmthin": {"data_file": str(work / "data.img"), "data_size": POOL_SIZE},
         }
     )
-    backend = dmthin.DmThinBackend(cfg)
     dl = deadline.Deadline.after(3600)
-    backend.assemble(deadline=dl)
-    os.makedirs(cfg.state_dir, exist_ok=True)
-    store = lmdb_store.LmdbStore(cfg.state_dir)
-    eng = engine.PoolEngine(
-        backend=backend, store=store, thresholds=cfg.thresholds, block_size=cfg.block_size
-    )
-    eng.recover(deadline=dl)
+    with app.open_engine(cfg, deadline=dl) as eng:
+        samples = _engine_ops(eng, dl)
+    app.destroy(cfg, deadline=dl)
+    return samples
+
+
+def _engine_ops(eng: engine.PoolEngine, dl: deadline.Deadline) -> dict[str, list[float]]:
     s: dict[str, list[float]] = {}
     for i in range(N):
         timed(s, OPS[0], lambda i=i: eng.create_volume(f"v{i}", VOL, deadline=dl))
@@ -75,8 +73,6 @@ def bench_engine(work: pathlib.Path) -> dict[str, list[float]]:
         timed(s, OPS[3], lambda i=i: eng.delete(f"s{i}", deadline=dl))
         eng.delete(f"a{i}", deadline=dl)
         eng.delete(f"v{i}", deadline=dl)
-    backend.destroy(deadline=dl)
-    store.close()
     return s
 
 
