@@ -175,6 +175,23 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+#: How often a loop lookup is repeated when it read a loop device's sysfs entry just as that device
+#: was being detached (by anyone on the host). A race count, not a timeout: each retry is immediate.
+_FIND_ATTEMPTS = 5
+
+
+def _find(path: str) -> str | None:
+    """`loop.find`, tolerant of the detach race: reading `backing_file` of a loop device that is
+    being unbound answers ENODEV/ENXIO, which `loop.find` (as of 0c8b17a) lets escape."""
+    for attempt in range(_FIND_ATTEMPTS):
+        try:
+            return loop.find(path)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODEV, errno.ENXIO) or attempt == _FIND_ATTEMPTS - 1:
+                raise errors.Internal(f"look up the loop device of {path}: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
 def _clone(src_fd: int, dst_fd: int) -> None:
     """Share every extent of src with dst (dst becomes a CoW copy). A seam for fault injection."""
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
@@ -329,7 +346,7 @@ class ReflinkBackend:
         filesystem that is not frozen answers EINVAL and changes nothing.
         """
         for dev_id in self._list():
-            dev = loop.find(self._path(dev_id))
+            dev = _find(self._path(dev_id))
             mount = self._mount_of(dev) if dev is not None else None
             if mount is None:
                 continue
@@ -358,7 +375,7 @@ class ReflinkBackend:
             self._create_image(deadline)
         # direct IO where the host allows it: the image's pages are cached once, inside it; its
         # filesystem is made with 4 KiB sectors so it mounts whatever block size the loop gets
-        dev = loop.find(self._image)
+        dev = _find(self._image)
         attached_here = dev is None
         if dev is None:
             dev = loop.attach(self._image, direct_io=True)
@@ -478,7 +495,7 @@ class ReflinkBackend:
         if self._image is None:
             return
         current = self._image_mounted()
-        dev = loop.find(self._image)
+        dev = _find(self._image)
         if current is not None and dev is not None and _is_mount_of(current, dev):
             res = runner.run(["umount", self._dir], deadline=deadline, check=False)
             if res.returncode != 0:
@@ -490,7 +507,7 @@ class ReflinkBackend:
             # deferred to the last close, so wait for it rather than race a re-assembly
             loop.detach(dev)
             for _ in deadline.backoff(first=0.005, cap=0.1):
-                if loop.find(self._image) is None:
+                if _find(self._image) is None:
                     break
             else:
                 raise DeviceBusy(f"pool image {self._image} ({dev}) is still open after unmount")
@@ -688,7 +705,7 @@ class ReflinkBackend:
     def _consistent(self, origin: str) -> Iterator[None]:
         """Make an attached origin's content stable: freeze a filesystem mounted from it, else flush
         the loop device's page cache; an inactive origin needs nothing."""
-        dev = loop.find(origin)
+        dev = _find(origin)
         if dev is None:
             yield
             return
@@ -716,7 +733,7 @@ class ReflinkBackend:
         path = self._require_device(dev_id)
         deadline.check(f"delete device {dev_id}")
         with self._locked(dev_id):
-            dev = loop.find(path)
+            dev = _find(path)
             if dev is not None:
                 raise DeviceBusy(
                     f"device {dev_id} of pool {self._name} is active ({dev}); deactivate it first"
@@ -758,7 +775,7 @@ class ReflinkBackend:
         with self._locked(dev_id):
             try:
                 grown = self._grow_file(path, size_bytes)
-                dev = loop.find(path)
+                dev = _find(path)
                 if dev is None:
                     dev = loop.attach(path, direct_io=False)
                     log.info("event=activate pool=%s id=%d dev=%s", self._name, dev_id, dev)
@@ -791,7 +808,7 @@ class ReflinkBackend:
         self._require_assembled()
         path = self._path(dev_id)
         with self._locked(dev_id):
-            dev = loop.find(path)
+            dev = _find(path)
             if dev is None:
                 return
             try:
@@ -809,7 +826,7 @@ class ReflinkBackend:
             finally:
                 os.close(fd)
             for _ in deadline.backoff(first=0.005, cap=0.1):
-                if loop.find(path) is None:
+                if _find(path) is None:
                     break
             else:
                 raise DeviceBusy(
@@ -831,7 +848,7 @@ class ReflinkBackend:
                         f"cannot shrink to {size_bytes}"
                     )
                 grown = self._grow_file(path, size_bytes)
-                dev = loop.find(path)
+                dev = _find(path)
                 if grown and dev is not None:
                     loop.refresh_capacity(dev)
             except OSError as exc:
@@ -841,11 +858,11 @@ class ReflinkBackend:
     def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]:
         deadline.check("list active devices")
         self._require_assembled()
-        return {i for i in self._list() if loop.find(self._path(i)) is not None}
+        return {i for i in self._list() if _find(self._path(i)) is not None}
 
     def device_path(self, dev_id: int) -> str:
         path = self._require_device(dev_id)
-        dev = loop.find(path)
+        dev = _find(path)
         if dev is None:
             raise NotActive(f"device {dev_id} of pool {self._name} is not active")
         return dev

@@ -36,7 +36,10 @@ def _loops_under(prefix: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in os.listdir("/sys/block"):
         if name.startswith("loop"):
-            backing = loop.backing_file(f"/dev/{name}")
+            try:
+                backing = loop.backing_file(f"/dev/{name}")
+            except OSError:  # someone else's loop device, being detached right now
+                continue
             if backing and backing.removesuffix(" (deleted)").startswith(prefix):
                 out[f"/dev/{name}"] = backing
     return out
