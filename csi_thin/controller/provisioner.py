@@ -76,6 +76,8 @@ class VolumeRequest:
     source: ContentSource | None = None
     #: node ids the volume may live on (None: no requirement)
     allowed_nodes: frozenset[str] | None = None
+    #: the smallest size the requested filesystem can be made on (0: no minimum)
+    min_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +127,11 @@ def choose_size(rng: CapacityRange, settings: Settings, *, at_least: int = 0) ->
         raise errors.OutOfRange(
             f"no multiple of the pool block size {bs} fits capacity_range "
             f"[{rng.required}, {rng.limit or 'unbounded'}]"
-            + (f" and source size {at_least}" if at_least else "")
+            + (
+                f" and the minimum of {at_least} bytes (source size or filesystem minimum)"
+                if at_least
+                else ""
+            )
         )
     return min(size, settings.max_volume_bytes // bs * bs)
 
@@ -150,7 +156,8 @@ class Provisioner:
     def create_volume(self, req: VolumeRequest, *, deadline: deadline_mod.Deadline) -> model.Device:
         name = naming.device_name(req.name, naming.IdKind.VOLUME)
         source = self._source_device(req.source)
-        size = choose_size(req.capacity, self._settings, at_least=source.size_bytes if source else 0)
+        at_least = max(source.size_bytes if source else 0, req.min_bytes)
+        size = choose_size(req.capacity, self._settings, at_least=at_least)
         existing = self._engine.get(name)
         if existing is not None:
             return self._existing_volume(existing, req, source)

@@ -161,6 +161,7 @@ def volume_request(req: csi_pb2.CreateVolumeRequest) -> tuple[provisioner.Volume
         capacity=capacity(req.capacity_range),
         source=content_source(req.volume_content_source),
         allowed_nodes=allowed_nodes(req.accessibility_requirements),
+        min_bytes=max(0 if c.block else filesystem.min_bytes(c.fs_type) for c in caps),
     )
     return vreq, caps[0]
 

@@ -14,6 +14,15 @@ from csi_thin import deadline as deadline_mod
 from csi_thin import errors, runner
 
 SUPPORTED = ("ext4", "xfs")
+#: The smallest device mkfs accepts per filesystem: current mkfs.xfs refuses anything under 300 MB, so
+#: the controller sizes xfs volumes up to it instead of letting the first stage fail.
+_MIN_BYTES = {"xfs": 300 * 1024 * 1024}
+
+
+def min_bytes(fs_type: str) -> int:
+    return _MIN_BYTES.get(fs_type, 0)
+
+
 _PROBE_BYTES = 1024 * 1024
 #: blkid exit status: 2 = nothing found
 _BLKID_NOTHING = 2

@@ -611,3 +611,22 @@ def test_log_lines_are_structured_and_never_hold_secrets(
     assert any("rpc=/csi.v1.Controller/CreateVolume code=OK" in line for line in lines)
     assert any("code=INVALID_ARGUMENT" in line and "error=" in line for line in lines)
     assert not any("hunter2" in line or "tok-s3cr3t" in line for line in lines)
+
+
+def test_xfs_volumes_are_sized_up_to_what_mkfs_xfs_accepts(d: h.Driver) -> None:
+    """mkfs.xfs refuses devices under 300 MB: a smaller xfs request is sized up at create, so the
+    first stage cannot fail; ext4 and block volumes keep the requested size."""
+    c = d.controller
+    xfs = c.CreateVolume(h.create_req("pvc-xfs", 64 * MiB, h.mount_cap("xfs"))).volume
+    assert xfs.capacity_bytes == 300 * MiB
+    assert c.CreateVolume(h.create_req("pvc-xfs", 64 * MiB, h.mount_cap("xfs"))).volume == xfs
+    assert (
+        c.CreateVolume(h.create_req("pvc-ext4", 64 * MiB, h.mount_cap("ext4"))).volume.capacity_bytes
+        == 64 * MiB
+    )
+    assert c.CreateVolume(h.create_req("pvc-blk", 64 * MiB, h.block_cap())).volume.capacity_bytes == 64 * MiB
+    before = pool_state(d)
+    capped = h.create_req("pvc-xfs-small", 64 * MiB, h.mount_cap("xfs"))
+    capped.capacity_range.limit_bytes = 128 * MiB
+    assert h.code_of(lambda: c.CreateVolume(capped)) == S.OUT_OF_RANGE
+    assert pool_state(d) == before
