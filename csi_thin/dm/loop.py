@@ -192,12 +192,22 @@ def detach(dev: str) -> None:
 
 def backing_file(dev: str) -> str | None:
     """The file behind a loop device, or None when it is not attached."""
-    number = _number(dev)
+    return _read_backing_file(f"loop{_number(dev)}")
+
+
+def _read_backing_file(name: str) -> str | None:
+    """Read /sys/block/<name>/loop/backing_file. Loop devices are machine-wide: another process may
+    detach one while we read it, and the kernel then answers ENODEV/ENXIO; that, like a missing
+    attribute, means "not attached"."""
     try:
-        with open(f"/sys/block/loop{number}/loop/backing_file", encoding="utf-8") as f:
+        with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8") as f:
             return f.read().rstrip("\n")
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            return None
+        raise
 
 
 def find(backing_file_path: str) -> str | None:
@@ -210,12 +220,7 @@ def find(backing_file_path: str) -> str | None:
     for name in names:
         if not name.startswith("loop") or not name[4:].isdigit():
             continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file", encoding="utf-8") as f:
-                have = f.read().rstrip("\n")
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if have == want:
+        if _read_backing_file(name) == want:
             return _dev_path(int(name[4:]))
     return None
 

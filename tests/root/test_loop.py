@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pathlib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -109,3 +111,31 @@ def test_bad_paths(tmp_path: pathlib.Path) -> None:
         loop.detach("/dev/sda")
     with pytest.raises(FileNotFoundError):
         loop.attach(str(tmp_path / "missing.img"))
+
+
+def _churn(directory: str, stop_at: float) -> int:
+    """Attach and detach loop devices until `stop_at` (runs in a child process)."""
+    n = 0
+    while time.monotonic() < stop_at:
+        path = _sparse(pathlib.Path(directory) / f"churn{os.getpid()}-{n % 4}.img", 1 << 20)
+        loop.detach(loop.attach(str(path)))
+        n += 1
+    return n
+
+
+def test_find_survives_loops_detached_under_it(tmp_path: pathlib.Path, attached: list[str]) -> None:
+    """Loop devices are machine-wide: while `find` scans /sys/block, other processes tear loops down,
+    and reading a backing_file attribute removed between open() and read() answers ENODEV. That
+    means "not attached", never an error (it once failed recovery and csi-sanity under load)."""
+    target = _sparse(tmp_path / "target.img", 1 << 20)
+    dev = loop.attach(str(target))
+    attached.append(dev)
+    stop_at = time.monotonic() + 4
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        churners = [pool.submit(_churn, str(tmp_path), stop_at) for _ in range(2)]
+        scans = 0
+        while time.monotonic() < stop_at:
+            assert loop.find(str(target)) == dev
+            scans += 1
+        churned = sum(f.result() for f in churners)
+    assert scans > 10 and churned > 10, (scans, churned)
