@@ -52,10 +52,13 @@ _TXID = "transaction_id"
 _LOCK = ".lock"
 _TMP = ".tmp-"
 _SUFFIX = ".img"
+_DELETED = " (deleted)"  # how sysfs shows the backing file of a loop device after an unlink
 _DEVICE_FILE = re.compile(r"(0|[1-9][0-9]{0,7})\.img")
 #: statvfs gives inode counts, not bytes; status reports them scaled by XFS's default (v5) inode size
 #: so the figures read as bytes and the used ratio is exact.
 NOMINAL_INODE_BYTES = 512
+#: how `xfs_repair -n` says the log holds changes a mount would replay (a crash, not damage)
+_XFS_DIRTY_LOG = "valuable metadata changes in a log"
 #: errnos with which FICLONE says "this filesystem (or this pair of files) cannot share extents"
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
 
@@ -164,6 +167,8 @@ def _oserror(what: str, exc: OSError) -> errors.CsiThinError:
     """Map an OSError of a pool step onto the backend's error contract."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return errors.ResourceExhausted(f"{what}: pool filesystem is full ({os.strerror(exc.errno)})")
+    if exc.errno == errno.EROFS:  # like a read-only thin pool: reads work, changes wait
+        return errors.Unavailable(f"{what}: pool filesystem is read-only")
     return errors.Internal(f"{what}: {os.strerror(exc.errno or 0) if exc.errno else exc}")
 
 
@@ -190,6 +195,16 @@ def _find(path: str) -> str | None:
             if exc.errno not in (errno.ENODEV, errno.ENXIO) or attempt == _FIND_ATTEMPTS - 1:
                 raise errors.Internal(f"look up the loop device of {path}: {exc}") from exc
     raise AssertionError("unreachable")
+
+
+def _backing_file(dev: str) -> str | None:
+    """`loop.backing_file`, where a device being detached right now counts as detached."""
+    try:
+        return loop.backing_file(dev)
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            return None
+        raise errors.Internal(f"read the backing file of {dev}: {exc}") from exc
 
 
 def _clone(src_fd: int, dst_fd: int) -> None:
@@ -270,8 +285,15 @@ class ReflinkBackend:
             yield
 
     def _require_assembled(self) -> None:
-        if not (os.path.isdir(self._devices) and os.path.isfile(os.path.join(self._dir, _TXID))):
-            raise errors.Unavailable(f"reflink pool {self._name} at {self._dir} is not assembled")
+        try:
+            os.stat(self._devices)
+            os.stat(os.path.join(self._dir, _TXID))
+        except FileNotFoundError as exc:
+            raise errors.Unavailable(f"reflink pool {self._name} at {self._dir} is not assembled") from exc
+        except OSError as exc:  # EIO: the filesystem shut itself down after an error
+            raise errors.Unavailable(
+                f"reflink pool {self._name} at {self._dir} has failed: {os.strerror(exc.errno or 0)}"
+            ) from exc
 
     def _require_device(self, dev_id: int) -> str:
         _check_id(dev_id)
@@ -444,6 +466,20 @@ class ReflinkBackend:
         else:
             argv = ["btrfs", "check", "--readonly", dev]
         res = runner.run(argv, deadline=deadline, check=False)
+        if res.returncode != 0 and self._cfg.fs_type == "xfs" and _XFS_DIRTY_LOG in res.stderr + res.stdout:
+            # a crash leaves changes in the log, which `xfs_repair -n` cannot replay and so reports
+            # as damage: let a mount replay them, then check the result
+            log.info("event=replay_log pool=%s image=%s", self._name, self._image)
+            os.makedirs(self._dir, exist_ok=True)
+            try:
+                runner.run(["mount", "-t", "xfs", dev, self._dir], deadline=deadline)
+            except errors.CommandFailed as exc:
+                raise dm_errors.MetadataCheckFailed(
+                    f"pool image {self._image}: its log could not be replayed (mount failed); "
+                    f"repair it offline before assembling: {exc.stderr.strip()[-1000:]}"
+                ) from exc
+            runner.run(["umount", self._dir], deadline=deadline)
+            res = runner.run(argv, deadline=deadline, check=False)
         if res.returncode != 0:
             raise dm_errors.MetadataCheckFailed(
                 f"pool image {self._image} failed its check ({argv[0]} exited {res.returncode}); "
@@ -484,33 +520,36 @@ class ReflinkBackend:
     def teardown(self, *, deadline: deadline_mod.Deadline) -> None:
         deadline.check("teardown")
         busy: list[DeviceBusy] = []
-        if os.path.isdir(self._devices):
-            for dev_id in sorted(self._list()):
-                try:
-                    self.deactivate(dev_id, deadline=deadline)
-                except DeviceBusy as exc:
-                    busy.append(exc)
+        # from the kernel's loop table, not the directory: a failed pool filesystem (EIO) cannot be
+        # listed, and must still be let go of so it can be unmounted, checked and mounted again
+        for backing, seen in sorted(self._attached().items()):
+            # for a file that still exists, `_find` also makes the /dev node if the container lacks it
+            dev = seen if backing.endswith(_DELETED) else _find(backing) or seen
+            try:
+                self._detach(dev, backing, os.path.basename(backing), deadline)
+            except DeviceBusy as exc:
+                busy.append(exc)
         if busy:
             raise DeviceBusy(f"teardown of pool {self._name}: " + "; ".join(e.message for e in busy))
         if self._image is None:
             return
         current = self._image_mounted()
-        dev = _find(self._image)
-        if current is not None and dev is not None and _is_mount_of(current, dev):
+        image_dev = _find(self._image)
+        if current is not None and image_dev is not None and _is_mount_of(current, image_dev):
             res = runner.run(["umount", self._dir], deadline=deadline, check=False)
             if res.returncode != 0:
                 raise DeviceBusy(
                     f"unmount pool {self._name} at {self._dir}: {(res.stderr or res.stdout).strip()}"
                 )
-        if dev is not None:
+        if image_dev is not None:
             # btrfs lets go of its device a moment after umount returns: the detach is then
             # deferred to the last close, so wait for it rather than race a re-assembly
-            loop.detach(dev)
+            loop.detach(image_dev)
             for _ in deadline.backoff(first=0.005, cap=0.1):
                 if _find(self._image) is None:
                     break
             else:
-                raise DeviceBusy(f"pool image {self._image} ({dev}) is still open after unmount")
+                raise DeviceBusy(f"pool image {self._image} ({image_dev}) is still open after unmount")
         log.info("event=teardown pool=%s", self._name)
 
     def destroy(self, *, deadline: deadline_mod.Deadline) -> None:
@@ -543,8 +582,26 @@ class ReflinkBackend:
         keeps metadata in the same space as data, so there the data figures stand for both.
         """
         deadline.check("status")
-        txid = self.transaction_id(deadline=deadline)
-        st = os.statvfs(self._dir)
+        try:
+            st = os.statvfs(self._dir)
+            os.stat(self._devices)
+            txid = self._read_txid_raw()
+        except FileNotFoundError as exc:
+            raise errors.Unavailable(f"reflink pool {self._name} at {self._dir} is not assembled") from exc
+        except OSError as exc:
+            # a filesystem that shut down after an IO or corruption error answers EIO to
+            # everything: report it like a failed thin pool, so nothing new is placed on it
+            log.warning("event=pool_failed pool=%s errno=%s", self._name, exc.errno)
+            return model.PoolStatus(
+                transaction_id=0,
+                block_size_bytes=self._cfg.block_size,
+                data_used_bytes=0,
+                data_total_bytes=0,
+                metadata_used_bytes=0,
+                metadata_total_bytes=0,
+                mode=model.PoolMode.FAIL,
+                needs_check=True,
+            )
         total = st.f_blocks * st.f_frsize
         used = (st.f_blocks - st.f_bfree) * st.f_frsize
         free = st.f_bavail * st.f_frsize
@@ -578,12 +635,15 @@ class ReflinkBackend:
         return self._read_txid()
 
     def _read_txid(self) -> int:
-        path = os.path.join(self._dir, _TXID)
         try:
-            with open(path, encoding="ascii") as f:
-                text = f.read().strip()
+            return self._read_txid_raw()
         except OSError as exc:
-            raise _oserror(f"read {path}", exc) from exc
+            raise _oserror(f"read the transaction id of pool {self._name}", exc) from exc
+
+    def _read_txid_raw(self) -> int:
+        path = os.path.join(self._dir, _TXID)
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
         if not text.isdigit():
             raise errors.Internal(f"{path} holds {text[:40]!r}, not a transaction id")
         return int(text)
@@ -809,30 +869,49 @@ class ReflinkBackend:
         path = self._path(dev_id)
         with self._locked(dev_id):
             dev = _find(path)
-            if dev is None:
+            if dev is not None:
+                self._detach(dev, os.path.realpath(path), f"device {dev_id}", deadline)
+
+    def _detach(self, dev: str, backing: str, label: str, deadline: deadline_mod.Deadline) -> None:
+        """Detach loop device `dev` (backed by `backing`, as sysfs shows it) unless it is in use."""
+        try:
+            fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                mount = self._mount_of(dev)
+                where = f"mounted at {mount.mount_point}" if mount else "held by another user"
+                raise DeviceBusy(f"{label} of pool {self._name} ({dev}) is {where}") from exc
+            if exc.errno in (errno.ENXIO, errno.ENOENT):
                 return
-            try:
-                fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno == errno.EBUSY:
-                    mount = self._mount_of(dev)
-                    where = f"mounted at {mount.mount_point}" if mount else "held by another user"
-                    raise DeviceBusy(f"device {dev_id} of pool {self._name} ({dev}) is {where}") from exc
-                if exc.errno in (errno.ENXIO, errno.ENOENT):
-                    return
-                raise _oserror(f"deactivate device {dev_id}", exc) from exc
-            try:
-                loop.detach(dev)
-            finally:
-                os.close(fd)
-            for _ in deadline.backoff(first=0.005, cap=0.1):
-                if _find(path) is None:
-                    break
-            else:
-                raise DeviceBusy(
-                    f"device {dev_id} of pool {self._name} ({dev}) is still open by another user"
-                )
-        log.info("event=deactivate pool=%s id=%d dev=%s", self._name, dev_id, dev)
+            raise _oserror(f"deactivate {label}", exc) from exc
+        try:
+            loop.detach(dev)
+        finally:
+            os.close(fd)
+        for _ in deadline.backoff(first=0.005, cap=0.1):
+            if _backing_file(dev) != backing:
+                break
+        else:
+            raise DeviceBusy(f"{label} of pool {self._name} ({dev}) is still open by another user")
+        log.info("event=deactivate pool=%s what=%s dev=%s", self._name, label, dev)
+
+    def _attached(self) -> dict[str, str]:
+        """Backing file (as sysfs shows it, maybe with " (deleted)") -> loop device, for every loop
+        device of this pool's device files, in one pass over the kernel's loop devices."""
+        prefix = self._devices + "/"
+        out: dict[str, str] = {}
+        try:
+            names = os.listdir("/sys/block")
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if not name.startswith("loop") or not name[4:].isdigit():
+                continue
+            dev = f"/dev/{name}"
+            backing = _backing_file(dev)
+            if backing is not None and backing.startswith(prefix):
+                out[backing] = dev
+        return out
 
     def resize(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> None:
         """Grow the device file; an attached loop device picks the new size up at once."""
@@ -858,7 +937,8 @@ class ReflinkBackend:
     def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]:
         deadline.check("list active devices")
         self._require_assembled()
-        return {i for i in self._list() if _find(self._path(i)) is not None}
+        ids = (device_file_id(os.path.basename(b)) for b in self._attached() if not b.endswith(_DELETED))
+        return {i for i in ids if i is not None}
 
     def device_path(self, dev_id: int) -> str:
         path = self._require_device(dev_id)

@@ -440,6 +440,41 @@ def test_damaged_image_is_refused_before_mounting(
     assert not any(m.mount_point == str(workdir / "pool") for m in reflink.mounts())
 
 
+def test_crashed_pool_filesystem_fails_then_recovers(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    """XFS shut down without flushing its log (what a crash leaves): status says FAIL, steps are
+    Unavailable, teardown still lets go of everything, and assemble replays the log (which
+    `xfs_repair -n` alone would report as damage) and brings back every synced device."""
+    d = dl()
+    pool_dir = str(workdir / "pool")
+    xfs_pool.create_thin(1, 8 * MiB, deadline=d)
+    dev = xfs_pool.activate(1, 8 * MiB, deadline=d)
+    pwrite(dev, b"durable!" * 512, 0)  # fsynced through the loop device into the pool
+    xfs_pool.set_transaction_id(0, 1, deadline=d)
+    xfs_pool.create_snap(2, 1, 8 * MiB, deadline=d)
+    runner.run(["xfs_io", "-x", "-c", "shutdown", pool_dir], deadline=d)  # no log flush
+
+    st = xfs_pool.status(deadline=d)
+    assert st.mode == model.PoolMode.FAIL and st.needs_check and not st.healthy
+    with pytest.raises(errors.Unavailable, match="has failed"):
+        xfs_pool.create_thin(3, MiB, deadline=d)
+    with pytest.raises(errors.Unavailable, match="has failed"):
+        xfs_pool.transaction_id(deadline=d)
+    xfs_pool.teardown(deadline=d)
+    assert loop.find(str(workdir / "pool.img")) is None
+    check = runner.run(["xfs_repair", "-n", str(workdir / "pool.img")], deadline=d, check=False)
+    assert check.returncode != 0  # the dirty log: what assemble must not mistake for damage
+
+    xfs_pool.assemble(deadline=d)
+    assert xfs_pool.status(deadline=d).healthy
+    assert xfs_pool.transaction_id(deadline=d) == 1
+    assert set(xfs_pool.device_ids(deadline=d)) == {1, 2}
+    for dev_id in (1, 2):
+        path = xfs_pool.activate(dev_id, 8 * MiB, deadline=d)
+        assert pread(path, 4096, 0) == b"durable!" * 512
+
+
 def test_refuses_a_directory_that_cannot_reflink(workdir: pathlib.Path) -> None:
     """tmp_path lives on the host's ext4: no FICLONE there."""
     (workdir / "pool").mkdir()
