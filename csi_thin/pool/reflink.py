@@ -455,7 +455,7 @@ class ReflinkBackend:
         except OSError as exc:
             raise _oserror(f"create pool image {self._image}", exc) from exc
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # best effort: the next attempt reuses the name
                 os.unlink(tmp)
         log.info("event=image_created pool=%s image=%s size=%d", self._name, self._image, size)
 
@@ -514,7 +514,7 @@ class ReflinkBackend:
                 os.close(src_fd)
         finally:
             for path in (src, dst):
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # best effort: assemble sweeps leftovers
                     os.unlink(path)
 
     def teardown(self, *, deadline: deadline_mod.Deadline) -> None:
@@ -661,7 +661,7 @@ class ReflinkBackend:
             os.rename(tmp, path)
             _fsync_dir(self._dir)
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # best effort: assemble sweeps leftovers
                 os.unlink(tmp)
 
     def set_transaction_id(self, old: int, new: int, *, deadline: deadline_mod.Deadline) -> None:
@@ -723,7 +723,7 @@ class ReflinkBackend:
         except OSError as exc:
             raise _oserror(f"create device {dev_id}", exc) from exc
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # best effort: assemble sweeps leftovers
                 os.unlink(tmp)
         log.info("event=create_thin pool=%s id=%d size=%d", self._name, dev_id, size_bytes)
 
@@ -757,7 +757,7 @@ class ReflinkBackend:
             except OSError as exc:
                 raise _oserror(f"snapshot {origin_id} -> {dev_id}", exc) from exc
             finally:
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):  # best effort: assemble sweeps leftovers
                     os.unlink(tmp)
         log.info("event=create_snap pool=%s id=%d origin=%d", self._name, dev_id, origin_id)
 
@@ -837,8 +837,10 @@ class ReflinkBackend:
                 grown = self._grow_file(path, size_bytes)
                 dev = _find(path)
                 if dev is None:
-                    dev = loop.attach(path, direct_io=False)
-                    log.info("event=activate pool=%s id=%d dev=%s", self._name, dev_id, dev)
+                    # a read-only pool (like a read-only thin pool) still serves reads
+                    read_only = bool(os.statvfs(self._dir).f_flag & os.ST_RDONLY)
+                    dev = loop.attach(path, read_only=read_only, direct_io=False)
+                    log.info("event=activate pool=%s id=%d dev=%s ro=%s", self._name, dev_id, dev, read_only)
                 elif grown:
                     loop.refresh_capacity(dev)
             except OSError as exc:

@@ -555,9 +555,22 @@ def test_status_reports_read_only_and_full(xfs_pool: reflink.ReflinkBackend, wor
     xfs_pool.deactivate(1, deadline=d)
     xfs_pool.delete(1, deadline=d)
     assert xfs_pool.status(deadline=d).mode == model.PoolMode.RW
+    xfs_pool.create_thin(4, MiB, deadline=d)
+    pwrite(xfs_pool.activate(4, MiB, deadline=d), b"ro-readable", 0)
+    xfs_pool.deactivate(4, deadline=d)
     runner.run(["mount", "-o", "remount,ro", pool_dir], deadline=d)
     try:
         assert xfs_pool.status(deadline=d).mode == model.PoolMode.RO
+        # like a read-only thin pool: reads keep working, changes are Unavailable
+        ro_dev = xfs_pool.activate(4, MiB, deadline=d)
+        assert pread(ro_dev, 11, 0) == b"ro-readable"
+        with pytest.raises(OSError):
+            pwrite(ro_dev, b"x", 0)
+        with pytest.raises(errors.Unavailable, match="read-only"):
+            xfs_pool.create_thin(5, MiB, deadline=d)
+        with pytest.raises(errors.Unavailable, match="read-only"):
+            xfs_pool.resize(4, 2 * MiB, deadline=d)
+        xfs_pool.deactivate(4, deadline=d)
     finally:
         runner.run(["mount", "-o", "remount,rw", pool_dir], deadline=d)
 
