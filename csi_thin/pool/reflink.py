@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -225,6 +226,7 @@ def _frozen(mount_point: str) -> Iterator[None]:
                     f"filesystem at {mount_point} is already frozen by someone else; retry later"
                 ) from exc
             raise errors.Internal(f"freeze {mount_point}: {os.strerror(exc.errno or 0)}") from exc
+        frozen_at = time.monotonic()
         log.info("event=freeze mount_point=%s", mount_point)
         try:
             yield
@@ -237,7 +239,9 @@ def _frozen(mount_point: str) -> Iterator[None]:
                     raise errors.Internal(
                         f"thaw {mount_point}: {os.strerror(exc.errno or 0)}; run `fsfreeze -u {mount_point}`"
                     ) from exc
-            log.info("event=thaw mount_point=%s", mount_point)
+            log.info(
+                "event=thaw mount_point=%s frozen_ms=%.1f", mount_point, (time.monotonic() - frozen_at) * 1000
+            )
     finally:
         os.close(fd)
 
@@ -743,8 +747,11 @@ class ReflinkBackend:
                 try:
                     dst_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                     try:
+                        # a buffered loop device leaves writes in the file's page cache: flush them
+                        # before the freeze, so that inside it only the freeze's own flush is left
+                        os.fsync(src_fd)
                         with self._consistent(origin):
-                            os.fsync(src_fd)  # a buffered loop may hold writes in the page cache
+                            os.fsync(src_fd)
                             deadline.check(f"clone {origin_id} -> {dev_id}")
                             _clone(src_fd, dst_fd)
                         if os.fstat(dst_fd).st_size < size_bytes:  # restore into a larger device
