@@ -181,33 +181,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-#: How often a loop lookup is repeated when it read a loop device's sysfs entry just as that device
-#: was being detached (by anyone on the host). A race count, not a timeout: each retry is immediate.
-_FIND_ATTEMPTS = 5
-
-
-def _find(path: str) -> str | None:
-    """`loop.find`, tolerant of the detach race: reading `backing_file` of a loop device that is
-    being unbound answers ENODEV/ENXIO, which `loop.find` (as of 0c8b17a) lets escape."""
-    for attempt in range(_FIND_ATTEMPTS):
-        try:
-            return loop.find(path)
-        except OSError as exc:
-            if exc.errno not in (errno.ENODEV, errno.ENXIO) or attempt == _FIND_ATTEMPTS - 1:
-                raise errors.Internal(f"look up the loop device of {path}: {exc}") from exc
-    raise AssertionError("unreachable")
-
-
-def _backing_file(dev: str) -> str | None:
-    """`loop.backing_file`, where a device being detached right now counts as detached."""
-    try:
-        return loop.backing_file(dev)
-    except OSError as exc:
-        if exc.errno in (errno.ENODEV, errno.ENXIO):
-            return None
-        raise errors.Internal(f"read the backing file of {dev}: {exc}") from exc
-
-
 def _clone(src_fd: int, dst_fd: int) -> None:
     """Share every extent of src with dst (dst becomes a CoW copy). A seam for fault injection."""
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
@@ -372,7 +345,7 @@ class ReflinkBackend:
         filesystem that is not frozen answers EINVAL and changes nothing.
         """
         for dev_id in self._list():
-            dev = _find(self._path(dev_id))
+            dev = loop.find(self._path(dev_id))
             mount = self._mount_of(dev) if dev is not None else None
             if mount is None:
                 continue
@@ -401,7 +374,7 @@ class ReflinkBackend:
             self._create_image(deadline)
         # direct IO where the host allows it: the image's pages are cached once, inside it; its
         # filesystem is made with 4 KiB sectors so it mounts whatever block size the loop gets
-        dev = _find(self._image)
+        dev = loop.find(self._image)
         attached_here = dev is None
         if dev is None:
             dev = loop.attach(self._image, direct_io=True)
@@ -528,7 +501,7 @@ class ReflinkBackend:
         # listed, and must still be let go of so it can be unmounted, checked and mounted again
         for backing, seen in sorted(self._attached().items()):
             # for a file that still exists, `_find` also makes the /dev node if the container lacks it
-            dev = seen if backing.endswith(_DELETED) else _find(backing) or seen
+            dev = seen if backing.endswith(_DELETED) else loop.find(backing) or seen
             try:
                 self._detach(dev, backing, os.path.basename(backing), deadline)
             except DeviceBusy as exc:
@@ -538,7 +511,7 @@ class ReflinkBackend:
         if self._image is None:
             return
         current = self._image_mounted()
-        image_dev = _find(self._image)
+        image_dev = loop.find(self._image)
         if current is not None and image_dev is not None and _is_mount_of(current, image_dev):
             res = runner.run(["umount", self._dir], deadline=deadline, check=False)
             if res.returncode != 0:
@@ -550,7 +523,7 @@ class ReflinkBackend:
             # deferred to the last close, so wait for it rather than race a re-assembly
             loop.detach(image_dev)
             for _ in deadline.backoff(first=0.005, cap=0.1):
-                if _find(self._image) is None:
+                if loop.find(self._image) is None:
                     break
             else:
                 raise DeviceBusy(f"pool image {self._image} ({image_dev}) is still open after unmount")
@@ -772,7 +745,7 @@ class ReflinkBackend:
     def _consistent(self, origin: str) -> Iterator[None]:
         """Make an attached origin's content stable: freeze a filesystem mounted from it, else flush
         the loop device's page cache; an inactive origin needs nothing."""
-        dev = _find(origin)
+        dev = loop.find(origin)
         if dev is None:
             yield
             return
@@ -800,7 +773,7 @@ class ReflinkBackend:
         path = self._require_device(dev_id)
         deadline.check(f"delete device {dev_id}")
         with self._locked(dev_id):
-            dev = _find(path)
+            dev = loop.find(path)
             if dev is not None:
                 raise DeviceBusy(
                     f"device {dev_id} of pool {self._name} is active ({dev}); deactivate it first"
@@ -842,7 +815,7 @@ class ReflinkBackend:
         with self._locked(dev_id):
             try:
                 grown = self._grow_file(path, size_bytes)
-                dev = _find(path)
+                dev = loop.find(path)
                 if dev is None:
                     # a read-only pool (like a read-only thin pool) still serves reads
                     read_only = bool(os.statvfs(self._dir).f_flag & os.ST_RDONLY)
@@ -877,7 +850,7 @@ class ReflinkBackend:
         self._require_assembled()
         path = self._path(dev_id)
         with self._locked(dev_id):
-            dev = _find(path)
+            dev = loop.find(path)
             if dev is not None:
                 self._detach(dev, os.path.realpath(path), f"device {dev_id}", deadline)
 
@@ -898,7 +871,7 @@ class ReflinkBackend:
         finally:
             os.close(fd)
         for _ in deadline.backoff(first=0.005, cap=0.1):
-            if _backing_file(dev) != backing:
+            if loop.backing_file(dev) != backing:
                 break
         else:
             raise DeviceBusy(f"{label} of pool {self._name} ({dev}) is still open by another user")
@@ -917,7 +890,7 @@ class ReflinkBackend:
             if not name.startswith("loop") or not name[4:].isdigit():
                 continue
             dev = f"/dev/{name}"
-            backing = _backing_file(dev)
+            backing = loop.backing_file(dev)
             if backing is not None and backing.startswith(prefix):
                 out[backing] = dev
         return out
@@ -936,7 +909,7 @@ class ReflinkBackend:
                         f"cannot shrink to {size_bytes}"
                     )
                 grown = self._grow_file(path, size_bytes)
-                dev = _find(path)
+                dev = loop.find(path)
                 if grown and dev is not None:
                     loop.refresh_capacity(dev)
             except OSError as exc:
@@ -951,7 +924,7 @@ class ReflinkBackend:
 
     def device_path(self, dev_id: int) -> str:
         path = self._require_device(dev_id)
-        dev = _find(path)
+        dev = loop.find(path)
         if dev is None:
             raise NotActive(f"device {dev_id} of pool {self._name} is not active")
         return dev

@@ -3,7 +3,6 @@ checks. The steps themselves run on real loop devices in tests/root/test_reflink
 
 from __future__ import annotations
 
-import errno
 import os
 import pathlib
 
@@ -11,7 +10,6 @@ import pytest
 
 from csi_thin import config, errors, model
 from csi_thin import deadline as deadline_mod
-from csi_thin.dm import loop
 from csi_thin.pool import reflink
 
 
@@ -97,31 +95,3 @@ def test_steps_on_an_unassembled_pool_are_unavailable(tmp_path: pathlib.Path) ->
         be.create_thin(-1, model.MiB, deadline=d)
     with pytest.raises(errors.InvalidArgument):
         be.create_thin(1, 0, deadline=d)
-
-
-def test_find_retries_the_detach_race(monkeypatch: pytest.MonkeyPatch) -> None:
-    answers: list[object] = [OSError(errno.ENODEV, "No such device"), "/dev/loop7"]
-
-    def find(path: str) -> str | None:
-        answer = answers.pop(0)
-        if isinstance(answer, OSError):
-            raise answer
-        assert isinstance(answer, str)
-        return answer
-
-    monkeypatch.setattr(loop, "find", find)
-    assert reflink._find("/pool/devices/1.img") == "/dev/loop7"
-
-    def always(path: str) -> str | None:
-        raise OSError(errno.ENODEV, "No such device")
-
-    monkeypatch.setattr(loop, "find", always)
-    with pytest.raises(errors.Internal, match="look up the loop device"):
-        reflink._find("/pool/devices/1.img")
-
-    def other(path: str) -> str | None:
-        raise OSError(errno.EACCES, "Permission denied")
-
-    monkeypatch.setattr(loop, "find", other)
-    with pytest.raises(errors.Internal, match="Permission denied"):
-        reflink._find("/pool/devices/1.img")
