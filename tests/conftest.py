@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 import pytest
 
@@ -12,6 +13,20 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 
 _TIER_MARKERS = {"integration": "integration", "root": "root", "vm": "vm"}
+_REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    """A result line worth reading in a quiet run (injection points covered, csi-sanity counts):
+    printed in its own section of pytest's summary, whatever the verbosity."""
+    _REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _REPORT:
+        terminalreporter.section("csi-thin results")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -27,6 +27,7 @@ from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from csi_thin.store import lmdb_store
+from tests import conftest
 
 __all__ = [
     "test_activate_deactivate_idempotent",
@@ -63,6 +64,8 @@ class Harness:
 
     has_block_devices = False
     block_size = 64 * 1024
+    #: names the backend in result lines
+    label = "engine"
 
     def __init__(self, state_dir: str, thresholds: model.Thresholds | None = None) -> None:
         self.state_dir = state_dir
@@ -636,7 +639,10 @@ def test_kill_at_every_step_boundary(harness: Harness) -> None:
             check_consistent(e, before=committed(e), may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
             harness.close(e)
             total += 1
-    print(f"\nfault injection (SIGKILL): {total} step boundaries, {len(SCENARIOS)} mutations: consistent")
+    conftest.report(
+        f"{harness.label}: fault injection (SIGKILL): {total} step boundaries, "
+        f"{len(SCENARIOS)} mutations: consistent"
+    )
     assert total >= 2 * len(SCENARIOS)
 
 
@@ -665,7 +671,10 @@ def test_fail_every_step_once(harness: Harness) -> None:
             sc.run(e, tag)  # and the mutation can be retried
             check_consistent(e, before=committed(e), may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
             total += 1
-    print(f"\nfault injection (fail once): {total} step boundaries, {len(SCENARIOS)} mutations: consistent")
+    conftest.report(
+        f"{harness.label}: fault injection (fail once): {total} step boundaries, "
+        f"{len(SCENARIOS)} mutations: consistent"
+    )
 
 
 def _fail_at(*points: str) -> Callable[[str], None]:
@@ -817,7 +826,10 @@ def test_concurrent_creates_of_one_name(harness: Harness) -> None:
     assert devices and all(d == devices[0] for d in devices)
     assert [d.name for d in e.list()] == ["same"]
     assert e.store.transaction_id() == 1
-    print(f"\nconcurrency: 50 creates of one name -> 1 device; {len(devices)} got it, {len(pending)} ABORTED")
+    conftest.report(
+        f"{harness.label}: concurrency: 50 creates of one name -> 1 device; "
+        f"{len(devices)} got it, {len(pending)} ABORTED"
+    )
     check_consistent(e, before=committed(e))
 
 
@@ -831,6 +843,6 @@ def test_concurrent_creates_of_different_names(harness: Harness) -> None:
     assert e.store.transaction_id() == 50 == e.backend.transaction_id(deadline=dl())
     results = _threads(50, lambda i: e.delete(f"vol-{i}", deadline=dl()))
     assert all(r is None for r in results), [r for r in results if r is not None][:3]
-    print("\nconcurrency: 50 different names in parallel -> 50 devices, then 50 deletes -> 0")
+    conftest.report(f"{harness.label}: concurrency: 50 names in parallel -> 50 devices, 50 deletes -> 0")
     check_consistent(e, before={})
     assert e.list() == [] and e.backend.device_ids(deadline=dl()) == {}

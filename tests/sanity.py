@@ -119,8 +119,8 @@ def _allowed(message: str) -> bool:
 
 
 def check(result: Result, label: str) -> None:
-    print(
-        f"\ncsi-sanity on {label}: {len(result.passed)} passed, {len(result.failed)} failed, "
+    conftest.report(
+        f"csi-sanity on {label}: {len(result.passed)} passed, {len(result.failed)} failed, "
         f"{len(result.skipped)} skipped in {result.seconds:.0f}s"
     )
     for name, msg in result.skipped:

@@ -24,6 +24,7 @@ class ReflinkHarness(enginesuite.Harness):
 
     def __init__(self, root: pathlib.Path, fs_type: str) -> None:
         super().__init__(str(root / "state"))
+        self.label = f"reflink on {fs_type}"
         self.cfg = config.PoolConfig(
             name="engine",
             backend=config.BackendKind.REFLINK,

@@ -18,6 +18,7 @@ from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
 
 class FakeHarness(enginesuite.Harness):
     has_block_devices = False
+    label = "fake backend"
     fake = True
 
     def make_backend(self) -> backend_mod.Backend:

@@ -22,6 +22,7 @@ from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
 
 class DmThinHarness(enginesuite.Harness):
     has_block_devices = True
+    label = "dm-thin (VM)"
 
     def __init__(self, root: pathlib.Path) -> None:
         super().__init__(str(root / "state"))

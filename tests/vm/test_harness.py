@@ -15,6 +15,7 @@ import uuid
 
 from csi_thin import model
 from csi_thin.dm import parse
+from tests import conftest
 
 MiB = 1024 * 1024
 DMS = ["dmsetup", "--noudevsync", "--noudevrules"]
@@ -46,7 +47,7 @@ def test_real_dm_thin_with_plain_dmsetup() -> None:
     kernel = os.uname().release
     with open("/proc/modules", encoding="utf-8") as f:
         modules = {line.split()[0] for line in f}
-    print(f"kernel {kernel}; dm_thin_pool loaded: {'dm_thin_pool' in modules}")
+    conftest.report(f"VM harness: kernel {kernel}; dm_thin_pool loaded: {'dm_thin_pool' in modules}")
     assert "dm_thin_pool" in modules
     assert "dm_mod" in modules
 
