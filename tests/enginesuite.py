@@ -27,7 +27,7 @@ from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from csi_thin.store import lmdb_store
-from tests import conftest
+from tests import blockio, conftest
 
 __all__ = [
     "test_activate_deactivate_idempotent",
@@ -109,31 +109,6 @@ class Harness:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-
-
-def write_at(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_at(path: str, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-def device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
 
 
 def committed(engine: engine_mod.PoolEngine) -> dict[str, int]:
@@ -246,7 +221,7 @@ def test_activate_deactivate_idempotent(harness: Harness) -> None:
     assert a1.active and a1.path and a1 == a2
     assert a1.dev_id in e.backend.active_ids(deadline=dl())
     if harness.has_block_devices:
-        assert device_size(a1.path) == a1.size_bytes
+        assert blockio.device_size(a1.path) == a1.size_bytes
     check_consistent(e, before=committed(e))
     d1 = e.deactivate("v", deadline=dl())
     d2 = e.deactivate("v", deadline=dl())
@@ -293,21 +268,21 @@ def test_grow_while_active_and_refuse_shrink(harness: Harness) -> None:
     dev = e.activate("v", deadline=dl())
     assert dev.path is not None
     if harness.has_block_devices:
-        write_at(dev.path, 0, b"before-grow" * 100)
+        blockio.write_at(dev.path, 0, b"before-grow" * 100)
     g = e.grow("v", 5 * MiB, deadline=dl())
     assert g.size_bytes == 5 * MiB and g.active
     assert e.grow("v", 5 * MiB, deadline=dl()) == g
     with pytest.raises(errors.OutOfRange):
         e.grow("v", MiB, deadline=dl())
     if harness.has_block_devices:
-        assert device_size(dev.path) == 5 * MiB
-        assert read_at(dev.path, 0, 1100) == b"before-grow" * 100
-        write_at(dev.path, 5 * MiB - 4096, b"z" * 4096)
+        assert blockio.device_size(dev.path) == 5 * MiB
+        assert blockio.read_at(dev.path, 0, 1100) == b"before-grow" * 100
+        blockio.write_at(dev.path, 5 * MiB - 4096, b"z" * 4096)
     e.deactivate("v", deadline=dl())
     assert e.grow("v", 6 * MiB, deadline=dl()).size_bytes == 6 * MiB  # inactive: record only
     dev = e.activate("v", deadline=dl())
     if harness.has_block_devices:
-        assert dev.path is not None and device_size(dev.path) == 6 * MiB
+        assert dev.path is not None and blockio.device_size(dev.path) == 6 * MiB
     with pytest.raises(errors.NotFound):
         e.grow("nope", MiB, deadline=dl())
     check_consistent(e, before=committed(e))
@@ -318,11 +293,11 @@ def test_snapshot_data_survives_origin_changes(harness: Harness) -> None:
     v = e.activate(e.create_volume("v", 4 * MiB, deadline=dl()).name, deadline=dl())
     assert v.path is not None
     if harness.has_block_devices:
-        write_at(v.path, 0, b"A" * 65536)
-        write_at(v.path, MiB, b"B" * 4096)
+        blockio.write_at(v.path, 0, b"A" * 65536)
+        blockio.write_at(v.path, MiB, b"B" * 4096)
     s_active = e.create_snapshot("s1", "v", deadline=dl())  # of an ACTIVE origin
     if harness.has_block_devices:
-        write_at(v.path, 0, b"C" * 65536)
+        blockio.write_at(v.path, 0, b"C" * 65536)
     e.deactivate("v", deadline=dl())
     s_inactive = e.create_snapshot("s2", "v", deadline=dl())  # of an INACTIVE origin
     assert s_active.dev_id != s_inactive.dev_id
@@ -330,14 +305,14 @@ def test_snapshot_data_survives_origin_changes(harness: Harness) -> None:
         return
     v = e.activate("v", deadline=dl())
     assert v.path is not None
-    write_at(v.path, 0, b"D" * 65536)
+    blockio.write_at(v.path, 0, b"D" * 65536)
     s1 = e.activate("s1", deadline=dl())
     s2 = e.activate("s2", deadline=dl())
     assert s1.path and s2.path
-    assert read_at(s1.path, 0, 65536) == b"A" * 65536
-    assert read_at(s1.path, MiB, 4096) == b"B" * 4096
-    assert read_at(s2.path, 0, 65536) == b"C" * 65536
-    assert read_at(v.path, 0, 65536) == b"D" * 65536
+    assert blockio.read_at(s1.path, 0, 65536) == b"A" * 65536
+    assert blockio.read_at(s1.path, MiB, 4096) == b"B" * 4096
+    assert blockio.read_at(s2.path, 0, 65536) == b"C" * 65536
+    assert blockio.read_at(v.path, 0, 65536) == b"D" * 65536
     assert e.usage("s1", deadline=dl()) > 0
     check_consistent(e, before=committed(e))
 
@@ -347,7 +322,7 @@ def test_clone_and_restore_into_larger_volume(harness: Harness) -> None:
     v = e.activate(e.create_volume("v", 2 * MiB, deadline=dl()).name, deadline=dl())
     if harness.has_block_devices:
         assert v.path is not None
-        write_at(v.path, 0, b"orig" * 1024)
+        blockio.write_at(v.path, 0, b"orig" * 1024)
     e.deactivate("v", deadline=dl())
     e.create_snapshot("snap", "v", deadline=dl())
     restored = e.clone("restored", "snap", 8 * MiB, deadline=dl())
@@ -360,11 +335,11 @@ def test_clone_and_restore_into_larger_volume(harness: Harness) -> None:
     c = e.activate("cloned", deadline=dl())
     if harness.has_block_devices:
         assert r.path and c.path
-        assert device_size(r.path) == 8 * MiB
-        assert read_at(r.path, 0, 4096) == b"orig" * 1024
-        assert read_at(c.path, 0, 4096) == b"orig" * 1024
-        write_at(r.path, 7 * MiB, b"tail" * 1024)
-        assert read_at(r.path, 7 * MiB, 4096) == b"tail" * 1024
+        assert blockio.device_size(r.path) == 8 * MiB
+        assert blockio.read_at(r.path, 0, 4096) == b"orig" * 1024
+        assert blockio.read_at(c.path, 0, 4096) == b"orig" * 1024
+        blockio.write_at(r.path, 7 * MiB, b"tail" * 1024)
+        assert blockio.read_at(r.path, 7 * MiB, 4096) == b"tail" * 1024
     check_consistent(e, before=committed(e))
 
 
@@ -409,7 +384,7 @@ def test_reassembly_after_reboot(harness: Harness) -> None:
     v = e.activate(e.create_volume("v", 4 * MiB, deadline=dl()).name, deadline=dl())
     if harness.has_block_devices:
         assert v.path is not None
-        write_at(v.path, 0, b"keep" * 1024)
+        blockio.write_at(v.path, 0, b"keep" * 1024)
     e.create_snapshot("s", "v", deadline=dl())
     e.clone("c", "s", 6 * MiB, deadline=dl())
     e.create_volume("idle", MiB, deadline=dl())
@@ -432,7 +407,7 @@ def test_reassembly_after_reboot(harness: Harness) -> None:
     check_consistent(e, before=committed(e))
     c = e.activate("c", deadline=dl())
     if harness.has_block_devices:
-        assert c.path is not None and read_at(c.path, 0, 4096) == b"keep" * 1024
+        assert c.path is not None and blockio.read_at(c.path, 0, 4096) == b"keep" * 1024
     e.create_volume("after-reboot", MiB, deadline=dl())
     check_consistent(e, before=committed(e))
 

@@ -23,6 +23,7 @@ from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import loop
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import reflink
+from tests import blockio
 
 MiB = model.MiB
 IMAGE_SIZE = 512 * MiB  # mkfs.xfs needs >= 300 MiB
@@ -115,23 +116,6 @@ def xfs_pool(workdir: pathlib.Path) -> reflink.ReflinkBackend:
     return be
 
 
-def pwrite(dev: str, data: bytes, offset: int) -> None:
-    fd = os.open(dev, os.O_RDWR)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def pread(dev: str, size: int, offset: int) -> bytes:
-    fd = os.open(dev, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
-
-
 def blockdev_size(dev: str) -> int:
     return int(runner.run(["blockdev", "--getsize64", dev], deadline=dl()).stdout)
 
@@ -175,7 +159,7 @@ def test_every_method(pool: reflink.ReflinkBackend, workdir: pathlib.Path) -> No
     assert pool.device_path(1) == dev
     assert pool.active_ids(deadline=d) == {1}
     assert blockdev_size(dev) == 16 * MiB
-    pwrite(dev, b"A" * MiB, 0)
+    blockio.write_at(dev, 0, b"A" * MiB)
     assert pool.mapped_bytes(1, deadline=d) >= MiB
     assert pool.device_ids(deadline=d)[1] >= MiB
 
@@ -236,7 +220,7 @@ def test_every_method(pool: reflink.ReflinkBackend, workdir: pathlib.Path) -> No
     assert pool.transaction_id(deadline=d) == 1
     assert pool.active_ids(deadline=d) == set()
     dev = pool.activate(1, 32 * MiB, deadline=d)
-    assert pread(dev, 4, 0) == b"AAAA"
+    assert blockio.read_at(dev, 0, 4) == b"AAAA"
 
     # destroy removes what assemble made
     pool.destroy(deadline=d)
@@ -248,37 +232,37 @@ def test_snapshot_keeps_the_data_of_its_time(pool: reflink.ReflinkBackend) -> No
     d = dl()
     pool.create_thin(10, 8 * MiB, deadline=d)
     origin = pool.activate(10, 8 * MiB, deadline=d)
-    pwrite(origin, b"before" * 1000, 3 * MiB)
+    blockio.write_at(origin, 3 * MiB, b"before" * 1000)
     pool.create_snap(11, 10, 8 * MiB, deadline=d)
-    pwrite(origin, b"after!" * 1000, 3 * MiB)  # the origin changes after the snapshot
+    blockio.write_at(origin, 3 * MiB, b"after!" * 1000)  # the origin changes after the snapshot
     snap = pool.activate(11, 8 * MiB, deadline=d)
-    assert pread(snap, 6000, 3 * MiB) == b"before" * 1000
-    assert pread(origin, 6000, 3 * MiB) == b"after!" * 1000
+    assert blockio.read_at(snap, 3 * MiB, 6000) == b"before" * 1000
+    assert blockio.read_at(origin, 3 * MiB, 6000) == b"after!" * 1000
     # writes to the snapshot do not reach the origin
-    pwrite(snap, b"snap" * 1024, 0)
-    assert pread(origin, 4, 0) == b"\0\0\0\0"
+    blockio.write_at(snap, 0, b"snap" * 1024)
+    assert blockio.read_at(origin, 0, 4) == b"\0\0\0\0"
 
     # restore the snapshot into a larger device
     pool.deactivate(11, deadline=d)
     pool.create_snap(12, 11, 32 * MiB, deadline=d)
     restored = pool.activate(12, 32 * MiB, deadline=d)
     assert blockdev_size(restored) == 32 * MiB
-    assert pread(restored, 6000, 3 * MiB) == b"before" * 1000
-    assert pread(restored, 4, 0) == b"snap"
-    assert pread(restored, 4, 31 * MiB) == b"\0\0\0\0"
+    assert blockio.read_at(restored, 3 * MiB, 6000) == b"before" * 1000
+    assert blockio.read_at(restored, 0, 4) == b"snap"
+    assert blockio.read_at(restored, 31 * MiB, 4) == b"\0\0\0\0"
 
 
 def test_grow_while_attached(xfs_pool: reflink.ReflinkBackend) -> None:
     d = dl()
     xfs_pool.create_thin(1, 8 * MiB, deadline=d)
     dev = xfs_pool.activate(1, 8 * MiB, deadline=d)
-    pwrite(dev, b"keep", 7 * MiB)
+    blockio.write_at(dev, 7 * MiB, b"keep")
     assert blockdev_size(dev) == 8 * MiB
     xfs_pool.resize(1, 64 * MiB, deadline=d)
     assert blockdev_size(dev) == 64 * MiB
-    assert pread(dev, 4, 7 * MiB) == b"keep"
-    pwrite(dev, b"tail", 63 * MiB)
-    assert pread(dev, 4, 63 * MiB) == b"tail"
+    assert blockio.read_at(dev, 7 * MiB, 4) == b"keep"
+    blockio.write_at(dev, 63 * MiB, b"tail")
+    assert blockio.read_at(dev, 63 * MiB, 4) == b"tail"
     xfs_pool.resize(1, 64 * MiB, deadline=d)  # same size: a no-op
     # activate with a larger size grows an attached device too
     assert xfs_pool.activate(1, 96 * MiB, deadline=d) == dev
@@ -450,7 +434,7 @@ def test_crashed_pool_filesystem_fails_then_recovers(
     pool_dir = str(workdir / "pool")
     xfs_pool.create_thin(1, 8 * MiB, deadline=d)
     dev = xfs_pool.activate(1, 8 * MiB, deadline=d)
-    pwrite(dev, b"durable!" * 512, 0)  # fsynced through the loop device into the pool
+    blockio.write_at(dev, 0, b"durable!" * 512)  # fsynced through the loop device into the pool
     xfs_pool.set_transaction_id(0, 1, deadline=d)
     xfs_pool.create_snap(2, 1, 8 * MiB, deadline=d)
     runner.run(["xfs_io", "-x", "-c", "shutdown", pool_dir], deadline=d)  # no log flush
@@ -472,7 +456,7 @@ def test_crashed_pool_filesystem_fails_then_recovers(
     assert set(xfs_pool.device_ids(deadline=d)) == {1, 2}
     for dev_id in (1, 2):
         path = xfs_pool.activate(dev_id, 8 * MiB, deadline=d)
-        assert pread(path, 4096, 0) == b"durable!" * 512
+        assert blockio.read_at(path, 0, 4096) == b"durable!" * 512
 
 
 def test_refuses_a_directory_that_cannot_reflink(workdir: pathlib.Path) -> None:
@@ -556,16 +540,16 @@ def test_status_reports_read_only_and_full(xfs_pool: reflink.ReflinkBackend, wor
     xfs_pool.delete(1, deadline=d)
     assert xfs_pool.status(deadline=d).mode == model.PoolMode.RW
     xfs_pool.create_thin(4, MiB, deadline=d)
-    pwrite(xfs_pool.activate(4, MiB, deadline=d), b"ro-readable", 0)
+    blockio.write_at(xfs_pool.activate(4, MiB, deadline=d), 0, b"ro-readable")
     xfs_pool.deactivate(4, deadline=d)
     runner.run(["mount", "-o", "remount,ro", pool_dir], deadline=d)
     try:
         assert xfs_pool.status(deadline=d).mode == model.PoolMode.RO
         # like a read-only thin pool: reads keep working, changes are Unavailable
         ro_dev = xfs_pool.activate(4, MiB, deadline=d)
-        assert pread(ro_dev, 11, 0) == b"ro-readable"
+        assert blockio.read_at(ro_dev, 0, 11) == b"ro-readable"
         with pytest.raises(OSError):
-            pwrite(ro_dev, b"x", 0)
+            blockio.write_at(ro_dev, 0, b"x")
         with pytest.raises(errors.Unavailable, match="read-only"):
             xfs_pool.create_thin(5, MiB, deadline=d)
         with pytest.raises(errors.Unavailable, match="read-only"):

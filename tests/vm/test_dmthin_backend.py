@@ -15,6 +15,7 @@ from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import ioctl, loop, parse
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import dmthin
+from tests import blockio
 
 MiB = model.MiB
 BS = 64 * model.KiB
@@ -51,31 +52,6 @@ def be(cfg: config.PoolConfig) -> dmthin.DmThinBackend:
     return b
 
 
-def _write(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read(path: str, offset: int, n: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, n, offset)
-    finally:
-        os.close(fd)
-
-
-def _size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def _block(tag: bytes) -> bytes:
     return (tag * (BS // len(tag) + 1))[:BS]
 
@@ -108,9 +84,9 @@ def test_create_activate_write_read(be: dmthin.DmThinBackend) -> None:
     path = be.activate(1, 64 * MiB, deadline=_dl())
     assert path == be.device_path(1) == f"/dev/mapper/csi-thin-{be._pool}-1"
     assert be.activate(1, 64 * MiB, deadline=_dl()) == path  # idempotent
-    assert _size(path) == 64 * MiB
-    _write(path, 10 * MiB, _block(b"hello"))
-    assert _read(path, 10 * MiB, BS) == _block(b"hello")
+    assert blockio.device_size(path) == 64 * MiB
+    blockio.write_at(path, 10 * MiB, _block(b"hello"))
+    assert blockio.read_at(path, 10 * MiB, BS) == _block(b"hello")
     assert be.active_ids(deadline=_dl()) == {1}
     assert be.mapped_bytes(1, deadline=_dl()) == BS  # one pool block
     be.deactivate(1, deadline=_dl())
@@ -118,7 +94,7 @@ def test_create_activate_write_read(be: dmthin.DmThinBackend) -> None:
     assert not os.path.exists(path)
     assert be.mapped_bytes(1, deadline=_dl()) == BS  # from the metadata snapshot now
     path = be.activate(1, 64 * MiB, deadline=_dl())
-    assert _read(path, 10 * MiB, BS) == _block(b"hello")
+    assert blockio.read_at(path, 10 * MiB, BS) == _block(b"hello")
     with pytest.raises(errors.NotFound):
         be.mapped_bytes(77, deadline=_dl())
     with pytest.raises(errors.NotFound):
@@ -129,12 +105,12 @@ def test_create_activate_write_read(be: dmthin.DmThinBackend) -> None:
 def test_snapshot_of_inactive_origin(be: dmthin.DmThinBackend) -> None:
     be.create_thin(1, 32 * MiB, deadline=_dl())
     origin = be.activate(1, 32 * MiB, deadline=_dl())
-    _write(origin, 0, _block(b"v1"))
+    blockio.write_at(origin, 0, _block(b"v1"))
     be.deactivate(1, deadline=_dl())
     be.create_snap(2, 1, 32 * MiB, deadline=_dl())  # no suspend: there is no origin device
     assert be.active_ids(deadline=_dl()) == set()
     snap = be.activate(2, 32 * MiB, deadline=_dl())
-    assert _read(snap, 0, BS) == _block(b"v1")
+    assert blockio.read_at(snap, 0, BS) == _block(b"v1")
     assert set(be.device_ids(deadline=_dl())) == {1, 2}
 
 
@@ -142,15 +118,15 @@ def test_snapshot_of_active_origin(be: dmthin.DmThinBackend) -> None:
     ctl = ioctl.Control()
     be.create_thin(1, 32 * MiB, deadline=_dl())
     origin = be.activate(1, 32 * MiB, deadline=_dl())
-    _write(origin, MiB, _block(b"before"))
+    blockio.write_at(origin, MiB, _block(b"before"))
     be.create_snap(2, 1, 32 * MiB, deadline=_dl())
     info = ctl.info(os.path.basename(origin))
     assert info is not None
     assert not info.suspended
-    _write(origin, MiB, _block(b"after"))  # the origin stays usable
+    blockio.write_at(origin, MiB, _block(b"after"))  # the origin stays usable
     snap = be.activate(2, 32 * MiB, deadline=_dl())
-    assert _read(snap, MiB, BS) == _block(b"before")
-    assert _read(origin, MiB, BS) == _block(b"after")
+    assert blockio.read_at(snap, MiB, BS) == _block(b"before")
+    assert blockio.read_at(origin, MiB, BS) == _block(b"after")
 
     # a failing create_snap (the id exists) still resumes the active origin
     with pytest.raises(dm_errors.DeviceExists):
@@ -158,8 +134,8 @@ def test_snapshot_of_active_origin(be: dmthin.DmThinBackend) -> None:
     info = ctl.info(os.path.basename(origin))
     assert info is not None
     assert not info.suspended
-    _write(origin, 2 * MiB, _block(b"still"))
-    assert _read(origin, 2 * MiB, BS) == _block(b"still")
+    blockio.write_at(origin, 2 * MiB, _block(b"still"))
+    assert blockio.read_at(origin, 2 * MiB, BS) == _block(b"still")
     with pytest.raises(errors.NotFound):
         be.create_snap(3, 55, 32 * MiB, deadline=_dl())  # no such origin
 
@@ -167,33 +143,33 @@ def test_snapshot_of_active_origin(be: dmthin.DmThinBackend) -> None:
 def test_restore_into_larger_device(be: dmthin.DmThinBackend) -> None:
     be.create_thin(1, 16 * MiB, deadline=_dl())
     origin = be.activate(1, 16 * MiB, deadline=_dl())
-    _write(origin, 15 * MiB, _block(b"tail"))
+    blockio.write_at(origin, 15 * MiB, _block(b"tail"))
     be.create_snap(2, 1, 16 * MiB, deadline=_dl())
     be.create_snap(3, 2, 64 * MiB, deadline=_dl())  # restore: a snapshot of the snapshot, bigger
     restored = be.activate(3, 64 * MiB, deadline=_dl())
-    assert _size(restored) == 64 * MiB
-    assert _read(restored, 15 * MiB, BS) == _block(b"tail")
-    assert _read(restored, 40 * MiB, BS) == bytes(BS)
+    assert blockio.device_size(restored) == 64 * MiB
+    assert blockio.read_at(restored, 15 * MiB, BS) == _block(b"tail")
+    assert blockio.read_at(restored, 40 * MiB, BS) == bytes(BS)
 
 
 def test_grow_active_and_inactive(be: dmthin.DmThinBackend) -> None:
     be.create_thin(1, 16 * MiB, deadline=_dl())
     path = be.activate(1, 16 * MiB, deadline=_dl())
-    _write(path, 0, _block(b"keep"))
+    blockio.write_at(path, 0, _block(b"keep"))
     be.resize(1, 48 * MiB, deadline=_dl())
-    assert _size(path) == 48 * MiB
-    _write(path, 47 * MiB, _block(b"new"))
-    assert _read(path, 0, BS) == _block(b"keep")
+    assert blockio.device_size(path) == 48 * MiB
+    blockio.write_at(path, 47 * MiB, _block(b"new"))
+    assert blockio.read_at(path, 0, BS) == _block(b"keep")
     # activate with the new size is a no-op; with another size a reload
     assert be.activate(1, 48 * MiB, deadline=_dl()) == path
     be.activate(1, 64 * MiB, deadline=_dl())
-    assert _size(path) == 64 * MiB
+    assert blockio.device_size(path) == 64 * MiB
     be.deactivate(1, deadline=_dl())
     be.resize(1, 128 * MiB, deadline=_dl())  # inactive: nothing to do in the kernel
     assert be.active_ids(deadline=_dl()) == set()
     path = be.activate(1, 128 * MiB, deadline=_dl())
-    assert _size(path) == 128 * MiB
-    assert _read(path, 47 * MiB, BS) == _block(b"new")
+    assert blockio.device_size(path) == 128 * MiB
+    assert blockio.read_at(path, 47 * MiB, BS) == _block(b"new")
 
 
 def test_delete(be: dmthin.DmThinBackend) -> None:
@@ -214,7 +190,7 @@ def test_device_ids_via_metadata_snapshot(be: dmthin.DmThinBackend) -> None:
         be.create_thin(dev_id, 16 * MiB, deadline=_dl())
     path = be.activate(9, 16 * MiB, deadline=_dl())
     for i in range(4):
-        _write(path, i * BS, _block(b"x"))
+        blockio.write_at(path, i * BS, _block(b"x"))
     ids = be.device_ids(deadline=_dl())
     assert ids == {3: 0, 9: 4 * BS, 4000: 0}
     assert be.mapped_bytes(9, deadline=_dl()) == 4 * BS
@@ -239,9 +215,9 @@ def test_set_transaction_id_compare_and_swap(be: dmthin.DmThinBackend) -> None:
 def test_reassembly_after_reboot(be: dmthin.DmThinBackend, cfg: config.PoolConfig) -> None:
     be.create_thin(1, 32 * MiB, deadline=_dl())
     path = be.activate(1, 32 * MiB, deadline=_dl())
-    _write(path, 0, _block(b"survive"))
+    blockio.write_at(path, 0, _block(b"survive"))
     be.create_snap(2, 1, 32 * MiB, deadline=_dl())
-    _write(path, 0, _block(b"changed"))
+    blockio.write_at(path, 0, _block(b"changed"))
     be.set_transaction_id(0, 5, deadline=_dl())
     be.assemble(deadline=_dl())  # already assembled as configured: nothing to do
     assert be.active_ids(deadline=_dl()) == {1}
@@ -259,8 +235,8 @@ def test_reassembly_after_reboot(be: dmthin.DmThinBackend, cfg: config.PoolConfi
     again.assemble(deadline=_dl())  # existing metadata: thin_check runs first
     assert again.transaction_id(deadline=_dl()) == 5
     assert again.device_ids(deadline=_dl()) == ids
-    assert _read(again.activate(1, 32 * MiB, deadline=_dl()), 0, BS) == _block(b"changed")
-    assert _read(again.activate(2, 32 * MiB, deadline=_dl()), 0, BS) == _block(b"survive")
+    assert blockio.read_at(again.activate(1, 32 * MiB, deadline=_dl()), 0, BS) == _block(b"changed")
+    assert blockio.read_at(again.activate(2, 32 * MiB, deadline=_dl()), 0, BS) == _block(b"survive")
 
 
 def test_corrupted_metadata_stops_assembly(be: dmthin.DmThinBackend, cfg: config.PoolConfig) -> None:
@@ -318,7 +294,7 @@ def test_stale_metadata_snapshot_and_missing_node(be: dmthin.DmThinBackend) -> N
     path = be.activate(1, 16 * MiB, deadline=_dl())
     os.unlink(path)  # someone cleaned /dev (a container restart)
     assert be.activate(1, 16 * MiB, deadline=_dl()) == path
-    assert _size(path) == 16 * MiB
+    assert blockio.device_size(path) == 16 * MiB
 
 
 def test_block_device_pool(tmp_path: pathlib.Path) -> None:

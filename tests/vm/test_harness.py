@@ -15,7 +15,7 @@ import uuid
 
 from csi_thin import model
 from csi_thin.dm import parse
-from tests import conftest
+from tests import blockio, conftest
 
 MiB = 1024 * 1024
 DMS = ["dmsetup", "--noudevsync", "--noudevrules"]
@@ -24,23 +24,6 @@ BS = 64 * 1024
 
 def sh(*argv: str) -> str:
     return subprocess.run(list(argv), check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _write(path: str, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read(path: str, offset: int, n: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, n, offset)
-    finally:
-        os.close(fd)
 
 
 def test_real_dm_thin_with_plain_dmsetup() -> None:
@@ -67,25 +50,25 @@ def test_real_dm_thin_with_plain_dmsetup() -> None:
         sh(*DMS, "message", pool, "0", "create_thin 0")
         sh(*DMS, "create", origin, "--table", f"0 {32 * MiB // 512} thin /dev/mapper/{pool} 0")
         created.append(origin)
-        _write(f"/dev/mapper/{origin}", 4 * MiB, b"B" * BS)
+        blockio.write_at(f"/dev/mapper/{origin}", 4 * MiB, b"B" * BS)
 
         # snapshot of the ACTIVE origin: suspend, create_snap, resume
         sh(*DMS, "suspend", origin)
         sh(*DMS, "message", pool, "0", "create_snap 1 0")
         sh(*DMS, "resume", origin)
         assert "ACTIVE" in sh(*DMS, "info", origin)
-        _write(f"/dev/mapper/{origin}", 4 * MiB, b"A" * BS)  # the origin changes after the snapshot
+        blockio.write_at(f"/dev/mapper/{origin}", 4 * MiB, b"A" * BS)  # the origin changes after the snapshot
 
         sh(*DMS, "create", snap, "--table", f"0 {32 * MiB // 512} thin /dev/mapper/{pool} 1")
         created.append(snap)
-        assert _read(f"/dev/mapper/{snap}", 4 * MiB, BS) == b"B" * BS
-        assert _read(f"/dev/mapper/{origin}", 4 * MiB, BS) == b"A" * BS
+        assert blockio.read_at(f"/dev/mapper/{snap}", 4 * MiB, BS) == b"B" * BS
+        assert blockio.read_at(f"/dev/mapper/{origin}", 4 * MiB, BS) == b"A" * BS
 
         # grow by a table reload + resume
         sh(*DMS, "reload", origin, "--table", f"0 {64 * MiB // 512} thin /dev/mapper/{pool} 0")
         sh(*DMS, "resume", origin)
         assert int(sh("blockdev", "--getsize64", f"/dev/mapper/{origin}")) == 64 * MiB
-        assert _read(f"/dev/mapper/{origin}", 4 * MiB, BS) == b"A" * BS
+        assert blockio.read_at(f"/dev/mapper/{origin}", 4 * MiB, BS) == b"A" * BS
 
         # what dmsetup prints, read with our parsers
         _, length, ttype, params = parse.split_line(sh(*DMS, "status", pool))
