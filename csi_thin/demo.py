@@ -33,11 +33,59 @@ MiB = 1024 * 1024
 
 
 class Demo:
+    """A CSI client over one channel: the three services' stubs, the few requests the demo (and the
+    tests that drive a real driver process) repeat, and numbered, timed steps."""
+
     def __init__(self, channel: grpc.Channel) -> None:
         self.identity = csi_pb2_grpc.IdentityStub(channel)
         self.controller = csi_pb2_grpc.ControllerStub(channel)
         self.node = csi_pb2_grpc.NodeStub(channel)
         self.n = 0
+
+    def create(
+        self, name: str, size: int, cap: csi_pb2.VolumeCapability, *, snapshot_id: str = ""
+    ) -> csi_pb2.Volume:
+        source = None
+        if snapshot_id:
+            snap = csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snapshot_id)
+            source = csi_pb2.VolumeContentSource(snapshot=snap)
+        req = csi_pb2.CreateVolumeRequest(
+            name=name,
+            capacity_range=csi_pb2.CapacityRange(required_bytes=size),
+            volume_capabilities=[cap],
+            volume_content_source=source,
+        )
+        return self.controller.CreateVolume(req).volume
+
+    def stage(self, vol: csi_pb2.Volume, cap: csi_pb2.VolumeCapability, staging: pathlib.Path) -> None:
+        req = csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id,
+            staging_target_path=str(staging),
+            volume_capability=cap,
+            volume_context=vol.volume_context,
+        )
+        self.node.NodeStageVolume(req)
+
+    def publish(
+        self, vol: csi_pb2.Volume, cap: csi_pb2.VolumeCapability, staging: pathlib.Path, target: pathlib.Path
+    ) -> None:
+        req = csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id,
+            staging_target_path=str(staging),
+            target_path=str(target),
+            volume_capability=cap,
+            volume_context=vol.volume_context,
+        )
+        self.node.NodePublishVolume(req)
+
+    def release(self, volume_id: str, staging: pathlib.Path, target: pathlib.Path) -> None:
+        """NodeUnpublish + NodeUnstage."""
+        self.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+        )
+        self.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=str(staging))
+        )
 
     def step(self, title: str, fn: Callable[[], T]) -> T:
         self.n += 1
@@ -132,6 +180,25 @@ def wait_ready(demo: Demo, proc: subprocess.Popen[bytes], timeout: float = 120.0
     raise RuntimeError("driver not ready in time")
 
 
+def _show_usage(d: Demo, volumes: list[tuple[str, str, pathlib.Path]]) -> None:
+    """NodeGetVolumeStats of each published volume, then the pool's GetCapacity."""
+    for name, vid, path in volumes:
+        stats = d.step(
+            f"NodeGetVolumeStats {name}",
+            lambda vid=vid, path=path: d.node.NodeGetVolumeStats(  # type: ignore[misc]
+                csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(path))
+            ),
+        )
+        for usage in stats.usage:
+            unit = csi_pb2.VolumeUsage.Unit.Name(usage.unit).lower()
+            print(f"     {unit}: total={usage.total} used={usage.used} available={usage.available}")
+    capacity = d.step("GetCapacity", lambda: d.controller.GetCapacity(csi_pb2.GetCapacityRequest()))
+    print(
+        f"     available={capacity.available_capacity // MiB} MiB "
+        f"maximum_volume_size={capacity.maximum_volume_size.value // MiB} MiB"
+    )
+
+
 def run(workdir: pathlib.Path, backend: str, fs_type: str) -> None:
     config = pool_config(workdir, backend)
     socket = workdir / "csi.sock"
@@ -144,41 +211,11 @@ def run(workdir: pathlib.Path, backend: str, fs_type: str) -> None:
         cap = mount_cap(fs_type)
         base = 64 if fs_type == "ext4" else 320  # MiB; mkfs.xfs refuses filesystems under 300 MB
         vol = d.step(
-            f"CreateVolume demo-a ({base} MiB, {fs_type})",
-            lambda: (
-                d.controller.CreateVolume(
-                    csi_pb2.CreateVolumeRequest(
-                        name="demo-a",
-                        capacity_range=csi_pb2.CapacityRange(required_bytes=base * MiB),
-                        volume_capabilities=[cap],
-                    )
-                ).volume
-            ),
+            f"CreateVolume demo-a ({base} MiB, {fs_type})", lambda: d.create("demo-a", base * MiB, cap)
         )
         stage_a, pub_a = workdir / "stage-a", workdir / "pub-a"
-        d.step(
-            "NodeStageVolume demo-a (activate, mkfs, mount)",
-            lambda: d.node.NodeStageVolume(
-                csi_pb2.NodeStageVolumeRequest(
-                    volume_id=vol.volume_id,
-                    staging_target_path=str(stage_a),
-                    volume_capability=cap,
-                    volume_context=vol.volume_context,
-                )
-            ),
-        )
-        d.step(
-            "NodePublishVolume demo-a (bind mount)",
-            lambda: d.node.NodePublishVolume(
-                csi_pb2.NodePublishVolumeRequest(
-                    volume_id=vol.volume_id,
-                    staging_target_path=str(stage_a),
-                    target_path=str(pub_a),
-                    volume_capability=cap,
-                    volume_context=vol.volume_context,
-                )
-            ),
-        )
+        d.step("NodeStageVolume demo-a (activate, mkfs, mount)", lambda: d.stage(vol, cap, stage_a))
+        d.step("NodePublishVolume demo-a (bind mount)", lambda: d.publish(vol, cap, stage_a, pub_a))
         payload = os.urandom(4 * MiB)
         digest = hashlib.sha256(payload).hexdigest()
 
@@ -201,42 +238,15 @@ def run(workdir: pathlib.Path, backend: str, fs_type: str) -> None:
         (pub_a / "data.bin").write_bytes(b"changed after the snapshot")
         restored = d.step(
             f"CreateVolume demo-b from snapshot, larger ({2 * base} MiB)",
-            lambda: (
-                d.controller.CreateVolume(
-                    csi_pb2.CreateVolumeRequest(
-                        name="demo-b",
-                        capacity_range=csi_pb2.CapacityRange(required_bytes=2 * base * MiB),
-                        volume_capabilities=[cap],
-                        volume_content_source=csi_pb2.VolumeContentSource(
-                            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=snap.snapshot_id)
-                        ),
-                    )
-                ).volume
-            ),
+            lambda: d.create("demo-b", 2 * base * MiB, cap, snapshot_id=snap.snapshot_id),
         )
         stage_b, pub_b = workdir / "stage-b", workdir / "pub-b"
-        d.step(
-            "NodeStageVolume + NodePublishVolume demo-b",
-            lambda: (
-                d.node.NodeStageVolume(
-                    csi_pb2.NodeStageVolumeRequest(
-                        volume_id=restored.volume_id,
-                        staging_target_path=str(stage_b),
-                        volume_capability=cap,
-                        volume_context=restored.volume_context,
-                    )
-                ),
-                d.node.NodePublishVolume(
-                    csi_pb2.NodePublishVolumeRequest(
-                        volume_id=restored.volume_id,
-                        staging_target_path=str(stage_b),
-                        target_path=str(pub_b),
-                        volume_capability=cap,
-                        volume_context=restored.volume_context,
-                    )
-                ),
-            ),
-        )
+
+        def stage_and_publish_b() -> None:
+            d.stage(restored, cap, stage_b)
+            d.publish(restored, cap, stage_b, pub_b)
+
+        d.step("NodeStageVolume + NodePublishVolume demo-b", stage_and_publish_b)
         got = d.step("read the file back from the restored volume", (pub_b / "data.bin").read_bytes)
         if hashlib.sha256(got).hexdigest() != digest:
             raise RuntimeError("restored data differs from what was written before the snapshot")
@@ -263,35 +273,14 @@ def run(workdir: pathlib.Path, backend: str, fs_type: str) -> None:
                 )
             ),
         )
-        for name, vid, path in (("demo-a", vol.volume_id, pub_a), ("demo-b", restored.volume_id, pub_b)):
-            stats = d.step(
-                f"NodeGetVolumeStats {name}",
-                lambda vid=vid, path=path: d.node.NodeGetVolumeStats(  # type: ignore[misc]
-                    csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=str(path))
-                ),
-            )
-            for usage in stats.usage:
-                unit = csi_pb2.VolumeUsage.Unit.Name(usage.unit).lower()
-                print(f"     {unit}: total={usage.total} used={usage.used} available={usage.available}")
-        capacity = d.step("GetCapacity", lambda: d.controller.GetCapacity(csi_pb2.GetCapacityRequest()))
-        print(
-            f"     available={capacity.available_capacity // MiB} MiB "
-            f"maximum_volume_size={capacity.maximum_volume_size.value // MiB} MiB"
-        )
+        _show_usage(d, [("demo-a", vol.volume_id, pub_a), ("demo-b", restored.volume_id, pub_b)])
         for name, vid, stage, pub in (
             ("demo-a", vol.volume_id, stage_a, pub_a),
             ("demo-b", restored.volume_id, stage_b, pub_b),
         ):
             d.step(
                 f"NodeUnpublish + NodeUnstage {name}",
-                lambda vid=vid, stage=stage, pub=pub: (  # type: ignore[misc]
-                    d.node.NodeUnpublishVolume(
-                        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(pub))
-                    ),
-                    d.node.NodeUnstageVolume(
-                        csi_pb2.NodeUnstageVolumeRequest(volume_id=vid, staging_target_path=str(stage))
-                    ),
-                ),
+                lambda vid=vid, stage=stage, pub=pub: d.release(vid, stage, pub),  # type: ignore[misc]
             )
         d.step(
             "DeleteSnapshot + DeleteVolume x2",

@@ -40,21 +40,8 @@ def test_restart_between_stage_and_publish(work: pathlib.Path, how: str) -> None
     with demo.driver(config, work / "csi.sock") as proc:
         d, channel = _connect(work, proc)
         with channel:
-            vol = d.controller.CreateVolume(
-                csi_pb2.CreateVolumeRequest(
-                    name="pvc-restart",
-                    capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB),
-                    volume_capabilities=[cap],
-                )
-            ).volume
-            d.node.NodeStageVolume(
-                csi_pb2.NodeStageVolumeRequest(
-                    volume_id=vol.volume_id,
-                    staging_target_path=str(stage),
-                    volume_capability=cap,
-                    volume_context=vol.volume_context,
-                )
-            )
+            vol = d.create("pvc-restart", 64 * MiB, cap)
+            d.stage(vol, cap, stage)
         if how == "sigkill":
             os.kill(proc.pid, signal.SIGKILL)
         else:
@@ -65,36 +52,15 @@ def test_restart_between_stage_and_publish(work: pathlib.Path, how: str) -> None
     with demo.driver(config, work / "csi.sock") as proc:
         d, channel = _connect(work, proc)
         with channel:
-            # a retried stage after the restart is idempotent
-            d.node.NodeStageVolume(
-                csi_pb2.NodeStageVolumeRequest(
-                    volume_id=vol.volume_id,
-                    staging_target_path=str(stage),
-                    volume_capability=cap,
-                    volume_context=vol.volume_context,
-                )
-            )
-            d.node.NodePublishVolume(
-                csi_pb2.NodePublishVolumeRequest(
-                    volume_id=vol.volume_id,
-                    staging_target_path=str(stage),
-                    target_path=str(target),
-                    volume_capability=cap,
-                    volume_context=vol.volume_context,
-                )
-            )
+            d.stage(vol, cap, stage)  # a retried stage after the restart is idempotent
+            d.publish(vol, cap, stage, target)
             (target / "after-restart").write_text("ok")
             stats = d.node.NodeGetVolumeStats(
                 csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=str(target))
             )
             assert not stats.volume_condition.abnormal, stats.volume_condition.message
             assert any(u.total > 0 for u in stats.usage)
-            d.node.NodeUnpublishVolume(
-                csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=str(target))
-            )
-            d.node.NodeUnstageVolume(
-                csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=str(stage))
-            )
+            d.release(vol.volume_id, stage, target)
             assert not os.path.ismount(stage)
             d.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
             assert not d.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
