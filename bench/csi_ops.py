@@ -56,10 +56,7 @@ def bench_csi(work: pathlib.Path, backend: str) -> tuple[dict[str, list[float]],
         )
 
         def create(name: str) -> csi_pb2.Volume:
-            req = csi_pb2.CreateVolumeRequest(
-                name=name, capacity_range=csi_pb2.CapacityRange(required_bytes=VOL), volume_capabilities=[cap]
-            )
-            return d.controller.CreateVolume(req).volume
+            return d.create(name, VOL, cap)
 
         vols: list[csi_pb2.Volume] = []
         for i in range(N):
@@ -74,18 +71,7 @@ def bench_csi(work: pathlib.Path, backend: str) -> tuple[dict[str, list[float]],
                 )
             )
             stage = work / f"stage{i}"
-            s["NodeStageVolume"].append(
-                ms(
-                    lambda v=vols[-1], stage=stage: d.node.NodeStageVolume(
-                        csi_pb2.NodeStageVolumeRequest(
-                            volume_id=v.volume_id,
-                            staging_target_path=str(stage),
-                            volume_capability=cap,
-                            volume_context=v.volume_context,
-                        )
-                    )
-                )
-            )
+            s["NodeStageVolume"].append(ms(lambda v=vols[-1], stage=stage: d.stage(v, cap, stage)))
             d.node.NodeUnstageVolume(
                 csi_pb2.NodeUnstageVolumeRequest(volume_id=vols[-1].volume_id, staging_target_path=str(stage))
             )
