@@ -66,6 +66,12 @@ class DeadlineExceeded(CsiThinError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Unimplemented(CsiThinError):
+    """An RPC the driver deliberately does not offer (and does not advertise)."""
+
+    code = "UNIMPLEMENTED"
+
+
 class Internal(CsiThinError):
     code = "INTERNAL"
 

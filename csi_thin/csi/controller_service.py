@@ -8,7 +8,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import timestamp_pb2
 
-from csi_thin import model
+from csi_thin import errors, model
 from csi_thin.controller import naming, provisioner
 from csi_thin.csi import interceptor, validate
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
@@ -157,17 +157,17 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerPublishVolume(
         self, request: csi_pb2.ControllerPublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerPublishVolumeResponse:
-        raise NotImplementedError("ControllerPublishVolume: volumes are node-local")
+        raise errors.Unimplemented("ControllerPublishVolume: volumes are node-local")
 
     def ControllerUnpublishVolume(
         self, request: csi_pb2.ControllerUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerUnpublishVolumeResponse:
-        raise NotImplementedError("ControllerUnpublishVolume: volumes are node-local")
+        raise errors.Unimplemented("ControllerUnpublishVolume: volumes are node-local")
 
     def ControllerModifyVolume(
         self, request: csi_pb2.ControllerModifyVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerModifyVolumeResponse:
-        raise NotImplementedError("ControllerModifyVolume: no mutable parameters")
+        raise errors.Unimplemented("ControllerModifyVolume: no mutable parameters")
 
     # -- responses -------------------------------------------------------------------------------
 

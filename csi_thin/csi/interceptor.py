@@ -54,8 +54,6 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status for an exception raised by a servicer: the one place this mapping lives."""
     if isinstance(exc, errors.CsiThinError):
         return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL), exc.message
-    if isinstance(exc, NotImplementedError):  # an RPC this driver does not offer
-        return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 

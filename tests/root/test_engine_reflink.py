@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from csi_thin import config, model
 from csi_thin.pool import backend as backend_mod
-from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import reflink
 from tests import enginesuite
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
@@ -40,9 +38,6 @@ class ReflinkHarness(enginesuite.Harness):
 
     def make_backend(self) -> backend_mod.Backend:
         return reflink.ReflinkBackend(self.cfg)
-
-    def set_condition(self, engine: engine_mod.PoolEngine, **fields: Any) -> None:
-        raise NotImplementedError("a real pool's fullness is not set by a test")
 
 
 @pytest.fixture(params=["xfs", "btrfs"])

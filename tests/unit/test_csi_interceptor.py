@@ -32,7 +32,7 @@ S = grpc.StatusCode
         (provisioner.InvalidToken("x"), S.ABORTED),
         (ValueError("surprise"), S.INTERNAL),
         (KeyError("k"), S.INTERNAL),
-        (NotImplementedError("no"), S.UNIMPLEMENTED),
+        (errors.Unimplemented("no"), S.UNIMPLEMENTED),
     ],
 )
 def test_status_of(exc: Exception, code: grpc.StatusCode) -> None:

@@ -14,12 +14,12 @@ from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from tests import enginesuite, fakes
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
+from tests.enginesuite import test_pool_exhausted_and_unhealthy  # noqa: F401 - fake backends only
 
 
 class FakeHarness(enginesuite.Harness):
     has_block_devices = False
     label = "fake backend"
-    fake = True
 
     def make_backend(self) -> backend_mod.Backend:
         return fakes.FakeBackend(os.path.join(self.state_dir, "fake-pool.json"), block_size=self.block_size)

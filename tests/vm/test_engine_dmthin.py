@@ -7,7 +7,6 @@ from __future__ import annotations
 import pathlib
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -15,7 +14,6 @@ from csi_thin import config, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import dmthin
-from csi_thin.pool import engine as engine_mod
 from tests import enginesuite
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
 
@@ -37,9 +35,6 @@ class DmThinHarness(enginesuite.Harness):
 
     def make_backend(self) -> backend_mod.Backend:
         return dmthin.DmThinBackend(self.cfg)
-
-    def set_condition(self, engine: engine_mod.PoolEngine, **fields: Any) -> None:
-        raise NotImplementedError("a real pool's fullness is not set by a test")
 
 
 @pytest.fixture
