@@ -124,8 +124,7 @@ class NodeVolumes:
             self._unstage(volume_id, staging_path, deadline=deadline)
 
     def _unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
-        while mountinfo.at(staging_path) is not None:
-            filesystem.unmount(staging_path, deadline=deadline)
+        self._unmount_own(volume_id, staging_path, deadline=deadline)
         if self._engine.get(volume_id) is not None:
             self._engine.deactivate(volume_id, deadline=deadline)
 
@@ -188,12 +187,10 @@ class NodeVolumes:
 
     def unpublish(self, volume_id: str, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
         with self._claims.claim(volume_id):
-            self._unpublish(target_path, deadline=deadline)
+            self._unpublish(volume_id, target_path, deadline=deadline)
 
-    @staticmethod
-    def _unpublish(target_path: str, *, deadline: deadline_mod.Deadline) -> None:
-        while mountinfo.at(target_path) is not None:
-            filesystem.unmount(target_path, deadline=deadline)
+    def _unpublish(self, volume_id: str, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        self._unmount_own(volume_id, target_path, deadline=deadline)
         # CSI: the plugin removes what it created at the target path
         with contextlib.suppress(FileNotFoundError):
             if os.path.isdir(target_path):
@@ -261,6 +258,22 @@ class NodeVolumes:
         except FileNotFoundError:
             return False
         return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+    def _unmount_own(self, volume_id: str, path: str, *, deadline: deadline_mod.Deadline) -> None:
+        """Unmount every (stacked) mount of this volume at `path`; refuse to touch anything else.
+
+        The volume id is the caller's claim that the mount is ours: a path holding another volume
+        (a CO mixing up its bookkeeping) or something that is not a volume of ours at all is left
+        mounted, as unmounting it would pull storage from under whoever uses it.
+        """
+        while (mount := mountinfo.at(path)) is not None:
+            device = self._engine.get(volume_id)
+            if device is None or not self._is_device(device, mount, path):
+                raise errors.FailedPrecondition(
+                    f"{path} has {mount.source or mount.fs_type} mounted, which is not volume "
+                    f"{volume_id}: not unmounting it"
+                )
+            filesystem.unmount(path, deadline=deadline)
 
     def _check_same_device(self, volume_id: str, mount: mountinfo.Mount, path: str) -> None:
         device = self._engine.get(volume_id)

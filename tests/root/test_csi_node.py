@@ -418,3 +418,32 @@ def test_a_second_call_on_a_volume_being_staged_is_aborted(
     node.d.node.NodeStageVolume(req)  # the retry finds the work done
     assert len(calls) == 1
     node.unstage(vol, staging)
+
+
+def test_unpublish_and_unstage_never_unmount_another_volume(node: Node) -> None:
+    """A call naming volume A at a path where volume B is mounted must leave B alone."""
+    cap = h.mount_cap()
+    a = node.create("pvc-a", 64 * MiB, cap)
+    b = node.create("pvc-b", 64 * MiB, cap)
+    staging_a = node.stage(a, cap)
+    staging_b = node.stage(b, cap)
+    target_b = node.publish(b, cap, staging_b, "pod-b/volume")
+    wrong_unpublish = csi_pb2.NodeUnpublishVolumeRequest(volume_id=a.volume_id, target_path=target_b)
+    assert h.code_of(lambda: node.d.node.NodeUnpublishVolume(wrong_unpublish)) == S.FAILED_PRECONDITION
+    assert mountinfo.at(target_b) is not None
+    wrong_unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id=a.volume_id, staging_target_path=staging_b)
+    assert h.code_of(lambda: node.d.node.NodeUnstageVolume(wrong_unstage)) == S.FAILED_PRECONDITION
+    assert mountinfo.at(staging_b) is not None
+    # a path holding something that is not a volume of ours is not ours to unmount either
+    other = node.workdir / "pods" / "other"
+    other.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(other)], check=True)
+    try:
+        foreign = csi_pb2.NodeUnpublishVolumeRequest(volume_id=a.volume_id, target_path=str(other))
+        assert h.code_of(lambda: node.d.node.NodeUnpublishVolume(foreign)) == S.FAILED_PRECONDITION
+        assert mountinfo.at(str(other)) is not None
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+    node.unpublish(b, target_b)
+    node.unstage(b, staging_b)
+    node.unstage(a, staging_a)
