@@ -87,6 +87,7 @@ class NodeVolumes:
     def stage(
         self, volume_id: str, staging_path: str, cap: Capability, *, deadline: deadline_mod.Deadline
     ) -> None:
+        staging_path = _resolve(staging_path, "staging_target_path")
         with self._claims.claim(volume_id):
             self._stage(volume_id, staging_path, cap, deadline=deadline)
 
@@ -120,6 +121,7 @@ class NodeVolumes:
             filesystem.grow(device, staging_path, cap.fs_type, deadline=deadline)
 
     def unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        staging_path = _resolve(staging_path, "staging_target_path")
         with self._claims.claim(volume_id):
             self._unstage(volume_id, staging_path, deadline=deadline)
 
@@ -140,6 +142,8 @@ class NodeVolumes:
         read_only: bool,
         deadline: deadline_mod.Deadline,
     ) -> None:
+        staging_path = _resolve(staging_path, "staging_target_path")
+        target_path = _resolve(target_path, "target_path")
         with self._claims.claim(volume_id):
             self._publish(
                 volume_id,
@@ -186,6 +190,7 @@ class NodeVolumes:
         filesystem.bind(source, target_path, read_only=read_only, deadline=deadline)
 
     def unpublish(self, volume_id: str, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        target_path = _resolve(target_path, "target_path")
         with self._claims.claim(volume_id):
             self._unpublish(volume_id, target_path, deadline=deadline)
 
@@ -201,6 +206,7 @@ class NodeVolumes:
     # -- stats and expansion ---------------------------------------------------------------------
 
     def stats(self, volume_id: str, volume_path: str, *, deadline: deadline_mod.Deadline) -> Stats:
+        volume_path = _resolve(volume_path, "volume_path")
         device = self._device(volume_id)
         try:
             mode = os.stat(volume_path).st_mode
@@ -218,6 +224,7 @@ class NodeVolumes:
         self, volume_id: str, volume_path: str, *, block: bool | None, deadline: deadline_mod.Deadline
     ) -> int:
         """Grow the filesystem at volume_path to the device size; return the device size."""
+        volume_path = _resolve(volume_path, "volume_path")
         with self._claims.claim(volume_id):
             return self._expand(volume_id, volume_path, block=block, deadline=deadline)
 
@@ -301,6 +308,19 @@ def _path(device: model.Device) -> str:
     if not device.path:
         raise errors.Internal(f"activated {device.name} but the engine reports no device path")
     return device.path
+
+
+def _resolve(path: str, field: str) -> str:
+    """`path` with symlinks in its parent resolved; a path that is itself a symlink is refused.
+
+    mountinfo shows resolved mount points, so the parent must be resolved for the node to recognise
+    its own mounts (kubelet's root dir is often a symlink). The last component is the one the CO or
+    this plugin creates; a symlink there would send a mount (or an unlink) somewhere else entirely.
+    """
+    resolved = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if os.path.islink(resolved):
+        raise errors.InvalidArgument(f"{field} {path!r} is a symbolic link")
+    return resolved
 
 
 def _make_file(target: str) -> None:

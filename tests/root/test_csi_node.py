@@ -447,3 +447,56 @@ def test_unpublish_and_unstage_never_unmount_another_volume(node: Node) -> None:
     node.unpublish(b, target_b)
     node.unstage(b, staging_b)
     node.unstage(a, staging_a)
+
+
+def test_paths_under_a_symlinked_directory_stay_idempotent(node: Node) -> None:
+    """kubelet's root dir is often a symlink (/var/lib/kubelet -> /data/kubelet); mountinfo shows
+    the resolved path, so a node that compares the literal path never sees its own mounts."""
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    real = node.workdir / "real-kubelet"
+    real.mkdir()
+    link = node.workdir / "kubelet"
+    link.symlink_to(real)
+    staging = str(link / "staging")
+    stage = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=cap
+    )
+    node.d.node.NodeStageVolume(stage)
+    node.d.node.NodeStageVolume(stage)
+    assert len([m for m in mountinfo.read() if m.mount_point == str(real / "staging")]) == 1
+    target = str(link / "pod" / "volume")
+    publish = csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, target_path=target, volume_capability=cap
+    )
+    node.d.node.NodePublishVolume(publish)
+    node.d.node.NodePublishVolume(publish)
+    assert len([m for m in mountinfo.read() if m.mount_point == str(real / "pod" / "volume")]) == 1
+    assert not node.stats(vol, target).volume_condition.abnormal
+    node.unpublish(vol, target)
+    assert mountinfo.at(str(real / "pod" / "volume")) is None
+    node.unstage(vol, staging)
+    assert mountinfo.at(str(real / "staging")) is None
+
+
+def test_a_target_that_is_a_symlink_is_refused(node: Node) -> None:
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    outside = node.workdir / "outside"
+    outside.mkdir()
+    (node.workdir / "pods").mkdir()
+    target = node.workdir / "pods" / "volume"
+    target.symlink_to(outside)
+    publish = csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, target_path=str(target), volume_capability=cap
+    )
+    assert h.code_of(lambda: node.d.node.NodePublishVolume(publish)) == S.INVALID_ARGUMENT
+    assert mountinfo.at(str(outside)) is None
+    blk_target = node.workdir / "pods" / "blk"
+    (node.workdir / "outside-file").write_text("keep")
+    blk_target.symlink_to(node.workdir / "outside-file")
+    unpublish = csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=str(blk_target))
+    assert h.code_of(lambda: node.d.node.NodeUnpublishVolume(unpublish)) == S.INVALID_ARGUMENT
+    assert (node.workdir / "outside-file").read_text() == "keep"
+    node.unstage(vol, staging)
