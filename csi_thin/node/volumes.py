@@ -102,6 +102,12 @@ class NodeVolumes:
         current = mountinfo.at(staging_path)
         if current is not None:
             self._check_same_device(volume_id, current, staging_path)
+            if current.fs_type != cap.fs_type or current.read_only != cap.read_only:
+                mode = "read-only" if current.read_only else "read-write"
+                raise errors.AlreadyExists(
+                    f"volume {volume_id} is staged at {staging_path} as {current.fs_type} {mode}, "
+                    f"not as requested ({cap.fs_type}, {'read-only' if cap.read_only else 'read-write'})"
+                )
             return
         device = _path(self._engine.activate(volume_id, deadline=deadline))
         found = filesystem.probe(device, deadline=deadline)

@@ -500,3 +500,15 @@ def test_a_target_that_is_a_symlink_is_refused(node: Node) -> None:
     assert h.code_of(lambda: node.d.node.NodeUnpublishVolume(unpublish)) == S.INVALID_ARGUMENT
     assert (node.workdir / "outside-file").read_text() == "keep"
     node.unstage(vol, staging)
+
+
+def test_restage_with_another_fs_type_or_access_mode_is_already_exists(node: Node) -> None:
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    for other in (h.mount_cap("xfs"), h.mount_cap(mode=Mode.SINGLE_NODE_READER_ONLY)):
+        req = csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=staging, volume_capability=other
+        )
+        assert h.code_of(lambda req=req: node.d.node.NodeStageVolume(req)) == S.ALREADY_EXISTS
+    node.unstage(vol, staging)
