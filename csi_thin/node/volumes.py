@@ -215,11 +215,13 @@ class NodeVolumes:
         volume_path = _resolve(volume_path, "volume_path")
         device = self._device(volume_id)
         try:
-            mode = os.stat(volume_path).st_mode
+            st = os.stat(volume_path)
         except FileNotFoundError as exc:
             raise errors.NotFound(f"volume path {volume_path} does not exist") from exc
         condition = self._condition(device, deadline=deadline)
-        if stat.S_ISBLK(mode):
+        if stat.S_ISBLK(st.st_mode):
+            if not self._is_device_node(device, st):
+                raise errors.NotFound(f"{volume_path} is not the block device of volume {volume_id}")
             return Stats(usage=None, block_bytes=filesystem.block_size_of(volume_path), condition=condition)
         mount = mountinfo.at(volume_path)
         if mount is None or not self._is_device(device, mount, volume_path):
@@ -271,6 +273,16 @@ class NodeVolumes:
         except FileNotFoundError:
             return False
         return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+    @staticmethod
+    def _is_device_node(device: model.Device, st: os.stat_result) -> bool:
+        """Whether `st` (of a block device node, or of a bind of one) is this device's node."""
+        if not device.path:
+            return False
+        try:
+            return os.stat(device.path).st_rdev == st.st_rdev
+        except FileNotFoundError:
+            return False
 
     def _unmount_own(self, volume_id: str, path: str, *, deadline: deadline_mod.Deadline) -> None:
         """Unmount every (stacked) mount of this volume at `path`; refuse to touch anything else.

@@ -512,3 +512,16 @@ def test_restage_with_another_fs_type_or_access_mode_is_already_exists(node: Nod
         )
         assert h.code_of(lambda req=req: node.d.node.NodeStageVolume(req)) == S.ALREADY_EXISTS
     node.unstage(vol, staging)
+
+
+def test_stats_of_another_volumes_block_device_is_not_found(node: Node) -> None:
+    blk = h.block_cap()
+    a = node.create("pvc-a", 64 * MiB, blk)
+    b = node.create("pvc-b", 32 * MiB, blk)
+    staging_a = node.stage(a, blk)
+    staging_b = node.stage(b, blk)
+    target_b = node.publish(b, blk, staging_b, "pod/dev/b")
+    assert h.code_of(lambda: node.stats(a, target_b)) == S.NOT_FOUND
+    node.unpublish(b, target_b)
+    node.unstage(b, staging_b)
+    node.unstage(a, staging_a)
