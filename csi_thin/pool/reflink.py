@@ -867,6 +867,12 @@ class ReflinkBackend:
                 return
             raise _oserror(f"deactivate {label}", exc) from exc
         try:
+            # loop devices are machine-wide: since `dev` was looked up, another process may have
+            # detached it and attached its own file to the number. Checked while we hold the device
+            # open exclusively (nobody can mount it now); not ours any more: nothing of ours to detach
+            if loop.backing_file(dev) != backing:
+                log.warning("event=loop_changed_hands pool=%s what=%s dev=%s", self._name, label, dev)
+                return
             loop.detach(dev)
         finally:
             os.close(fd)

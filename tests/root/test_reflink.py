@@ -592,3 +592,28 @@ def test_concurrent_transaction_ids_and_creates(xfs_pool: reflink.ReflinkBackend
     assert len(active) == 30
     assert len({xfs_pool.device_path(i) for i in active}) == 30
     xfs_pool.teardown(deadline=d)
+
+
+def test_deactivate_never_detaches_a_loop_device_that_changed_hands(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loop devices are machine-wide: between finding our device's loop number and detaching it,
+    another process may detach it and attach its own file to the freed number."""
+    d = dl()
+    xfs_pool.create_thin(1, 8 * MiB, deadline=d)
+    ours = xfs_pool.activate(1, 8 * MiB, deadline=d)
+    foreign_file = workdir / "foreign.img"
+    foreign_file.write_bytes(b"\0" * MiB)
+    foreign = loop.attach(str(foreign_file), direct_io=False)
+    try:
+        real_find = loop.find
+        # the number found for device 1 now belongs to someone else's file
+        monkeypatch.setattr(reflink.loop, "find", lambda p: foreign if p.endswith("/1.img") else real_find(p))
+        xfs_pool.deactivate(1, deadline=d)
+        assert loop.backing_file(foreign) == str(foreign_file.resolve())
+        monkeypatch.undo()
+        assert loop.find(xfs_pool._path(1)) == ours
+        xfs_pool.deactivate(1, deadline=d)
+        assert loop.find(xfs_pool._path(1)) is None
+    finally:
+        loop.detach(foreign)
