@@ -211,7 +211,14 @@ class Provisioner:
         if node_id is not None and node_id != self._settings.node_id:
             return Capacity(available_bytes=0, maximum_volume_bytes=0)
         status = self._engine.status(deadline=deadline)
-        if not status.healthy:
+        thresholds = self._settings.thresholds
+        # above a threshold the engine refuses every new device; maximum_volume_size must say so too,
+        # as the Kubernetes scheduler prefers it to available_capacity when both are set
+        if (
+            not status.healthy
+            or status.data_used_ratio > thresholds.data
+            or status.metadata_used_ratio > thresholds.metadata
+        ):
             return Capacity(available_bytes=0, maximum_volume_bytes=0)
         bs = self._settings.block_size
         logical = int(self._settings.overprovision_ratio * status.data_total_bytes) - self._provisioned()

@@ -17,6 +17,7 @@ class FakeEngine:
         self.block_size = block_size
         self.data_total = data_total
         self.data_used = 0
+        self.metadata_used = 1  # of 100
         self.mode = model.PoolMode.RW
         self.busy: set[str] = set()  # names with an operation "in flight"
         self._next_id = 1
@@ -94,7 +95,7 @@ class FakeEngine:
             block_size_bytes=self.block_size,
             data_used_bytes=self.data_used,
             data_total_bytes=self.data_total,
-            metadata_used_bytes=1,
+            metadata_used_bytes=self.metadata_used,
             metadata_total_bytes=100,
             mode=self.mode,
             needs_check=False,

@@ -259,6 +259,19 @@ def test_capacity() -> None:
     assert prov.capacity(node_id=None, deadline=DL) == provisioner.Capacity(0, 0)
 
 
+def test_no_capacity_above_a_threshold() -> None:
+    """Above a threshold the engine refuses every new volume. The Kubernetes scheduler prefers
+    maximum_volume_size over available_capacity when both are set, so it must drop to 0 too, or
+    pods keep being placed on a node that cannot provision for them."""
+    prov, eng = make()
+    eng.data_used = int(9.6 * GiB)  # above the 95% data threshold
+    assert prov.capacity(node_id=None, deadline=DL) == provisioner.Capacity(0, 0)
+    eng.data_used, eng.metadata_used = 0, 90  # above the 80% metadata threshold
+    assert prov.capacity(node_id=None, deadline=DL) == provisioner.Capacity(0, 0)
+    eng.metadata_used = 1
+    assert prov.capacity(node_id=None, deadline=DL).maximum_volume_bytes > 0
+
+
 @pytest.mark.parametrize(
     ("mode", "used", "abnormal"),
     [
