@@ -202,6 +202,7 @@ class DmThinBackend:
         info = self._ctl.info(self.pool_name)
         if info is not None and info.live_table:
             self._check_live_pool(info)
+            self._resume_suspended_thins()
             return
         if info is not None:
             # a create that crashed before its table went live: nothing references it
@@ -271,6 +272,22 @@ class DmThinBackend:
             )
         if info.suspended:
             self._ctl.resume(self.pool_name)
+
+    def _resume_suspended_thins(self) -> None:
+        """Resume our thin devices left suspended. Only create_snap suspends one (an active origin) and
+        it resumes it on every path it survives; a crash in between leaves the origin suspended, so
+        every IO to a staged volume hangs until someone resumes it. The owner lock keeps any other
+        csi-thin process out, so a suspended device here is such a leftover. A pending inactive
+        table is dropped first: resume brings back what was live (an open grow intent redoes its
+        reload in recovery)."""
+        for dev_id, name in sorted(self._our_thins().items()):
+            info = self._ctl.info(name)
+            if info is None or not info.suspended or not info.live_table:
+                continue
+            log.warning("pool=%s dev_id=%d event=resume-leftover reason=suspended", self._pool, dev_id)
+            if info.inactive_table:
+                self._ctl.clear(name)
+            self._ctl.resume(name)
 
     def _our_thins(self) -> dict[int, str]:
         out: dict[int, str] = {}

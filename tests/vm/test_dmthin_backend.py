@@ -140,6 +140,24 @@ def test_snapshot_of_active_origin(be: dmthin.DmThinBackend) -> None:
         be.create_snap(3, 55, 32 * MiB, deadline=_dl())  # no such origin
 
 
+def test_assembly_resumes_an_origin_left_suspended(be: dmthin.DmThinBackend, cfg: config.PoolConfig) -> None:
+    """A crash between create_snap's suspend and resume leaves the active origin suspended (every IO
+    to the staged volume hangs): the next start's assembly resumes it."""
+    ctl = ioctl.Control()
+    be.create_thin(1, 16 * MiB, deadline=_dl())
+    path = be.activate(1, 16 * MiB, deadline=_dl())
+    name = os.path.basename(path)
+    blockio.write_at(path, 0, _block(b"kept"))
+    ctl.suspend(name)  # as create_snap does, then SIGKILL
+    dmthin.DmThinBackend(cfg).assemble(deadline=_dl())  # the restarted process
+    info = ctl.info(name)
+    assert info is not None and info.live_table
+    assert not info.suspended
+    blockio.write_at(path, MiB, _block(b"after"))
+    assert blockio.read_at(path, 0, BS) == _block(b"kept")
+    assert blockio.read_at(path, MiB, BS) == _block(b"after")
+
+
 def test_restore_into_larger_device(be: dmthin.DmThinBackend) -> None:
     be.create_thin(1, 16 * MiB, deadline=_dl())
     origin = be.activate(1, 16 * MiB, deadline=_dl())
