@@ -36,6 +36,9 @@ _MIN_METADATA_BYTES = 2 * model.MiB
 #: headroom over the kernel docs' 48 bytes per data block: snapshots share btree nodes until they
 #: diverge, and a full metadata device turns the pool read-only, so err on the big side
 _METADATA_HEADROOM = 4
+#: dm-thin's superblock magic (drivers/md/dm-thin-metadata.c), a le64 after csum, flags, blocknr, uuid
+_THIN_SUPERBLOCK_MAGIC = 27022010
+_MAGIC_OFFSET = 32
 
 
 def metadata_size_for(data_size: int, block_size: int) -> int:
@@ -63,7 +66,17 @@ def _blockdev_size(path: str) -> int:
 
 
 def _first_block_is_zero(path: str) -> bool:
-    """True for a never-used metadata device (the kernel formats it on first load).
+    """True for a never-used metadata device (the kernel formats it on first load)."""
+    return _first_block(path) == bytes(4096)
+
+
+def _is_thin_superblock(block: bytes) -> bool:
+    """The block carries dm-thin's superblock magic (a le64 at byte 32)."""
+    return int.from_bytes(block[_MAGIC_OFFSET : _MAGIC_OFFSET + 8], "little") == _THIN_SUPERBLOCK_MAGIC
+
+
+def _first_block(path: str) -> bytes:
+    """The first 4 KiB of a device (short if the device is smaller).
 
     Read with O_DIRECT: the kernel writes metadata with bios that bypass this device's page cache,
     so a cached read could show zeros from before the pool's first commit.
@@ -81,7 +94,7 @@ def _first_block_is_zero(path: str) -> bool:
             n = os.preadv(fd, [buf], 0)
         finally:
             os.close(fd)
-        return n == 4096 and buf[:] == bytes(4096)
+        return buf[:n]
     finally:
         buf.close()
 
@@ -314,6 +327,16 @@ class DmThinBackend:
                     loop.detach(dev)
 
     def destroy(self, *, deadline: deadline_mod.Deadline) -> None:
+        if not self._file_mode():
+            # checked before anything is torn down: a config naming the wrong disk must not cost
+            # that disk its first 4 KiB (nor the running pool its devices)
+            assert self._cfg.metadata_device is not None
+            block = _first_block(self._cfg.metadata_device)
+            if block != bytes(len(block)) and not _is_thin_superblock(block):
+                raise errors.FailedPrecondition(
+                    f"pool {self._pool}: metadata_device {self._cfg.metadata_device} holds no dm-thin "
+                    "superblock: refusing to wipe it (is the config pointing at the right device?)"
+                )
         self.teardown(deadline=deadline)
         if self._file_mode():
             assert self._cfg.data_file is not None

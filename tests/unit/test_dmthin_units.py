@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import os
+import pathlib
 
 import pytest
 
 from csi_thin import config, errors, model
+from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import thintools
 from csi_thin.pool import dmthin
@@ -82,3 +85,44 @@ def test_errno_mapping() -> None:
     assert isinstance(other, dm_errors.DmError)
     assert other.errno == errno.EPERM
     assert isinstance(other, errors.Internal)
+
+
+class _NoDevices:
+    """The two Control calls teardown makes, on a host where no dm device exists."""
+
+    def list_devices(self) -> list[object]:
+        return []
+
+    def info(self, name: str) -> None:
+        return None
+
+
+def _block_cfg(tmp_path: pathlib.Path, meta: pathlib.Path) -> config.PoolConfig:
+    return config.PoolConfig(
+        name="blk",
+        backend=config.BackendKind.DMTHIN,
+        state_dir=str(tmp_path / "state"),
+        dmthin=config.DmThinConfig(data_device=str(tmp_path / "data"), metadata_device=str(meta)),
+    )
+
+
+def test_destroy_refuses_to_wipe_a_device_that_is_not_thin_metadata(tmp_path: pathlib.Path) -> None:
+    """destroy zeroes the first 4 KiB of metadata_device: a config naming the wrong disk must not cost
+    that disk its partition table or filesystem superblock."""
+    not_ours = tmp_path / "disk"
+    content = b"\x55\xaa" * 2048 + os.urandom(4096)
+    not_ours.write_bytes(content)
+    be = dmthin.DmThinBackend(_block_cfg(tmp_path, not_ours), control=_NoDevices())  # type: ignore[arg-type]
+    with pytest.raises(errors.FailedPrecondition, match="no dm-thin superblock"):
+        be.destroy(deadline=deadline_mod.Deadline.after(10))
+    assert not_ours.read_bytes() == content
+
+
+def test_destroy_wipes_thin_metadata(tmp_path: pathlib.Path) -> None:
+    meta = tmp_path / "meta"
+    sb = bytearray(8192)
+    sb[32:40] = (27022010).to_bytes(8, "little")  # dm-thin's superblock magic
+    meta.write_bytes(bytes(sb))
+    be = dmthin.DmThinBackend(_block_cfg(tmp_path, meta), control=_NoDevices())  # type: ignore[arg-type]
+    be.destroy(deadline=deadline_mod.Deadline.after(10))
+    assert meta.read_bytes() == bytes(8192)
