@@ -132,6 +132,12 @@ class NodeVolumes:
             self._unstage(volume_id, staging_path, deadline=deadline)
 
     def _unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        device = self._engine.get(volume_id)
+        published = _mounted_elsewhere(device, staging_path) if device is not None else []
+        if published:
+            raise errors.FailedPrecondition(
+                f"volume {volume_id} is still published at {', '.join(published)}: unpublish it first"
+            )
         self._unmount_own(volume_id, staging_path, deadline=deadline)
         if self._engine.get(volume_id) is not None:
             self._engine.deactivate(volume_id, deadline=deadline)
@@ -339,6 +345,34 @@ def _resolve(path: str, field: str) -> str:
     if os.path.islink(resolved):
         raise errors.InvalidArgument(f"{field} {path!r} is a symbolic link")
     return resolved
+
+
+def _mounted_elsewhere(device: model.Device, path: str) -> list[str]:
+    """Mount points other than `path` showing this device: its filesystem, or its node bound there.
+
+    A bind of the device node does not hold the device open, so only mountinfo can tell that a
+    block volume is still published. Such a bind shows the node's path inside /dev as its root.
+    """
+    if not device.path:
+        return []
+    try:
+        rdev = os.stat(device.path).st_rdev
+    except FileNotFoundError:
+        return []
+    real = os.path.realpath(device.path)
+    roots = {"/" + os.path.basename(real), real.removeprefix("/dev"), device.path.removeprefix("/dev")}
+    found: list[str] = []
+    for m in mountinfo.read():
+        if m.mount_point == path:
+            continue
+        if m.dev == rdev:
+            found.append(m.mount_point)
+        elif m.root in roots:
+            with contextlib.suppress(OSError):
+                st = os.stat(m.mount_point)
+                if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                    found.append(m.mount_point)
+    return found
 
 
 def _make_file(target: str) -> None:

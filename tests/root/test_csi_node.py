@@ -525,3 +525,21 @@ def test_stats_of_another_volumes_block_device_is_not_found(node: Node) -> None:
     node.unpublish(b, target_b)
     node.unstage(b, staging_b)
     node.unstage(a, staging_a)
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_unstage_of_a_volume_still_published_is_refused(node: Node, block: bool) -> None:
+    """A block volume is published by binding its device node, which does not hold the device:
+    unstaging under it would free the loop number for the next volume while the bind still points
+    at it. A mount volume would lose its staging mount and then fail to deactivate anyway."""
+    cap = h.block_cap() if block else h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    target = node.publish(vol, cap, staging, "pod/dev/a" if block else "pod/volume")
+    unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=staging)
+    assert h.code_of(lambda: node.d.node.NodeUnstageVolume(unstage)) == S.FAILED_PRECONDITION
+    dev = node.d.engine.get(vol.volume_id)
+    assert dev is not None and dev.active
+    assert block or mountinfo.at(staging) is not None
+    node.unpublish(vol, target)
+    node.unstage(vol, staging)
