@@ -48,6 +48,7 @@ __all__ = [
     "test_snapshot_data_survives_origin_changes",
     "test_snapshot_of_unknown_or_non_volume_source",
     "test_source_claimed_during_snapshot",
+    "test_transaction_id_drift_refuses_delete_and_gc_before_the_pool_is_touched",
     "test_transaction_id_mismatch_is_refused",
 ]
 
@@ -462,6 +463,28 @@ def test_transaction_id_mismatch_is_refused(harness: Harness) -> None:
     e.backend.set_transaction_id(5, 1, deadline=dl())
     e.recover(deadline=dl())
     check_consistent(e, before=committed(e))
+
+
+def test_transaction_id_drift_refuses_delete_and_gc_before_the_pool_is_touched(harness: Harness) -> None:
+    """The pool's transaction id moved under a running engine (another process, or the wrong pool for
+    this state dir): the records' ids may name someone else's devices, so a delete or gc must be
+    refused BEFORE its delete step, not by the fence after it."""
+    e = harness.open()
+    v = e.create_volume("v", MiB, deadline=dl())
+    orphan_id = 4242
+    e.backend.create_thin(orphan_id, MiB, deadline=dl())
+    e.recover(deadline=dl())
+    e.backend.set_transaction_id(1, 5, deadline=dl())  # someone else moved the pool on
+    with pytest.raises(errors.Internal, match="disagree"):
+        e.delete("v", deadline=dl())
+    with pytest.raises(errors.Internal, match="disagree"):
+        e.gc_orphans(deadline=dl())
+    ids = e.backend.device_ids(deadline=dl())
+    assert v.dev_id in ids and orphan_id in ids  # nothing was deleted
+    assert e.get("v") == v and e.intents() == []
+    e.backend.set_transaction_id(5, 1, deadline=dl())
+    e.recover(deadline=dl())
+    check_consistent(e, before=committed(e), allowed_orphans=frozenset({orphan_id}))
 
 
 # ---- fault injection ----------------------------------------------------------------------------

@@ -145,13 +145,24 @@ class PoolEngine:
     @contextlib.contextmanager
     def _fenced(self, deadline: deadline_mod.Deadline) -> Iterator[None]:
         """The pool lock every fenced mutation holds from its intent to its commit. Any fenced intent
-        still open when it is acquired is stale (its owner failed to undo): resolve it first."""
+        still open when it is acquired is stale (its owner failed to undo): resolve it first.
+
+        Then the pool's transaction id must equal the store's. The fence's compare-and-swap would
+        refuse a drifted pool too, but only after the delete step: a pool moved on by someone else
+        (or the wrong pool for this state dir) may hold another device under a record's id."""
         if not self._pool_lock.acquire(timeout=max(deadline.remaining(), 0.001)):
             raise errors.DeadlineExceeded("deadline exceeded waiting for the pool's transaction lock")
         try:
             for intent in self.store.intents():
                 if intent.fenced:
                     self._resolve(intent, deadline)
+            pool_txid = self.backend.transaction_id(deadline=deadline)
+            store_txid = self.store.transaction_id()
+            if pool_txid != store_txid:
+                raise recovery.TransactionMismatch(
+                    f"pool transaction id {pool_txid} vs store {store_txid}: the pool and the LMDB store "
+                    "disagree; nothing was changed. Find out who moved the pool, then restart (recovery)."
+                )
             yield
         finally:
             self._pool_lock.release()
