@@ -232,6 +232,10 @@ class NodeVolumes:
         mount = mountinfo.at(volume_path)
         if mount is None or not self._is_device(device, mount, volume_path):
             raise errors.NotFound(f"volume {volume_id} is not mounted at {volume_path}")
+        if not condition.abnormal and _forced_read_only(mount):
+            condition = Condition(
+                abnormal=True, message=f"filesystem of {volume_id} turned read-only after an error"
+            )
         return Stats(usage=filesystem.usage(volume_path), block_bytes=0, condition=condition)
 
     def expand(
@@ -345,6 +349,13 @@ def _resolve(path: str, field: str) -> str:
     if os.path.islink(resolved):
         raise errors.InvalidArgument(f"{field} {path!r} is a symbolic link")
     return resolved
+
+
+def _forced_read_only(mount: mountinfo.Mount) -> bool:
+    """Whether the filesystem went read-only by itself (an IO or corruption error) while this mount
+    asked for read-write: ext4 (errors=remount-ro) marks its superblock ro, or `emergency_ro` on
+    newer kernels."""
+    return not mount.read_only and ("ro" in mount.super_options or "emergency_ro" in mount.super_options)
 
 
 def _mounted_elsewhere(device: model.Device, path: str) -> list[str]:

@@ -543,3 +543,19 @@ def test_unstage_of_a_volume_still_published_is_refused(node: Node, block: bool)
     assert block or mountinfo.at(staging) is not None
     node.unpublish(vol, target)
     node.unstage(vol, staging)
+
+
+def test_a_filesystem_shut_down_by_an_error_is_an_abnormal_condition(node: Node) -> None:
+    """ext4 (errors=remount-ro) stops writing after an error; the volume condition must say so."""
+    cap = h.mount_cap(flags=("errors=remount-ro",))
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    target = node.publish(vol, cap, staging, "pod/volume")
+    assert not node.stats(vol, target).volume_condition.abnormal
+    dev = node.d.engine.get(vol.volume_id)
+    assert dev is not None and dev.path
+    pathlib.Path(f"/sys/fs/ext4/{os.path.basename(dev.path)}/trigger_fs_error").write_text("1")
+    condition = node.stats(vol, target).volume_condition
+    assert condition.abnormal and "read-only" in condition.message
+    node.unpublish(vol, target)
+    node.unstage(vol, staging)
