@@ -43,14 +43,27 @@ def open_store(cfg: config.PoolConfig) -> lmdb_store.LmdbStore:
 def exclusive(cfg: config.PoolConfig) -> Iterator[None]:
     """Hold the pool's owner lock; Unavailable if another process holds it."""
     os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(cfg.state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
+    path = os.path.join(cfg.state_dir, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
+            os.close(fd)
             raise errors.Unavailable(
                 f"pool {cfg.name!r} is in use by another csi-thin process (lock {cfg.state_dir}/{LOCK_FILE})"
             ) from exc
+        # destroy unlinks the file (holding the lock): locked after that, this fd holds a lock
+        # nobody else sees, and the next process would lock a new file. Start again on that one.
+        held = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
         yield
     finally:
         os.close(fd)
@@ -93,7 +106,9 @@ def destroy(cfg: config.PoolConfig, *, deadline: deadline_mod.Deadline) -> None:
         for name in _LMDB_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(cfg.state_dir, name))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(cfg.state_dir, LOCK_FILE))
+        # unlinked while held: a process that opened it meanwhile sees the lock taken, or (locking
+        # after we let go) sees that the path no longer names its file and starts again
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(cfg.state_dir, LOCK_FILE))
     with contextlib.suppress(OSError):
         os.rmdir(cfg.state_dir)  # only if nothing else lives there

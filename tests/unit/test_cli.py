@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
 
 import pytest
 
-from csi_thin import app, cli, config
+from csi_thin import app, cli, config, errors
 from csi_thin import deadline as deadline_mod
 from csi_thin.pool import backend as backend_mod
 from tests import fakes
@@ -100,3 +101,56 @@ def test_help_lists_groups(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert "pool" in out and "standalone" in out
+
+
+def test_owner_lock_is_not_lost_to_a_destroy_unlinking_the_lock_file(
+    cfg_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """destroy unlinks engine.lock. A process that opened the old file and locks it after the unlink
+    holds a lock nobody else can see: the next process creates a new file, locks that, and two
+    processes mutate one pool. The owner lock must be on the file the path names."""
+    cfg = config.load_pool(cfg_file)
+    lock_path = os.path.join(cfg.state_dir, app.LOCK_FILE)
+    real_flock = fcntl.flock
+    raced: list[int] = []
+
+    def flock(fd: int, op: int) -> None:
+        if not raced:  # a destroy finished between this process's open and its flock
+            raced.append(fd)
+            os.unlink(lock_path)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with app.exclusive(cfg):
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert raced
+        with pytest.raises(errors.Unavailable, match="in use"), app.exclusive(cfg):
+            pass  # a second mutator: must be refused
+
+
+def test_destroy_unlinks_the_lock_file_while_holding_it(
+    cfg_file: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unlinked after the lock was released, a process locking in between owns the doomed file while
+    the next one creates and locks a new one."""
+    cfg = config.load_pool(cfg_file)
+    lock_path = os.path.join(cfg.state_dir, app.LOCK_FILE)
+    held_at_unlink: list[bool] = []
+    real_unlink = os.unlink
+
+    def unlink(path: str, *args: object, **kwargs: object) -> None:
+        if path == lock_path:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held_at_unlink.append(True)
+            else:
+                held_at_unlink.append(False)
+            finally:
+                os.close(fd)
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    app.destroy(cfg, deadline=deadline_mod.default())
+    assert held_at_unlink == [True]
