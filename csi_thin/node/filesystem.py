@@ -73,7 +73,23 @@ def make(device: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
         argv = ["mkfs.xfs", "-q", "-K", device]
     else:
         raise errors.InvalidArgument(f"unsupported fs type {fs_type!r}")
-    runner.run(argv, deadline=deadline)
+    try:
+        runner.run(argv, deadline=deadline)
+    except errors.CommandTimeout:
+        # killed part-way on a device `probe` had just proven blank (the caller holds the volume's
+        # claim, so everything on it now is this mkfs's): no signature yet, but not a zero head
+        # either, which every later stage would take for unknown data and refuse to format
+        _zero_out_head(device)
+        raise
+
+
+def _zero_out_head(device: str) -> None:
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, bytes(_PROBE_BYTES), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def mount(

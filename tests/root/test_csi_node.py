@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from csi_thin import deadline, model
+from csi_thin import deadline, errors, model, runner
 from csi_thin.csi.pb import csi_pb2
 from csi_thin.node import filesystem, mountinfo
 from csi_thin.pool import reflink
@@ -558,4 +558,33 @@ def test_a_filesystem_shut_down_by_an_error_is_an_abnormal_condition(node: Node)
     condition = node.stats(vol, target).volume_condition
     assert condition.abnormal and "read-only" in condition.message
     node.unpublish(vol, target)
+    node.unstage(vol, staging)
+
+
+def test_a_mkfs_killed_at_the_deadline_does_not_leave_the_volume_unformattable(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkfs killed part-way leaves no signature but a non-zero head: the next stage took that for
+    unknown data and refused to format the (new, empty) volume forever."""
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    real_run = runner.run
+
+    def killed_mkfs(argv: list[str], **kw: object) -> runner.Result:
+        if argv[0].startswith("mkfs"):
+            with open(argv[-1], "r+b") as f:  # what mkfs wrote before it was killed
+                f.seek(4096)
+                f.write(b"\x53\xef half a filesystem")
+            raise errors.CommandTimeout(argv, 0.1)
+        return real_run(argv, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "run", killed_mkfs)
+    staging = str(node.workdir / "staging" / "a")
+    req = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=cap
+    )
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(req)) == S.DEADLINE_EXCEEDED
+    monkeypatch.undo()
+    staging = node.stage(vol, cap, name="a")
+    assert mountinfo.at(staging) is not None
     node.unstage(vol, staging)
