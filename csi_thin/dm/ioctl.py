@@ -211,6 +211,7 @@ class Control:
         target_count: int = 0,
         what: str,
         create: bool = False,
+        resend: bool = True,
     ) -> _Reply:
         raw_name = _check_name(name) if name else b""
         raw_uuid = uuid.encode()
@@ -243,6 +244,11 @@ class Control:
             reply = _Reply(_HEADER.unpack_from(buf, 0), buf)
             if not reply.flags & _BUFFER_FULL:
                 return reply
+            if not resend:
+                # the kernel ran the command before it found the answer too big for the buffer
+                raise dm_errors.DmError(
+                    f"{what}: it ran, but its answer did not fit {size} bytes (not sent again)"
+                )
             if size >= _MAX_BUFFER:
                 raise dm_errors.DmError(f"{what}: reply larger than {_MAX_BUFFER} bytes")
             size *= 4  # the answer did not fit: ask again with room to spare
@@ -315,7 +321,10 @@ class Control:
         """Send a target message (thin-pool: create_thin, create_snap, delete, ...); return the
         target's answer text ("" for messages that answer nothing)."""
         payload = _TARGET_MSG.pack(sector) + message.encode() + b"\0"
-        reply = self._call(_CMD_TARGET_MSG, name=name, payload=payload, what=f"message {name} {message!r}")
+        # never sent twice: create_snap, delete, set_transaction_id are not idempotent
+        reply = self._call(
+            _CMD_TARGET_MSG, name=name, payload=payload, what=f"message {name} {message!r}", resend=False
+        )
         if not reply.flags & _DATA_OUT:
             return ""
         return _cstr(reply.data)

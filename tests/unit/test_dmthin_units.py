@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import pathlib
+import struct
 
 import pytest
 
 from csi_thin import config, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
-from csi_thin.dm import thintools
+from csi_thin.dm import ioctl, thintools
 from csi_thin.pool import dmthin
 
 MiB, GiB, KiB = model.MiB, model.GiB, model.KiB
@@ -126,3 +128,32 @@ def test_destroy_wipes_thin_metadata(tmp_path: pathlib.Path) -> None:
     be = dmthin.DmThinBackend(_block_cfg(tmp_path, meta), control=_NoDevices())  # type: ignore[arg-type]
     be.destroy(deadline=deadline_mod.Deadline.after(10))
     assert meta.read_bytes() == bytes(8192)
+
+
+def test_a_target_message_is_never_sent_twice(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel runs a target message and only then finds that its answer does not fit the buffer
+    (DM_BUFFER_FULL). Asking again with a bigger buffer, as for a status or a table, would run the
+    message twice: a second create_snap, delete or set_transaction_id on the pool."""
+    control = tmp_path / "control"
+    control.write_bytes(b"")
+    ctl = ioctl.Control(str(control))
+    sent: list[int] = []
+
+    def answer_too_big(fd: int, request: int, buf: bytearray, mutate: bool) -> int:
+        sent.append(request)
+        struct.pack_into("=I", buf, 28, (1 << 8) | (1 << 16))  # flags: BUFFER_FULL | DATA_OUT
+        return 0
+
+    monkeypatch.setattr(fcntl, "ioctl", answer_too_big)
+    try:
+        with pytest.raises(dm_errors.DmError, match="not sent again"):
+            ctl.message("csi-thin-x-pool", "delete 7")
+        assert len(sent) == 1
+        sent.clear()
+        with pytest.raises(dm_errors.DmError, match="larger than"):  # a read is asked again, bounded
+            ctl.status("csi-thin-x-pool")
+        assert len(sent) > 1
+    finally:
+        ctl.close()
