@@ -23,6 +23,7 @@ from csi_thin import errors
 _LOOP_SET_FD = 0x4C00
 _LOOP_CLR_FD = 0x4C01
 _LOOP_SET_STATUS64 = 0x4C04
+_LOOP_GET_STATUS64 = 0x4C05
 _LOOP_SET_CAPACITY = 0x4C07
 _LOOP_SET_DIRECT_IO = 0x4C08
 _LOOP_CONFIGURE = 0x4C0A
@@ -210,18 +211,59 @@ def _read_backing_file(name: str) -> str | None:
         raise
 
 
+def identity(dev: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file behind a loop device (LOOP_GET_STATUS64); None when unbound."""
+    _number(dev)
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+            return None
+        raise errors.Internal(f"open {dev}: {os.strerror(exc.errno or 0)}") from exc
+    try:
+        info = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(_INFO64.size))
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # not bound to a file
+            return None
+        raise errors.Internal(f"status of {dev}: {os.strerror(exc.errno or 0)}") from exc
+    finally:
+        os.close(fd)
+    lo_device, lo_inode = _INFO64.unpack(info)[:2]
+    return os.makedev(os.major(lo_device), os.minor(lo_device)), lo_inode
+
+
 def find(backing_file_path: str) -> str | None:
-    """The loop device attached to `backing_file_path` (compared after resolving symlinks), if any."""
+    """The loop device attached to `backing_file_path` (compared after resolving symlinks), if any.
+
+    sysfs shows the backing file's path as seen through the mount it was opened by. When that mount
+    has gone (it lived in the mount namespace of a container that has since been replaced), the path
+    shown is relative to the old mount's root: "/devices/1.img" for "/pool/devices/1.img". Such a
+    suffix of our path is confirmed by the file's identity (device and inode) before it counts.
+    """
     want = os.path.realpath(backing_file_path)
     try:
         names = sorted(os.listdir("/sys/block"), key=lambda n: (len(n), n))
     except FileNotFoundError:
         return None
+    wanted_id: tuple[int, int] | None = None
     for name in names:
         if not name.startswith("loop") or not name[4:].isdigit():
             continue
-        if _read_backing_file(name) == want:
+        backing = _read_backing_file(name)
+        if backing == want:
             return _dev_path(int(name[4:]))
+        if not backing or not backing.startswith("/") or not want.endswith(backing):
+            continue
+        if wanted_id is None:
+            try:
+                st = os.stat(want)
+            except OSError:  # gone, or its filesystem failed: nothing to confirm a suffix with
+                return None
+            wanted_id = (st.st_dev, st.st_ino)
+        dev = _dev_path(int(name[4:]))
+        with contextlib.suppress(errors.Internal):  # EIO: the backing filesystem failed
+            if identity(dev) == wanted_id:
+                return dev
     return None
 
 

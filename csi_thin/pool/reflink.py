@@ -219,6 +219,15 @@ def _frozen(mount_point: str) -> Iterator[None]:
         os.close(fd)
 
 
+def _loop_tag(dev: str) -> object:
+    """What a loop device is attached to: its backing file's (st_dev, st_ino) as `os.stat` gives
+    it; the path sysfs shows when the file's filesystem has failed (EIO); None when unbound."""
+    try:
+        return loop.identity(dev)
+    except errors.Internal:
+        return ("path", loop.backing_file(dev))
+
+
 class ReflinkBackend:
     """`csi_thin.pool.backend.Backend` on sparse reflinked files and loop devices."""
 
@@ -499,11 +508,16 @@ class ReflinkBackend:
         busy: list[DeviceBusy] = []
         # from the kernel's loop table, not the directory: a failed pool filesystem (EIO) cannot be
         # listed, and must still be let go of so it can be unmounted, checked and mounted again
-        for backing, seen in sorted(self._attached().items()):
-            # for a file that still exists, `_find` also makes the /dev node if the container lacks it
-            dev = seen if backing.endswith(_DELETED) else loop.find(backing) or seen
+        for path, seen in sorted(self._attached().items()):
+            # for a file that still exists, `find` also makes the /dev node if the container lacks it
+            dev = seen if path.endswith(_DELETED) else loop.find(path) or seen
             try:
-                self._detach(dev, backing, os.path.basename(backing), deadline)
+                st = os.stat(path)
+                ident: object = (st.st_dev, st.st_ino)
+            except OSError:  # deleted, or a failed pool filesystem: take what the kernel says now
+                ident = _loop_tag(dev)
+            try:
+                self._detach(dev, ident, os.path.basename(path), deadline)
             except DeviceBusy as exc:
                 busy.append(exc)
         if busy:
@@ -851,11 +865,16 @@ class ReflinkBackend:
         path = self._path(dev_id)
         with self._locked(dev_id):
             dev = loop.find(path)
-            if dev is not None:
-                self._detach(dev, os.path.realpath(path), f"device {dev_id}", deadline)
+            if dev is None:
+                return
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                raise _oserror(f"deactivate device {dev_id}", exc) from exc
+            self._detach(dev, (st.st_dev, st.st_ino), f"device {dev_id}", deadline)
 
-    def _detach(self, dev: str, backing: str, label: str, deadline: deadline_mod.Deadline) -> None:
-        """Detach loop device `dev` (backed by `backing`, as sysfs shows it) unless it is in use."""
+    def _detach(self, dev: str, ident: object, label: str, deadline: deadline_mod.Deadline) -> None:
+        """Detach loop device `dev`, backed by the file `ident` (see `_loop_tag`), unless in use."""
         try:
             fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
         except OSError as exc:
@@ -870,22 +889,24 @@ class ReflinkBackend:
             # loop devices are machine-wide: since `dev` was looked up, another process may have
             # detached it and attached its own file to the number. Checked while we hold the device
             # open exclusively (nobody can mount it now); not ours any more: nothing of ours to detach
-            if loop.backing_file(dev) != backing:
+            if _loop_tag(dev) != ident:
                 log.warning("event=loop_changed_hands pool=%s what=%s dev=%s", self._name, label, dev)
                 return
             loop.detach(dev)
         finally:
             os.close(fd)
         for _ in deadline.backoff(first=0.005, cap=0.1):
-            if loop.backing_file(dev) != backing:
+            if _loop_tag(dev) != ident:
                 break
         else:
             raise DeviceBusy(f"{label} of pool {self._name} ({dev}) is still open by another user")
         log.info("event=deactivate pool=%s what=%s dev=%s", self._name, label, dev)
 
     def _attached(self) -> dict[str, str]:
-        """Backing file (as sysfs shows it, maybe with " (deleted)") -> loop device, for every loop
-        device of this pool's device files, in one pass over the kernel's loop devices."""
+        """Device file path (maybe with " (deleted)") -> loop device, for every loop device of this
+        pool's device files, in one pass over the kernel's loop devices. A device attached through a
+        mount that has since gone (a replaced container's) shows a path relative to that mount, a
+        suffix of ours: it counts once its file identity (st_dev, st_ino) matches."""
         prefix = self._devices + "/"
         out: dict[str, str] = {}
         try:
@@ -897,8 +918,21 @@ class ReflinkBackend:
                 continue
             dev = f"/dev/{name}"
             backing = loop.backing_file(dev)
-            if backing is not None and backing.startswith(prefix):
+            if backing is None:
+                continue
+            if backing.startswith(prefix):
                 out[backing] = dev
+                continue
+            ours = os.path.join(self._devices, os.path.basename(backing))
+            if (
+                backing.startswith("/")
+                and ours.endswith(backing)
+                and device_file_id(os.path.basename(ours)) is not None
+            ):
+                with contextlib.suppress(OSError):
+                    st = os.stat(ours)
+                    if loop.identity(dev) == (st.st_dev, st.st_ino):
+                        out[ours] = dev
         return out
 
     def resize(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> None:

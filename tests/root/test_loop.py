@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import pathlib
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -139,3 +140,33 @@ def test_find_survives_loops_detached_under_it(tmp_path: pathlib.Path, attached:
             scans += 1
         churned = sum(f.result() for f in churners)
     assert scans > 10 and churned > 10, (scans, churned)
+
+
+def test_find_a_device_attached_from_a_mount_namespace_that_is_gone(
+    tmp_path: pathlib.Path, attached: list[str]
+) -> None:
+    """A node plugin container attaches through its own mount of the pool directory; once that
+    container is replaced, sysfs shows the file relative to the vanished mount ("/devices/1.img").
+    The next container must still find the device, or it attaches the file a second time and
+    deletes files that are still attached."""
+    pool = tmp_path / "pool"
+    (pool / "devices").mkdir(parents=True)
+    backing = _sparse(pool / "devices" / "1.img", 4 * MiB)
+    other = tmp_path / "other-pool" / "devices"
+    other.mkdir(parents=True)
+    same_suffix = _sparse(other / "1.img", 4 * MiB)
+    inside = tmp_path / "container-view"
+    inside.mkdir()
+    res = subprocess.run(
+        [
+            "unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount --bind "{pool}" "{inside}" && losetup -f --show "{inside}/devices/1.img"',
+        ],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    dev = res.stdout.strip()
+    attached.append(dev)
+    assert loop.backing_file(dev) == "/devices/1.img"  # what the next container sees
+    assert loop.find(str(backing)) == dev
+    assert loop.identity(dev) == (os.stat(backing).st_dev, os.stat(backing).st_ino)
+    assert loop.find(str(same_suffix)) is None  # same suffix, another file

@@ -12,6 +12,7 @@ import fcntl
 import os
 import pathlib
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 
@@ -617,3 +618,36 @@ def test_deactivate_never_detaches_a_loop_device_that_changed_hands(
         assert loop.find(xfs_pool._path(1)) is None
     finally:
         loop.detach(foreign)
+
+
+def test_devices_attached_by_a_replaced_container_are_still_ours(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    """A node plugin container attaches through its own mount of the pool directory. Once it is
+    replaced, sysfs shows the backing file relative to that vanished mount ("/devices/1.img"): the
+    next container must still see the device as active, never attach the file a second time, never
+    delete it while attached, and detach it on deactivate."""
+    d = dl()
+    xfs_pool.create_thin(1, 8 * MiB, deadline=d)
+    view = workdir / "old-container-view"
+    view.mkdir()
+    res = subprocess.run(
+        [
+            "unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount --bind "{workdir / "pool"}" "{view}" && losetup -f --show "{view}/devices/1.img"',
+        ],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    dev = res.stdout.strip()
+    try:
+        assert loop.backing_file(dev) == "/devices/1.img"
+        assert xfs_pool.active_ids(deadline=d) == {1}
+        assert xfs_pool.device_path(1) == dev
+        assert xfs_pool.activate(1, 8 * MiB, deadline=d) == dev
+        with pytest.raises(dm_errors.DeviceBusy):
+            xfs_pool.delete(1, deadline=d)
+        xfs_pool.deactivate(1, deadline=d)
+        assert loop.backing_file(dev) is None
+        assert xfs_pool.active_ids(deadline=d) == set()
+    finally:
+        loop.detach(dev)
