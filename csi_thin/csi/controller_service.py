@@ -103,7 +103,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.GetCapacityRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetCapacityResponse:
         if request.volume_capabilities:
-            validate.capabilities(request.volume_capabilities)
+            validate.capacity_capabilities(request.volume_capabilities)
         node = request.accessible_topology.segments.get(validate.TOPOLOGY_KEY)
         cap = self._prov.capacity(node_id=node, deadline=interceptor.rpc_deadline(context))
         response = csi_pb2.GetCapacityResponse(available_capacity=cap.available_bytes)

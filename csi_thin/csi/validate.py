@@ -130,6 +130,23 @@ def capabilities(
     return checked
 
 
+def capacity_capabilities(caps: Iterable[csi_pb2.VolumeCapability]) -> list[volumes.Capability]:
+    """GetCapacity's capabilities: as CreateVolume's, except that an unset access mode or access type
+    means "any". The external-provisioner's capacity controller sends exactly that (mode UNKNOWN and
+    an empty mount), as the spec makes the field mandatory and capacity does not depend on it here.
+    """
+    probes = []
+    for cap in caps:
+        probe = csi_pb2.VolumeCapability()
+        probe.CopyFrom(cap)
+        if probe.access_mode.mode == _Mode.UNKNOWN:
+            probe.access_mode.mode = _Mode.SINGLE_NODE_WRITER
+        if probe.WhichOneof("access_type") is None:
+            probe.mount.SetInParent()
+        probes.append(probe)
+    return capabilities(probes)
+
+
 def content_source(src: csi_pb2.VolumeContentSource) -> provisioner.ContentSource | None:
     which = src.WhichOneof("type")
     if which == "snapshot":

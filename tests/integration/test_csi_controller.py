@@ -467,6 +467,20 @@ def test_get_capacity(d: h.Driver) -> None:
     assert h.code_of(lambda: c.CreateVolume(h.create_req("pvc-b", 41 * GiB))) == S.RESOURCE_EXHAUSTED
 
 
+def test_get_capacity_as_the_external_provisioner_asks_for_it(d: h.Driver) -> None:
+    """external-provisioner's capacity controller sends one capability with an empty mount and
+    access mode UNKNOWN ("capacity is independent of the capabilities; the standard makes it
+    mandatory to pass something"). Refusing it leaves Kubernetes without CSIStorageCapacity objects,
+    and WaitForFirstConsumer volumes then never schedule."""
+    as_sent = csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(), access_mode=Mode(mode=Mode.UNKNOWN)
+    )
+    empty = csi_pb2.VolumeCapability(access_mode=Mode(mode=Mode.UNKNOWN))
+    for cap in (as_sent, empty):
+        got = d.controller.GetCapacity(csi_pb2.GetCapacityRequest(volume_capabilities=[cap]))
+        assert got.available_capacity > 0 and got.maximum_volume_size.value > 0
+
+
 def test_topology_pins_volumes_to_this_node(d: h.Driver) -> None:
     key = "topology.csi-thin.io/node"
     here = csi_pb2.TopologyRequirement(requisite=[csi_pb2.Topology(segments={key: "node-1"})])
