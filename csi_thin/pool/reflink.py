@@ -187,10 +187,13 @@ def _clone(src_fd: int, dst_fd: int) -> None:
 
 
 @contextlib.contextmanager
-def _frozen(mount_point: str) -> Iterator[None]:
-    """Hold the filesystem mounted at `mount_point` frozen (flushed, writes blocked); always thaw."""
+def _frozen(mount_point: str, *, dev: int | None = None) -> Iterator[None]:
+    """Hold the filesystem mounted at `mount_point` (on block device `dev`, when given) frozen
+    (flushed, writes blocked); always thaw."""
     fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        if dev is not None and os.fstat(fd).st_dev != dev:  # covered since it was looked up
+            raise errors.Unavailable(f"{mount_point} no longer reaches the filesystem to freeze; retry")
         try:
             fcntl.ioctl(fd, FIFREEZE, 0)
         except OSError as exc:
@@ -355,7 +358,7 @@ class ReflinkBackend:
         """
         for dev_id in self._list():
             dev = loop.find(self._path(dev_id))
-            mount = self._mount_of(dev) if dev is not None else None
+            mount = self._reachable_mount_of(dev) if dev is not None else None
             if mount is None:
                 continue
             try:
@@ -763,7 +766,7 @@ class ReflinkBackend:
         if dev is None:
             yield
             return
-        mount = self._mount_of(dev)
+        mount = self._reachable_mount_of(dev)
         if mount is None:
             try:
                 fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
@@ -780,8 +783,20 @@ class ReflinkBackend:
                 os.close(fd)
             yield
             return
-        with _frozen(mount.mount_point):
+        with _frozen(mount.mount_point, dev=os.stat(dev).st_rdev):
             yield
+
+    def _reachable_mount_of(self, dev: str) -> Mount | None:
+        """A mount of `dev` whose path reaches its filesystem: a mount of it can be covered by
+        another filesystem mounted on top, and opening that path would reach the other one."""
+        rdev = os.stat(dev).st_rdev
+        for m in mounts():
+            if not _is_mount_of(m, dev):
+                continue
+            with contextlib.suppress(OSError):
+                if os.stat(m.mount_point).st_dev == rdev:
+                    return m
+        return None
 
     def delete(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:
         path = self._require_device(dev_id)

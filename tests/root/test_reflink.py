@@ -651,3 +651,38 @@ def test_devices_attached_by_a_replaced_container_are_still_ours(
         assert xfs_pool.active_ids(deadline=d) == set()
     finally:
         loop.detach(dev)
+
+
+def test_snapshot_freezes_the_origin_even_when_a_mount_of_it_is_covered(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    """The origin's first mount in mountinfo may be covered by another filesystem mounted on top;
+    opening that path reaches the other one. Freezing it left the origin unfrozen (its unsynced
+    writes missing from the snapshot) and froze a filesystem that is not ours."""
+    d = dl()
+    xfs_pool.create_thin(1, 64 * MiB, deadline=d)
+    xfs_pool.create_thin(3, 64 * MiB, deadline=d)
+    dev = xfs_pool.activate(1, 64 * MiB, deadline=d)
+    other = xfs_pool.activate(3, 64 * MiB, deadline=d)
+    covered, reachable = workdir / "covered", workdir / "reachable"
+    _mkfs_mount(dev, covered)
+    reachable.mkdir()
+    runner.run(["mount", "--bind", str(covered), str(reachable)], deadline=d)
+    _mkfs_mount(other, covered)  # now on top of the origin's first mount
+    try:
+        (reachable / "data.txt").write_bytes(b"frozen in time\n" * 1000)  # not synced
+        xfs_pool.create_snap(2, 1, 64 * MiB, deadline=d)
+        assert _write_with_timeout(covered / "x", b"not frozen\n"), "a filesystem not ours left frozen"
+        snap = xfs_pool.activate(2, 64 * MiB, deadline=d)
+        snap_mnt = workdir / "snapmnt"
+        snap_mnt.mkdir()
+        runner.run(["mount", "-t", "ext4", "-o", "ro", snap, str(snap_mnt)], deadline=d)
+        try:
+            assert (snap_mnt / "data.txt").read_bytes() == b"frozen in time\n" * 1000
+        finally:
+            runner.run(["umount", str(snap_mnt)], deadline=d)
+    finally:
+        for m in (covered, reachable, covered):
+            runner.run(["umount", str(m)], deadline=d, check=False)
+    for dev_id in (1, 2, 3):
+        xfs_pool.deactivate(dev_id, deadline=d)
