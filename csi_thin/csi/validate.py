@@ -189,11 +189,15 @@ def unsupported(caps: Iterable[csi_pb2.VolumeCapability], context: Mapping[str, 
     No capabilities at all is a malformed request (INVALID_ARGUMENT); unsupported ones are an answer.
     """
     try:
-        capabilities(caps, context)
+        checked = capabilities(caps, context)
     except errors.InvalidArgument as exc:
         if not list(caps):
             raise
         return exc.message
+    recorded = context.get(CTX_FS_TYPE)
+    if recorded and any(not c.block and c.fs_type != recorded for c in checked):
+        # its filesystem may well exist already: staging it as another type would be refused
+        return f"volume_capability: the volume was created for a {recorded} filesystem"
     return ""
 
 

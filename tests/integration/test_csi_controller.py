@@ -467,6 +467,19 @@ def test_get_capacity(d: h.Driver) -> None:
     assert h.code_of(lambda: c.CreateVolume(h.create_req("pvc-b", 41 * GiB))) == S.RESOURCE_EXHAUSTED
 
 
+def test_validate_does_not_confirm_another_fs_type_than_the_volume_was_created_for(d: h.Driver) -> None:
+    vol = d.controller.CreateVolume(h.create_req("pvc-a", 300 * MiB, cap=h.mount_cap("ext4"))).volume
+    for fs_type, confirmed in (("xfs", False), ("ext4", True), ("", True)):
+        validate = csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id,
+            volume_capabilities=[h.mount_cap(fs_type)],
+            volume_context=vol.volume_context,
+        )
+        resp = d.controller.ValidateVolumeCapabilities(validate)
+        assert resp.HasField("confirmed") == confirmed, fs_type
+        assert confirmed or "ext4" in resp.message
+
+
 def test_get_capacity_as_the_external_provisioner_asks_for_it(d: h.Driver) -> None:
     """external-provisioner's capacity controller sends one capability with an empty mount and
     access mode UNKNOWN ("capacity is independent of the capabilities; the standard makes it
