@@ -378,6 +378,30 @@ def test_pool_exhausted_and_unhealthy(harness: Harness) -> None:
     check_consistent(e, before=committed(e))
 
 
+def test_restart_on_a_read_only_pool(harness: Harness) -> None:
+    """Fake backends only (not in __all__). A pool the kernel turned read-only (metadata full, a
+    metadata error) takes no messages, so its device ids cannot be read while it is live. The driver
+    must still start after a restart, so the existing volumes keep working: recovery takes the
+    active flags from the kernel and leaves the id check for when the pool is writable again."""
+    e = harness.open()
+    v = e.create_volume("v", MiB, deadline=dl())
+    e.activate("v", deadline=dl())
+    harness.set_condition(e, mode="ro")
+    harness.close(e)
+    e = harness.open(assemble=False)  # the restarted driver; the pool stays live (and read-only)
+    report = e.last_recovery
+    assert report is not None and not report.ids_checked
+    assert report.lost == () and report.orphans == ()
+    assert e.get("v") == dataclasses.replace(v, active=True, path=e.backend.device_path(v.dev_id))
+    e.deactivate("v", deadline=dl())
+    assert e.activate("v", deadline=dl()).active  # existing volumes keep working
+    with pytest.raises(errors.Unavailable):
+        e.create_volume("w", MiB, deadline=dl())
+    harness.set_condition(e, mode="rw")
+    assert e.recover(deadline=dl()).ids_checked
+    check_consistent(e, before=committed(e))
+
+
 def test_reassembly_after_reboot(harness: Harness) -> None:
     e = harness.open()
     v = e.activate(e.create_volume("v", 4 * MiB, deadline=dl()).name, deadline=dl())

@@ -169,6 +169,8 @@ class FakeBackend:
     def device_ids(self, *, deadline: deadline_mod.Deadline) -> dict[int, int]:
         with self._lock:
             state = self._pool("device_ids")
+            if state["mode"] == "ro":  # as dm-thin: no messages, so no metadata snapshot to read
+                raise errors.Unavailable("fake pool is read-only: its device ids cannot be read live")
             return {int(k): v["mapped"] for k, v in state["devices"].items()}
 
     def activate(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> str:

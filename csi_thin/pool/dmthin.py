@@ -375,6 +375,10 @@ class DmThinBackend:
             raise errors.Unavailable(f"pool {self._pool} has failed: no transaction id")
         return line.transaction_id
 
+    def _pool_mode(self) -> model.PoolMode:
+        [target] = self._ctl.status(self.pool_name, flush=False)
+        return parse.parse_pool_status(target.params).mode
+
     def _require_writable(self, what: str) -> None:
         targets = self._ctl.status(self.pool_name, flush=False)
         line = parse.parse_pool_status(targets[0].params)
@@ -449,6 +453,14 @@ class DmThinBackend:
         if self._ctl.info(self.pool_name) is None:
             # inactive pool: nobody writes the metadata, read it directly
             return thintools.ls_mapped_bytes(metadata_dev, deadline=deadline, metadata_snap=False)
+        mode = self._pool_mode()
+        if mode in (model.PoolMode.RO, model.PoolMode.FAIL):
+            # the kernel takes no messages in these modes (EOPNOTSUPP: no reserve_metadata_snap), and
+            # thin_ls refuses live metadata without one
+            raise errors.Unavailable(
+                f"pool {self._pool} is {mode.value}: its device ids can only be read with the pool "
+                "torn down (thin_ls / thin_check offline)"
+            )
         with self._metadata_snap:
             deadline.check("reserve_metadata_snap")
             try:

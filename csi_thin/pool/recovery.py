@@ -11,6 +11,8 @@ time), the pool's device ids, and the journal's open intents. The rules:
   `active` flags are taken from the kernel.
 - A READY record whose id the pool does not have is flagged LOST (never re-created empty). A pool id
   no record owns is an orphan: reserved (never reused) and reported, deleted only by gc_orphans.
+  A read-only pool's ids cannot be read live (no metadata snapshot): that check waits for a writable
+  pool, and only the active flags are reconciled.
 
 Every step here is idempotent and rechecks the pool before acting, so recovery is itself re-runnable
 after a crash at any point.
@@ -49,6 +51,9 @@ class RecoveryReport:
     found: tuple[str, ...] = ()  # LOST records whose device is back
     active_fixed: tuple[str, ...] = ()  # records whose active flag was corrected from the kernel
     orphans: tuple[int, ...] = ()  # pool ids no record owns (reserved, reported, never reused)
+    #: False when the pool was read-only: its ids cannot be read live, so LOST and orphans were not
+    #: looked for (records and reservations kept as they were; the next recovery on a writable pool does)
+    ids_checked: bool = True
 
     def clean(self) -> bool:
         return not (self.lost or self.orphans)
@@ -255,10 +260,20 @@ def recover(
     if pool_txid != store_txid:
         raise _mismatch(pool_txid, store_txid, "no open intent")
 
-    pool_ids = backend.device_ids(deadline=deadline)
     active_ids = backend.active_ids(deadline=deadline)
-    lost, found, fixed = _reconcile_records(backend, store, pool_ids=pool_ids, active_ids=active_ids)
-    orphans = _reconcile_ids(store, pool_ids=pool_ids)
+    if backend.status(deadline=deadline).mode == model.PoolMode.RO:
+        # A read-only pool (metadata full or damaged) takes no messages, so no metadata snapshot: its
+        # ids cannot be read while it is live. Nothing can be created or deleted either, so the records
+        # stand as they are; failing here would take the driver, and with it every existing volume, down.
+        log.warning("event=ids-unchecked reason=pool read-only; LOST and orphans are checked once writable")
+        lost, found, fixed = _reconcile_records(backend, store, pool_ids=None, active_ids=active_ids)
+        orphans = sorted(i for i, owner in store.ids().items() if owner == lmdb_store.ORPHAN)
+        ids_checked = False
+    else:
+        pool_ids = backend.device_ids(deadline=deadline)
+        lost, found, fixed = _reconcile_records(backend, store, pool_ids=pool_ids, active_ids=active_ids)
+        orphans = _reconcile_ids(store, pool_ids=pool_ids)
+        ids_checked = True
     for name in lost:
         log.warning("event=lost name=%s reason=record READY but the pool has no such device", name)
     if orphans:
@@ -273,6 +288,7 @@ def recover(
         found=tuple(sorted(found)),
         active_fixed=tuple(sorted(fixed)),
         orphans=tuple(orphans),
+        ids_checked=ids_checked,
     )
 
 
@@ -280,10 +296,11 @@ def _reconcile_records(
     backend: backend_mod.Backend,
     store: lmdb_store.LmdbStore,
     *,
-    pool_ids: dict[int, int],
+    pool_ids: dict[int, int] | None,
     active_ids: set[int],
 ) -> tuple[list[str], list[str], list[str]]:
-    """Flag LOST (or found again) records and take the active flags from the kernel."""
+    """Flag LOST (or found again) records and take the active flags from the kernel (only the
+    active flags when `pool_ids` is None: the pool's ids could not be read)."""
     lost: list[str] = []
     found: list[str] = []
     fixed: list[str] = []
@@ -291,8 +308,11 @@ def _reconcile_records(
         records = {d.name: d for d in store.devices()}
         for rec in records.values():
             new = rec
-            in_pool = rec.dev_id in pool_ids
-            if rec.state == model.DeviceState.READY and not in_pool:
+            in_pool = pool_ids is None or rec.dev_id in pool_ids
+            if pool_ids is None:
+                if rec.state == model.DeviceState.LOST:
+                    lost.append(rec.name)
+            elif rec.state == model.DeviceState.READY and not in_pool:
                 new = dataclasses.replace(new, state=model.DeviceState.LOST)
                 lost.append(rec.name)
             elif rec.state == model.DeviceState.LOST and in_pool:

@@ -14,7 +14,10 @@ from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from tests import enginesuite, fakes
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
-from tests.enginesuite import test_pool_exhausted_and_unhealthy  # noqa: F401 - fake backends only
+from tests.enginesuite import (
+    test_pool_exhausted_and_unhealthy,  # noqa: F401 - fake backends only
+    test_restart_on_a_read_only_pool,  # noqa: F401 - fake backends only
+)
 
 
 class FakeHarness(enginesuite.Harness):

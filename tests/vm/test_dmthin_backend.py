@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import uuid
@@ -14,7 +15,8 @@ from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import ioctl, loop, parse
 from csi_thin.pool import backend as backend_mod
-from csi_thin.pool import dmthin
+from csi_thin.pool import dmthin, recovery
+from csi_thin.store import lmdb_store
 from tests import blockio
 
 MiB = model.MiB
@@ -217,6 +219,36 @@ def test_device_ids_via_metadata_snapshot(be: dmthin.DmThinBackend) -> None:
     [target] = ctl.status(be.pool_name)
     assert target.params.split()[3] == "-"
     assert be.device_ids(deadline=_dl()) == ids
+
+
+def test_recovery_on_a_read_only_pool(be: dmthin.DmThinBackend, cfg: config.PoolConfig) -> None:
+    """A pool the kernel turned read-only (metadata full or a metadata error) takes no messages, so
+    no reserve_metadata_snap and no device_ids while it is live. Start-up recovery must still pass
+    (it took the whole driver, and with it every existing volume, down), and device_ids says why."""
+    be.create_thin(3, 16 * MiB, deadline=_dl())
+    path = be.activate(3, 16 * MiB, deadline=_dl())
+    blockio.write_at(path, 0, _block(b"ro"))
+    be.deactivate(3, deadline=_dl())
+    ctl = ioctl.Control()
+    [live] = ctl.table(be.pool_name)
+    ro = dataclasses.replace(parse.parse_pool_table(live.params), read_only=True)
+    ctl.load(be.pool_name, [ioctl.Target(live.start, live.length, "thin-pool", ro.format())])
+    ctl.resume(be.pool_name)
+    try:
+        assert be.status(deadline=_dl()).mode == model.PoolMode.RO
+        with pytest.raises(errors.Unavailable, match="ro"):
+            be.device_ids(deadline=_dl())
+        with lmdb_store.LmdbStore(cfg.state_dir) as store:
+            report = recovery.recover(be, store, deadline=_dl())
+        assert not report.ids_checked
+        assert be.activate(3, 16 * MiB, deadline=_dl()) == path  # existing volumes keep working
+        assert blockio.read_at(path, 0, BS) == _block(b"ro")
+        be.deactivate(3, deadline=_dl())
+    finally:
+        ctl.load(be.pool_name, [live])
+        ctl.resume(be.pool_name)
+    assert be.status(deadline=_dl()).mode == model.PoolMode.RW
+    assert be.device_ids(deadline=_dl()) == {3: BS}
 
 
 def test_set_transaction_id_compare_and_swap(be: dmthin.DmThinBackend) -> None:
