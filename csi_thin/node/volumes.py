@@ -109,7 +109,11 @@ class NodeVolumes:
                     f"not as requested ({cap.fs_type}, {'read-only' if cap.read_only else 'read-write'})"
                 )
             return
-        device = _path(self._engine.activate(volume_id, deadline=deadline))
+        activated = self._engine.activate(volume_id, deadline=deadline)
+        device = _path(activated)
+        in_use = _mounted_elsewhere(activated, staging_path)
+        if in_use:  # published raw, or staged at another path: never probe, format or fsck under it
+            raise errors.FailedPrecondition(f"volume {volume_id} is in use at {', '.join(in_use)}")
         found = filesystem.probe(device, deadline=deadline)
         if found is None:
             filesystem.make(device, cap.fs_type, deadline=deadline)

@@ -588,3 +588,25 @@ def test_a_mkfs_killed_at_the_deadline_does_not_leave_the_volume_unformattable(
     staging = node.stage(vol, cap, name="a")
     assert mountinfo.at(staging) is not None
     node.unstage(vol, staging)
+
+
+def test_a_volume_in_use_elsewhere_is_not_staged_again(node: Node) -> None:
+    """Without the volume context (which records the access type), a block volume published to a
+    pod could be staged as a mount volume at another path: a blank one would be formatted under
+    the pod that writes to it raw."""
+    blk = h.block_cap()
+    vol = node.create("pvc-raw", 64 * MiB, blk)
+    staging = node.stage(vol, blk)
+    target = node.publish(vol, blk, staging, "pod/dev/raw")
+    as_mount = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id,
+        staging_target_path=str(node.workdir / "staging" / "other"),
+        volume_capability=h.mount_cap(),
+    )
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(as_mount)) == S.FAILED_PRECONDITION
+    dev = node.d.engine.get(vol.volume_id)
+    assert dev is not None and dev.path
+    with open(dev.path, "rb") as f:
+        assert not any(f.read(MiB))  # not formatted
+    node.unpublish(vol, target)
+    node.unstage(vol, staging)
