@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 from csi_thin import config, errors
 from csi_thin import deadline as deadline_mod
@@ -23,6 +24,27 @@ from csi_thin.store import lmdb_store
 
 LOCK_FILE = "engine.lock"
 _LMDB_FILES = ("data.mdb", "lock.mdb")
+
+
+@runtime_checkable
+class _BlankProbe(Protocol):
+    """A backend whose assembly formats a blank metadata device (dm-thin)."""
+
+    def metadata_is_blank(self) -> bool: ...
+
+
+def _refuse_formatting_over_a_store(pool: backend_mod.Backend, store: lmdb_store.LmdbStore) -> None:
+    """The kernel formats a blank metadata device into a new, empty pool. With a store that has
+    committed pool transactions, blank metadata means it was lost or wiped: formatting it would
+    overwrite what thin_repair could still rebuild, and every volume's mappings with it."""
+    txid = store.transaction_id()
+    if txid > 0 and isinstance(pool, _BlankProbe) and pool.metadata_is_blank():
+        raise errors.FailedPrecondition(
+            f"the LMDB store in {store.path} has committed {txid} pool transactions, but the pool's "
+            "metadata device is blank (missing or zeroed): assembling would format it into an empty "
+            "pool. Restore or repair the metadata (thin_repair) first; to start over on purpose, run "
+            "'csi-thin pool destroy'."
+        )
 
 
 def make_backend(cfg: config.PoolConfig) -> backend_mod.Backend:
@@ -88,9 +110,10 @@ def open_engine(
         if owner:
             stack.enter_context(exclusive(cfg))
         pool = backend if backend is not None else make_backend(cfg)
-        if assemble:
-            pool.assemble(deadline=dl)
         store = stack.enter_context(open_store(cfg))
+        if assemble:
+            _refuse_formatting_over_a_store(pool, store)
+            pool.assemble(deadline=dl)
         eng = engine_mod.PoolEngine(
             backend=pool, store=store, thresholds=cfg.thresholds, block_size=cfg.block_size
         )

@@ -211,6 +211,21 @@ class DmThinBackend:
         )
         return ioctl.Target(0, blocks * (bs // model.SECTOR), "thin-pool", table.format())
 
+    def metadata_is_blank(self) -> bool:
+        """True when assembling would let the kernel format a new, empty pool: the pool is not live and
+        its metadata device (or file) is missing or never written (all-zero first block)."""
+        info = self._ctl.info(self.pool_name)
+        if info is not None and info.live_table:
+            return False
+        if self._file_mode():
+            path = self._metadata_file_path()
+            if not os.path.exists(path):
+                return True
+            dev = loop.find(path)
+            return _first_block_is_zero(dev if dev is not None else path)
+        assert self._cfg.metadata_device is not None
+        return _first_block_is_zero(self._cfg.metadata_device)
+
     def assemble(self, *, deadline: deadline_mod.Deadline) -> None:
         info = self._ctl.info(self.pool_name)
         if info is not None and info.live_table:

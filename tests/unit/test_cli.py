@@ -154,3 +154,32 @@ def test_destroy_unlinks_the_lock_file_while_holding_it(
     monkeypatch.setattr(os, "unlink", unlink)
     app.destroy(cfg, deadline=deadline_mod.default())
     assert held_at_unlink == [True]
+
+
+class _BlankMetadataBackend(fakes.FakeBackend):
+    """A backend whose metadata device is blank: assembling it would format a new, empty pool."""
+
+    assembled = False
+
+    def metadata_is_blank(self) -> bool:
+        return True
+
+    def assemble(self, *, deadline: deadline_mod.Deadline) -> None:
+        self.assembled = True
+        super().assemble(deadline=deadline)
+
+
+def test_blank_metadata_is_not_assembled_over_a_store_with_transactions(
+    cfg_file: str, tmp_path: pathlib.Path
+) -> None:
+    cfg = config.load_pool(cfg_file)
+    blank = _BlankMetadataBackend(str(tmp_path / "blank-pool.json"))
+    with app.open_engine(cfg, backend=blank):  # a pristine store: a new pool is what is wanted
+        pass
+    assert blank.assembled
+    with app.open_engine(cfg) as eng:
+        eng.create_volume("v", 1 << 20, deadline=deadline_mod.default())
+    blank = _BlankMetadataBackend(str(tmp_path / "blank-pool-2.json"))
+    with pytest.raises(errors.FailedPrecondition, match="blank"), app.open_engine(cfg, backend=blank):
+        pass
+    assert not blank.assembled

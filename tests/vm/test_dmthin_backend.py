@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_thin import config, errors, model
+from csi_thin import app, config, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import ioctl, loop, parse
@@ -307,6 +307,26 @@ def test_corrupted_metadata_stops_assembly(be: dmthin.DmThinBackend, cfg: config
     assert ioctl.Control().info(fresh.pool_name) is None
     assert loop.find(meta_file) is None  # nothing left attached
     assert loop.find(cfg.dmthin.data_file) is None
+
+
+def test_blank_metadata_under_a_store_is_never_formatted(cfg: config.PoolConfig) -> None:
+    """The metadata superblock got wiped (or the metadata file lost) while the LMDB store holds
+    committed volumes: the kernel would format a new, empty pool over it, destroying what thin_repair
+    could still rebuild. The driver must refuse to assemble."""
+    with app.open_engine(cfg, deadline=_dl()) as eng:
+        eng.create_volume("v", 8 * MiB, deadline=_dl())
+        eng.backend.teardown(deadline=_dl())
+    assert cfg.dmthin is not None
+    meta = f"{cfg.dmthin.data_file}.meta"
+    with open(meta, "r+b") as f:
+        f.write(bytes(4096))  # the superblock, wiped
+        rest = f.read()
+    with pytest.raises(errors.FailedPrecondition, match="blank"), app.open_engine(cfg, deadline=_dl()):
+        pass
+    assert ioctl.Control().info(dmthin.DmThinBackend(cfg).pool_name) is None
+    with open(meta, "rb") as f:
+        f.seek(4096)
+        assert f.read() == rest  # not formatted
 
 
 def test_expired_deadline_changes_nothing(be: dmthin.DmThinBackend) -> None:
