@@ -198,7 +198,7 @@ def cmd_pool_gc(args: argparse.Namespace, out: Printer = _out) -> int:
     cfg = config.load_pool(args.config)
     dl = _deadline(args)
     with app.open_engine(cfg, deadline=dl) as eng:  # recovery first: it finds (and reserves) orphans
-        deleted = eng.gc_orphans(deadline=dl)
+        deleted = eng.gc_orphans(deadline=dl, force=args.force)
         left = eng.orphans()
     if args.json:
         out(json.dumps({"deleted": deleted, "left": left}))
@@ -237,8 +237,12 @@ def register(subparsers: Any) -> None:
     add("list", cmd_pool_list, "device records").add_argument(
         "--kind", choices=[k.value for k in model.DeviceKind], help="only volumes or snapshots"
     )
-    add("gc", cmd_pool_gc, "garbage-collect").add_argument(
-        "--orphans", action="store_true", help="delete pool devices that no record owns"
+    gc = add("gc", cmd_pool_gc, "garbage-collect")
+    gc.add_argument("--orphans", action="store_true", help="delete pool devices that no record owns")
+    gc.add_argument(
+        "--force",
+        action="store_true",
+        help="also when the store was rebuilt after a loss (the orphans are then its lost volumes)",
     )
     add("destroy", cmd_pool_destroy, "tear down and delete the pool and its store").add_argument(
         "--yes", action="store_true", help="confirm: every volume and snapshot is lost"

@@ -471,7 +471,12 @@ def test_lost_store_adopts_the_pool_and_reports_orphans(harness: Harness) -> Non
     check_consistent(e, before={}, allowed_orphans=frozenset(ids))
     new = e.create_volume("new", MiB, deadline=dl())
     assert new.dev_id not in ids
-    assert sorted(e.gc_orphans(deadline=dl())) == sorted(ids)
+    # the orphans are the lost store's volumes, not garbage: gc refuses them without force
+    with pytest.raises(errors.FailedPrecondition, match="lost"):
+        e.gc_orphans(deadline=dl())
+    assert set(e.backend.device_ids(deadline=dl())) == ids | {new.dev_id}
+    assert sorted(e.gc_orphans(deadline=dl(), force=True)) == sorted(ids)
+    assert e.store.adopted() is None  # forced once: an ordinary store again
     check_consistent(e, before=committed(e))
 
 

@@ -695,8 +695,19 @@ class PoolEngine:
         """Pool ids no record owns, as found by the last recovery (reserved; never reused)."""
         return sorted(i for i, owner in self.store.ids().items() if owner == lmdb_store.ORPHAN)
 
-    def gc_orphans(self, *, deadline: deadline_mod.Deadline) -> builtins.list[int]:
-        """Delete every orphan id from the pool (each one a fenced transaction); return them."""
+    def gc_orphans(self, *, deadline: deadline_mod.Deadline, force: bool = False) -> builtins.list[int]:
+        """Delete every orphan id from the pool (each one a fenced transaction); return them.
+
+        After the store was lost and rebuilt over the pool, every old volume is an orphan: that is not
+        garbage, so gc refuses until `force` says the operator knows (and then clears the mark).
+        """
+        adopted = self.store.adopted()
+        if adopted is not None and not force and self.orphans():
+            raise errors.FailedPrecondition(
+                f"the metadata store was rebuilt over this pool at {time.ctime(adopted)} (the old one was "
+                f"lost): its {len(self.orphans())} orphan device(s) are the lost store's volumes, not "
+                "garbage; pass --force to delete them anyway"
+            )
         deleted: builtins.list[int] = []
         self._require_healthy(deadline)
         with self._fenced(deadline):
@@ -707,6 +718,9 @@ class PoolEngine:
                     continue
                 self._gc_one(dev_id, deadline)
                 deleted.append(dev_id)
+            if adopted is not None and not self.orphans():
+                with self.store.write() as w:
+                    w.clear_adopted()
         return deleted
 
     def _gc_one(self, dev_id: int, deadline: deadline_mod.Deadline) -> None:

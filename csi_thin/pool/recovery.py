@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 from csi_thin import deadline as deadline_mod
@@ -240,9 +241,11 @@ def recover(
     adopted = False
     if store.is_pristine() and not intents and pool_txid != store.transaction_id():
         # A new store over an existing pool (state_dir lost): adopt the pool's id; its devices are
-        # reported as orphans below, never deleted.
+        # reported as orphans below, never deleted, and marked so that gc refuses to treat the lost
+        # store's volumes as garbage without --force.
         with store.write() as w:
             w.set_transaction_id(pool_txid)
+            w.set_adopted(time.time())
         adopted = True
 
     fenced = [i for i in intents if i.fenced]
@@ -276,7 +279,14 @@ def recover(
         ids_checked = True
     for name in lost:
         log.warning("event=lost name=%s reason=record READY but the pool has no such device", name)
-    if orphans:
+    if orphans and store.adopted() is not None:
+        log.warning(
+            "event=orphans ids=%s reason=the metadata store was lost and rebuilt over the pool: these are "
+            "its volumes without their names, not garbage; 'csi-thin pool gc --orphans' refuses them "
+            "unless --force",
+            orphans,
+        )
+    elif orphans:
         log.warning("event=orphans ids=%s hint='csi-thin pool gc --orphans' deletes them", orphans)
     return RecoveryReport(
         pool_txid=pool_txid,

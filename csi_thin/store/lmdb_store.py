@@ -219,6 +219,14 @@ class WriteTxn:
     def set_transaction_id(self, txid: int) -> None:
         self._txn.put(b"txid", str(txid).encode(), db=self._dbs["meta"])
 
+    def set_adopted(self, at: float) -> None:
+        """Mark this store as rebuilt over an existing pool (the old one was lost): its orphans are
+        the lost store's devices, not garbage."""
+        self._txn.put(b"adopted", repr(at).encode(), db=self._dbs["meta"])
+
+    def clear_adopted(self) -> None:
+        self._txn.delete(b"adopted", db=self._dbs["meta"])
+
 
 class LmdbStore:
     """The LMDB environment of one pool. Safe to share between threads (one writer at a time; readers
@@ -289,6 +297,12 @@ class LmdbStore:
         with self._read() as txn:
             raw = txn.get(b"txid", db=self._dbs["meta"])
             return int(bytes(raw)) if raw is not None else 0
+
+    def adopted(self) -> float | None:
+        """When this store adopted an existing pool after its predecessor was lost (None: never)."""
+        with self._read() as txn:
+            raw = txn.get(b"adopted", db=self._dbs["meta"])
+            return float(bytes(raw)) if raw is not None else None
 
     def is_pristine(self) -> bool:
         """True while nothing was ever committed (no transaction id recorded, no records, no ids)."""

@@ -183,3 +183,22 @@ def test_blank_metadata_is_not_assembled_over_a_store_with_transactions(
     with pytest.raises(errors.FailedPrecondition, match="blank"), app.open_engine(cfg, backend=blank):
         pass
     assert not blank.assembled
+
+
+def test_gc_refuses_a_lost_stores_volumes_without_force(
+    cfg_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LMDB lost and rebuilt over the pool: every old volume is an orphan. The recovery log says they
+    are the lost store's volumes, and `gc --orphans` refuses them unless --force."""
+    cfg = config.load_pool(cfg_file)
+    with app.open_engine(cfg) as eng:
+        ids = {eng.create_volume(f"v{i}", 1 << 20, deadline=deadline_mod.default()).dev_id for i in range(2)}
+    for name in app._LMDB_FILES:  # the store is lost; the pool is not
+        os.unlink(os.path.join(cfg.state_dir, name))
+
+    code, _, err = run(capsys, "pool", "gc", "--config", cfg_file, "--orphans")
+    assert code == 1 and "not garbage" in err and "--force" in err
+    with app.open_engine(cfg) as eng:
+        assert set(eng.backend.device_ids(deadline=deadline_mod.default())) == ids  # nothing deleted
+    code, out, _ = run(capsys, "pool", "gc", "--config", cfg_file, "--orphans", "--force", "--json")
+    assert code == 0 and sorted(json.loads(out)["deleted"]) == sorted(ids)
