@@ -264,9 +264,19 @@ class LmdbStore:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[WriteTxn]:
-        """A write transaction: committed when the block ends, aborted if it raises."""
-        with self._write_lock, self._env.begin(write=True) as txn:
-            yield WriteTxn(txn, self._dbs)
+        """A write transaction: committed when the block ends, aborted if it raises.
+
+        A full map aborts the transaction (nothing half-written) and is a domain error, so the caller
+        sees RESOURCE_EXHAUSTED with a reason instead of a raw LMDB exception.
+        """
+        try:
+            with self._write_lock, self._env.begin(write=True) as txn:
+                yield WriteTxn(txn, self._dbs)
+        except lmdb.MapFullError as exc:
+            raise errors.ResourceExhausted(
+                f"the LMDB store in {self.path} is full ({self._env.info()['map_size']} bytes): "
+                "nothing was changed; raise its map size"
+            ) from exc
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Any]:

@@ -155,3 +155,16 @@ def test_concurrent_writers_from_threads(tmp_path: pathlib.Path) -> None:
 def test_second_open_in_one_process_is_a_clear_error(tmp_path: pathlib.Path) -> None:
     with lmdb_store.LmdbStore(str(tmp_path)), pytest.raises(errors.Unavailable, match="already open"):
         lmdb_store.LmdbStore(str(tmp_path))
+
+
+def test_a_full_store_is_resource_exhausted_and_changes_nothing(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lmdb_store, "_MAP_SIZE", 64 * 1024)
+    store = lmdb_store.LmdbStore(str(tmp_path / "small"))
+    with pytest.raises(errors.ResourceExhausted, match="full"), store.write() as w:
+        for i in range(10_000):
+            w.set_transaction_id(i)
+            w.put(_dev(f"volume-{i:06d}-" + "x" * 64, i + 1))
+    assert store.list() == [] and store.transaction_id() == 0
+    store.close()
