@@ -166,5 +166,5 @@ def test_a_full_store_is_resource_exhausted_and_changes_nothing(
         for i in range(10_000):
             w.set_transaction_id(i)
             w.put(_dev(f"volume-{i:06d}-" + "x" * 64, i + 1))
-    assert store.list() == [] and store.transaction_id() == 0
+    assert store.devices() == [] and store.transaction_id() == 0
     store.close()
