@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 
 #: dm-thin device ids are 24 bits wide.
 MAX_DEVICE_ID = (1 << 24) - 1
@@ -51,10 +52,30 @@ class Device:
     created_at: float  # unix seconds
     active: bool = False  # a dm device (or loop device) exists for it right now
     path: str | None = None  # block device path while active
+    #: opaque (key, value) pairs the creator attached (the CSI layer: access and filesystem type),
+    #: sorted; part of what a repeated create must match
+    attributes: tuple[tuple[str, str], ...] = ()
 
-    def is_compatible_with(self, *, kind: DeviceKind, size_bytes: int, origin: str | None) -> bool:
+    def is_compatible_with(
+        self,
+        *,
+        kind: DeviceKind,
+        size_bytes: int,
+        origin: str | None,
+        attributes: tuple[tuple[str, str], ...] = (),
+    ) -> bool:
         """True when a create with these parameters may return this existing device (idempotency)."""
-        return self.kind == kind and self.size_bytes == size_bytes and self.origin == origin
+        return (
+            self.kind == kind
+            and self.size_bytes == size_bytes
+            and self.origin == origin
+            and self.attributes == attributes
+        )
+
+
+def attributes(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """The canonical (sorted) form of a device's attributes."""
+    return tuple(sorted((mapping or {}).items()))
 
 
 @dataclasses.dataclass(frozen=True)

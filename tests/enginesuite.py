@@ -31,6 +31,7 @@ from tests import blockio, conftest
 
 __all__ = [
     "test_activate_deactivate_idempotent",
+    "test_attributes_are_kept_and_part_of_create_compatibility",
     "test_clone_and_restore_into_larger_volume",
     "test_concurrent_creates_of_different_names",
     "test_concurrent_creates_of_one_name",
@@ -453,6 +454,22 @@ def test_orphans_reported_and_gc(harness: Harness) -> None:
     assert e.orphans() == [] and orphan_id not in e.backend.device_ids(deadline=dl())
     assert e.gc_orphans(deadline=dl()) == []
     check_consistent(e, before=committed(e))
+
+
+def test_attributes_are_kept_and_part_of_create_compatibility(harness: Harness) -> None:
+    e = harness.open()
+    attrs = {"fs": "ext4", "access": "mount"}
+    v = e.create_volume("v", MiB, deadline=dl(), attributes=attrs)
+    assert dict(v.attributes) == attrs
+    assert e.create_volume("v", MiB, deadline=dl(), attributes=dict(reversed(attrs.items()))) == v
+    for other in ({"fs": "xfs", "access": "mount"}, None):
+        with pytest.raises(errors.AlreadyExists):
+            e.create_volume("v", MiB, deadline=dl(), attributes=other)
+    c = e.clone("c", "v", 2 * MiB, deadline=dl(), attributes={"access": "block"})
+    harness.close(e)
+    e = harness.open()  # kept across a restart
+    assert e.get("v") == v and dict(e.get("c").attributes) == {"access": "block"}  # type: ignore[union-attr]
+    assert c.attributes == (("access", "block"),)
 
 
 def test_lost_store_adopts_the_pool_and_reports_orphans(harness: Harness) -> None:

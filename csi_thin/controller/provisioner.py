@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 from typing import Protocol
 
 from csi_thin import deadline as deadline_mod
@@ -24,11 +25,22 @@ class Engine(Protocol):
     """The part of `csi_thin.pool.engine.PoolEngine` the controller uses."""
 
     def create_volume(
-        self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        attributes: Mapping[str, str] | None = None,
     ) -> model.Device: ...
     def create_snapshot(self, name: str, source: str, *, deadline: deadline_mod.Deadline) -> model.Device: ...
     def clone(
-        self, name: str, source: str, size_bytes: int, *, deadline: deadline_mod.Deadline
+        self,
+        name: str,
+        source: str,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        attributes: Mapping[str, str] | None = None,
     ) -> model.Device: ...
     def delete(self, name: str, *, deadline: deadline_mod.Deadline) -> None: ...
     def grow(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device: ...
@@ -78,6 +90,9 @@ class VolumeRequest:
     allowed_nodes: frozenset[str] | None = None
     #: the smallest size the requested filesystem can be made on (0: no minimum)
     min_bytes: int = 0
+    #: what the volume is made for (access type, fs type): kept on the device, and a repeated create
+    #: asking for something else is ALREADY_EXISTS
+    attributes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,8 +182,8 @@ class Provisioner:
             )
         self._check_overprovision(size, deadline=deadline)
         if source is None:
-            return self._engine.create_volume(name, size, deadline=deadline)
-        return self._engine.clone(name, source.name, size, deadline=deadline)
+            return self._engine.create_volume(name, size, deadline=deadline, attributes=req.attributes)
+        return self._engine.clone(name, source.name, size, deadline=deadline, attributes=req.attributes)
 
     def delete_volume(self, volume_id: str, *, deadline: deadline_mod.Deadline) -> None:
         if naming.is_own_id(volume_id, naming.IdKind.VOLUME):
@@ -278,6 +293,10 @@ class Provisioner:
         if existing.kind != model.DeviceKind.VOLUME or not fits or not same_source:
             raise errors.AlreadyExists(
                 f"volume {req.name!r} exists with another size ({existing.size_bytes}) or content source"
+            )
+        if existing.attributes != model.attributes(req.attributes):
+            raise errors.AlreadyExists(
+                f"volume {req.name!r} exists for {dict(existing.attributes)}, not for {dict(req.attributes)}"
             )
         if existing.state != model.DeviceState.READY:
             raise errors.OperationPending(f"volume {req.name!r} is {existing.state.value}")

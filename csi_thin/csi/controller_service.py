@@ -12,7 +12,6 @@ from csi_thin import errors, model
 from csi_thin.controller import naming, provisioner
 from csi_thin.csi import interceptor, validate
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
-from csi_thin.node import volumes
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
 CAPABILITIES = (
@@ -41,9 +40,9 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(
         self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.CreateVolumeResponse:
-        vreq, cap = validate.volume_request(request)
+        vreq = validate.volume_request(request)
         device = self._prov.create_volume(vreq, deadline=interceptor.rpc_deadline(context))
-        return csi_pb2.CreateVolumeResponse(volume=self._volume(device, cap))
+        return csi_pb2.CreateVolumeResponse(volume=self._volume(device))
 
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
@@ -75,7 +74,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         conditions = self._prov.conditions(page.devices, deadline=interceptor.rpc_deadline(context))
         entries = [
             csi_pb2.ListVolumesResponse.Entry(
-                volume=self._volume(d, None),
+                volume=self._volume(d),
                 status=csi_pb2.ListVolumesResponse.VolumeStatus(volume_condition=_condition(c)),
             )
             for d, c in zip(page.devices, conditions, strict=True)
@@ -88,7 +87,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         device = self._prov.get_volume(validate.device_id(request.volume_id))
         condition = self._prov.condition(device, deadline=interceptor.rpc_deadline(context))
         status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(volume_condition=_condition(condition))
-        return csi_pb2.ControllerGetVolumeResponse(volume=self._volume(device, None), status=status)
+        return csi_pb2.ControllerGetVolumeResponse(volume=self._volume(device), status=status)
 
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
@@ -171,16 +170,13 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
 
     # -- responses -------------------------------------------------------------------------------
 
-    def _volume(self, device: model.Device, cap: volumes.Capability | None) -> csi_pb2.Volume:
+    def _volume(self, device: model.Device) -> csi_pb2.Volume:
         volume = csi_pb2.Volume(
             volume_id=device.name,
             capacity_bytes=device.size_bytes,
+            volume_context=dict(device.attributes),
             accessible_topology=[csi_pb2.Topology(segments={validate.TOPOLOGY_KEY: self._node_id})],
         )
-        if cap is not None:
-            volume.volume_context[validate.CTX_ACCESS_TYPE] = "block" if cap.block else "mount"
-            if not cap.block:
-                volume.volume_context[validate.CTX_FS_TYPE] = cap.fs_type
         if device.origin and naming.is_own_id(device.origin, naming.IdKind.SNAPSHOT):
             volume.content_source.snapshot.snapshot_id = device.origin
         elif device.origin:

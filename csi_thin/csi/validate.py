@@ -171,16 +171,24 @@ def max_entries(value: int) -> int:
     return value
 
 
-def volume_request(req: csi_pb2.CreateVolumeRequest) -> tuple[provisioner.VolumeRequest, volumes.Capability]:
+def volume_context(cap: volumes.Capability) -> dict[str, str]:
+    """What the node needs to know of a volume (its access type and filesystem): CreateVolume keeps it
+    on the device, and CSI hands it to every node call as volume_context."""
+    if cap.block:
+        return {CTX_ACCESS_TYPE: "block"}
+    return {CTX_ACCESS_TYPE: "mount", CTX_FS_TYPE: cap.fs_type}
+
+
+def volume_request(req: csi_pb2.CreateVolumeRequest) -> provisioner.VolumeRequest:
     caps = capabilities(req.volume_capabilities)
-    vreq = provisioner.VolumeRequest(
+    return provisioner.VolumeRequest(
         name=name(req.name),
         capacity=capacity(req.capacity_range),
         source=content_source(req.volume_content_source),
         allowed_nodes=allowed_nodes(req.accessibility_requirements),
         min_bytes=max(0 if c.block else filesystem.min_bytes(c.fs_type) for c in caps),
+        attributes=volume_context(caps[0]),
     )
-    return vreq, caps[0]
 
 
 def unsupported(caps: Iterable[csi_pb2.VolumeCapability], context: Mapping[str, str]) -> str:

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from csi_thin import deadline as deadline_mod
@@ -305,19 +305,36 @@ class PoolEngine:
 
     # ---- creates -------------------------------------------------------------------------------------
 
-    def create_volume(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device:
-        return self._create("create_volume", name, size_bytes, source=None, deadline=deadline)
+    def create_volume(
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        attributes: Mapping[str, str] | None = None,
+    ) -> model.Device:
+        return self._create(
+            "create_volume", name, size_bytes, source=None, attributes=attributes, deadline=deadline
+        )
 
     def create_snapshot(self, name: str, source: str, *, deadline: deadline_mod.Deadline) -> model.Device:
         """Snapshot of a volume (same size). An active source is made consistent by the backend."""
-        return self._create("create_snapshot", name, None, source=source, deadline=deadline)
+        return self._create("create_snapshot", name, None, source=source, attributes=None, deadline=deadline)
 
     def clone(
-        self, name: str, source: str, size_bytes: int, *, deadline: deadline_mod.Deadline
+        self,
+        name: str,
+        source: str,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        attributes: Mapping[str, str] | None = None,
     ) -> model.Device:
         """A volume from a volume (clone) or from a snapshot (restore); it may be larger than the
         source (dm-thin keeps no size per device, so a larger restore is free)."""
-        return self._create("clone", name, size_bytes, source=source, deadline=deadline)
+        return self._create(
+            "clone", name, size_bytes, source=source, attributes=attributes, deadline=deadline
+        )
 
     def _create(
         self,
@@ -326,9 +343,11 @@ class PoolEngine:
         size_bytes: int | None,
         *,
         source: str | None,
+        attributes: Mapping[str, str] | None,
         deadline: deadline_mod.Deadline,
     ) -> model.Device:
         _validate_name(name)
+        attrs = model.attributes(attributes)
         if source is not None:
             _validate_name(source, "source")
             if source == name:
@@ -338,13 +357,13 @@ class PoolEngine:
         # Claiming the source too keeps it from being deleted, grown or deactivated under the step.
         with self._claim(name, *([source] if source else [])):
             self._resolve_stale(name, deadline)
-            existing = self._existing(name, kind=kind, size=size, source=source)
+            existing = self._existing(name, kind=kind, size=size, source=source, attrs=attrs)
             if existing is not None:
                 return existing
             st = self._require_healthy(deadline)
             self._require_room(st)
             with self._fenced(deadline):
-                existing = self._existing(name, kind=kind, size=size, source=source)
+                existing = self._existing(name, kind=kind, size=size, source=source, attrs=attrs)
                 if existing is not None:
                     return existing
                 src = None
@@ -359,10 +378,18 @@ class PoolEngine:
                             f"size {size} is smaller than the source {source!r} ({src.size_bytes})"
                         )
                 assert size is not None
-                return self._create_fenced(op=op, name=name, kind=kind, size=size, src=src, deadline=deadline)
+                return self._create_fenced(
+                    op=op, name=name, kind=kind, size=size, src=src, attrs=attrs, deadline=deadline
+                )
 
     def _existing(
-        self, name: str, *, kind: model.DeviceKind, size: int | None, source: str | None
+        self,
+        name: str,
+        *,
+        kind: model.DeviceKind,
+        size: int | None,
+        source: str | None,
+        attrs: tuple[tuple[str, str], ...],
     ) -> model.Device | None:
         dev = self.store.get(name)
         if dev is None:
@@ -372,10 +399,11 @@ class PoolEngine:
         if dev.state == model.DeviceState.DELETING:
             raise errors.OperationPending(f"{name!r} is being deleted; retry later")
         want = dev.size_bytes if size is None else size
-        if not dev.is_compatible_with(kind=kind, size_bytes=want, origin=source):
+        if not dev.is_compatible_with(kind=kind, size_bytes=want, origin=source, attributes=attrs):
             raise errors.AlreadyExists(
-                f"{name!r} exists as {dev.kind.value} of {dev.size_bytes} bytes from {dev.origin!r}, "
-                f"incompatible with {kind.value} of {want} bytes from {source!r}"
+                f"{name!r} exists as {dev.kind.value} of {dev.size_bytes} bytes from {dev.origin!r} "
+                f"with {dict(dev.attributes)}, incompatible with {kind.value} of {want} bytes from "
+                f"{source!r} with {dict(attrs)}"
             )
         if dev.state == model.DeviceState.LOST:
             raise errors.FailedPrecondition(f"{name!r} exists but is LOST (the pool has no device)")
@@ -389,6 +417,7 @@ class PoolEngine:
         kind: model.DeviceKind,
         size: int,
         src: model.Device | None,
+        attrs: tuple[tuple[str, str], ...],
         deadline: deadline_mod.Deadline,
     ) -> model.Device:
         step_name = "create_thin" if src is None else "create_snap"
@@ -405,6 +434,7 @@ class PoolEngine:
                     state=model.DeviceState.CREATING,
                     size_bytes=size,
                     origin=src.name if src else None,
+                    attributes=attrs,
                     created_at=time.time(),
                 )
             )

@@ -114,6 +114,7 @@ def decode_device(raw: bytes) -> model.Device:
             created_at=float(value["created_at"]),
             active=bool(value.get("active", False)),
             path=None if value.get("path") is None else str(value["path"]),
+            attributes=tuple((str(k), str(v)) for k, v in value.get("attributes", ())),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreCorrupt(f"device record: {exc!r}") from exc

@@ -657,3 +657,25 @@ def test_xfs_volumes_are_sized_up_to_what_mkfs_xfs_accepts(d: h.Driver) -> None:
     capped.capacity_range.limit_bytes = 128 * MiB
     assert h.code_of(lambda: c.CreateVolume(capped)) == S.OUT_OF_RANGE
     assert pool_state(d) == before
+
+
+def test_a_repeated_create_for_another_access_or_fs_type_is_already_exists(d: h.Driver) -> None:
+    """CSI: a create with the same name but incompatible capabilities is ALREADY_EXISTS. What the
+    volume was made for is kept on the device, and every volume listing carries it back."""
+    c = d.controller
+    vol = c.CreateVolume(h.create_req("pvc-k", 64 * MiB, h.mount_cap("ext4"))).volume
+    assert dict(vol.volume_context) == {"csi-thin.io/access-type": "mount", "csi-thin.io/fs-type": "ext4"}
+    assert c.CreateVolume(h.create_req("pvc-k", 64 * MiB, h.mount_cap("ext4"))).volume == vol
+    before = pool_state(d)
+    for other in (h.block_cap(), h.mount_cap("xfs")):
+        size = 300 * MiB if other.mount.fs_type == "xfs" else 64 * MiB
+        assert h.code_of(
+            lambda other=other, size=size: c.CreateVolume(h.create_req("pvc-k", size, other))
+        ) == (S.ALREADY_EXISTS)
+    assert pool_state(d) == before
+    got = c.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=vol.volume_id)).volume
+    assert got.volume_context == vol.volume_context
+    [entry] = [
+        e for e in c.ListVolumes(csi_pb2.ListVolumesRequest()).entries if e.volume.volume_id == vol.volume_id
+    ]
+    assert entry.volume.volume_context == vol.volume_context

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
@@ -27,7 +28,14 @@ class FakeEngine:
             if n in self.busy:
                 raise errors.OperationPending(f"{n} busy")
 
-    def _new(self, name: str, kind: model.DeviceKind, size: int, origin: str | None) -> model.Device:
+    def _new(
+        self,
+        name: str,
+        kind: model.DeviceKind,
+        size: int,
+        origin: str | None,
+        attributes: Mapping[str, str] | None = None,
+    ) -> model.Device:
         dev = model.Device(
             name=name,
             dev_id=self._next_id,
@@ -36,19 +44,29 @@ class FakeEngine:
             size_bytes=-(-size // self.block_size) * self.block_size,
             origin=origin,
             created_at=time.time(),
+            attributes=model.attributes(attributes),
         )
         self._next_id += 1
         existing = self.devices.get(name)
         if existing is not None:
-            if not existing.is_compatible_with(kind=kind, size_bytes=dev.size_bytes, origin=origin):
+            if not existing.is_compatible_with(
+                kind=kind, size_bytes=dev.size_bytes, origin=origin, attributes=dev.attributes
+            ):
                 raise errors.AlreadyExists(name)
             return existing
         self.devices[name] = dev
         return dev
 
-    def create_volume(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device:
+    def create_volume(
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        attributes: Mapping[str, str] | None = None,
+    ) -> model.Device:
         self._check(name)
-        return self._new(name, model.DeviceKind.VOLUME, size_bytes, None)
+        return self._new(name, model.DeviceKind.VOLUME, size_bytes, None, attributes)
 
     def create_snapshot(self, name: str, source: str, *, deadline: deadline_mod.Deadline) -> model.Device:
         self._check(name, source)
@@ -56,12 +74,18 @@ class FakeEngine:
         return self._new(name, model.DeviceKind.SNAPSHOT, src.size_bytes, source)
 
     def clone(
-        self, name: str, source: str, size_bytes: int, *, deadline: deadline_mod.Deadline
+        self,
+        name: str,
+        source: str,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        attributes: Mapping[str, str] | None = None,
     ) -> model.Device:
         self._check(name, source)
         if size_bytes < self.devices[source].size_bytes:
             raise errors.OutOfRange("smaller than source")
-        return self._new(name, model.DeviceKind.VOLUME, size_bytes, source)
+        return self._new(name, model.DeviceKind.VOLUME, size_bytes, source, attributes)
 
     def delete(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
         self._check(name)
