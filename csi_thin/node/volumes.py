@@ -98,7 +98,7 @@ class NodeVolumes:
         if cap.block:
             self._engine.activate(volume_id, deadline=deadline)
             return
-        os.makedirs(staging_path, exist_ok=True)
+        _make_dir(staging_path)
         current = mountinfo.at(staging_path)
         if current is not None:
             self._check_same_device(volume_id, current, staging_path)
@@ -202,7 +202,7 @@ class NodeVolumes:
         if cap.block:
             _make_file(target_path)
         else:
-            os.makedirs(target_path, exist_ok=True)
+            _make_dir(target_path)
         filesystem.bind(source, target_path, read_only=read_only, deadline=deadline)
 
     def unpublish(self, volume_id: str, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
@@ -388,6 +388,14 @@ def _mounted_elsewhere(device: model.Device, path: str) -> list[str]:
                 if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
                     found.append(m.mount_point)
     return found
+
+
+def _make_dir(path: str) -> None:
+    """A mount volume is staged and published on a directory; anything else already there is the
+    caller's mistake (FAILED_PRECONDITION), never ours to remove."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise errors.FailedPrecondition(f"{path} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
 
 
 def _make_file(target: str) -> None:

@@ -610,3 +610,34 @@ def test_a_volume_in_use_elsewhere_is_not_staged_again(node: Node) -> None:
         assert not any(f.read(MiB))  # not formatted
     node.unpublish(vol, target)
     node.unstage(vol, staging)
+
+
+def test_a_mount_volume_onto_a_file_is_a_clear_error(node: Node) -> None:
+    """Staging or publishing a mount volume where a regular file stands is FAILED_PRECONDITION
+    (the file is left alone), not an internal error."""
+    cap = h.mount_cap()
+    vol = node.create("pvc-file", 64 * MiB, cap)
+    blocker = node.workdir / "pods" / "pod-f" / "volume"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a directory")
+    staging_file = node.workdir / "staging-file"
+    staging_file.write_text("not a directory either")
+    bad_stage = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id,
+        staging_target_path=str(staging_file),
+        volume_capability=cap,
+        volume_context=vol.volume_context,
+    )
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(bad_stage)) == S.FAILED_PRECONDITION
+    staging = node.stage(vol, cap)
+    bad_publish = csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.volume_id,
+        staging_target_path=staging,
+        target_path=str(blocker),
+        volume_capability=cap,
+        volume_context=vol.volume_context,
+    )
+    assert h.code_of(lambda: node.d.node.NodePublishVolume(bad_publish)) == S.FAILED_PRECONDITION
+    assert blocker.read_text() == "not a directory" and staging_file.read_text() == "not a directory either"
+    node.unstage(vol, staging)
+    node.d.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
