@@ -6,7 +6,9 @@ PY := $(CURDIR)/.venv/bin/python
 STAMPS := .stamps
 HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools dmsetup kmod
 LINT_DIRS := csi_thin tests $(wildcard bench)
-PYTEST_HOST := $(PY) -m pytest -m "not vm"
+# Host tiers, one pytest run each (a folder of tests/ each); the vm tier runs in the VM.
+HOST_TIERS := unit integration root
+TIMES := $(STAMPS)/times.tsv
 
 .PHONY: all setup deps venv proto tools vm-setup lint unit test test-host vm-test demo demo-reflink bench bench-native clean
 
@@ -45,15 +47,24 @@ lint: venv proto
 unit: venv proto
 	$(PY) -m pytest tests/unit -q
 
-# Host tiers: unit, integration, root and tools. The vm tier is deselected here by marker and runs
-# in the VM below; a vm test run on the host fails instead of skipping.
+# Host tiers: unit, integration (with the tools-marked tests), root. The vm tier is deselected here
+# by marker and runs in the VM below; a vm test run on the host fails instead of skipping.
 test-host: setup lint
-	$(PYTEST_HOST) -q
+	for t in $(HOST_TIERS); do $(PY) -m pytest tests/$$t -m "not vm" -q; done
 
 vm-test: venv proto vm-setup
 	VM_ENV="PYTEST_ADDOPTS" vm/run.sh -- "$(PY) -m pytest -m vm tests/vm -q -p no:cacheprovider --basetemp=/scratch/pytest"
 
-test: test-host vm-test
+# Every step timed (scripts/timed.sh); the per-tier table ends the run, and a failing step prints
+# it before the run stops.
+test:
+	@rm -f $(TIMES)
+	@scripts/check-tiers.sh $(HOST_TIERS) vm
+	scripts/timed.sh setup $(MAKE) --no-print-directory setup
+	scripts/timed.sh lint $(MAKE) --no-print-directory lint
+	for t in $(HOST_TIERS); do scripts/timed.sh $$t $(PY) -m pytest tests/$$t -m "not vm" -q; done
+	scripts/timed.sh vm $(MAKE) --no-print-directory vm-test
+	@scripts/timing-table.sh
 
 # The embedded default on real dm-thin: natively where the kernel has device-mapper, else in the VM.
 demo: venv proto
