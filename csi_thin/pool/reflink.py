@@ -944,7 +944,8 @@ class ReflinkBackend:
                 and ours.endswith(backing)
                 and device_file_id(os.path.basename(ours)) is not None
             ):
-                with contextlib.suppress(OSError):
+                # EIO from a loop device whose filesystem failed: it cannot be shown to be ours
+                with contextlib.suppress(OSError, errors.Internal):
                     st = os.stat(ours)
                     if loop.identity(dev) == (st.st_dev, st.st_ino):
                         out[ours] = dev
