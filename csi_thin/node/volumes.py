@@ -82,6 +82,14 @@ class NodeVolumes:
         self._thresholds = thresholds
         self._claims = _Claims()
 
+    def recorded(self, volume_id: str) -> dict[str, str]:
+        """What CreateVolume recorded of the volume (its access and filesystem type): the truth the
+        CSI edge checks a request's capability and volume_context against. {} for an unknown id."""
+        device = self._engine.get(volume_id)
+        if device is None or device.kind != model.DeviceKind.VOLUME:
+            return {}
+        return dict(device.attributes)
+
     # -- stage -----------------------------------------------------------------------------------
 
     def stage(

@@ -10,10 +10,14 @@ import os
 import pathlib
 import socket
 import stat
+from collections.abc import Iterator
 
 import grpc
+import pytest
 
 from csi_thin import deadline
+from csi_thin.csi.pb import csi_pb2
+from csi_thin.node import mountinfo
 from csi_thin.pool import reflink
 from tests import csi_harness as h
 from tests.root import test_csi_node as base
@@ -22,8 +26,72 @@ S = grpc.StatusCode
 MiB = h.MiB
 
 
+@pytest.fixture
+def node(tmp_path: pathlib.Path) -> Iterator[base.Node]:
+    cfg = h.reflink_config(tmp_path)
+    try:
+        with base.reflink_driver(tmp_path) as d:
+            yield base.Node(d, tmp_path)
+    finally:
+        base._cleanup_mounts(tmp_path, keep=str(tmp_path / "pool"))
+        reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
+
+
 def _mode(path: pathlib.Path | str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_a_block_volume_is_never_staged_or_published_as_a_mount(node: base.Node) -> None:
+    """Reproduced: without volume_context a block volume staged as a mount volume got formatted.
+    The recorded access type is the truth, whatever the request carries."""
+    blk = h.block_cap()
+    vol = node.create("pvc-raw", 64 * MiB, blk)
+    staging = str(node.workdir / "staging" / "raw")
+    for context in ({}, {"csi-thin.io/access-type": "mount", "csi-thin.io/fs-type": "ext4"}):
+        as_mount = csi_pb2.NodeStageVolumeRequest(
+            volume_id=vol.volume_id,
+            staging_target_path=staging,
+            volume_capability=h.mount_cap(),
+            volume_context=context,
+        )
+        assert h.code_of(lambda as_mount=as_mount: node.d.node.NodeStageVolume(as_mount)) == (
+            S.FAILED_PRECONDITION
+        )
+    assert mountinfo.at(staging) is None
+    staged = node.stage(vol, blk, name="raw")
+    dev = node.d.engine.get(vol.volume_id)
+    assert dev is not None and dev.path
+    with open(dev.path, "rb") as f:
+        assert not any(f.read(MiB))  # never formatted
+    publish = csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.volume_id,
+        staging_target_path=staged,
+        target_path=str(node.workdir / "pods" / "p" / "volume"),
+        volume_capability=h.mount_cap(),
+    )
+    assert h.code_of(lambda: node.d.node.NodePublishVolume(publish)) == S.FAILED_PRECONDITION
+    node.unstage(vol, staged)
+
+
+def test_a_mount_volume_is_staged_with_its_recorded_filesystem(node: base.Node) -> None:
+    """An xfs volume staged without volume_context is mounted as xfs (not formatted as ext4), and a
+    context that names another filesystem than the record is refused."""
+    vol = node.create("pvc-x", 320 * MiB, h.mount_cap("xfs"))
+    staging = str(node.workdir / "staging" / "x")
+    wrong = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id,
+        staging_target_path=staging,
+        volume_capability=h.mount_cap(),
+        volume_context={"csi-thin.io/access-type": "mount", "csi-thin.io/fs-type": "ext4"},
+    )
+    assert h.code_of(lambda: node.d.node.NodeStageVolume(wrong)) == S.FAILED_PRECONDITION
+    bare = csi_pb2.NodeStageVolumeRequest(
+        volume_id=vol.volume_id, staging_target_path=staging, volume_capability=h.mount_cap()
+    )
+    node.d.node.NodeStageVolume(bare)
+    staged = mountinfo.at(staging)
+    assert staged is not None and staged.fs_type == "xfs"
+    node.unstage(vol, staging)
 
 
 def test_files_holding_tenant_data_are_private(tmp_path: pathlib.Path) -> None:
