@@ -20,6 +20,7 @@ from csi_thin.csi.pb import csi_pb2
 from csi_thin.node import mountinfo
 from csi_thin.pool import reflink
 from tests import csi_harness as h
+from tests import node_scenarios
 from tests.root import test_csi_node as base
 
 S = grpc.StatusCode
@@ -37,8 +38,67 @@ def node(tmp_path: pathlib.Path) -> Iterator[base.Node]:
         reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
 
 
-def _mode(path: pathlib.Path | str) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
+def _unpublish(node: base.Node, volume_id: str, target: pathlib.Path) -> grpc.StatusCode:
+    req = csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=str(target))
+    return h.code_of(lambda: node.d.node.NodeUnpublishVolume(req))
+
+
+def test_unpublish_and_unstage_of_an_unknown_volume_are_not_found_and_touch_nothing(node: base.Node) -> None:
+    """Reproduced: NodeUnpublishVolume of a volume id that does not exist deleted a regular file
+    (or an empty directory) at the target path and answered OK."""
+    keep = node.workdir / "user" / "notes.txt"
+    keep.parent.mkdir()
+    keep.write_text("not the driver's")
+    empty_file = node.workdir / "user" / "empty"
+    empty_file.touch()
+    empty_dir = node.workdir / "user" / "dir"
+    empty_dir.mkdir()
+    for target in (keep, empty_file, empty_dir):
+        assert _unpublish(node, "v-ghost", target) == S.NOT_FOUND
+        unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=str(target))
+        assert h.code_of(lambda unstage=unstage: node.d.node.NodeUnstageVolume(unstage)) == S.NOT_FOUND
+    assert keep.read_text() == "not the driver's"
+    assert empty_file.is_file() and empty_dir.is_dir()
+
+
+def test_unpublish_removes_only_an_empty_target_it_could_have_made(node: base.Node) -> None:
+    """For a known volume, unpublish removes an unmounted target only when it is what publish makes
+    (an empty directory, an empty regular file); anything with content is left where it is."""
+    cap = h.mount_cap()
+    vol = node.create("pvc-a", 64 * MiB, cap)
+    pods = node.workdir / "pods"
+    full_file = pods / "a" / "volume"
+    full_file.parent.mkdir(parents=True)
+    full_file.write_text("someone's data")
+    full_dir = pods / "b" / "volume"
+    full_dir.mkdir(parents=True)
+    (full_dir / "inside").write_text("someone's data")
+    fifo = pods / "c" / "volume"
+    fifo.parent.mkdir(parents=True)
+    os.mkfifo(fifo)
+    for target in (full_file, full_dir, fifo):
+        assert _unpublish(node, vol.volume_id, target) == S.OK
+    assert full_file.read_text() == "someone's data"
+    assert (full_dir / "inside").read_text() == "someone's data"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    made_dir, made_file = pods / "d" / "volume", pods / "e" / "dev"
+    made_dir.mkdir(parents=True)
+    made_file.parent.mkdir(parents=True)
+    made_file.touch()
+    for target in (made_dir, made_file):
+        assert _unpublish(node, vol.volume_id, target) == S.OK
+        assert not os.path.lexists(target)
+
+
+def test_read_only_block_publish_is_read_only(tmp_path: pathlib.Path) -> None:
+    """Reproduced: a `bind,ro` mount of a device node does not stop writes to the device."""
+    cfg = h.reflink_config(tmp_path)
+    try:
+        node_scenarios.read_only_block_publish(tmp_path, lambda: base.reflink_driver(tmp_path))
+    finally:
+        base._cleanup_mounts(tmp_path, keep=str(tmp_path / "pool"))
+        node_scenarios.drop_views_over(node_scenarios.loop_rdevs_under(tmp_path))
+        reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
 
 
 def test_a_block_volume_is_never_staged_or_published_as_a_mount(node: base.Node) -> None:
@@ -92,6 +152,10 @@ def test_a_mount_volume_is_staged_with_its_recorded_filesystem(node: base.Node) 
     staged = mountinfo.at(staging)
     assert staged is not None and staged.fs_type == "xfs"
     node.unstage(vol, staging)
+
+
+def _mode(path: pathlib.Path | str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def test_files_holding_tenant_data_are_private(tmp_path: pathlib.Path) -> None:
