@@ -229,13 +229,18 @@ class WriteTxn:
         self._txn.delete(b"adopted", db=self._dbs["meta"])
 
 
+_LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})
+
+
 def _make_private(path: str) -> None:
-    """The store names every volume and its devices: root's alone (0700, files 0600), also when an
-    older version left it readable by everyone."""
-    os.chmod(path, 0o700)
-    for name in os.listdir(path):
-        if name.endswith(".mdb"):
-            os.chmod(os.path.join(path, name), 0o600)
+    """The store names every volume and its devices: root's alone (files 0600, folder 0700), also
+    when an older version left it readable by everyone. The folder's mode is changed only when it
+    holds nothing but the store: a state_dir pointed at a shared folder keeps its mode."""
+    names = set(os.listdir(path))
+    for name in names & _LMDB_FILES:
+        os.chmod(os.path.join(path, name), 0o600)
+    if names <= _LMDB_FILES:
+        os.chmod(path, 0o700)
 
 
 class LmdbStore:

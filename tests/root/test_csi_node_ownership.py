@@ -182,8 +182,9 @@ def test_files_holding_tenant_data_are_private(tmp_path: pathlib.Path) -> None:
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         for p in (tmp_path / "state").rglob("*.mdb"):
             os.chmod(p, 0o644)
+        os.chmod(tmp_path / "state", 0o755)
         with base.reflink_driver(tmp_path):
-            assert _mode(devices) == 0o700
+            assert _mode(devices) == 0o700 and _mode(tmp_path / "state") == 0o700
             for p in [
                 tmp_path / "pool.img",
                 devices / f"{dev.dev_id}.img",
