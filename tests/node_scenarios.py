@@ -108,6 +108,19 @@ def read_only_block_publish(workdir: pathlib.Path, driver: DriverFactory) -> Non
                 readonly=want_ro,
             )
             assert h.code_of(lambda other=other: d.node.NodePublishVolume(other)) == S.ALREADY_EXISTS
+        # grown, the volume shows its new size through the read-only publishes after NodeExpandVolume
+        d.controller.ControllerExpandVolume(
+            csi_pb2.ControllerExpandVolumeRequest(
+                volume_id=vol.volume_id,
+                capacity_range=csi_pb2.CapacityRange(required_bytes=96 * MiB),
+                volume_capability=blk,
+            )
+        )
+        expand = csi_pb2.NodeExpandVolumeRequest(
+            volume_id=vol.volume_id, volume_path=rw, volume_capability=blk
+        )
+        assert d.node.NodeExpandVolume(expand).capacity_bytes == 96 * MiB
+        assert [blockio.device_size(t) for t in (rw, ro, ro_mode)] == [96 * MiB] * 3
         unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=staging)
         assert h.code_of(lambda: d.node.NodeUnstageVolume(unstage)) == S.FAILED_PRECONDITION
         assert len(loops_over(rdev)) == 2  # one read-only view per read-only target
