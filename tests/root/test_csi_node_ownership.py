@@ -17,7 +17,7 @@ import pytest
 
 from csi_thin import deadline
 from csi_thin.csi.pb import csi_pb2
-from csi_thin.node import mountinfo
+from csi_thin.node import blockview, mountinfo
 from csi_thin.pool import reflink
 from tests import csi_harness as h
 from tests import node_scenarios
@@ -35,6 +35,7 @@ def node(tmp_path: pathlib.Path) -> Iterator[base.Node]:
             yield base.Node(d, tmp_path)
     finally:
         base._cleanup_mounts(tmp_path, keep=str(tmp_path / "pool"))
+        node_scenarios.drop_views_over(node_scenarios.loop_rdevs_under(tmp_path))
         reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
 
 
@@ -195,3 +196,27 @@ def test_files_holding_tenant_data_are_private(tmp_path: pathlib.Path) -> None:
         os.umask(old)
         base._cleanup_mounts(tmp_path, keep=str(tmp_path / "pool"))
         reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
+
+
+def test_a_view_left_by_a_publish_that_died_before_its_bind(node: base.Node) -> None:
+    """A crash between making the read-only view and binding it: the retried publish reuses the
+    view (no second one), and an unpublish instead of the retry removes it."""
+    blk = h.block_cap()
+    vol = node.create("pvc-crash", 64 * MiB, blk)
+    staging = node.stage(vol, blk)
+    dev = node.d.engine.get(vol.volume_id)
+    assert dev is not None and dev.path
+    rdev = os.stat(dev.path).st_rdev
+    retried, abandoned = (str(node.workdir / "pods" / p / "dev") for p in ("retried", "abandoned"))
+    for target in (retried, abandoned):  # what the dead publish had done
+        pathlib.Path(target).parent.mkdir(parents=True)
+        blockview.open_view(dev.path, blockview.label(vol.volume_id, target))
+    assert len(node_scenarios.loops_over(rdev)) == 2
+    node.publish(vol, blk, staging, "retried/dev", readonly=True)
+    assert len(node_scenarios.loops_over(rdev)) == 2
+    assert node_scenarios.write_errno(retried) != 0
+    assert _unpublish(node, vol.volume_id, pathlib.Path(abandoned)) == S.OK
+    assert len(node_scenarios.loops_over(rdev)) == 1
+    node.unpublish(vol, retried)
+    assert node_scenarios.loops_over(rdev) == []
+    node.unstage(vol, staging)
