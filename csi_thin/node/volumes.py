@@ -2,10 +2,13 @@
 
 Flow: NodeStageVolume activates the device (the only time a thin device is active) and, for mount
 volumes, makes and mounts its filesystem at the staging path; NodePublishVolume bind-mounts the
-staged filesystem (or the block device node) at the target; the reverse calls undo each step and
-deactivate the device. Mount state is always read back from /proc/self/mountinfo, so every call is
-idempotent: a repeated call finds its own work done and succeeds; a different device or mode at the
-same path is ALREADY_EXISTS. Every mutating call holds a per-volume claim for its whole
+staged filesystem (or the block device node; for a read-only block publish, a read-only view of it:
+see `blockview`) at the target; the reverse calls undo each step and deactivate the device. What
+the CO names is checked against what this driver made: an unknown volume is NOT_FOUND and nothing
+is touched, and unpublish removes only a target publish could have made (`_remove_made_target`).
+Mount state is always read back from /proc/self/mountinfo, so every call is idempotent: a repeated
+call finds its own work done and succeeds; a different device or mode at the same path is
+ALREADY_EXISTS. Every mutating call holds a per-volume claim for its whole
 check-then-act sequence (probe, mkfs, mount): a second call on the same volume while one runs gets
 OperationPending (ABORTED) instead of racing it into a double mkfs. Stats take no claim: they only read.
 """
