@@ -55,8 +55,11 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:
         volume_id = validate.device_id(request.volume_id)
-        unsupported = validate.unsupported(request.volume_capabilities, request.volume_context)
-        self._prov.get_volume(volume_id)
+        validate.some_capabilities(request.volume_capabilities)
+        device = self._prov.get_volume(volume_id)
+        unsupported = validate.unsupported(
+            request.volume_capabilities, request.volume_context, dict(device.attributes)
+        )
         if unsupported:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=unsupported)
         confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(

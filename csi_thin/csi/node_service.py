@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 
 from csi_thin.csi import interceptor, validate
@@ -25,12 +27,17 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         self._node_id = node_id
         self._max_volumes = max_volumes
 
+    def _context(self, volume_id: str, requested: Mapping[str, str]) -> dict[str, str]:
+        """The volume context to trust: the volume's record over the caller's (see
+        `validate.trusted_context`). An unknown volume has none; the call then says NOT_FOUND."""
+        return validate.trusted_context(requested, self._volumes.recorded(volume_id))
+
     def NodeStageVolume(
         self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeStageVolumeResponse:
         volume_id = validate.device_id(request.volume_id)
         staging = validate.path(request.staging_target_path, "staging_target_path")
-        cap = validate.capability(request.volume_capability, request.volume_context)
+        cap = validate.capability(request.volume_capability, self._context(volume_id, request.volume_context))
         self._volumes.stage(volume_id, staging, cap, deadline=interceptor.rpc_deadline(context))
         return csi_pb2.NodeStageVolumeResponse()
 
@@ -48,7 +55,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_id = validate.device_id(request.volume_id)
         staging = validate.path(request.staging_target_path, "staging_target_path")
         target = validate.path(request.target_path, "target_path")
-        cap = validate.capability(request.volume_capability, request.volume_context)
+        cap = validate.capability(request.volume_capability, self._context(volume_id, request.volume_context))
         self._volumes.publish(
             volume_id,
             staging_path=staging,
@@ -81,7 +88,7 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         volume_id = validate.device_id(request.volume_id)
         path = validate.lookup_path(request.volume_path, "volume_path")
         block = (
-            validate.capability(request.volume_capability).block
+            validate.capability(request.volume_capability, self._context(volume_id, {})).block
             if request.HasField("volume_capability")
             else None
         )

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import stat
+import tempfile
 import threading
 from types import FrameType
 
@@ -81,6 +82,37 @@ def remove_stale_socket(path: str) -> None:
     raise errors.FailedPrecondition(f"{path}: another server is listening on it")
 
 
+#: sun_path holds 108 bytes with its terminating NUL
+_SUN_PATH_MAX = 107
+
+
+def _listen_private(server: grpc.Server, path: str) -> None:
+    """Listen on the unix socket `path` with mode 0600: whoever can connect can delete volumes.
+
+    The umask is process-wide (other threads create files too), so the socket is bound in a fresh
+    0700 directory beside `path`, made 0600 there and only then linked into place (a link never
+    replaces anything): at no moment is it reachable with a looser mode.
+    """
+    private = tempfile.mkdtemp(prefix=".sock-", dir=os.path.dirname(path))
+    bound = os.path.join(private, "s")
+    try:
+        if len(os.fsencode(bound)) > _SUN_PATH_MAX:  # too long a directory: bind, then chmod at once
+            bound = path
+        if server.add_insecure_port(f"unix://{bound}") == 0:
+            raise errors.Unavailable(f"cannot listen on unix://{path}")
+        os.chmod(bound, 0o600)
+        if bound != path:
+            try:
+                os.link(bound, path)
+            except FileExistsError as exc:
+                raise errors.FailedPrecondition(f"{path}: another server is listening on it") from exc
+    finally:
+        if bound != path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(bound)
+        os.rmdir(private)
+
+
 @dataclasses.dataclass
 class Services:
     identity: csi_pb2_grpc.IdentityServicer
@@ -108,7 +140,8 @@ class Server:
         if self.endpoint.scheme == "unix":
             os.makedirs(os.path.dirname(self.endpoint.address), exist_ok=True)
             remove_stale_socket(self.endpoint.address)
-        if self._server.add_insecure_port(self.endpoint.target) == 0 and self.endpoint.scheme == "tcp":
+            _listen_private(self._server, self.endpoint.address)
+        elif self._server.add_insecure_port(self.endpoint.target) == 0:
             raise errors.Unavailable(f"cannot listen on {self.endpoint.target}")
         self._server.start()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)

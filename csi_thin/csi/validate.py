@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from csi_thin import errors
 from csi_thin.controller import naming, provisioner
@@ -106,13 +106,22 @@ def capability(cap: csi_pb2.VolumeCapability, context: Mapping[str, str] | None 
     recorded = (context or {}).get(CTX_ACCESS_TYPE)
     if which is None:
         raise errors.InvalidArgument("volume_capability: access_type (block or mount) is required")
+    # CSI: a capability the volume does not have "exceeds its capabilities" (FAILED_PRECONDITION)
     if recorded and recorded != which:
-        raise errors.InvalidArgument(f"volume_capability: the volume was created for {recorded} access")
+        raise errors.FailedPrecondition(
+            f"volume_capability: the volume was created for {recorded} access, not {which}"
+        )
     if which == "block":
         return volumes.Capability(block=True, fs_type="", read_only=read_only)
-    fs_type = cap.mount.fs_type or (context or {}).get(CTX_FS_TYPE) or DEFAULT_FS
+    recorded_fs = (context or {}).get(CTX_FS_TYPE)
+    fs_type = cap.mount.fs_type or recorded_fs or DEFAULT_FS
     if fs_type not in filesystem.SUPPORTED:
         raise errors.InvalidArgument(f"fs_type {fs_type!r}: supported are {', '.join(filesystem.SUPPORTED)}")
+    if recorded_fs and fs_type != recorded_fs:
+        # its filesystem may well exist already: staging it as another type would be refused
+        raise errors.FailedPrecondition(
+            f"volume_capability: the volume was created for a {recorded_fs} filesystem, not {fs_type}"
+        )
     flags = tuple(cap.mount.mount_flags)
     if len(flags) > MAX_MOUNT_FLAGS or not all(_MOUNT_FLAG.match(f) for f in flags):
         raise errors.InvalidArgument("mount_flags: at most 32 flags of [A-Za-z0-9_.=:/+-]")
@@ -191,22 +200,43 @@ def volume_request(req: csi_pb2.CreateVolumeRequest) -> provisioner.VolumeReques
     )
 
 
-def unsupported(caps: Iterable[csi_pb2.VolumeCapability], context: Mapping[str, str]) -> str:
-    """ValidateVolumeCapabilities: why these capabilities are not supported ("" when they are).
+def trusted_context(request: Mapping[str, str], recorded: Mapping[str, str]) -> dict[str, str]:
+    """The volume context to act on: the volume's record (its access and filesystem type, kept by
+    CreateVolume), never the caller's word over it. A request context that contradicts the record
+    is refused (FAILED_PRECONDITION); a record without these keys (a volume made before they were
+    recorded) leaves the caller's context as the only one there is.
+    """
+    ours = {k: recorded[k] for k in (CTX_ACCESS_TYPE, CTX_FS_TYPE) if recorded.get(k)}
+    if not ours:
+        return dict(request)
+    for key, value in ours.items():
+        if request.get(key, value) != value:
+            raise errors.FailedPrecondition(
+                f"volume_context {key}={request[key]!r} contradicts the volume, which was created "
+                f"with {value!r}"
+            )
+    return {**request, **ours}
+
+
+def unsupported(
+    caps: Sequence[csi_pb2.VolumeCapability], context: Mapping[str, str], recorded: Mapping[str, str]
+) -> str:
+    """ValidateVolumeCapabilities: why these capabilities are not supported ("" when they are),
+    judged against the volume's record (`recorded`), whatever the request's `context` says.
 
     No capabilities at all is a malformed request (INVALID_ARGUMENT); unsupported ones are an answer.
     """
+    some_capabilities(caps)
     try:
-        checked = capabilities(caps, context)
-    except errors.InvalidArgument as exc:
-        if not list(caps):
-            raise
+        capabilities(caps, trusted_context(context, recorded))
+    except (errors.InvalidArgument, errors.FailedPrecondition) as exc:
         return exc.message
-    recorded = context.get(CTX_FS_TYPE)
-    if recorded and any(not c.block and c.fs_type != recorded for c in checked):
-        # its filesystem may well exist already: staging it as another type would be refused
-        return f"volume_capability: the volume was created for a {recorded} filesystem"
     return ""
+
+
+def some_capabilities(caps: Sequence[csi_pb2.VolumeCapability]) -> None:
+    if not caps:
+        raise errors.InvalidArgument("volume_capabilities is required")
 
 
 def expand_request(

@@ -5,12 +5,14 @@ devices here, the reflink backend its pool image. No losetup (an exec per call c
 emulation) and no udev (containers have none): the /dev/loopN node is created here when missing.
 
 The API is deliberately small and stable (other backends depend on it):
-`attach`, `detach`, `find`, `refresh_capacity`.
+`attach`, `detach`, `find`, `refresh_capacity` (and `status`, `read_only_devices` for the node's
+read-only views).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -131,12 +133,15 @@ def _old_kernel() -> bool:
     return (major, minor) < (5, 8)
 
 
-def attach(path: str, *, read_only: bool = False, direct_io: bool = True) -> str:
+def attach(path: str, *, read_only: bool = False, direct_io: bool = True, label: str = "") -> str:
     """Attach `path` to a free loop device and return the device path (/dev/loopN).
 
     Direct IO (no double caching through the page cache) is used when asked for and the backing
-    file supports O_DIRECT; otherwise the device is attached buffered.
+    file supports O_DIRECT; otherwise the device is attached buffered. `label` (at most 63 bytes)
+    is kept by the kernel in the device's lo_file_name (see `status`) instead of the path.
     """
+    if len(os.fsencode(label)) >= _LO_NAME_SIZE:
+        raise errors.InvalidArgument(f"loop label {label!r} is longer than {_LO_NAME_SIZE - 1} bytes")
     path = os.path.realpath(path)
     use_dio = direct_io and _supports_direct_io(path, read_only=read_only)
     flags = _LO_FLAGS_READ_ONLY if read_only else 0
@@ -147,14 +152,16 @@ def attach(path: str, *, read_only: bool = False, direct_io: bool = True) -> str
             loop_fd = os.open(dev, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
             try:
                 try:
-                    _configure(loop_fd, file_fd, path, flags | (_LO_FLAGS_DIRECT_IO if use_dio else 0))
+                    _configure(
+                        loop_fd, file_fd, label or path, flags | (_LO_FLAGS_DIRECT_IO if use_dio else 0)
+                    )
                 except OSError as exc:
                     if exc.errno == errno.EBUSY:
                         continue  # someone claimed this number first: ask for another
                     if exc.errno == errno.EINVAL and use_dio:
                         # block size / alignment mismatch for direct IO: attach buffered instead
                         use_dio = False
-                        _configure(loop_fd, file_fd, path, flags)
+                        _configure(loop_fd, file_fd, label or path, flags)
                     else:
                         raise
                 return dev
@@ -284,3 +291,61 @@ def size_bytes(dev: str) -> int:
     number = _number(dev)
     with open(f"/sys/block/loop{number}/size", encoding="utf-8") as f:
         return int(f.read()) * 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """What the kernel keeps of an attached loop device (LOOP_GET_STATUS64)."""
+
+    #: st_rdev of the backing file: the block device under a loop device stacked on one, else 0
+    backing_rdev: int
+    read_only: bool
+    #: lo_file_name: the `label` given to `attach`, else (the first 63 bytes of) the backing path
+    label: str
+
+
+def status(dev: str) -> Status | None:
+    """The status of loop device `dev`; None when it is not attached (or not there at all)."""
+    _number(dev)
+    try:
+        fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+            return None
+        raise errors.Internal(f"open {dev}: {os.strerror(exc.errno or 0)}") from exc
+    try:
+        info = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(_INFO64.size))
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # not bound to a file
+            return None
+        raise errors.Internal(f"status of {dev}: {os.strerror(exc.errno or 0)}") from exc
+    finally:
+        os.close(fd)
+    fields = _INFO64.unpack(info)
+    rdevice, flags, name = fields[2], fields[8], fields[9]
+    return Status(
+        backing_rdev=os.makedev(os.major(rdevice), os.minor(rdevice)) if rdevice else 0,
+        read_only=bool(flags & _LO_FLAGS_READ_ONLY),
+        label=os.fsdecode(name.split(b"\0", 1)[0]),
+    )
+
+
+def read_only_devices() -> list[str]:
+    """Every attached read-only loop device (/dev/loopN), from sysfs alone: nothing is opened."""
+    try:
+        names = os.listdir("/sys/block")
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        if not name.startswith("loop") or not name[4:].isdigit():
+            continue
+        try:
+            with open(f"/sys/block/{name}/ro", encoding="ascii") as f:
+                if f.read().strip() != "1":
+                    continue
+        except OSError:  # detached and removed meanwhile
+            continue
+        if _read_backing_file(name) is not None:
+            found.append(_dev_path(int(name[4:])))
+    return found

@@ -2,10 +2,13 @@
 
 Flow: NodeStageVolume activates the device (the only time a thin device is active) and, for mount
 volumes, makes and mounts its filesystem at the staging path; NodePublishVolume bind-mounts the
-staged filesystem (or the block device node) at the target; the reverse calls undo each step and
-deactivate the device. Mount state is always read back from /proc/self/mountinfo, so every call is
-idempotent: a repeated call finds its own work done and succeeds; a different device or mode at the
-same path is ALREADY_EXISTS. Every mutating call holds a per-volume claim for its whole
+staged filesystem (or the block device node; for a read-only block publish, a read-only view of it:
+see `blockview`) at the target; the reverse calls undo each step and deactivate the device. What
+the CO names is checked against what this driver made: an unknown volume is NOT_FOUND and nothing
+is touched, and unpublish removes only a target publish could have made (`_remove_made_target`).
+Mount state is always read back from /proc/self/mountinfo, so every call is idempotent: a repeated
+call finds its own work done and succeeds; a different device or mode at the same path is
+ALREADY_EXISTS. Every mutating call holds a per-volume claim for its whole
 check-then-act sequence (probe, mkfs, mount): a second call on the same volume while one runs gets
 OperationPending (ABORTED) instead of racing it into a double mkfs. Stats take no claim: they only read.
 """
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import logging
 import os
 import stat
 import threading
@@ -22,7 +27,9 @@ from typing import Protocol
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
-from csi_thin.node import filesystem, mountinfo
+from csi_thin.node import blockview, filesystem, mountinfo
+
+log = logging.getLogger(__name__)
 
 
 class Engine(Protocol):
@@ -82,6 +89,14 @@ class NodeVolumes:
         self._thresholds = thresholds
         self._claims = _Claims()
 
+    def recorded(self, volume_id: str) -> dict[str, str]:
+        """What CreateVolume recorded of the volume (its access and filesystem type): the truth the
+        CSI edge checks a request's capability and volume_context against. {} for an unknown id."""
+        device = self._engine.get(volume_id)
+        if device is None or device.kind != model.DeviceKind.VOLUME:
+            return {}
+        return dict(device.attributes)
+
     # -- stage -----------------------------------------------------------------------------------
 
     def stage(
@@ -136,11 +151,16 @@ class NodeVolumes:
             self._unstage(volume_id, staging_path, deadline=deadline)
 
     def _unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
-        device = self._engine.get(volume_id)
-        published = _mounted_elsewhere(device, staging_path) if device is not None else []
+        device = self._device(volume_id)
+        published = _mounted_elsewhere(device, staging_path)
         if published:
             raise errors.FailedPrecondition(
                 f"volume {volume_id} is still published at {', '.join(published)}: unpublish it first"
+            )
+        views = blockview.views_of(device.path) if device.path else []
+        if views:  # not mounted any more, but still open by someone: the device must stay
+            raise errors.FailedPrecondition(
+                f"volume {volume_id} still has read-only views ({', '.join(v.path for v in views)}) open"
             )
         self._unmount_own(volume_id, staging_path, deadline=deadline)
         if self._engine.get(volume_id) is not None:
@@ -192,18 +212,44 @@ class NodeVolumes:
                 raise errors.FailedPrecondition(f"volume {volume_id} is not staged at {staging_path}")
             self._check_same_device(volume_id, staged, staging_path)
             source = staging_path
+        view = blockview.label(volume_id, target_path) if cap.block and read_only else None
         current = mountinfo.at(target_path)
         if current is not None:
-            if not self._is_device(device, current, target_path):
-                raise errors.AlreadyExists(f"{target_path} already has another device mounted")
-            if current.read_only != read_only:
-                raise errors.AlreadyExists(f"{target_path} is published with another read-only mode")
+            self._check_published(device, current, target_path, read_only=read_only, view=view)
             return
         if cap.block:
             _make_file(target_path)
         else:
             _make_dir(target_path)
-        filesystem.bind(source, target_path, read_only=read_only, deadline=deadline)
+        if view is not None:
+            source = blockview.open_view(source, view)
+        try:
+            filesystem.bind(source, target_path, read_only=read_only, deadline=deadline)
+        except BaseException:
+            if view is not None:
+                with contextlib.suppress(errors.CsiThinError):  # unpublish removes it otherwise
+                    blockview.close_view(view)
+            raise
+
+    def _check_published(
+        self,
+        device: model.Device,
+        current: mountinfo.Mount,
+        target: str,
+        *,
+        read_only: bool,
+        view: str | None,
+    ) -> None:
+        """A repeated publish finds its own work done; anything else at the target is a conflict."""
+        if not self._is_device(device, current, target):
+            raise errors.AlreadyExists(f"{target} already has another device mounted")
+        if current.read_only != read_only:
+            raise errors.AlreadyExists(f"{target} is published with another read-only mode")
+        if view is not None and not _shows_view(target, view):
+            # the device node itself, bound read-only (as before read-only views): writable
+            raise errors.AlreadyExists(
+                f"{target} is published without a read-only device: unpublish and publish it again"
+            )
 
     def unpublish(self, volume_id: str, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
         target_path = _resolve(target_path, "target_path")
@@ -211,13 +257,10 @@ class NodeVolumes:
             self._unpublish(volume_id, target_path, deadline=deadline)
 
     def _unpublish(self, volume_id: str, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
+        self._device(volume_id)  # an id that is not ours names nothing of ours at the target either
         self._unmount_own(volume_id, target_path, deadline=deadline)
-        # CSI: the plugin removes what it created at the target path
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.isdir(target_path):
-                os.rmdir(target_path)
-            else:
-                os.unlink(target_path)
+        blockview.close_view(blockview.label(volume_id, target_path))
+        _remove_made_target(target_path)
 
     # -- stats and expansion ---------------------------------------------------------------------
 
@@ -259,6 +302,7 @@ class NodeVolumes:
         if not os.path.exists(volume_path):
             raise errors.NotFound(f"volume path {volume_path} does not exist")
         if block or stat.S_ISBLK(os.stat(volume_path).st_mode):
+            blockview.refresh(device.path)
             return filesystem.block_size_of(device.path)
         mount = mountinfo.at(volume_path)
         if mount is None or not self._is_device(device, mount, volume_path):
@@ -276,27 +320,22 @@ class NodeVolumes:
 
     @staticmethod
     def _is_device(device: model.Device, mount: mountinfo.Mount, path: str) -> bool:
-        """Whether `mount` (at `path`) shows this device: its filesystem, or its node bound there."""
-        if not device.path:
-            return False
+        """Whether `mount` (at `path`) shows this device: its filesystem, or its node (or the node of
+        one of its read-only views) bound there."""
+        nodes = _nodes(device)
+        if mount.dev in nodes:
+            return True
         try:
-            rdev = os.stat(device.path).st_rdev
-            if mount.dev == rdev:
-                return True
             st = os.stat(path)
         except FileNotFoundError:
             return False
-        return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+        return stat.S_ISBLK(st.st_mode) and st.st_rdev in nodes
 
     @staticmethod
     def _is_device_node(device: model.Device, st: os.stat_result) -> bool:
-        """Whether `st` (of a block device node, or of a bind of one) is this device's node."""
-        if not device.path:
-            return False
-        try:
-            return os.stat(device.path).st_rdev == st.st_rdev
-        except FileNotFoundError:
-            return False
+        """Whether `st` (of a block device node, or of a bind of one) is this device's node or the
+        node of one of its read-only views."""
+        return st.st_rdev in _nodes(device)
 
     def _unmount_own(self, volume_id: str, path: str, *, deadline: deadline_mod.Deadline) -> None:
         """Unmount every (stacked) mount of this volume at `path`; refuse to touch anything else.
@@ -362,32 +401,85 @@ def _forced_read_only(mount: mountinfo.Mount) -> bool:
     return not mount.read_only and ("ro" in mount.super_options or "emergency_ro" in mount.super_options)
 
 
+def _nodes(device: model.Device) -> dict[int, set[str]]:
+    """The device numbers that are this device: its own and its read-only views', each with the
+    roots a bind of its node shows in mountinfo (the node's path inside /dev)."""
+    if not device.path:
+        return {}
+    try:
+        rdev = os.stat(device.path).st_rdev
+    except FileNotFoundError:
+        return {}
+    real = os.path.realpath(device.path)
+    nodes = {
+        rdev: {"/" + os.path.basename(real), real.removeprefix("/dev"), device.path.removeprefix("/dev")}
+    }
+    for v in blockview.views_of(device.path):
+        nodes[v.rdev] = {"/" + os.path.basename(v.path)}
+    return nodes
+
+
 def _mounted_elsewhere(device: model.Device, path: str) -> list[str]:
-    """Mount points other than `path` showing this device: its filesystem, or its node bound there.
+    """Mount points other than `path` showing this device: its filesystem, or its node (or one of
+    its read-only views' nodes) bound there.
 
     A bind of the device node does not hold the device open, so only mountinfo can tell that a
     block volume is still published. Such a bind shows the node's path inside /dev as its root.
     """
-    if not device.path:
-        return []
-    try:
-        rdev = os.stat(device.path).st_rdev
-    except FileNotFoundError:
-        return []
-    real = os.path.realpath(device.path)
-    roots = {"/" + os.path.basename(real), real.removeprefix("/dev"), device.path.removeprefix("/dev")}
+    nodes = _nodes(device)
+    roots = set().union(*nodes.values()) if nodes else set()
     found: list[str] = []
     for m in mountinfo.read():
         if m.mount_point == path:
             continue
-        if m.dev == rdev:
+        if m.dev in nodes:
             found.append(m.mount_point)
         elif m.root in roots:
             with contextlib.suppress(OSError):
                 st = os.stat(m.mount_point)
-                if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                if stat.S_ISBLK(st.st_mode) and st.st_rdev in nodes:
                     found.append(m.mount_point)
     return found
+
+
+def _shows_view(target: str, view: str) -> bool:
+    """Whether the block device node at `target` is the read-only view labelled `view`."""
+    try:
+        rdev = os.stat(target).st_rdev
+    except FileNotFoundError:
+        return False
+    return any(v.rdev == rdev for v in blockview.views() if v.label == view)
+
+
+def _remove_made_target(path: str) -> None:
+    """Remove the target publish made at `path`, and nothing else.
+
+    CSI has the plugin remove the target it created; the node keeps no list of those, and a restart
+    must not forget them, so the thing itself is the proof. Publish makes an empty directory (a
+    mount volume's mount point) or an empty regular file (a block volume's bind target); a target
+    is removed only when it is exactly that and nothing is mounted on it any more (the caller has
+    unmounted this volume, and refused to unmount anything else). Anything else there (a file with
+    content, a directory with entries, a fifo, a socket) was not made by publish and stays:
+    the volume is not published there, so the call still succeeds.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if mountinfo.at(path) is not None:
+        return
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(path)  # refuses, atomically, a directory that is not empty
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            os.unlink(path)
+        else:
+            log.warning("event=target_kept path=%s reason=not_made_by_publish", path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            raise errors.Internal(f"remove target {path}: {os.strerror(exc.errno or 0)}") from exc
+        if exc.errno != errno.ENOENT:
+            log.warning("event=target_kept path=%s reason=not_empty", path)
 
 
 def _make_dir(path: str) -> None:

@@ -173,6 +173,15 @@ def _oserror(what: str, exc: OSError) -> errors.CsiThinError:
     return errors.Internal(f"{what}: {os.strerror(exc.errno or 0) if exc.errno else exc}")
 
 
+def _make_private(devices: str) -> None:
+    """Tenants' data is root's alone: the devices folder 0700, each device file 0600 (also those an
+    older version made readable by everyone)."""
+    os.chmod(devices, 0o700)
+    for name in os.listdir(devices):
+        if device_file_id(name) is not None:
+            os.chmod(os.path.join(devices, name), 0o600)
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -331,7 +340,8 @@ class ReflinkBackend:
             )
         self._probe_reflink()
         try:
-            os.makedirs(self._devices, exist_ok=True)
+            os.makedirs(self._devices, mode=0o700, exist_ok=True)
+            _make_private(self._devices)
             txid = os.path.join(self._dir, _TXID)
             if not os.path.exists(txid):
                 self._write_txid(0)
@@ -384,6 +394,7 @@ class ReflinkBackend:
         assert self._image is not None
         if not os.path.exists(self._image):
             self._create_image(deadline)
+        os.chmod(self._image, 0o600)  # as made since; an older version's was readable by everyone
         # direct IO where the host allows it: the image's pages are cached once, inside it; its
         # filesystem is made with 4 KiB sectors so it mounts whatever block size the loop gets
         dev = loop.find(self._image)
@@ -427,8 +438,11 @@ class ReflinkBackend:
         tmp = os.path.join(parent, f"{_TMP}{os.path.basename(self._image)}")
         try:
             os.makedirs(parent, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.truncate(size)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
             if self._cfg.fs_type == "xfs":
                 argv = ["mkfs.xfs", "-q", "-f", "-m", "reflink=1", "-s", "size=4096", tmp]
             else:
@@ -711,8 +725,11 @@ class ReflinkBackend:
             raise errors.AlreadyExists(f"pool {self._name} already has device {dev_id}")
         tmp = self._tmp(dev_id)
         try:
-            with open(tmp, "xb") as f:
-                f.truncate(size_bytes)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, size_bytes)
+            finally:
+                os.close(fd)
             self._publish(tmp, dev_id)
         except OSError as exc:
             raise _oserror(f"create device {dev_id}", exc) from exc
@@ -944,7 +961,8 @@ class ReflinkBackend:
                 and ours.endswith(backing)
                 and device_file_id(os.path.basename(ours)) is not None
             ):
-                with contextlib.suppress(OSError):
+                # EIO from a loop device whose filesystem failed: it cannot be shown to be ours
+                with contextlib.suppress(OSError, errors.Internal):
                     st = os.stat(ours)
                     if loop.identity(dev) == (st.st_dev, st.st_ino):
                         out[ours] = dev

@@ -229,6 +229,20 @@ class WriteTxn:
         self._txn.delete(b"adopted", db=self._dbs["meta"])
 
 
+_LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})
+
+
+def _make_private(path: str) -> None:
+    """The store names every volume and its devices: root's alone (files 0600, folder 0700), also
+    when an older version left it readable by everyone. The folder's mode is changed only when it
+    holds nothing but the store: a state_dir pointed at a shared folder keeps its mode."""
+    names = set(os.listdir(path))
+    for name in names & _LMDB_FILES:
+        os.chmod(os.path.join(path, name), 0o600)
+    if names <= _LMDB_FILES:
+        os.chmod(path, 0o700)
+
+
 class LmdbStore:
     """The LMDB environment of one pool. Safe to share between threads (one writer at a time; readers
     never block). Not to be shared across fork(): a child process opens its own."""
@@ -236,8 +250,9 @@ class LmdbStore:
     def __init__(self, path: str) -> None:
         os.makedirs(path, mode=0o700, exist_ok=True)
         self.path = path
+        _make_private(path)
         try:
-            self._env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=8, subdir=True, lock=True)
+            self._env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=8, subdir=True, lock=True, mode=0o600)
         except lmdb.Error as exc:
             # e.g. already open in this process: one LmdbStore per state_dir per process
             raise errors.Unavailable(f"cannot open the LMDB store in {path}: {exc}") from exc

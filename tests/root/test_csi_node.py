@@ -313,13 +313,17 @@ def test_missing_volume_and_unstaged_paths(node: Node) -> None:
         volume_capability=cap,
     )
     assert h.code_of(lambda: node.d.node.NodePublishVolume(publish)) == S.FAILED_PRECONDITION
-    # unpublishing and unstaging what is not there is done
+    # unpublishing and unstaging a volume where it is not is done; a volume that does not exist is not
     node.d.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id="v-ghost", target_path=missing)
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=missing)
     )
     node.d.node.NodeUnstageVolume(
-        csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=missing)
+        csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=missing)
     )
+    ghost_unpublish = csi_pb2.NodeUnpublishVolumeRequest(volume_id="v-ghost", target_path=missing)
+    assert h.code_of(lambda: node.d.node.NodeUnpublishVolume(ghost_unpublish)) == S.NOT_FOUND
+    ghost_unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=missing)
+    assert h.code_of(lambda: node.d.node.NodeUnstageVolume(ghost_unstage)) == S.NOT_FOUND
 
 
 def test_node_capabilities_and_info(node: Node) -> None:
@@ -502,15 +506,20 @@ def test_a_target_that_is_a_symlink_is_refused(node: Node) -> None:
     node.unstage(vol, staging)
 
 
-def test_restage_with_another_fs_type_or_access_mode_is_already_exists(node: Node) -> None:
+def test_restage_with_another_fs_type_or_access_mode_is_refused(node: Node) -> None:
+    """Another access mode at the staging path is an incompatible stage (ALREADY_EXISTS); another
+    filesystem type is one the volume does not have at all (FAILED_PRECONDITION: its record says)."""
     cap = h.mount_cap()
     vol = node.create("pvc-a", 64 * MiB, cap)
     staging = node.stage(vol, cap)
-    for other in (h.mount_cap("xfs"), h.mount_cap(mode=Mode.SINGLE_NODE_READER_ONLY)):
+    for other, code in (
+        (h.mount_cap("xfs"), S.FAILED_PRECONDITION),
+        (h.mount_cap(mode=Mode.SINGLE_NODE_READER_ONLY), S.ALREADY_EXISTS),
+    ):
         req = csi_pb2.NodeStageVolumeRequest(
             volume_id=vol.volume_id, staging_target_path=staging, volume_capability=other
         )
-        assert h.code_of(lambda req=req: node.d.node.NodeStageVolume(req)) == S.ALREADY_EXISTS
+        assert h.code_of(lambda req=req: node.d.node.NodeStageVolume(req)) == code
     node.unstage(vol, staging)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
 import pathlib
 import subprocess
@@ -170,3 +171,28 @@ def test_find_a_device_attached_from_a_mount_namespace_that_is_gone(
     assert loop.find(str(backing)) == dev
     assert loop.identity(dev) == (os.stat(backing).st_dev, os.stat(backing).st_ino)
     assert loop.find(str(same_suffix)) is None  # same suffix, another file
+
+
+def test_a_labelled_read_only_loop_stacked_on_another(tmp_path: pathlib.Path, attached: list[str]) -> None:
+    """What the node's read-only views are made of: the label is kept by the kernel (status reads it
+    back), the backing block device is known by number, and writes are refused."""
+    backing = _sparse(tmp_path / "lower.img", 4 * MiB)
+    lower = loop.attach(str(backing))
+    attached.append(lower)
+    view = loop.attach(lower, read_only=True, direct_io=False, label="csi-thin-ro:test")
+    attached.insert(0, view)  # detached first: it holds the lower device open
+    st = loop.status(view)
+    assert st == loop.Status(backing_rdev=os.stat(lower).st_rdev, read_only=True, label="csi-thin-ro:test")
+    assert view in loop.read_only_devices() and lower not in loop.read_only_devices()
+    lower_status = loop.status(lower)
+    assert lower_status is not None and not lower_status.read_only and lower_status.backing_rdev == 0
+    assert lower_status.label == str(backing.resolve())
+    with pytest.raises(OSError) as refused:
+        fd = os.open(view, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"x" * 512, 0)
+        finally:
+            os.close(fd)
+    assert refused.value.errno in (errno.EPERM, errno.EROFS, errno.EACCES)
+    with pytest.raises(errors.InvalidArgument):
+        loop.attach(lower, read_only=True, label="x" * 64)

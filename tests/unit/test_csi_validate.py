@@ -135,9 +135,43 @@ def test_capability_rejects(cap: csi_pb2.VolumeCapability) -> None:
 def test_capability_uses_the_recorded_fs_type_and_access_type() -> None:
     ctx = {validate.CTX_FS_TYPE: "xfs", validate.CTX_ACCESS_TYPE: "mount"}
     assert validate.capability(mount(), ctx).fs_type == "xfs"
-    assert validate.capability(mount("ext4"), ctx).fs_type == "ext4"  # the request wins
-    with pytest.raises(errors.InvalidArgument):
+    assert validate.capability(mount("xfs"), ctx).fs_type == "xfs"
+    # the record wins: a capability the volume does not have exceeds its capabilities
+    with pytest.raises(errors.FailedPrecondition):
+        validate.capability(mount("ext4"), ctx)
+    with pytest.raises(errors.FailedPrecondition):
         validate.capability(block(), ctx)
+    with pytest.raises(errors.FailedPrecondition):
+        validate.capability(mount(), {validate.CTX_ACCESS_TYPE: "block"})
+
+
+_MOUNT_XFS = {validate.CTX_ACCESS_TYPE: "mount", validate.CTX_FS_TYPE: "xfs"}
+
+
+@pytest.mark.parametrize(
+    ("request_ctx", "recorded", "trusted"),
+    [
+        ({}, _MOUNT_XFS, _MOUNT_XFS),
+        ({"other": "kept"}, _MOUNT_XFS, {**_MOUNT_XFS, "other": "kept"}),
+        (_MOUNT_XFS, _MOUNT_XFS, _MOUNT_XFS),
+        ({validate.CTX_FS_TYPE: "xfs"}, _MOUNT_XFS, _MOUNT_XFS),
+        # a volume recorded before the attributes were: the request's context is all there is
+        (_MOUNT_XFS, {}, _MOUNT_XFS),
+        ({}, {}, {}),
+        # contradictions
+        ({validate.CTX_FS_TYPE: "ext4"}, _MOUNT_XFS, None),
+        ({validate.CTX_ACCESS_TYPE: "mount"}, {validate.CTX_ACCESS_TYPE: "block"}, None),
+        ({validate.CTX_ACCESS_TYPE: "block"}, _MOUNT_XFS, None),
+    ],
+)
+def test_trusted_context_is_the_record(
+    request_ctx: dict[str, str], recorded: dict[str, str], trusted: dict[str, str] | None
+) -> None:
+    if trusted is None:
+        with pytest.raises(errors.FailedPrecondition):
+            validate.trusted_context(request_ctx, recorded)
+    else:
+        assert validate.trusted_context(request_ctx, recorded) == trusted
 
 
 def test_capabilities_must_agree_and_exist() -> None:
@@ -209,7 +243,9 @@ def test_expand_request() -> None:
 
 
 def test_unsupported_answers_instead_of_failing() -> None:
-    assert validate.unsupported([mount()], {}) == ""
-    assert "not supported" in validate.unsupported([mount(mode=Mode.MULTI_NODE_MULTI_WRITER)], {})
+    assert validate.unsupported([mount()], {}, {}) == ""
+    assert "not supported" in validate.unsupported([mount(mode=Mode.MULTI_NODE_MULTI_WRITER)], {}, {})
+    assert "created for" in validate.unsupported([mount("ext4")], {}, _MOUNT_XFS)
+    assert "contradicts" in validate.unsupported([mount()], {validate.CTX_FS_TYPE: "ext4"}, _MOUNT_XFS)
     with pytest.raises(errors.InvalidArgument):
-        validate.unsupported([], {})
+        validate.unsupported([], {}, {})

@@ -168,3 +168,29 @@ def test_a_full_store_is_resource_exhausted_and_changes_nothing(
             w.put(_dev(f"volume-{i:06d}-" + "x" * 64, i + 1))
     assert store.devices() == [] and store.transaction_id() == 0
     store.close()
+
+
+def _mode(path: pathlib.Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_store_files_are_private_and_a_shared_folder_keeps_its_mode(tmp_path: pathlib.Path) -> None:
+    """LMDB names every volume: its files are 0600 whatever the umask, and made so again when an
+    older version left them 0644; its folder is made 0700 unless it holds more than the store."""
+    own = tmp_path / "own"
+    with lmdb_store.LmdbStore(str(own)):
+        pass
+    files = sorted(own.iterdir())
+    assert [p.name for p in files] == ["data.mdb", "lock.mdb"]
+    assert [_mode(p) for p in [own, *files]] == [0o700, 0o600, 0o600]
+    for p in [own, *files]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    with lmdb_store.LmdbStore(str(own)):
+        assert [_mode(p) for p in [own, *files]] == [0o700, 0o600, 0o600]
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    (shared / "something-else").write_text("not the store's")
+    with lmdb_store.LmdbStore(str(shared)):
+        assert _mode(shared) == 0o755
+        assert _mode(shared / "data.mdb") == 0o600
