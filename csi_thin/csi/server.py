@@ -18,12 +18,15 @@ import signal
 import socket
 import stat
 import threading
+from collections.abc import Sequence
 from types import FrameType
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from csi_thin import errors
+from csi_thin import metrics as metrics_mod
 from csi_thin.csi import interceptor
 from csi_thin.csi.pb import csi_pb2_grpc
 
@@ -81,6 +84,14 @@ def remove_stale_socket(path: str) -> None:
     raise errors.FailedPrecondition(f"{path}: another server is listening on it")
 
 
+class Companion(Protocol):
+    """Something served beside the CSI socket for as long as it serves (kubelet registration)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, grace: float) -> None: ...
+
+
 @dataclasses.dataclass
 class Services:
     identity: csi_pb2_grpc.IdentityServicer
@@ -89,12 +100,19 @@ class Services:
 
 
 class Server:
-    def __init__(self, endpoint: Endpoint, services: Services, *, max_workers: int = 16) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        services: Services,
+        *,
+        max_workers: int = 16,
+        metrics: metrics_mod.Metrics | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self._health = health.HealthServicer()
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-            interceptors=[interceptor.EdgeInterceptor()],
+            interceptors=[interceptor.EdgeInterceptor(metrics)],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(services.identity, self._server)
         if services.controller is not None:
@@ -102,7 +120,16 @@ class Server:
         if services.node is not None:
             csi_pb2_grpc.add_NodeServicer_to_server(services.node, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._started = threading.Event()
         self._stopped = threading.Event()
+
+    def problem(self) -> str | None:
+        """None while serving; else why not (a /healthz check)."""
+        if self._stopped.is_set():
+            return f"CSI server on {self.endpoint.target} stopped"
+        if not self._started.is_set():
+            return f"CSI server on {self.endpoint.target} not started yet"
+        return None
 
     def start(self) -> None:
         if self.endpoint.scheme == "unix":
@@ -112,6 +139,7 @@ class Server:
             raise errors.Unavailable(f"cannot listen on {self.endpoint.target}")
         self._server.start()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._started.set()
         log.info("msg=%s endpoint=%s", "serving", self.endpoint.target)
 
     def stop(self, grace: float = DEFAULT_GRACE_SECONDS) -> None:
@@ -126,8 +154,14 @@ class Server:
                 os.unlink(self.endpoint.address)
         log.info("msg=%s endpoint=%s", "stopped", self.endpoint.target)
 
-    def serve_until_signalled(self, grace: float = DEFAULT_GRACE_SECONDS) -> None:
-        """Run until SIGTERM or SIGINT, then shut down gracefully (main thread only)."""
+    def serve_until_signalled(
+        self, grace: float = DEFAULT_GRACE_SECONDS, *, companions: Sequence[Companion] = ()
+    ) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully (main thread only).
+
+        `companions` start after the CSI socket serves (kubelet must find it answering once told where
+        it is) and stop, in reverse order, before it stops.
+        """
         done = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -136,9 +170,13 @@ class Server:
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.start()
-            done.wait()
+            with contextlib.ExitStack() as stack:
+                self.start()
+                stack.callback(self.stop, grace)
+                for companion in companions:
+                    companion.start()
+                    stack.callback(companion.stop, grace)
+                done.wait()
         finally:
-            self.stop(grace)
             for s, handler in previous.items():
                 signal.signal(s, handler)
