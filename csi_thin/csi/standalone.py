@@ -107,13 +107,14 @@ def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
         if not args.node_id or len(args.node_id) > 128:
             raise errors.InvalidArgument("--node-id must be 1..128 characters")
         reg = registration.from_args(args, endpoint=endpoint, driver_name=args.driver_name, metrics=metrics)
+        # the checks exist before the first probe can arrive: an empty Health would answer 200
+        health.set("engine", lambda: "the pool engine is opening (assembly and recovery)")
+        health.set("csi", lambda: "the CSI server is not started yet")
         with contextlib.ExitStack() as stack:
             if args.http_endpoint:  # up before the engine: assembly and recovery can take a while
                 http = httpserver.HttpServer(args.http_endpoint, health=health, metrics=metrics)
                 http.start()
                 stack.callback(http.stop)
-            health.set("engine", lambda: "the pool engine is opening (assembly and recovery)")
-            health.set("csi", lambda: "the CSI server is not started yet")
             eng = stack.enter_context(open_engine(cfg))
             health.set("engine", lambda: None)
             stack.callback(health.set, "engine", lambda: "the pool engine is closed")
