@@ -29,7 +29,7 @@ $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS) && touch $@
 
 proto: csi_thin/csi/pb/__init__.py
-csi_thin/csi/pb/__init__.py: tools/csi/go.mod tools/csi/go.sum scripts/gen-proto.sh $(STAMPS)/venv
+csi_thin/csi/pb/__init__.py: tools/csi/go.mod tools/csi/go.sum tools/kubelet/go.mod tools/kubelet/go.sum scripts/gen-proto.sh $(STAMPS)/venv
 	PYTHON=$(PY) scripts/gen-proto.sh
 
 tools:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -129,9 +129,12 @@ def pool_config(workdir: pathlib.Path, backend: str) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def driver(config: pathlib.Path, socket: pathlib.Path) -> Iterator[subprocess.Popen[bytes]]:
+def driver(
+    config: pathlib.Path, socket: pathlib.Path, *, extra_args: Sequence[str] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`csi-thin standalone` as a child process (`extra_args`: more flags); logs to driver.log."""
     argv = [sys.executable, "-m", "csi_thin.cli", "standalone", "--endpoint", f"unix://{socket}"]
-    argv += ["--pool-config", str(config), "--node-id", "demo-node"]
+    argv += ["--pool-config", str(config), "--node-id", "demo-node", *extra_args]
     log = config.parent / "driver.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)

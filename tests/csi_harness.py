@@ -16,6 +16,7 @@ import grpc
 
 from csi_thin import config, model
 from csi_thin import deadline as deadline_mod
+from csi_thin import metrics as metrics_mod
 from csi_thin.csi import server, standalone
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
 from csi_thin.pool import backend as backend_mod
@@ -49,6 +50,7 @@ def serve(
     thresholds: model.Thresholds | None = None,
     node_id: str = "node-1",
     overprovision_ratio: float = 10.0,
+    metrics: metrics_mod.Metrics | None = None,
 ) -> Iterator[Driver]:
     thresholds = thresholds or model.Thresholds()
     backend.assemble(deadline=deadline_mod.default())
@@ -65,7 +67,7 @@ def serve(
             thresholds=thresholds,
             overprovision_ratio=overprovision_ratio,
         )
-        srv = server.Server(server.Endpoint.parse(f"unix://{sock}"), svc)
+        srv = server.Server(server.Endpoint.parse(f"unix://{sock}"), svc, metrics=metrics)
         srv.start()
         try:
             with grpc.insecure_channel(f"unix://{sock}") as channel:

@@ -35,7 +35,7 @@ build() {
   echo "tools: built $name in $((SECONDS - t0))s"
 }
 
-want=${*:-csi-sanity etcd helm kube-apiserver}
+want=${*:-csi-sanity etcd helm kube-apiserver promtool}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -51,6 +51,13 @@ for tool in $want; do
       P=k8s.io/component-base/version
       build kube-apiserver kube k8s.io/kubernetes/cmd/kube-apiserver \
         "-X $P.gitVersion=$v -X $P.gitMajor=$major -X $P.gitMinor=$minor -X $P.gitTreeState=clean -X $P.buildDate=1970-01-01T00:00:00Z";;
+    promtool)
+      # Prometheus' Go module is versioned v0.3XX.Y for release 3.XX.Y: print the release, and the
+      # module version as the revision
+      v=$(modver promtool github.com/prometheus/prometheus); mm=${v#v0.}; mm=${mm%%.*}
+      rel=${mm:0:1}.$((10#${mm:1})).${v##*.}; P=github.com/prometheus/common/version
+      build promtool promtool github.com/prometheus/prometheus/cmd/promtool \
+        "-X $P.Version=$rel -X $P.Revision=$v -X $P.Branch=module -X $P.BuildUser=csi-thin -X $P.BuildDate=19700101-00:00:00";;
     *) echo "tools: unknown tool $tool" >&2; exit 2;;
   esac
 done

@@ -2,7 +2,8 @@
 
 Servicers raise domain errors (csi_thin.errors) and never call `context.abort`; this interceptor
 turns them into a status by isinstance (a subclass keeps its parent's code, as `code` is inherited)
-and logs one key=value line per call. Unexpected exceptions become INTERNAL with the traceback logged.
+and logs one key=value line per call (and, given a csi_thin.metrics.Metrics, observes its latency by
+operation and code). Unexpected exceptions become INTERNAL with the traceback logged.
 Request fields marked `csi_secret` in the CSI spec (every `secrets` map) are redacted before a
 request is logged.
 """
@@ -20,6 +21,7 @@ from google.protobuf import json_format, message
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors
+from csi_thin import metrics as metrics_mod
 from csi_thin.csi.pb import csi_pb2
 
 log = logging.getLogger("csi_thin.csi")
@@ -97,6 +99,14 @@ else:  # grpc's classes are not subscriptable at run time
 
 
 class EdgeInterceptor(_Interceptor):
+    def __init__(self, metrics: metrics_mod.Metrics | None = None) -> None:
+        self._metrics = metrics
+
+    def _observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        if self._metrics is not None:
+            # the method's last path element: a label from the fixed set of registered RPCs
+            self._metrics.observe_rpc(method.rsplit("/", 1)[-1], code.name, seconds)
+
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], _Handler | None],
@@ -114,7 +124,9 @@ class EdgeInterceptor(_Interceptor):
                 response = inner(request, context)
             except Exception as exc:  # the one place errors become statuses
                 code, text = status_of(exc)
-                ms = (time.monotonic() - started) * 1000
+                seconds = time.monotonic() - started
+                self._observe(method, code, seconds)
+                ms = seconds * 1000
                 level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
                 log.log(
                     level,
@@ -127,11 +139,13 @@ class EdgeInterceptor(_Interceptor):
                     exc_info=not isinstance(exc, errors.CsiThinError),
                 )
                 context.abort(code, text)
+            seconds = time.monotonic() - started
+            self._observe(method, grpc.StatusCode.OK, seconds)
             log.log(
                 logging.DEBUG if method in QUIET_METHODS else logging.INFO,
                 "rpc=%s code=OK ms=%.1f request=%s",
                 method,
-                (time.monotonic() - started) * 1000,
+                seconds * 1000,
                 _fields(request),
             )
             return response

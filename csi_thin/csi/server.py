@@ -19,12 +19,15 @@ import socket
 import stat
 import tempfile
 import threading
+from collections.abc import Sequence
 from types import FrameType
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from csi_thin import errors
+from csi_thin import metrics as metrics_mod
 from csi_thin.csi import interceptor
 from csi_thin.csi.pb import csi_pb2_grpc
 
@@ -86,7 +89,7 @@ def remove_stale_socket(path: str) -> None:
 _SUN_PATH_MAX = 107
 
 
-def _listen_private(server: grpc.Server, path: str) -> None:
+def listen_private(server: grpc.Server, path: str) -> None:
     """Listen on the unix socket `path` with mode 0600: whoever can connect can delete volumes.
 
     The umask is process-wide (other threads create files too), so the socket is bound in a fresh
@@ -113,6 +116,14 @@ def _listen_private(server: grpc.Server, path: str) -> None:
         os.rmdir(private)
 
 
+class Companion(Protocol):
+    """Something served beside the CSI socket for as long as it serves (kubelet registration)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, grace: float) -> None: ...
+
+
 @dataclasses.dataclass
 class Services:
     identity: csi_pb2_grpc.IdentityServicer
@@ -121,12 +132,19 @@ class Services:
 
 
 class Server:
-    def __init__(self, endpoint: Endpoint, services: Services, *, max_workers: int = 16) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        services: Services,
+        *,
+        max_workers: int = 16,
+        metrics: metrics_mod.Metrics | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self._health = health.HealthServicer()
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-            interceptors=[interceptor.EdgeInterceptor()],
+            interceptors=[interceptor.EdgeInterceptor(metrics)],
         )
         csi_pb2_grpc.add_IdentityServicer_to_server(services.identity, self._server)
         if services.controller is not None:
@@ -134,17 +152,27 @@ class Server:
         if services.node is not None:
             csi_pb2_grpc.add_NodeServicer_to_server(services.node, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self._started = threading.Event()
         self._stopped = threading.Event()
+
+    def problem(self) -> str | None:
+        """None while serving; else why not (a /healthz check)."""
+        if self._stopped.is_set():
+            return f"CSI server on {self.endpoint.target} stopped"
+        if not self._started.is_set():
+            return f"CSI server on {self.endpoint.target} not started yet"
+        return None
 
     def start(self) -> None:
         if self.endpoint.scheme == "unix":
             os.makedirs(os.path.dirname(self.endpoint.address), exist_ok=True)
             remove_stale_socket(self.endpoint.address)
-            _listen_private(self._server, self.endpoint.address)
+            listen_private(self._server, self.endpoint.address)
         elif self._server.add_insecure_port(self.endpoint.target) == 0:
             raise errors.Unavailable(f"cannot listen on {self.endpoint.target}")
         self._server.start()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._started.set()
         log.info("msg=%s endpoint=%s", "serving", self.endpoint.target)
 
     def stop(self, grace: float = DEFAULT_GRACE_SECONDS) -> None:
@@ -159,8 +187,14 @@ class Server:
                 os.unlink(self.endpoint.address)
         log.info("msg=%s endpoint=%s", "stopped", self.endpoint.target)
 
-    def serve_until_signalled(self, grace: float = DEFAULT_GRACE_SECONDS) -> None:
-        """Run until SIGTERM or SIGINT, then shut down gracefully (main thread only)."""
+    def serve_until_signalled(
+        self, grace: float = DEFAULT_GRACE_SECONDS, *, companions: Sequence[Companion] = ()
+    ) -> None:
+        """Run until SIGTERM or SIGINT, then shut down gracefully (main thread only).
+
+        `companions` start after the CSI socket serves (kubelet must find it answering once told where
+        it is) and stop, in reverse order, before it stops.
+        """
         done = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -169,9 +203,13 @@ class Server:
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.start()
-            done.wait()
+            with contextlib.ExitStack() as stack:
+                self.start()
+                stack.callback(self.stop, grace)
+                for companion in companions:
+                    companion.start()
+                    stack.callback(companion.stop, grace)
+                done.wait()
         finally:
-            self.stop(grace)
             for s, handler in previous.items():
                 signal.signal(s, handler)

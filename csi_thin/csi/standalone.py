@@ -17,10 +17,11 @@ import socket
 import sys
 from typing import Any, Protocol
 
-from csi_thin import config, errors, model
+from csi_thin import config, errors, httpserver, model
 from csi_thin import deadline as deadline_mod
+from csi_thin import metrics as metrics_mod
 from csi_thin.controller import provisioner
-from csi_thin.csi import controller_service, identity_service, node_service, server
+from csi_thin.csi import controller_service, identity_service, node_service, registration, server
 from csi_thin.node import volumes
 from csi_thin.pool import engine
 
@@ -42,6 +43,8 @@ def register(subparsers: Any, *, open_engine: EngineFactory) -> None:
     )
     p.add_argument("--grace", type=float, default=server.DEFAULT_GRACE_SECONDS, help="shutdown grace (s)")
     p.add_argument("--log-level", default="INFO")
+    httpserver.add_flag(p, default="")
+    registration.add_flags(p)
     p.set_defaults(func=functools.partial(main, open_engine=open_engine))
 
 
@@ -96,12 +99,27 @@ def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     logging.getLogger().setLevel(level)
+    metrics = metrics_mod.Metrics()
+    health = httpserver.Health()
     try:
         endpoint = server.Endpoint.parse(args.endpoint)
         cfg = config.load_pool(args.pool_config)
         if not args.node_id or len(args.node_id) > 128:
             raise errors.InvalidArgument("--node-id must be 1..128 characters")
-        with open_engine(cfg) as eng:
+        reg = registration.from_args(args, endpoint=endpoint, driver_name=args.driver_name, metrics=metrics)
+        # the checks exist before the first probe can arrive: an empty Health would answer 200
+        health.set("engine", lambda: "the pool engine is opening (assembly and recovery)")
+        health.set("csi", lambda: "the CSI server is not started yet")
+        with contextlib.ExitStack() as stack:
+            if args.http_endpoint:  # up before the engine: assembly and recovery can take a while
+                http = httpserver.HttpServer(args.http_endpoint, health=health, metrics=metrics)
+                http.start()
+                stack.callback(http.stop)
+            eng = stack.enter_context(open_engine(cfg))
+            health.set("engine", lambda: None)
+            stack.callback(health.set, "engine", lambda: "the pool engine is closed")
+            metrics.attach_pool(cfg.name, eng)
+            stack.callback(metrics.attach_pool, cfg.name, None)
             svc = services(
                 eng,
                 node_id=args.node_id,
@@ -111,7 +129,11 @@ def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
                 overprovision_ratio=args.overprovision_ratio,
                 max_volumes=args.max_volumes,
             )
-            server.Server(endpoint, svc).serve_until_signalled(args.grace)
+            srv = server.Server(endpoint, svc, metrics=metrics)
+            health.set("csi", srv.problem)
+            if reg is not None:
+                health.set("registration", reg.problem)
+            srv.serve_until_signalled(args.grace, companions=[] if reg is None else [reg])
     except errors.CsiThinError as exc:
         log.error("msg=%s code=%s error=%s", "standalone driver failed", exc.code, exc.message)  # noqa: TRY400
         return 1

@@ -36,6 +36,17 @@ def test_a_live_socket_is_not_stolen(tmp_path: pathlib.Path) -> None:
         assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
 
 
+def test_a_driver_that_cannot_start_leaves_the_live_socket_alone(tmp_path: pathlib.Path) -> None:
+    """A second driver started on a served socket gives up; its shutdown must not unlink the socket
+    the first one serves on (kubelet and the sidecars would lose the driver)."""
+    with h.fake_driver(tmp_path) as d:
+        second = server.Server(server.Endpoint.parse(f"unix://{d.socket}"), _services())
+        with pytest.raises(errors.FailedPrecondition, match="another server"):
+            second.serve_until_signalled(grace=1)
+        assert d.socket.exists()
+        assert d.identity.Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value
+
+
 def test_a_file_in_the_way_is_not_removed(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "csi.sock"
     path.write_text("precious")

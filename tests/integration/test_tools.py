@@ -30,6 +30,7 @@ def _pinned(module_dir: str, module: str) -> str:
         ("kube-apiserver", ["--version"], "kube", "k8s.io/kubernetes"),
         ("etcd", ["--version"], "etcd", "go.etcd.io/etcd/server/v3"),
         ("helm", ["version"], "helm", "helm.sh/helm/v3"),
+        ("promtool", ["--version"], "promtool", "github.com/prometheus/prometheus"),
     ],
 )
 def test_tool_prints_pinned_version(tool: str, args: list[str], module_dir: str, module: str) -> None:

@@ -24,3 +24,21 @@ def test_v1_12_messages() -> None:
     assert csi_pb2.DESCRIPTOR.services_by_name["Controller"].methods_by_name["GetSnapshot"]
     req = csi_pb2.CreateVolumeRequest(name="v", capacity_range=csi_pb2.CapacityRange(required_bytes=1))
     assert csi_pb2.CreateVolumeRequest.FromString(req.SerializeToString()) == req
+
+
+def test_kubelet_plugin_registration_stubs() -> None:
+    """pluginregistration.v1 from the pinned k8s.io/kubelet module, with kubelet's own wire names."""
+    from csi_thin.csi.pb import pluginregistration_pb2, pluginregistration_pb2_grpc
+
+    assert pb.KUBELET_VERSION == "v0.36.3"
+    service = pluginregistration_pb2.DESCRIPTOR.services_by_name["Registration"]
+    assert service.full_name == "pluginregistration.Registration"  # what kubelet dials
+    assert set(service.methods_by_name) == {"GetInfo", "NotifyRegistrationStatus"}
+    for name in ("RegistrationServicer", "RegistrationStub", "add_RegistrationServicer_to_server"):
+        assert hasattr(pluginregistration_pb2_grpc, name)
+    info = pluginregistration_pb2.PluginInfo(
+        type="CSIPlugin", name="csi-thin.io", endpoint="/csi.sock", supported_versions=["1.0.0"]
+    )
+    assert pluginregistration_pb2.PluginInfo.FromString(info.SerializeToString()) == info
+    status = pluginregistration_pb2.RegistrationStatus(plugin_registered=False, error="e")
+    assert [f.name for f in status.DESCRIPTOR.fields] == ["plugin_registered", "error"]

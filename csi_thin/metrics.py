@@ -1,0 +1,226 @@
+"""Prometheus metrics of a csi-thin process: one registry per process, served by csi_thin.httpserver.
+
+Where the numbers come from:
+- RPC latency and codes: the gRPC edge's one interceptor (csi_thin.csi.interceptor) observes every
+  call into `operation_duration_seconds` by operation (the RPC's method name: a fixed set) and code.
+- Pool gauges: read at scrape time by `PoolCollector` from the engine (seen through the `Pool`
+  Protocol, so this module imports nothing of the pool layer): the pool's status line (one
+  dm-thin status ioctl or one statvfs) plus one pass over the LMDB records for the device counts and
+  provisioned bytes, the journal (open intents) and the id map (orphans). Those passes are O(devices)
+  today: the store keeps no counters. At 1,000 devices they are a few milliseconds of LMDB reads.
+- Kubelet registration state: set by csi_thin.csi.registration when kubelet notifies it.
+- Reconcile errors: incremented by the node agent (Kubernetes mode).
+
+No label takes an unbounded value: no volume or snapshot names, only kinds, states, modes, method
+names and status codes. Names follow Prometheus conventions (`_bytes`, `_seconds`, `_total`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import prometheus_client
+from prometheus_client import core as prom_core
+from prometheus_client import exposition
+from prometheus_client import registry as prom_registry
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+
+log = logging.getLogger(__name__)
+
+PREFIX = "csi_thin"
+#: RPCs run from a millisecond (Probe) to the interceptor's cap of 110 s (a big format or copy).
+RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+#: a scrape waits at most this long for the pool's status (Prometheus' default scrape timeout is 10 s)
+STATUS_SECONDS = 5.0
+#: the resources the node agent reconciles (label values of reconcile_errors_total)
+RECONCILE_RESOURCES = ("thinvolume", "thinsnapshot", "thinpool")
+#: kubelet plugin registration: not yet notified, registered, refused
+REGISTRATION_STATES = ("pending", "registered", "failed")
+
+
+class Pool(Protocol):
+    """What the scrape reads from the pool engine (csi_thin.pool.engine.PoolEngine has it all)."""
+
+    @property
+    def thresholds(self) -> model.Thresholds: ...
+
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
+
+    def list(self, *, kind: model.DeviceKind | None = None) -> builtins.list[model.Device]: ...
+
+    def intents(self) -> Sequence[object]: ...
+
+    def orphans(self) -> builtins.list[int]: ...
+
+
+def _name(suffix: str) -> str:
+    return f"{PREFIX}_{suffix}"
+
+
+class PoolCollector:
+    """Pool gauges, computed at scrape time from whatever pool is attached (none: no samples)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: tuple[str, Pool] | None = None
+
+    def attach(self, name: str, pool: Pool | None) -> None:
+        with self._lock:
+            self._pool = None if pool is None else (name, pool)
+
+    def collect(self) -> Iterable[prom_core.Metric]:
+        with self._lock:
+            attached = self._pool
+        if attached is None:
+            return []
+        name, pool = attached
+        labels = ["pool"]
+        ok = prom_core.GaugeMetricFamily(
+            _name("pool_status_ok"),
+            "1 when the last read of the pool's status succeeded (0: the pool gauges are missing)",
+            labels=labels,
+        )
+        try:
+            st = pool.status(deadline=deadline_mod.Deadline.after(STATUS_SECONDS))
+        except errors.CsiThinError as exc:
+            log.warning("msg=%s pool=%s code=%s error=%s", "metrics: pool status failed", name, exc.code, exc)
+            ok.add_metric([name], 0)
+            return [ok]
+        ok.add_metric([name], 1)
+        return [ok, *self._status(name, st, pool.thresholds), *self._records(name, pool)]
+
+    @staticmethod
+    def _status(name: str, st: model.PoolStatus, thresholds: model.Thresholds) -> list[prom_core.Metric]:
+        def gauge(suffix: str, doc: str, value: float) -> prom_core.Metric:
+            g = prom_core.GaugeMetricFamily(_name(suffix), doc, labels=["pool"])
+            g.add_metric([name], value)
+            return g
+
+        threshold = prom_core.GaugeMetricFamily(
+            _name("pool_threshold_ratio"),
+            "used ratio above which new volumes and snapshots are refused, per resource",
+            labels=["pool", "resource"],
+        )
+        threshold.add_metric([name, "data"], thresholds.data)
+        threshold.add_metric([name, "metadata"], thresholds.metadata)
+        mode = prom_core.StateSetMetricFamily(
+            _name("pool_mode"),
+            "the pool's mode (dm-thin status): rw is the only one that creates",
+            labels=["pool"],
+        )
+        mode.add_metric([name], {m.value: m == st.mode for m in model.PoolMode})
+        return [
+            gauge("pool_data_used_bytes", "data space in use", st.data_used_bytes),
+            gauge("pool_data_capacity_bytes", "data space of the pool", st.data_total_bytes),
+            gauge("pool_metadata_used_bytes", "metadata space in use", st.metadata_used_bytes),
+            gauge("pool_metadata_capacity_bytes", "metadata space of the pool", st.metadata_total_bytes),
+            gauge(
+                "pool_needs_check",
+                "1 when the pool's metadata is flagged for thin_check",
+                int(st.needs_check),
+            ),
+            gauge("pool_transaction_id", "the pool's committed transaction id", st.transaction_id),
+            threshold,
+            mode,
+        ]
+
+    @staticmethod
+    def _records(name: str, pool: Pool) -> list[prom_core.Metric]:
+        devices = prom_core.GaugeMetricFamily(
+            _name("pool_devices"), "device records by kind and state", labels=["pool", "kind", "state"]
+        )
+        counts = {(k, s): 0 for k in model.DeviceKind for s in model.DeviceState}
+        provisioned = 0
+        for dev in pool.list():
+            counts[dev.kind, dev.state] += 1
+            if dev.state == model.DeviceState.READY:
+                provisioned += dev.size_bytes
+        for (kind, state), n in counts.items():
+            devices.add_metric([name, kind.value, state.value], n)
+        lost = sum(n for (_, state), n in counts.items() if state == model.DeviceState.LOST)
+
+        def gauge(suffix: str, doc: str, value: float) -> prom_core.Metric:
+            g = prom_core.GaugeMetricFamily(_name(suffix), doc, labels=["pool"])
+            g.add_metric([name], value)
+            return g
+
+        return [
+            devices,
+            gauge(
+                "pool_provisioned_bytes", "sum of the sizes of the ready volumes and snapshots", provisioned
+            ),
+            gauge(
+                "pool_open_intents", "journalled transactions not yet finished or undone", len(pool.intents())
+            ),
+            gauge(
+                "pool_orphan_devices",
+                "pool devices no record owns (csi-thin pool gc --orphans)",
+                len(pool.orphans()),
+            ),
+            gauge("pool_lost_devices", "records whose pool device is gone (never re-created empty)", lost),
+        ]
+
+
+class Metrics:
+    """The metrics of one process, in their own registry (tests and several servers never collide)."""
+
+    def __init__(self) -> None:
+        self.registry = prom_registry.CollectorRegistry()
+        prometheus_client.ProcessCollector(registry=self.registry)
+        prometheus_client.PlatformCollector(registry=self.registry)
+        self.pool = PoolCollector()
+        self.registry.register(self.pool)
+        self._operations = prometheus_client.Histogram(
+            _name("operation_duration_seconds"),
+            "gRPC calls served, by operation (method name) and status code",
+            labelnames=["operation", "grpc_code"],
+            buckets=RPC_BUCKETS,
+            registry=self.registry,
+        )
+        self._reconcile_errors = prometheus_client.Counter(
+            _name("reconcile_errors"),
+            "node agent reconciliations that failed, by resource",
+            labelnames=["resource"],
+            registry=self.registry,
+        )
+        for resource in RECONCILE_RESOURCES:
+            self._reconcile_errors.labels(resource=resource)
+        self._registration: prometheus_client.Enum | None = None  # only where registration runs
+        self._registration_lock = threading.Lock()
+
+    def observe_rpc(self, operation: str, code: str, seconds: float) -> None:
+        self._operations.labels(operation=operation, grpc_code=code).observe(seconds)
+
+    def reconcile_error(self, resource: str) -> None:
+        if resource not in RECONCILE_RESOURCES:
+            raise errors.InvalidArgument(
+                f"reconcile_error: resource {resource!r} not in {RECONCILE_RESOURCES}"
+            )
+        self._reconcile_errors.labels(resource=resource).inc()
+
+    def registration(self, state: str) -> None:
+        """The kubelet registration state (the metric appears with the first call)."""
+        with self._registration_lock:
+            if self._registration is None:
+                self._registration = prometheus_client.Enum(
+                    _name("kubelet_registration"),
+                    "kubelet plugin registration of this node plugin",
+                    states=list(REGISTRATION_STATES),
+                    registry=self.registry,
+                )
+        self._registration.state(state)
+
+    def attach_pool(self, name: str, pool: Pool | None) -> None:
+        """Scrapes read this pool from now on (None: stop reading, e.g. the engine is closing)."""
+        self.pool.attach(name, pool)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The scrape body and its content type, negotiated from the Accept header."""
+        encoder, content_type = exposition.choose_encoder(accept)
+        return encoder(self.registry), content_type
