@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
 import socket
@@ -16,8 +17,10 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 TOKEN = "csi-thin-test-admin-token"
 
@@ -46,6 +49,26 @@ class KubeEnv:
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
             "current-context": "test",
         }
+
+    def api_client(self, *, impersonate: str = "", extra: dict[str, str] | None = None) -> Any:
+        """A `kubernetes` ApiClient for this server (as admin, or impersonating a user with extra
+        user info, e.g. the node name a node-bound service-account token carries)."""
+        import kubernetes
+
+        cfg = kubernetes.client.Configuration()
+        cfg.host = self.server
+        cfg.ssl_ca_cert = self.ca_file
+        cfg.api_key = {"authorization": f"Bearer {self.token}"}
+        api = kubernetes.client.ApiClient(cfg)
+        if impersonate:
+            api.set_default_header("Impersonate-User", impersonate)
+            for key, value in (extra or {}).items():
+                api.set_default_header(f"Impersonate-Extra-{urllib.parse.quote(key, safe='')}", value)
+        return api
+
+    def write_kubeconfig(self, path: pathlib.Path) -> pathlib.Path:
+        path.write_text(json.dumps(self.kubeconfig_dict()))
+        return path
 
     def get(self, path: str) -> tuple[int, bytes]:
         ctx = ssl.create_default_context(cafile=self.ca_file)
