@@ -107,9 +107,9 @@ class Follower(Generic[client_mod.R]):
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop following: no callback runs after the current event. The thread (a daemon) ends when
+        its open watch does; it is not joined, as that can take up to WATCH_SECONDS."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=client_mod.WATCH_SECONDS + client_mod.CONNECT_SECONDS)
 
     def _relist(self) -> None:
         items = self.list_now(deadline=deadline_mod.default())
@@ -132,10 +132,10 @@ class Follower(Generic[client_mod.R]):
                 ):
                     if event.resource_version:
                         self.resource_version = event.resource_version
-                    if event.obj is not None:
-                        self._on_object(event.obj, event.type == "DELETED")  # type: ignore[arg-type]
                     if self._stop.is_set():
                         return
+                    if event.obj is not None:
+                        self._on_object(event.obj, event.type == "DELETED")  # type: ignore[arg-type]
                     delay = RETRY_FIRST
                 self.resumes += 1
             except client_mod.Gone:

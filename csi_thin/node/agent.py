@@ -144,8 +144,9 @@ class Agent:
         self._snap_follower: watch.Follower[res.ThinSnapshot] = watch.Follower(
             api, res.ThinSnapshot, node=node, on_object=self._seen_snapshot, on_list=self._listed_snapshots
         )
-        #: reconciles done (a test or metric reads it)
+        #: reconciles done, and status or finalizer writes that lost a race (a test or metric reads them)
         self.reconciled = 0
+        self.conflicts = 0
 
     @property
     def pool_object_name(self) -> str:
@@ -195,6 +196,8 @@ class Agent:
         return report
 
     def stop(self) -> None:
+        self._vol_follower.stop()
+        self._snap_follower.stop()
         self._stop.set()
         self._queue.close()
         self._dirty.set()
@@ -269,6 +272,7 @@ class Agent:
             self._retries.pop(key, None)
             self.reconciled += 1
         except client_mod.Conflict:
+            self.conflicts += 1
             self._refetch(key)
             self._queue.put(key)
         except errors.NotFound as exc:
