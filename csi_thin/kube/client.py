@@ -294,7 +294,7 @@ class Client:
         body = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{obj.name}.", "namespace": "default"},
+            "metadata": {"generateName": f"{obj.name}-", "namespace": "default"},
             "eventTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
             "reportingController": "csi-thin.io/node-agent",
             "reportingInstance": reporter,

@@ -224,3 +224,40 @@ def test_a_volume_needs_a_node(cluster: Cluster, missing: str) -> None:
     ctl = cluster.controller()
     req = csi_pb2.CreateVolumeRequest(name="pvc-x", volume_capabilities=[CAP])
     assert code_of(lambda: ctl.CreateVolume(req)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_node_side_failure_is_status_and_an_event(cluster: Cluster) -> None:
+    """A ThinVolume the node cannot make (its source snapshot does not exist there): status Failed
+    with the gRPC code, observedGeneration, a Ready=False condition, and a Warning Event."""
+    import kubernetes
+
+    from csi_thin import deadline as deadline_mod
+    from csi_thin.kube import client as client_mod
+    from csi_thin.kube import resources as res
+    from csi_thin.kube import watch
+
+    c = cluster
+    a = c.nodes["a"].name
+    api = client_mod.Client(c.env.api_client())
+    name = f"v-orphan-restore-{c.tag}"
+    spec = res.VolumeSpec(node_name=a, pool="p", size_bytes=64 * MiB, source=res.Source(snapshot="s-missing"))
+    api.create(res.ThinVolume(meta=res.Meta(name=name), spec=spec), deadline=deadline_mod.Deadline.after(10))
+    got = watch.wait_for(
+        api,
+        res.ThinVolume,
+        name,
+        lambda o: o is not None and o.settled,
+        deadline=deadline_mod.Deadline.after(60),
+        what="the node's verdict",
+    )
+    assert got is not None and got.status.phase == res.Phase.FAILED
+    assert got.status.code == "NOT_FOUND" and "s-missing" in got.status.message
+    assert got.status.observed_generation == got.meta.generation
+    assert [(cond.type, cond.status, cond.reason) for cond in got.status.conditions] == [
+        ("Ready", "False", "NotFound")
+    ]
+    events = kubernetes.client.EventsV1Api(c.env.api_client()).list_namespaced_event("default")
+    mine = [e for e in events.items if e.regarding.name == name]
+    assert [(e.type, e.reason) for e in mine] == [("Warning", "CreateFailed")]
+    assert "NOT_FOUND" in mine[0].note
+    assert c.devices("a") == []
