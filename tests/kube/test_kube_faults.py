@@ -181,3 +181,36 @@ def test_apiserver_restarted_under_load(cluster: Cluster) -> None:
     for v in vols:
         ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id))
     assert c.devices("a") == [] and c.devices("b") == []
+
+
+def test_vanished_device_is_lost_and_a_device_without_cr_is_an_orphan(cluster: Cluster) -> None:
+    """While the agent is down, one volume's device disappears from the pool and another volume's CR
+    is removed by force: at start the first is Lost (never re-created empty), the second's device is
+    reported as an orphan in the ThinPool status and kept."""
+    c = cluster
+    a = c.nodes["a"].name
+    ctl = c.controller()
+    gone = ctl.CreateVolume(create_req("pvc-gone", 64 * MiB, requisite=[a], preferred=[a])).volume
+    kept = ctl.CreateVolume(create_req("pvc-kept", 64 * MiB, requisite=[a], preferred=[a])).volume
+    tv = c.cr("thinvolumes", gone.volume_id)
+    assert tv is not None
+    c.nodes["a"].proc.stop()
+    os.unlink(c.nodes["a"].workdir / "pool" / "devices" / f"{tv['status']['deviceId']}.img")
+    c.api.patch_cluster_custom_object(
+        "csi-thin.io", "v1alpha1", "thinvolumes", kept.volume_id, {"metadata": {"finalizers": None}}
+    )
+    c.api.delete_cluster_custom_object("csi-thin.io", "v1alpha1", "thinvolumes", kept.volume_id)
+    c.nodes["a"].proc.start()
+
+    lost = c.cr("thinvolumes", gone.volume_id)
+    assert lost is not None and lost["status"]["phase"] == "Lost"
+    assert lost["status"]["code"] == "FAILED_PRECONDITION"
+    assert c.devices("a") == sorted([gone.volume_id, kept.volume_id])  # nothing deleted, nothing re-made
+    status = c.pool("a")["status"]
+    assert status["lost"] == [gone.volume_id] and status["orphans"] == [kept.volume_id]
+    got = ctl.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=gone.volume_id))
+    assert got.status.volume_condition.abnormal
+    # a Lost volume can still be deleted (its record goes; there is no device to delete)
+    ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=gone.volume_id))
+    assert c.cr("thinvolumes", gone.volume_id) is None
+    assert c.devices("a") == [kept.volume_id]
