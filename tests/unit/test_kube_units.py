@@ -23,7 +23,10 @@ from csi_thin.node import agent
 from tests.unit.fake_engine import FakeEngine
 
 MiB = model.MiB
-DL = deadline_mod.Deadline.after(60)
+
+
+def dl() -> deadline_mod.Deadline:
+    return deadline_mod.Deadline.after(60)
 
 
 def _api_dict(obj: res.ThinVolume | res.ThinSnapshot) -> dict[str, Any]:
@@ -110,7 +113,7 @@ def test_api_errors_become_domain_errors(status: int, reason: str, cls: type[Exc
         raise _api_error(status, reason)
 
     with pytest.raises(cls) as info:
-        client_mod.Client._call("get x", DL, fail)
+        client_mod.Client._call("get x", dl(), fail)
     assert type(info.value) is cls
     assert "get x: m" in str(info.value)
 
@@ -214,43 +217,47 @@ def test_placement_prefers_in_order_among_the_allowed() -> None:
     prov, cluster = _prov(a=10 * model.GiB, b=10 * model.GiB, c=10 * model.GiB)
     both = frozenset({"a", "b"})
     assert (
-        prov.create_volume(_req("one", MiB, allowed_nodes=both, preferred_nodes=("b", "a")), deadline=DL).node
+        prov.create_volume(
+            _req("one", MiB, allowed_nodes=both, preferred_nodes=("b", "a")), deadline=dl()
+        ).node
         == "b"
     )
     # a preferred node outside the requisite is skipped
     assert (
-        prov.create_volume(_req("two", MiB, allowed_nodes=both, preferred_nodes=("c", "a")), deadline=DL).node
+        prov.create_volume(
+            _req("two", MiB, allowed_nodes=both, preferred_nodes=("c", "a")), deadline=dl()
+        ).node
         == "a"
     )
-    assert prov.create_volume(_req("three", MiB, allowed_nodes=frozenset({"c"})), deadline=DL).node == "c"
+    assert prov.create_volume(_req("three", MiB, allowed_nodes=frozenset({"c"})), deadline=dl()).node == "c"
     with pytest.raises(errors.InvalidArgument):
-        prov.create_volume(_req("four", MiB), deadline=DL)
+        prov.create_volume(_req("four", MiB), deadline=dl())
     assert sorted(cluster.nodes["b"].devices) == ["v-one"]
 
 
 def test_clones_and_snapshots_follow_their_source_and_capacity_is_per_node() -> None:
     prov, _ = _prov(a=1 * model.GiB, b=4 * model.GiB)
-    vol = prov.create_volume(_req("src", MiB, allowed_nodes=frozenset({"b"})), deadline=DL)
-    snap = prov.create_snapshot("snap", vol.name, deadline=DL)
+    vol = prov.create_volume(_req("src", MiB, allowed_nodes=frozenset({"b"})), deadline=dl())
+    snap = prov.create_snapshot("snap", vol.name, deadline=dl())
     assert snap.node == "b"
     source = provisioner.ContentSource(kind=provisioner.naming.IdKind.SNAPSHOT, id=snap.name)
     restored = prov.create_volume(
         _req("restored", 2 * MiB, source=source, allowed_nodes=frozenset({"a", "b"}), preferred_nodes=("a",)),
-        deadline=DL,
+        deadline=dl(),
     )
     assert restored.node == "b"
     with pytest.raises(errors.ResourceExhausted):  # the requisite excludes the source's node
-        prov.create_volume(_req("nowhere", MiB, source=source, allowed_nodes=frozenset({"a"})), deadline=DL)
-    cap_a = prov.capacity(node_id="a", deadline=DL)
-    cap_b = prov.capacity(node_id="b", deadline=DL)
+        prov.create_volume(_req("nowhere", MiB, source=source, allowed_nodes=frozenset({"a"})), deadline=dl())
+    cap_a = prov.capacity(node_id="a", deadline=dl())
+    cap_b = prov.capacity(node_id="b", deadline=dl())
     assert cap_a.maximum_volume_bytes == 10 * model.GiB
     assert cap_b.maximum_volume_bytes == 40 * model.GiB - 3 * MiB
-    assert prov.capacity(node_id=None, deadline=DL).available_bytes == 0
+    assert prov.capacity(node_id=None, deadline=dl()).available_bytes == 0
     # overprovisioning is the node's own
     with pytest.raises(errors.ResourceExhausted):
-        prov.create_volume(_req("big", 11 * model.GiB, allowed_nodes=frozenset({"a"})), deadline=DL)
+        prov.create_volume(_req("big", 11 * model.GiB, allowed_nodes=frozenset({"a"})), deadline=dl())
     assert (
-        prov.create_volume(_req("big", 11 * model.GiB, allowed_nodes=frozenset({"b"})), deadline=DL).node
+        prov.create_volume(_req("big", 11 * model.GiB, allowed_nodes=frozenset({"b"})), deadline=dl()).node
         == "b"
     )
 
