@@ -15,7 +15,6 @@ from csi_thin import app, config, demo
 from csi_thin import deadline as deadline_mod
 from csi_thin.kube import client as client_mod
 from csi_thin.kube import resources as res
-from csi_thin.kube import watch
 from csi_thin.node import agent as agent_mod
 from csi_thin.pool import engine as engine_mod
 from tests import kubeenv
@@ -34,10 +33,13 @@ def engine(tmp_path: pathlib.Path) -> Iterator[engine_mod.PoolEngine]:
 
 
 def test_status_conflicts_are_reread_and_redone(kube: kubeenv.KubeEnv, engine: engine_mod.PoolEngine) -> None:
+    """Driven step by step (the agent's watch is not started, so nothing refreshes its cache behind
+    the test's back): reconcile, another writer moves the object on, reconcile from the old copy."""
     api = client_mod.Client(kube.api_client())
     node = f"nc-{uuid.uuid4().hex[:6]}"
     dl = deadline_mod.Deadline.after(60)
     name = f"v-pvc-{node}"
+    key = (res.Kind.VOLUME, name)
     api.create(
         res.ThinVolume(
             meta=res.Meta(name=name), spec=res.VolumeSpec(node_name=node, pool="p", size_bytes=1 << 26)
@@ -45,33 +47,29 @@ def test_status_conflicts_are_reread_and_redone(kube: kubeenv.KubeEnv, engine: e
         deadline=dl,
     )
     agent = agent_mod.Agent(api=api, engine=engine, node=node, pool="p", overprovision_ratio=10.0)
-    agent.start(deadline=dl)
     try:
+        agent._volumes[name] = api.get(res.ThinVolume, name, deadline=dl)
+        agent._reconcile_key(key)
         ready = api.get(res.ThinVolume, name, deadline=dl)
         assert ready.status.phase == res.Phase.READY and res.FINALIZER in ready.meta.finalizers
+        assert agent.conflicts == 0
 
-        # another writer changes the status behind the agent's back ...
+        # another writer changes the status; the agent still holds the version before it
         api.put_status(ready, {**ready.status.to_dict(), "message": "overwritten"}, deadline=dl)
-        # ... and the agent reconciles from the copy it had (its cache is one version behind)
-        stale = dataclasses.replace(ready, status=dataclasses.replace(ready.status, message="stale"))
-        agent._volumes[name] = stale  # the race, made deterministic
-        agent._queue.put((res.Kind.VOLUME, name))
-        fixed = watch.wait_for(
-            api,
-            res.ThinVolume,
-            name,
-            lambda o: o is not None and o.status.message == "" and o.status.phase == res.Phase.READY,
-            deadline=deadline_mod.Deadline.after(30),
-            what="the agent putting the status back",
+        agent._volumes[name] = dataclasses.replace(
+            ready, status=dataclasses.replace(ready.status, message="stale")
         )
-        assert fixed is not None and fixed.status.device_id == ready.status.device_id
-        assert agent.conflicts >= 1
+        agent._reconcile_key(key)  # its write is refused (409): counted, the object re-read
+        assert agent.conflicts == 1
+        assert api.get(res.ThinVolume, name, deadline=dl).status.message == "overwritten"  # nothing forced
+        agent._reconcile_key(key)  # the requeued reconcile, from the fresh copy
+        fixed = api.get(res.ThinVolume, name, deadline=dl)
+        assert fixed.status.phase == res.Phase.READY and fixed.status.message == ""
+        assert fixed.status.device_id == ready.status.device_id
+        assert agent.conflicts == 1
     finally:
-        agent.stop()
-        api.delete(res.ThinVolume, name, deadline=dl)
         got = api.find(res.ThinVolume, name, deadline=dl)
         if got is not None:
             api.set_finalizers(got, (), deadline=dl)
+        api.delete(res.ThinVolume, name, deadline=dl)
         engine.delete(name, deadline=dl)
-        for pool in api.list(res.ThinPool, deadline=dl, node=node)[0]:
-            api.delete(res.ThinPool, pool.name, deadline=dl)
