@@ -255,8 +255,14 @@ def _register_standalone(subparsers: Any) -> None:
     standalone.register(subparsers, open_engine=app.open_engine)
 
 
+def _register_kube(subparsers: Any) -> None:
+    from csi_thin.csi import kubemode  # noqa: PLC0415 - grpc and the kubernetes client load only here
+
+    kubemode.register(subparsers, open_engine=app.open_engine)
+
+
 #: The subcommand groups, in help order. Each adds its parser and sets `func(args) -> int`.
-GROUPS: list[Callable[[Any], None]] = [register, _register_standalone]
+GROUPS: list[Callable[[Any], None]] = [register, _register_standalone, _register_kube]
 
 
 def build_parser() -> argparse.ArgumentParser:

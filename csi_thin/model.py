@@ -17,6 +17,10 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
+#: the device attributes the CSI layer keeps on each volume (and hands back as volume_context)
+ATTR_ACCESS_TYPE = "csi-thin.io/access-type"
+ATTR_FS_TYPE = "csi-thin.io/fs-type"
+
 
 class DeviceKind(enum.StrEnum):
     VOLUME = "volume"
@@ -55,6 +59,9 @@ class Device:
     #: opaque (key, value) pairs the creator attached (the CSI layer: access and filesystem type),
     #: sorted; part of what a repeated create must match
     attributes: tuple[tuple[str, str], ...] = ()
+    #: the node whose pool holds it, where volumes may live on several nodes (Kubernetes mode); None
+    #: in a node's own engine. Not stored in LMDB (a node's store only holds its own devices).
+    node: str | None = None
 
     def is_compatible_with(
         self,

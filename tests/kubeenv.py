@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
 import socket
@@ -16,8 +17,10 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 TOKEN = "csi-thin-test-admin-token"
 
@@ -34,6 +37,8 @@ class KubeEnv:
     token: str
     ca_file: str
     workdir: pathlib.Path
+    #: kill the API server and start it again on the same port and etcd (watches break, data stays)
+    restart_apiserver: Callable[[], None] = dataclasses.field(default=lambda: None, compare=False)
 
     def kubeconfig_dict(self) -> dict[str, object]:
         return {
@@ -46,6 +51,26 @@ class KubeEnv:
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
             "current-context": "test",
         }
+
+    def api_client(self, *, impersonate: str = "", extra: dict[str, str] | None = None) -> Any:
+        """A `kubernetes` ApiClient for this server (as admin, or impersonating a user with extra
+        user info, e.g. the node name a node-bound service-account token carries)."""
+        import kubernetes
+
+        cfg = kubernetes.client.Configuration()
+        cfg.host = self.server
+        cfg.ssl_ca_cert = self.ca_file
+        cfg.api_key = {"authorization": f"Bearer {self.token}"}
+        api = kubernetes.client.ApiClient(cfg)
+        if impersonate:
+            api.set_default_header("Impersonate-User", impersonate)
+            for key, value in (extra or {}).items():
+                api.set_default_header(f"Impersonate-Extra-{urllib.parse.quote(key, safe='')}", value)
+        return api
+
+    def write_kubeconfig(self, path: pathlib.Path) -> pathlib.Path:
+        path.write_text(json.dumps(self.kubeconfig_dict()))
+        return path
 
     def get(self, path: str) -> tuple[int, bytes]:
         ctx = ssl.create_default_context(cafile=self.ca_file)
@@ -114,47 +139,63 @@ def running(bin_dir: pathlib.Path, *, timeout: float = 120.0) -> Iterator[KubeEn
             )
             (work / "tokens.csv").write_text(f'{TOKEN},admin,admin-uid,"system:masters"\n')
             certs = work / "certs"
-            with api_log.open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            str(bin_dir / "kube-apiserver"),
-                            "--etcd-servers",
-                            etcd_url,
-                            "--bind-address",
-                            "127.0.0.1",
-                            "--advertise-address",
-                            "127.0.0.1",
-                            "--secure-port",
-                            str(api_port),
-                            "--cert-dir",
-                            str(certs),
-                            "--token-auth-file",
-                            str(work / "tokens.csv"),
-                            "--authorization-mode",
-                            "RBAC",
-                            "--service-account-issuer",
-                            "https://csi-thin.test",
-                            "--service-account-key-file",
-                            str(work / "sa.key"),
-                            "--service-account-signing-key-file",
-                            str(work / "sa.key"),
-                            "--service-cluster-ip-range",
-                            "10.96.0.0/24",
-                            "--disable-admission-plugins",
-                            "ServiceAccount",
-                            "--enable-priority-and-fairness=false",
-                        ],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env={**os.environ, "GOMAXPROCS": "2"},
+            api_argv = [
+                str(bin_dir / "kube-apiserver"),
+                "--etcd-servers",
+                etcd_url,
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(api_port),
+                "--cert-dir",
+                str(certs),
+                "--token-auth-file",
+                str(work / "tokens.csv"),
+                "--authorization-mode",
+                "RBAC",
+                "--service-account-issuer",
+                "https://csi-thin.test",
+                "--service-account-key-file",
+                str(work / "sa.key"),
+                "--service-account-signing-key-file",
+                str(work / "sa.key"),
+                "--service-cluster-ip-range",
+                "10.96.0.0/24",
+                "--disable-admission-plugins",
+                "ServiceAccount",
+                "--enable-priority-and-fairness=false",
+            ]
+
+            def start_apiserver() -> subprocess.Popen[bytes]:
+                with api_log.open("ab") as out:
+                    return subprocess.Popen(
+                        api_argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "GOMAXPROCS": "2"}
                     )
-                )
+
+            procs.append(start_apiserver())
             ca = certs / "apiserver.crt"
             end = time.monotonic() + timeout
             while not ca.exists() and time.monotonic() < end:
                 time.sleep(0.1)
-            env = KubeEnv(server=f"https://127.0.0.1:{api_port}", token=TOKEN, ca_file=str(ca), workdir=work)
+
+            def restart() -> None:
+                # killed, as a crashed or evicted API server: a graceful stop drains open watches
+                # for up to a minute, which only slows the test down
+                old = procs.pop()
+                old.kill()
+                old.wait(timeout=60)
+                procs.append(start_apiserver())
+                _wait_ready(env, procs[-1], api_log, timeout)
+
+            env = KubeEnv(
+                server=f"https://127.0.0.1:{api_port}",
+                token=TOKEN,
+                ca_file=str(ca),
+                workdir=work,
+                restart_apiserver=restart,
+            )
             _wait_ready(env, procs[-1], api_log, max(1.0, end - time.monotonic()))
             yield env
         finally:

@@ -5,13 +5,18 @@ and a different request under the same name gets ALREADY_EXISTS); every delete t
 device as done. Locking is the engine's: it holds a per-name lock for each mutation and answers a
 second caller with OperationPending (ABORTED), so nothing here takes a lock of its own. Reads
 (get/list/capacity) take no lock: they see one consistent record each and a list is a snapshot.
+
+Placement. Standalone: one node, its engine; a request whose topology excludes it is refused. In
+Kubernetes mode (`Settings.node_id` None, `nodes` given) volumes live on many nodes: a new volume goes
+to the first preferred node its requisite topology allows, a clone, restore or snapshot to its
+source's node, and each node's capacity and overprovisioning are that node's engine's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from csi_thin import deadline as deadline_mod
@@ -56,7 +61,8 @@ class AccessType(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    node_id: str
+    #: this node (standalone); None when volumes may go to any node (Kubernetes mode)
+    node_id: str | None
     block_size: int
     thresholds: model.Thresholds = dataclasses.field(default_factory=model.Thresholds)
     #: provisioned volume bytes may reach this multiple of the pool's data size (thin provisioning)
@@ -88,6 +94,8 @@ class VolumeRequest:
     source: ContentSource | None = None
     #: node ids the volume may live on (None: no requirement)
     allowed_nodes: frozenset[str] | None = None
+    #: node ids in the order the caller prefers them (CSI's preferred topology)
+    preferred_nodes: tuple[str, ...] = ()
     #: the smallest size the requested filesystem can be made on (0: no minimum)
     min_bytes: int = 0
     #: what the volume is made for (access type, fs type): kept on the device, and a repeated create
@@ -158,9 +166,16 @@ class InvalidToken(errors.CsiThinError):
 
 
 class Provisioner:
-    def __init__(self, *, engine: Engine, settings: Settings) -> None:
+    def __init__(
+        self, *, engine: Engine, settings: Settings, nodes: Callable[[str], Engine] | None = None
+    ) -> None:
+        """`engine` finds devices by name; `nodes(node)` is the engine of one node (Kubernetes mode:
+        where volumes are created, and whose capacity counts). Standalone: `engine` is both."""
+        if (settings.node_id is None) != (nodes is not None):
+            raise errors.Internal("Provisioner: give either settings.node_id (one node) or nodes (many)")
         self._engine = engine
         self._settings = settings
+        self._nodes = nodes
 
     @property
     def settings(self) -> Settings:
@@ -175,15 +190,19 @@ class Provisioner:
         size = choose_size(req.capacity, self._settings, at_least=at_least)
         existing = self._engine.get(name)
         if existing is not None:
-            return self._existing_volume(existing, req, source)
-        if req.allowed_nodes is not None and self._settings.node_id not in req.allowed_nodes:
-            raise errors.ResourceExhausted(
-                f"accessibility requirements name no segment of this node ({self._settings.node_id})"
-            )
-        self._check_overprovision(size, deadline=deadline)
+            self._existing_volume(existing, req, source)
+            if existing.state == model.DeviceState.READY:
+                return existing
+            # still being created: ask again (the pool engine answers ABORTED while its create runs;
+            # the CR engine waits for the node's verdict on the object the first call made)
+            engine = self._on(existing.node)
+        else:
+            node = self._place(req, source)
+            engine = self._on(node)
+            self._check_overprovision(size, engine, deadline=deadline)
         if source is None:
-            return self._engine.create_volume(name, size, deadline=deadline, attributes=req.attributes)
-        return self._engine.clone(name, source.name, size, deadline=deadline, attributes=req.attributes)
+            return engine.create_volume(name, size, deadline=deadline, attributes=req.attributes)
+        return engine.clone(name, source.name, size, deadline=deadline, attributes=req.attributes)
 
     def delete_volume(self, volume_id: str, *, deadline: deadline_mod.Deadline) -> None:
         if naming.is_own_id(volume_id, naming.IdKind.VOLUME):
@@ -202,30 +221,40 @@ class Provisioner:
         size = choose_size(rng, self._settings)
         if device.size_bytes >= rng.required:  # already there (a retry, or a no-op): never shrink
             return device
-        self._check_overprovision(size - device.size_bytes, deadline=deadline)
-        return self._engine.grow(volume_id, size, deadline=deadline)
+        engine = self._on(device.node)
+        self._check_overprovision(size - device.size_bytes, engine, deadline=deadline)
+        return engine.grow(volume_id, size, deadline=deadline)
 
     def condition(self, device: model.Device, *, deadline: deadline_mod.Deadline) -> Condition:
         return self.conditions([device], deadline=deadline)[0]
 
     def conditions(self, devices: list[model.Device], *, deadline: deadline_mod.Deadline) -> list[Condition]:
-        """The volume condition of each device (one pool status read for all of them)."""
-        pool = pool_condition(self._engine.status(deadline=deadline), self._settings.thresholds)
-        return [
-            pool
-            if d.state == model.DeviceState.READY
-            else Condition(abnormal=True, message=f"device is {d.state.value}")
-            for d in devices
-        ]
+        """The volume condition of each device (one pool status read per node for all of them)."""
+        pools: dict[str | None, Condition] = {}
+        out: list[Condition] = []
+        for d in devices:
+            if d.state != model.DeviceState.READY:
+                out.append(Condition(abnormal=True, message=f"device is {d.state.value}"))
+                continue
+            if d.node not in pools:
+                status = self._on(d.node).status(deadline=deadline)
+                pools[d.node] = pool_condition(status, self._settings.thresholds)
+            out.append(pools[d.node])
+        return out
 
     def capacity(self, *, node_id: str | None, deadline: deadline_mod.Deadline) -> Capacity:
         """GetCapacity: the smaller of the thin headroom (overprovision ratio x data size - bytes
         provisioned to volumes) and the physical headroom (data size x the data threshold - data used,
         i.e. free space less the reserve above the threshold, where new devices are refused anyway).
         The largest single volume is bounded by the thin headroom only: it is allocated lazily."""
-        if node_id is not None and node_id != self._settings.node_id:
+        if self._nodes is None and node_id is not None and node_id != self._settings.node_id:
             return Capacity(available_bytes=0, maximum_volume_bytes=0)
-        status = self._engine.status(deadline=deadline)
+        if self._nodes is not None and node_id is None:
+            # Kubernetes mode: capacity is per node (the external-provisioner asks per topology
+            # segment); a volume cannot span nodes, so no single number describes "anywhere"
+            return Capacity(available_bytes=0, maximum_volume_bytes=0)
+        engine = self._on(node_id)
+        status = engine.status(deadline=deadline)
         thresholds = self._settings.thresholds
         # above a threshold the engine refuses every new device; maximum_volume_size must say so too,
         # as the Kubernetes scheduler prefers it to available_capacity when both are set
@@ -236,7 +265,7 @@ class Provisioner:
         ):
             return Capacity(available_bytes=0, maximum_volume_bytes=0)
         bs = self._settings.block_size
-        logical = int(self._settings.overprovision_ratio * status.data_total_bytes) - self._provisioned()
+        logical = int(self._settings.overprovision_ratio * status.data_total_bytes) - _provisioned(engine)
         physical = int(status.data_total_bytes * self._settings.thresholds.data) - status.data_used_bytes
         logical = max(0, min(logical, self._settings.max_volume_bytes)) // bs * bs
         return Capacity(
@@ -251,7 +280,9 @@ class Provisioner:
         if existing is not None:
             if existing.kind != model.DeviceKind.SNAPSHOT or existing.origin != source_id:
                 raise errors.AlreadyExists(f"snapshot {name!r} exists with another source volume")
-            return _ready(existing)
+            if existing.state != model.DeviceState.CREATING:
+                return _ready(existing)
+            # still being created: ask again (as for volumes)
         source = self.get_volume(source_id)
         return self._engine.create_snapshot(snap, source.name, deadline=deadline)
 
@@ -284,9 +315,45 @@ class Provisioner:
             return None
         return self._get(source.id, source.kind)
 
+    def _on(self, node: str | None) -> Engine:
+        """The engine of the node that holds (or will hold) a device."""
+        if self._nodes is None:
+            return self._engine
+        if node is None:
+            raise errors.Internal("Kubernetes mode: a device without a node")
+        return self._nodes(node)
+
+    def _place(self, req: VolumeRequest, source: model.Device | None) -> str | None:
+        """The node for a new volume: its source's, else the first preferred node the requisite
+        topology allows, else the first allowed one. Standalone: this node, if allowed."""
+        allowed = req.allowed_nodes
+        if self._nodes is None:
+            node = self._settings.node_id
+            if allowed is not None and node not in allowed:
+                raise errors.ResourceExhausted(
+                    f"accessibility requirements name no segment of this node ({node})"
+                )
+            return node
+        if source is not None:
+            if allowed is not None and source.node not in allowed:
+                raise errors.ResourceExhausted(
+                    f"the content source lives on node {source.node}, which the accessibility "
+                    "requirements do not allow"
+                )
+            return source.node
+        for node in req.preferred_nodes:
+            if allowed is None or node in allowed:
+                return node
+        if allowed:
+            return sorted(allowed)[0]
+        raise errors.InvalidArgument(
+            "accessibility_requirements must name a node (topology key csi-thin.io/node): "
+            "volumes are node-local"
+        )
+
     def _existing_volume(
         self, existing: model.Device, req: VolumeRequest, source: model.Device | None
-    ) -> model.Device:
+    ) -> None:
         rng = req.capacity
         fits = existing.size_bytes >= rng.required and (not rng.limit or existing.size_bytes <= rng.limit)
         same_source = existing.origin == (source.name if source else None)
@@ -298,17 +365,13 @@ class Provisioner:
             raise errors.AlreadyExists(
                 f"volume {req.name!r} exists for {dict(existing.attributes)}, not for {dict(req.attributes)}"
             )
-        if existing.state != model.DeviceState.READY:
+        if existing.state not in (model.DeviceState.READY, model.DeviceState.CREATING):
             raise errors.OperationPending(f"volume {req.name!r} is {existing.state.value}")
-        return existing
 
-    def _provisioned(self) -> int:
-        return sum(d.size_bytes for d in self._engine.list(kind=model.DeviceKind.VOLUME))
-
-    def _check_overprovision(self, extra: int, *, deadline: deadline_mod.Deadline) -> None:
-        status = self._engine.status(deadline=deadline)
+    def _check_overprovision(self, extra: int, engine: Engine, *, deadline: deadline_mod.Deadline) -> None:
+        status = engine.status(deadline=deadline)
         limit = int(self._settings.overprovision_ratio * status.data_total_bytes)
-        provisioned = self._provisioned()
+        provisioned = _provisioned(engine)
         if provisioned + extra > limit:
             raise errors.ResourceExhausted(
                 f"provisioning {extra} more bytes would exceed {self._settings.overprovision_ratio}x the "
@@ -327,6 +390,10 @@ class Provisioner:
             return Page(devices=names, next_token="")
         page = names[:max_entries]
         return Page(devices=page, next_token=paging.token_after(page[-1].name))
+
+
+def _provisioned(engine: Engine) -> int:
+    return sum(d.size_bytes for d in engine.list(kind=model.DeviceKind.VOLUME))
 
 
 def _ready(device: model.Device) -> model.Device:

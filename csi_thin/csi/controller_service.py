@@ -174,11 +174,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     # -- responses -------------------------------------------------------------------------------
 
     def _volume(self, device: model.Device) -> csi_pb2.Volume:
+        node = device.node or self._node_id
         volume = csi_pb2.Volume(
             volume_id=device.name,
             capacity_bytes=device.size_bytes,
             volume_context=dict(device.attributes),
-            accessible_topology=[csi_pb2.Topology(segments={validate.TOPOLOGY_KEY: self._node_id})],
+            accessible_topology=[csi_pb2.Topology(segments={validate.TOPOLOGY_KEY: node})] if node else [],
         )
         if device.origin and naming.is_own_id(device.origin, naming.IdKind.SNAPSHOT):
             volume.content_source.snapshot.snapshot_id = device.origin

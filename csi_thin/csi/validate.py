@@ -12,7 +12,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-from csi_thin import errors
+from csi_thin import errors, model
 from csi_thin.controller import naming, provisioner
 from csi_thin.csi.pb import csi_pb2
 from csi_thin.node import filesystem, volumes
@@ -21,10 +21,10 @@ from csi_thin.node import filesystem, volumes
 MAX_ID_BYTES = 128
 MAX_PATH_BYTES = 4096
 MAX_MOUNT_FLAGS = 32
-TOPOLOGY_KEY = "topology.csi-thin.io/node"
+TOPOLOGY_KEY = "csi-thin.io/node"
 #: volume_context keys: CreateVolume records the access and filesystem type; the node reads them back
-CTX_ACCESS_TYPE = "csi-thin.io/access-type"
-CTX_FS_TYPE = "csi-thin.io/fs-type"
+CTX_ACCESS_TYPE = model.ATTR_ACCESS_TYPE
+CTX_FS_TYPE = model.ATTR_FS_TYPE
 DEFAULT_FS = "ext4"
 
 _ID = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII: keeps ids printable in logs
@@ -174,6 +174,11 @@ def allowed_nodes(req: csi_pb2.TopologyRequirement) -> frozenset[str] | None:
     return frozenset(t.segments[TOPOLOGY_KEY] for t in req.requisite if TOPOLOGY_KEY in t.segments)
 
 
+def preferred_nodes(req: csi_pb2.TopologyRequirement) -> tuple[str, ...]:
+    """The node ids of the preferred topology, in the caller's order."""
+    return tuple(t.segments[TOPOLOGY_KEY] for t in req.preferred if TOPOLOGY_KEY in t.segments)
+
+
 def max_entries(value: int) -> int:
     if value < 0:
         raise errors.InvalidArgument("max_entries must not be negative")
@@ -195,6 +200,7 @@ def volume_request(req: csi_pb2.CreateVolumeRequest) -> provisioner.VolumeReques
         capacity=capacity(req.capacity_range),
         source=content_source(req.volume_content_source),
         allowed_nodes=allowed_nodes(req.accessibility_requirements),
+        preferred_nodes=preferred_nodes(req.accessibility_requirements),
         min_bytes=max(0 if c.block else filesystem.min_bytes(c.fs_type) for c in caps),
         attributes=volume_context(caps[0]),
     )

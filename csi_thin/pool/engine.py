@@ -753,6 +753,47 @@ class PoolEngine:
                     w.clear_adopted()
         return deleted
 
+    def adopt(self, dev: model.Device, *, deadline: deadline_mod.Deadline) -> model.Device:
+        """Give an orphan pool id its record back (READY), after the store was lost and rebuilt: the
+        caller knows from elsewhere (Kubernetes mode: the CRs) which name, kind, size and origin the id
+        had. No pool metadata changes, so nothing is fenced; the pool must still hold the id. Once no
+        orphan is left, the store's 'adopted' mark is cleared (gc needs no --force any more)."""
+        _validate_name(dev.name)
+        with self._claim(dev.name), self._pool_lock:
+            existing = self.store.get(dev.name)
+            if existing is not None:
+                if existing.dev_id != dev.dev_id:
+                    raise errors.AlreadyExists(
+                        f"{dev.name!r} already has device {existing.dev_id}, not orphan {dev.dev_id}"
+                    )
+                return existing
+            with self.store.write() as w:
+                owner = w.owner(dev.dev_id)
+                if owner != lmdb_store.ORPHAN:
+                    raise errors.FailedPrecondition(
+                        f"device id {dev.dev_id} is not an orphan of this pool (owner {owner!r})"
+                    )
+            if dev.dev_id not in self.backend.device_ids(deadline=deadline):
+                raise errors.FailedPrecondition(
+                    f"the pool has no device {dev.dev_id} to adopt as {dev.name!r}"
+                )
+            active = dev.dev_id in self.backend.active_ids(deadline=deadline)
+            record = dataclasses.replace(
+                dev,
+                state=model.DeviceState.READY,
+                active=active,
+                path=self.backend.device_path(dev.dev_id) if active else None,
+                node=None,
+            )
+            with self.store.write() as w:
+                w.free_id(dev.dev_id)
+                w.put(record)
+            if self.store.adopted() is not None and not self.orphans():
+                with self.store.write() as w:
+                    w.clear_adopted()
+            log.info("event=adopted name=%s dev_id=%d", dev.name, dev.dev_id)
+            return record
+
     def _gc_one(self, dev_id: int, deadline: deadline_mod.Deadline) -> None:
         def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
             return w.open_intent(

@@ -96,6 +96,7 @@ def _load(raw: bytes, what: str) -> dict[str, Any]:
 
 def encode_device(dev: model.Device) -> bytes:
     fields = dataclasses.asdict(dev)
+    del fields["node"]  # a node's store holds only its own devices
     fields["kind"] = dev.kind.value
     fields["state"] = dev.state.value
     return json.dumps({"v": SCHEMA_VERSION, **fields}, sort_keys=True).encode()

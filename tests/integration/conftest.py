@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests import conftest, kubeenv
+from tests import conftest, kubecrds, kubeenv
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +14,10 @@ def kube() -> Iterator[kubeenv.KubeEnv]:
     conftest.tool("etcd")
     with kubeenv.running(conftest.BIN) as env:
         yield env
+
+
+@pytest.fixture(scope="session")
+def crds(kube: kubeenv.KubeEnv) -> kubeenv.KubeEnv:
+    """The API server with the chart's CRDs and node-isolation policy installed."""
+    kubecrds.install(kube)
+    return kube

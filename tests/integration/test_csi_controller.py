@@ -94,7 +94,7 @@ def test_every_controller_rpc_is_idempotent(d: h.Driver) -> None:
     assert c.CreateVolume(h.create_req("pvc-a", 10 * MiB)).volume == vol
     assert vol.capacity_bytes == 10 * MiB
     assert dict(vol.volume_context) == {"csi-thin.io/access-type": "mount", "csi-thin.io/fs-type": "ext4"}
-    assert [dict(t.segments) for t in vol.accessible_topology] == [{"topology.csi-thin.io/node": "node-1"}]
+    assert [dict(t.segments) for t in vol.accessible_topology] == [{"csi-thin.io/node": "node-1"}]
 
     snap = c.CreateSnapshot(
         csi_pb2.CreateSnapshotRequest(name="snap-a", source_volume_id=vol.volume_id)
@@ -461,7 +461,7 @@ def test_get_capacity(d: h.Driver) -> None:
     c.CreateVolume(h.create_req("pvc-a", 600 * GiB))
     assert c.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity == 40 * GiB
     elsewhere = csi_pb2.GetCapacityRequest(
-        accessible_topology=csi_pb2.Topology(segments={"topology.csi-thin.io/node": "x"})
+        accessible_topology=csi_pb2.Topology(segments={"csi-thin.io/node": "x"})
     )
     assert c.GetCapacity(elsewhere).available_capacity == 0
     assert h.code_of(lambda: c.CreateVolume(h.create_req("pvc-b", 41 * GiB))) == S.RESOURCE_EXHAUSTED
@@ -495,7 +495,7 @@ def test_get_capacity_as_the_external_provisioner_asks_for_it(d: h.Driver) -> No
 
 
 def test_topology_pins_volumes_to_this_node(d: h.Driver) -> None:
-    key = "topology.csi-thin.io/node"
+    key = "csi-thin.io/node"
     here = csi_pb2.TopologyRequirement(requisite=[csi_pb2.Topology(segments={key: "node-1"})])
     there = csi_pb2.TopologyRequirement(requisite=[csi_pb2.Topology(segments={key: "node-2"})])
     assert d.controller.CreateVolume(h.create_req("a", MiB, accessibility_requirements=here)).volume.volume_id

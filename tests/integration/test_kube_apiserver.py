@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-import lightkube
-from lightkube.models.meta_v1 import ObjectMeta
-from lightkube.resources.core_v1 import ConfigMap, Namespace
+import kubernetes
 
 from tests import kubeenv
 
@@ -17,11 +15,10 @@ def test_readyz_and_version(kube: kubeenv.KubeEnv) -> None:
     assert json.loads(body)["gitVersion"].startswith("v1.36.")
 
 
-def test_lightkube_round_trip_through_etcd(kube: kubeenv.KubeEnv) -> None:
-    client = lightkube.Client(lightkube.KubeConfig.from_dict(kube.kubeconfig_dict()))
-    assert any(ns.metadata and ns.metadata.name == "default" for ns in client.list(Namespace))
-    cm = ConfigMap(metadata=ObjectMeta(name="probe", namespace="default"), data={"k": "v"})
-    client.create(cm)
-    got = client.get(ConfigMap, "probe", namespace="default")
-    assert got.data == {"k": "v"}
-    client.delete(ConfigMap, "probe", namespace="default")
+def test_kubernetes_client_round_trip_through_etcd(kube: kubeenv.KubeEnv) -> None:
+    core = kubernetes.client.CoreV1Api(kube.api_client())
+    assert any(ns.metadata.name == "default" for ns in core.list_namespace().items)
+    cm = kubernetes.client.V1ConfigMap(metadata=kubernetes.client.V1ObjectMeta(name="probe"), data={"k": "v"})
+    core.create_namespaced_config_map("default", cm)
+    assert core.read_namespaced_config_map("probe", "default").data == {"k": "v"}
+    core.delete_namespaced_config_map("probe", "default")

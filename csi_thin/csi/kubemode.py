@@ -1,0 +1,189 @@
+"""Kubernetes mode: `csi-thin controller` and `csi-thin node`.
+
+- controller (a Deployment, stateless, any number of replicas: the sidecars elect a leader): CSI
+  Identity + Controller over the CR engine (csi_thin.kube.crengine). The provisioning logic is the
+  standalone one (csi_thin.controller.provisioner), in its many-nodes form.
+- node (a DaemonSet): CSI Identity + Node over the node's pool engine, plus the node agent that
+  reconciles this node's CRs through the same engine. Start-up order: load the pool config; take the
+  pool's owner lock, assemble, recover (csi_thin.app.open_engine); start the agent (start-up
+  reconcile, including the rebuild of a lost LMDB from the CRs); then serve CSI.
+
+The kubeconfig is a file (`--kubeconfig`) or, when absent, the pod's service account.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import socket
+import sys
+from typing import Any
+
+from csi_thin import config, errors, httpserver, model
+from csi_thin import deadline as deadline_mod
+from csi_thin import metrics as metrics_mod
+from csi_thin.controller import provisioner
+from csi_thin.csi import controller_service, identity_service, node_service, registration, server, standalone
+from csi_thin.kube import client as client_mod
+from csi_thin.kube import crengine
+from csi_thin.node import agent as agent_mod
+from csi_thin.node import volumes
+from csi_thin.pool import engine as engine_mod
+
+log = logging.getLogger(__name__)
+
+#: the controller rounds every size up to a multiple of this; make it a multiple of every node's pool
+#: block size (the node rounds up to its own block size, and reports the size it made)
+DEFAULT_BLOCK_SIZE = model.MiB
+
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", required=True, help="unix:///path/csi.sock or tcp://host:port")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: in-cluster service account)")
+    p.add_argument("--driver-name", default=identity_service.DEFAULT_NAME)
+    p.add_argument("--overprovision-ratio", type=float, default=provisioner.Settings.overprovision_ratio)
+    p.add_argument("--grace", type=float, default=server.DEFAULT_GRACE_SECONDS, help="shutdown grace (s)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def register(subparsers: Any, *, open_engine: standalone.EngineFactory) -> None:
+    """Add the `controller` and `node` subcommands."""
+    c: argparse.ArgumentParser = subparsers.add_parser(
+        "controller", help="Kubernetes mode: CSI Identity + Controller over ThinVolume/ThinSnapshot CRs"
+    )
+    _common(c)
+    c.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="size granularity (bytes, 1MiB)")
+    c.set_defaults(func=controller_main)
+
+    n: argparse.ArgumentParser = subparsers.add_parser(
+        "node", help="Kubernetes mode: CSI Identity + Node and the node agent that owns the pool"
+    )
+    _common(n)
+    n.add_argument("--node-id", default=socket.gethostname(), help="this node's name ($NODE_NAME)")
+    n.add_argument("--pool-config", required=True, help="pool config file (YAML)")
+    n.add_argument("--max-volumes", type=int, default=0, help="NodeGetInfo max_volumes_per_node (0: none)")
+    registration.add_flags(n)
+    n.set_defaults(kubelet_dir=DEFAULT_KUBELET_DIR)  # a node plugin registers with kubelet by default
+    httpserver.add_flag(n, default=f"127.0.0.1:{httpserver.DEFAULT_PORT}")
+    n.add_argument(
+        "--refresh-seconds", type=float, default=agent_mod.REFRESH_SECONDS, help="ThinPool status period"
+    )
+    n.set_defaults(func=functools.partial(node_main, open_engine=open_engine))
+
+
+def _logging(args: argparse.Namespace) -> None:
+    level = "DEBUG" if getattr(args, "verbose", False) else args.log_level.upper()
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    logging.getLogger().setLevel(level)
+
+
+def controller_services(
+    api: client_mod.Client,
+    *,
+    block_size: int,
+    driver_name: str = identity_service.DEFAULT_NAME,
+    overprovision_ratio: float = provisioner.Settings.overprovision_ratio,
+) -> server.Services:
+    cr = crengine.CrEngine(api)
+    settings = provisioner.Settings(
+        node_id=None, block_size=block_size, overprovision_ratio=overprovision_ratio
+    )
+    return server.Services(
+        identity=identity_service.IdentityService(ready=lambda _dl: True, name=driver_name),
+        controller=controller_service.ControllerService(
+            provisioner=provisioner.Provisioner(engine=cr, settings=settings, nodes=cr.on)
+        ),
+    )
+
+
+def controller_main(args: argparse.Namespace) -> int:
+    _logging(args)
+    try:
+        endpoint = server.Endpoint.parse(args.endpoint)
+        block_size = config.parse_size(args.block_size)
+        api = client_mod.connect(args.kubeconfig)
+        try:
+            svc = controller_services(
+                api,
+                block_size=block_size,
+                driver_name=args.driver_name,
+                overprovision_ratio=args.overprovision_ratio,
+            )
+            server.Server(endpoint, svc).serve_until_signalled(args.grace)
+        finally:
+            api.close()
+    except errors.CsiThinError as exc:
+        log.error("msg=%s code=%s error=%s", "controller failed", exc.code, exc.message)  # noqa: TRY400
+        return 1
+    return 0
+
+
+def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory) -> int:
+    _logging(args)
+    metrics = metrics_mod.Metrics()
+    health = httpserver.Health()
+    try:
+        endpoint = server.Endpoint.parse(args.endpoint)
+        cfg = config.load_pool(args.pool_config)
+        if not args.node_id or len(args.node_id) > 128:
+            raise errors.InvalidArgument("--node-id must be 1..128 characters")
+        reg = registration.from_args(args, endpoint=endpoint, driver_name=args.driver_name, metrics=metrics)
+        # the checks exist before the first probe can arrive: an empty Health would answer 200
+        health.set("engine", lambda: "the pool engine is opening (assembly and recovery)")
+        health.set("csi", lambda: "the CSI server is not started yet")
+        api = client_mod.connect(args.kubeconfig)
+        with contextlib.ExitStack() as stack:
+            stack.callback(api.close)
+            if args.http_endpoint:  # up before the engine: assembly and recovery can take a while
+                http = httpserver.HttpServer(args.http_endpoint, health=health, metrics=metrics)
+                http.start()
+                stack.callback(http.stop)
+            eng = stack.enter_context(open_engine(cfg))
+            health.set("engine", lambda: None)
+            stack.callback(health.set, "engine", lambda: "the pool engine is closed")
+            metrics.attach_pool(cfg.name, eng)
+            stack.callback(metrics.attach_pool, cfg.name, None)
+            agent = agent_mod.Agent(
+                api=api,
+                engine=eng,
+                node=args.node_id,
+                pool=cfg.name,
+                overprovision_ratio=args.overprovision_ratio,
+                refresh_seconds=args.refresh_seconds,
+                on_error=metrics.reconcile_error,
+            )
+            agent.start(deadline=deadline_mod.default())
+            stack.callback(agent.stop)
+            svc = server.Services(
+                identity=identity_service.IdentityService(
+                    ready=functools.partial(_pool_ready, eng), name=args.driver_name, controller=False
+                ),
+                node=node_service.NodeService(
+                    volumes=volumes.NodeVolumes(engine=eng, thresholds=cfg.thresholds),
+                    node_id=args.node_id,
+                    max_volumes=args.max_volumes,
+                ),
+            )
+            srv = server.Server(endpoint, svc, metrics=metrics)
+            health.set("csi", srv.problem)
+            if reg is not None:
+                health.set("registration", reg.problem)
+            srv.serve_until_signalled(args.grace, companions=[] if reg is None else [reg])
+    except errors.CsiThinError as exc:
+        log.error("msg=%s code=%s error=%s", "node failed", exc.code, exc.message)  # noqa: TRY400
+        return 1
+    return 0
+
+
+def _pool_ready(eng: engine_mod.PoolEngine, deadline: deadline_mod.Deadline) -> bool:
+    try:
+        return eng.status(deadline=deadline).healthy
+    except errors.CsiThinError as exc:
+        log.warning("msg=%s error=%s", "probe: pool not ready", exc)
+        return False

@@ -1,0 +1,316 @@
+"""The controller's engine in Kubernetes mode: volumes and snapshots as CustomResources.
+
+It implements the Protocol of `csi_thin.controller.provisioner.Engine` (structurally: this package
+imports nothing of the controller), so the provisioning logic (sizes, idempotency, overprovisioning,
+capacity, pagination) is the same code as in standalone mode. Where standalone calls the pool, this
+writes a spec and waits, by watch, for the node agent's status:
+
+- a create makes the CR (an existing one with the same name is the same request: its spec must match,
+  else ALREADY_EXISTS) and waits for Ready or Failed within the deadline. Failed carries the gRPC code
+  the node met (RESOURCE_EXHAUSTED stays that, so the external-provisioner reschedules); the failed CR
+  is deleted so that the retry starts afresh, on whatever node it then names. A deadline hit is
+  DEADLINE_EXCEEDED and the retry finds the same CR and waits again.
+- a delete deletes the CR and waits until it is gone (the node deletes the device, then drops its
+  finalizer); absent is done.
+- a grow raises spec.sizeBytes and waits until the node reports that generation.
+- status() is the ThinPool status of the node (a node without a ThinPool has no capacity).
+
+`CrEngine(api)` sees every node (get, list, delete, grow, snapshot and clone by name: each CR says
+its node); `on(node)` is the view of one node (create_volume, status and list of that node).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import time
+from collections.abc import Mapping
+from typing import TypeVar
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.kube import client as client_mod
+from csi_thin.kube import resources as res
+from csi_thin.kube import watch
+
+log = logging.getLogger(__name__)
+
+W = TypeVar("W", res.ThinVolume, res.ThinSnapshot)
+
+_ERRORS: dict[str, type[errors.CsiThinError]] = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.AlreadyExists,
+        errors.OperationPending,
+        errors.ResourceExhausted,
+        errors.FailedPrecondition,
+        errors.OutOfRange,
+        errors.Unavailable,
+        errors.DeadlineExceeded,
+        errors.Unimplemented,
+        errors.Internal,
+    )
+}
+
+_STATES = {
+    res.Phase.PENDING: model.DeviceState.CREATING,
+    res.Phase.FAILED: model.DeviceState.CREATING,  # a create that the next call settles (see _settle)
+    res.Phase.READY: model.DeviceState.READY,
+    res.Phase.LOST: model.DeviceState.LOST,
+    res.Phase.DELETING: model.DeviceState.DELETING,
+}
+
+
+def error_from_status(code: str, message: str) -> errors.CsiThinError:
+    """The domain error a node reported by its gRPC code name (unknown codes: INTERNAL)."""
+    return _ERRORS.get(code, errors.Internal)(message or code)
+
+
+def _attributes(spec: res.VolumeSpec) -> tuple[tuple[str, str], ...]:
+    attrs = {model.ATTR_ACCESS_TYPE: spec.access_type.value}
+    if spec.fs_type:
+        attrs[model.ATTR_FS_TYPE] = spec.fs_type
+    return model.attributes(attrs)
+
+
+def volume_device(tv: res.ThinVolume) -> model.Device:
+    state = model.DeviceState.DELETING if tv.meta.deleting else _STATES[tv.status.phase]
+    return model.Device(
+        name=tv.name,
+        dev_id=tv.status.device_id,
+        kind=model.DeviceKind.VOLUME,
+        state=state,
+        size_bytes=tv.spec.size_bytes,
+        origin=tv.spec.source.name if tv.spec.source else None,
+        created_at=tv.status.created_at or time.time(),
+        attributes=_attributes(tv.spec),
+        node=tv.spec.node_name,
+    )
+
+
+def snapshot_device(ts: res.ThinSnapshot) -> model.Device:
+    state = model.DeviceState.DELETING if ts.meta.deleting else _STATES[ts.status.phase]
+    return model.Device(
+        name=ts.name,
+        dev_id=ts.status.device_id,
+        kind=model.DeviceKind.SNAPSHOT,
+        state=state,
+        size_bytes=ts.status.size_bytes,
+        origin=ts.spec.source_volume,
+        created_at=ts.status.creation_time or time.time(),
+        node=ts.spec.node_name,
+    )
+
+
+def _spec_from(
+    *, node: str, pool: str, size_bytes: int, attributes: Mapping[str, str] | None, source: res.Source | None
+) -> res.VolumeSpec:
+    attrs = dict(attributes or {})
+    access = res.AccessType(attrs.get(model.ATTR_ACCESS_TYPE, res.AccessType.MOUNT.value))
+    return res.VolumeSpec(
+        node_name=node,
+        pool=pool,
+        size_bytes=size_bytes,
+        access_type=access,
+        fs_type="" if access == res.AccessType.BLOCK else attrs.get(model.ATTR_FS_TYPE, ""),
+        source=source,
+    )
+
+
+class CrEngine:
+    def __init__(self, api: client_mod.Client, *, node: str | None = None) -> None:
+        self._api = api
+        self._node = node
+
+    def on(self, node: str) -> CrEngine:
+        return CrEngine(self._api, node=node)
+
+    # ---- creates -------------------------------------------------------------------------------
+
+    def create_volume(
+        self,
+        name: str,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        attributes: Mapping[str, str] | None = None,
+    ) -> model.Device:
+        node = self._bound("create_volume")
+        pool = self._pool(node, deadline=deadline).spec.pool
+        spec = _spec_from(node=node, pool=pool, size_bytes=size_bytes, attributes=attributes, source=None)
+        return self._create_volume(name, spec, deadline=deadline)
+
+    def clone(
+        self,
+        name: str,
+        source: str,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        attributes: Mapping[str, str] | None = None,
+    ) -> model.Device:
+        """A volume from a snapshot (restore) or a volume (clone), on the source's node."""
+        if source.startswith("s"):
+            src_obj: res.ThinVolume | res.ThinSnapshot = self._api.get(
+                res.ThinSnapshot, source, deadline=deadline
+            )
+            ref = res.Source(snapshot=source)
+        else:
+            src_obj = self._api.get(res.ThinVolume, source, deadline=deadline)
+            ref = res.Source(volume=source)
+        spec = _spec_from(
+            node=src_obj.spec.node_name,
+            pool=src_obj.spec.pool,
+            size_bytes=size_bytes,
+            attributes=attributes,
+            source=ref,
+        )
+        return self._create_volume(name, spec, deadline=deadline)
+
+    def create_snapshot(self, name: str, source: str, *, deadline: deadline_mod.Deadline) -> model.Device:
+        vol = self._api.get(res.ThinVolume, source, deadline=deadline)
+        spec = res.SnapshotSpec(node_name=vol.spec.node_name, pool=vol.spec.pool, source_volume=source)
+        want = res.ThinSnapshot(meta=res.Meta(name=name), spec=spec)
+        try:
+            obj = self._api.create(want, deadline=deadline)
+        except errors.AlreadyExists:
+            obj = self._api.get(res.ThinSnapshot, name, deadline=deadline)
+            if obj.spec.source_volume != source:
+                raise errors.AlreadyExists(f"snapshot {name!r} exists with another source volume") from None
+        done = self._settle(res.ThinSnapshot, obj, deadline=deadline)
+        return snapshot_device(done)
+
+    def _create_volume(
+        self, name: str, spec: res.VolumeSpec, *, deadline: deadline_mod.Deadline
+    ) -> model.Device:
+        want = res.ThinVolume(meta=res.Meta(name=name), spec=spec)
+        try:
+            obj = self._api.create(want, deadline=deadline)
+        except errors.AlreadyExists:
+            obj = self._api.get(res.ThinVolume, name, deadline=deadline)
+            if obj.spec != spec:
+                raise errors.AlreadyExists(
+                    f"volume {name!r} exists as {obj.spec}, incompatible with {spec}"
+                ) from None
+        return volume_device(self._settle(res.ThinVolume, obj, deadline=deadline))
+
+    def _settle(self, cls: type[W], obj: W, *, deadline: deadline_mod.Deadline) -> W:
+        """Wait for the node's verdict on this generation: Ready is the device; Failed is the node's
+        error (and the CR goes, so a retry starts afresh); deleted meanwhile is ABORTED."""
+        if obj.meta.deleting:
+            raise errors.OperationPending(f"{obj.name!r} is being deleted; retry later")
+        got = watch.wait_for(
+            self._api,
+            cls,
+            obj.name,
+            lambda o: o is None or o.meta.deleting or o.settled,
+            deadline=deadline,
+            what=f"waiting for node {obj.spec.node_name}",
+        )
+        if got is None or got.meta.deleting:
+            raise errors.OperationPending(f"{obj.name!r} was deleted while it was being created; retry")
+        if got.status.phase == res.Phase.FAILED:
+            self._api.delete(cls, got.name, deadline=deadline)
+            raise error_from_status(got.status.code, f"node {got.spec.node_name}: {got.status.message}")
+        if got.status.phase == res.Phase.LOST:
+            raise errors.FailedPrecondition(
+                f"{got.name!r} is LOST on node {got.spec.node_name}: {got.status.message}"
+            )
+        return got
+
+    # ---- delete, grow --------------------------------------------------------------------------
+
+    def delete(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        what = "waiting for the node to delete the device"
+        if name.startswith("s"):
+            self._api.delete(res.ThinSnapshot, name, deadline=deadline)
+            watch.wait_for(
+                self._api, res.ThinSnapshot, name, lambda o: o is None, deadline=deadline, what=what
+            )
+        else:
+            self._api.delete(res.ThinVolume, name, deadline=deadline)
+            watch.wait_for(self._api, res.ThinVolume, name, lambda o: o is None, deadline=deadline, what=what)
+
+    def grow(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device:
+        obj = self._api.get(res.ThinVolume, name, deadline=deadline)
+        if obj.spec.size_bytes < size_bytes:
+            try:
+                obj = self._api.patch_spec(obj, {"sizeBytes": size_bytes}, deadline=deadline)
+            except client_mod.Conflict as exc:
+                raise errors.OperationPending(f"{name!r} changed meanwhile; retry") from exc
+        got = watch.wait_for(
+            self._api,
+            res.ThinVolume,
+            name,
+            lambda o: o is None or o.meta.deleting or o.status.observed_generation >= o.meta.generation,
+            deadline=deadline,
+            what=f"waiting for node {obj.spec.node_name} to grow the device",
+        )
+        if got is None or got.meta.deleting:
+            raise errors.NotFound(f"volume {name!r} was deleted")
+        if got.status.size_bytes < size_bytes:
+            raise error_from_status(
+                got.status.code or "INTERNAL", f"node {got.spec.node_name}: {got.status.message}"
+            )
+        return volume_device(got)
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def get(self, name: str) -> model.Device | None:
+        dl = deadline_mod.Deadline.after(client_mod.READ_SECONDS)
+        if name.startswith("s"):
+            ts = self._api.find(res.ThinSnapshot, name, deadline=dl)
+            return None if ts is None else snapshot_device(ts)
+        tv = self._api.find(res.ThinVolume, name, deadline=dl)
+        return None if tv is None else volume_device(tv)
+
+    def list(self, *, kind: model.DeviceKind | None = None) -> builtins.list[model.Device]:
+        dl = deadline_mod.Deadline.after(client_mod.READ_SECONDS)
+        out: builtins.list[model.Device] = []
+        if kind in (None, model.DeviceKind.VOLUME):
+            vols, _ = self._api.list(res.ThinVolume, deadline=dl, node=self._node)
+            out.extend(volume_device(v) for v in vols)
+        if kind in (None, model.DeviceKind.SNAPSHOT):
+            snaps, _ = self._api.list(res.ThinSnapshot, deadline=dl, node=self._node)
+            out.extend(snapshot_device(s) for s in snaps)
+        return sorted(out, key=lambda d: d.name)
+
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+        """The pool status the node last reported; a node without a ThinPool is a failed pool (no
+        capacity, nothing created there)."""
+        node = self._bound("status")
+        try:
+            st = self._pool(node, deadline=deadline).status
+        except errors.ResourceExhausted:
+            return model.PoolStatus(0, 0, 0, 0, 0, 0, model.PoolMode.FAIL, needs_check=False)
+        try:
+            mode = model.PoolMode(st.mode)
+        except ValueError:
+            mode = model.PoolMode.FAIL
+        return model.PoolStatus(
+            transaction_id=st.pool_transaction_id,
+            block_size_bytes=st.block_size_bytes,
+            data_used_bytes=st.data_used_bytes,
+            data_total_bytes=st.data_total_bytes,
+            metadata_used_bytes=st.metadata_used_bytes,
+            metadata_total_bytes=st.metadata_total_bytes,
+            mode=mode,
+            needs_check=not st.healthy and mode == model.PoolMode.RW,
+        )
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _bound(self, what: str) -> str:
+        if self._node is None:
+            raise errors.Internal(f"{what} needs the engine of one node (CrEngine.on(node))")
+        return self._node
+
+    def _pool(self, node: str, *, deadline: deadline_mod.Deadline) -> res.ThinPool:
+        pools, _ = self._api.list(res.ThinPool, deadline=deadline, node=node)
+        if not pools:
+            raise errors.ResourceExhausted(
+                f"node {node!r} has no ThinPool: is its csi-thin node agent running?"
+            )
+        return sorted(pools, key=lambda p: p.name)[0]

@@ -1,0 +1,676 @@
+"""The node agent (Kubernetes mode): this node's ThinVolumes and ThinSnapshots -> the pool engine.
+
+It follows the CRs whose spec.nodeName is this node (a field selector: no other node's events reach
+it) and reconciles each one, one at a time, through the same PoolEngine the CSI Node service uses:
+
+- a live CR without a device: add the finalizer (before the device exists, so the CR cannot vanish
+  with a device left behind), create the device (a restore or clone waits until its source is
+  ready), write status Ready with the device id and observedGeneration; a domain error is status
+  Failed with its gRPC code name (the controller maps it back) and a Warning Event.
+- a CR whose device is gone from the pool (its status had a device): Lost, with an Event. Never
+  re-created empty: that would hand a workload an empty disk where its data was.
+- spec.sizeBytes above the device: grow (status.sizeBytes follows); a failed grow keeps phase Ready
+  and reports the code for that generation.
+- a CR being deleted: delete the device (absent is done; an active one waits until unstaged), then
+  drop the finalizer.
+
+Start-up, before serving the watch: list this node's CRs; if the LMDB store was lost and rebuilt
+over the pool (recovery marks it 'adopted' and reserves every pool id as an orphan), give each
+orphan id whose CR names it its record back (engine.adopt): the CRs say what is legitimate, nothing
+is deleted. Records no CR owns, and pool ids no record owns, are reported in the ThinPool status.
+
+The ThinPool status is refreshed after every batch of mutations and every `refresh_seconds`.
+Transient failures (a busy name, the API server down, a status conflict) are retried with backoff;
+nothing polls: work comes from the watch, retries from a timer queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.kube import client as client_mod
+from csi_thin.kube import resources as res
+from csi_thin.kube import watch
+from csi_thin.pool import engine as engine_mod
+
+log = logging.getLogger(__name__)
+
+#: how long one reconcile may take (a create or delete on a busy pool)
+RECONCILE_SECONDS = 60.0
+REFRESH_SECONDS = 30.0
+RETRY_FIRST = 0.2
+RETRY_CAP = 30.0
+#: errors worth retrying as they are; every other domain error is the object's verdict
+TRANSIENT = (errors.OperationPending, errors.Unavailable, errors.DeadlineExceeded)
+
+Key = tuple[res.Kind, str]
+W = TypeVar("W", res.ThinVolume, res.ThinSnapshot)
+
+
+@dataclasses.dataclass(frozen=True)
+class StartReport:
+    volumes: int
+    snapshots: int
+    adopted: tuple[str, ...]
+    orphans: tuple[str, ...]
+    seconds: float
+
+
+class _WaitForSource(Exception):
+    """A restore or clone whose source is not ready yet: retry later, it is not a failure."""
+
+
+class _Queue:
+    """Keys to reconcile, each at most once in the queue, some due later (retries)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Key]] = []
+        self._due: dict[Key, float] = {}
+        self._seq = itertools.count()
+        self.closed = False
+
+    def put(self, key: Key, *, delay: float = 0.0) -> None:
+        due = time.monotonic() + delay
+        with self._cond:
+            if key in self._due and self._due[key] <= due:
+                return
+            self._due[key] = due
+            heapq.heappush(self._heap, (due, next(self._seq), key))
+            self._cond.notify()
+
+    def get(self) -> Key | None:
+        """The next due key; None once closed."""
+        with self._cond:
+            while not self.closed:
+                while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:
+                    heapq.heappop(self._heap)  # superseded by an earlier put
+                now = time.monotonic()
+                if self._heap and self._heap[0][0] <= now:
+                    _, _, key = heapq.heappop(self._heap)
+                    del self._due[key]
+                    return key
+                self._cond.wait(None if not self._heap else self._heap[0][0] - now)
+            return None
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._due
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        api: client_mod.Client,
+        engine: engine_mod.PoolEngine,
+        node: str,
+        pool: str,
+        overprovision_ratio: float,
+        refresh_seconds: float = REFRESH_SECONDS,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self._api = api
+        #: told the resource ("thinvolume", "thinsnapshot", "thinpool") of every failed reconcile
+        self._on_error = on_error
+        self._engine = engine
+        self._node = node
+        self._pool = pool
+        self._ratio = overprovision_ratio
+        self._refresh_seconds = refresh_seconds
+        self._queue = _Queue()
+        self._lock = threading.Lock()  # guards the caches below
+        self._volumes: dict[str, res.ThinVolume] = {}
+        self._snapshots: dict[str, res.ThinSnapshot] = {}
+        self._retries: dict[Key, float] = {}
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._vol_follower: watch.Follower[res.ThinVolume] = watch.Follower(
+            api, res.ThinVolume, node=node, on_object=self._seen_volume, on_list=self._listed_volumes
+        )
+        self._snap_follower: watch.Follower[res.ThinSnapshot] = watch.Follower(
+            api, res.ThinSnapshot, node=node, on_object=self._seen_snapshot, on_list=self._listed_snapshots
+        )
+        #: reconciles done, and status or finalizer writes that lost a race (a test or metric reads them)
+        self.reconciled = 0
+        self.conflicts = 0
+
+    @property
+    def pool_object_name(self) -> str:
+        return res.pool_object_name(self._node, self._pool)
+
+    # ---- life cycle ----------------------------------------------------------------------------
+
+    def start(self, *, deadline: deadline_mod.Deadline) -> StartReport:
+        """Start-up reconcile (list, adopt, reconcile every CR), then follow the watches."""
+        t0 = time.monotonic()
+        self._ensure_pool_object(deadline=deadline)
+        vols = self._vol_follower.list_now(deadline=deadline)
+        snaps = self._snap_follower.list_now(deadline=deadline)
+        with self._lock:
+            self._volumes = {v.name: v for v in vols}
+            self._snapshots = {s.name: s for s in snaps}
+        adopted = self._adopt(vols, snaps, deadline=deadline)
+        # sources first: plain volumes, then snapshots, then restores and clones
+        order: list[Key] = [(res.Kind.VOLUME, v.name) for v in vols if v.spec.source is None]
+        order += [(res.Kind.SNAPSHOT, s.name) for s in snaps]
+        order += [(res.Kind.VOLUME, v.name) for v in vols if v.spec.source is not None]
+        for key in order:
+            self._reconcile_key(key)
+        self._refresh_pool(deadline=deadline)
+        report = StartReport(
+            volumes=len(vols),
+            snapshots=len(snaps),
+            adopted=tuple(adopted),
+            orphans=self._orphans(),
+            seconds=time.monotonic() - t0,
+        )
+        log.info(
+            "event=agent-started node=%s volumes=%d snapshots=%d adopted=%d orphans=%s seconds=%.3f",
+            self._node,
+            report.volumes,
+            report.snapshots,
+            len(report.adopted),
+            list(report.orphans),
+            report.seconds,
+        )
+        self._vol_follower.start()
+        self._snap_follower.start()
+        for target, name in ((self._work, "agent-worker"), (self._refresher, "agent-refresh")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return report
+
+    def stop(self) -> None:
+        self._vol_follower.stop()
+        self._snap_follower.stop()
+        self._stop.set()
+        self._queue.close()
+        self._dirty.set()
+        for thread in self._threads:
+            thread.join(timeout=RECONCILE_SECONDS)
+
+    # ---- watch callbacks -----------------------------------------------------------------------
+
+    def _seen_volume(self, obj: res.ThinVolume, deleted: bool) -> None:
+        with self._lock:
+            if deleted:
+                self._volumes.pop(obj.name, None)
+            else:
+                self._volumes[obj.name] = obj
+        if not deleted:
+            self._queue.put((res.Kind.VOLUME, obj.name))
+
+    def _seen_snapshot(self, obj: res.ThinSnapshot, deleted: bool) -> None:
+        with self._lock:
+            if deleted:
+                self._snapshots.pop(obj.name, None)
+            else:
+                self._snapshots[obj.name] = obj
+        if not deleted:
+            self._queue.put((res.Kind.SNAPSHOT, obj.name))
+
+    def _listed_volumes(self, items: list[res.ThinVolume]) -> None:
+        with self._lock:
+            self._volumes = {v.name: v for v in items}
+        for v in items:
+            self._queue.put((res.Kind.VOLUME, v.name))
+
+    def _listed_snapshots(self, items: list[res.ThinSnapshot]) -> None:
+        with self._lock:
+            self._snapshots = {s.name: s for s in items}
+        for s in items:
+            self._queue.put((res.Kind.SNAPSHOT, s.name))
+
+    # ---- workers -------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            self._reconcile_key(key)
+            if self._queue.empty() and self._dirty.is_set():
+                self._refresh_quietly()
+
+    def _refresher(self) -> None:
+        while not self._stop.wait(self._refresh_seconds):
+            self._refresh_quietly()
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self._refresh_pool(deadline=deadline_mod.Deadline.after(RECONCILE_SECONDS))
+        except errors.CsiThinError as exc:
+            log.warning("event=pool-status-failed error=%s", exc)
+            self._count_error(res.Kind.POOL)
+            self._dirty.set()
+
+    def _reconcile_key(self, key: Key) -> None:
+        kind, name = key
+        try:
+            with self._lock:
+                obj = (self._volumes if kind == res.Kind.VOLUME else self._snapshots).get(name)
+            if obj is None:
+                return  # deleted meanwhile (without our finalizer: it never had a device)
+            if isinstance(obj, res.ThinVolume):
+                self._reconcile_volume(obj)
+            else:
+                self._reconcile_snapshot(obj)
+            self._retries.pop(key, None)
+            self.reconciled += 1
+        except client_mod.Conflict:
+            self.conflicts += 1
+            self._refetch(key)
+            self._queue.put(key)
+        except errors.NotFound as exc:
+            log.info("event=gone kind=%s name=%s reason=%s", kind.value, name, exc)
+            self._refetch(key)
+        except (_WaitForSource, *TRANSIENT) as exc:
+            self._retry(key, exc)
+        except errors.CsiThinError as exc:
+            log.warning(
+                "event=reconcile-failed kind=%s name=%s code=%s error=%s", kind.value, name, exc.code, exc
+            )
+            self._count_error(kind)
+            self._retry(key, exc)
+        except Exception as exc:
+            log.exception("event=reconcile-crashed kind=%s name=%s", kind.value, name)
+            self._count_error(kind)
+            self._retry(key, exc)
+
+    def _count_error(self, kind: res.Kind) -> None:
+        if self._on_error is not None:
+            self._on_error(kind.value.lower())
+
+    def _retry(self, key: Key, exc: BaseException) -> None:
+        delay = min(RETRY_CAP, self._retries.get(key, RETRY_FIRST / 2) * 2)
+        self._retries[key] = delay
+        log.info("event=requeue kind=%s name=%s in=%.1fs reason=%s", key[0].value, key[1], delay, exc)
+        self._queue.put(key, delay=delay)
+
+    def _refetch(self, key: Key) -> None:
+        """Read the object again (after a conflict: our cached copy is stale)."""
+        kind, name = key
+        dl = deadline_mod.Deadline.after(client_mod.READ_SECONDS)
+        try:
+            if kind == res.Kind.VOLUME:
+                tv = self._api.find(res.ThinVolume, name, deadline=dl)
+                with self._lock:
+                    if tv is None:
+                        self._volumes.pop(name, None)
+                    else:
+                        self._volumes[name] = tv
+            else:
+                ts = self._api.find(res.ThinSnapshot, name, deadline=dl)
+                with self._lock:
+                    if ts is None:
+                        self._snapshots.pop(name, None)
+                    else:
+                        self._snapshots[name] = ts
+        except errors.CsiThinError as exc:
+            self._retry(key, exc)
+
+    def _store(self, obj: res.ThinVolume | res.ThinSnapshot) -> None:
+        with self._lock:
+            if isinstance(obj, res.ThinVolume):
+                self._volumes[obj.name] = obj
+            else:
+                self._snapshots[obj.name] = obj
+
+    # ---- reconcile: volumes --------------------------------------------------------------------
+
+    def _reconcile_volume(self, tv: res.ThinVolume) -> None:
+        dl = deadline_mod.Deadline.after(RECONCILE_SECONDS)
+        if tv.meta.deleting:
+            self._finalize(tv, deadline=dl)
+            return
+        dev = self._engine.get(tv.name)
+        if dev is None:
+            if tv.status.device_id or tv.status.phase in (res.Phase.READY, res.Phase.LOST):
+                self._lost(tv, "its device is not in the pool (never re-created empty)", deadline=dl)
+                return
+            if tv.status.phase == res.Phase.FAILED and tv.status.observed_generation >= tv.meta.generation:
+                return  # the controller reads the verdict and deletes the object
+            tv = self._with_finalizer(tv, deadline=dl)
+            try:
+                dev = self._create_volume(tv, deadline=dl)
+            except (_WaitForSource, *TRANSIENT):
+                raise
+            except errors.CsiThinError as exc:
+                self._failed(tv, exc, deadline=dl)
+                return
+            finally:
+                self._dirty.set()
+        if dev.state == model.DeviceState.LOST:
+            self._lost(tv, f"device {dev.dev_id} is not in the pool (never re-created empty)", deadline=dl)
+            return
+        if dev.state != model.DeviceState.READY:
+            raise errors.OperationPending(f"{tv.name} is {dev.state.value}")
+        tv = self._with_finalizer(tv, deadline=dl)
+        dev, code, message = self._grow(tv, dev, deadline=dl)
+        self._put_volume_status(
+            tv,
+            dataclasses.replace(
+                tv.status,
+                phase=res.Phase.READY,
+                code=code,
+                message=message,
+                size_bytes=dev.size_bytes,
+                device_id=dev.dev_id,
+                created_at=dev.created_at,
+                observed_generation=tv.meta.generation,
+            ),
+            deadline=dl,
+        )
+
+    def _grow(
+        self, tv: res.ThinVolume, dev: model.Device, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Device, str, str]:
+        """Grow the device to the spec; a refusal is (device, code, message) for the status."""
+        if tv.spec.size_bytes <= dev.size_bytes:
+            return dev, "", ""
+        try:
+            return self._engine.grow(tv.name, tv.spec.size_bytes, deadline=deadline), "", ""
+        except TRANSIENT:
+            raise
+        except errors.CsiThinError as exc:
+            self._event(tv, "GrowFailed", exc.message, deadline=deadline)
+            return dev, exc.code, exc.message
+        finally:
+            self._dirty.set()
+
+    def _create_volume(self, tv: res.ThinVolume, *, deadline: deadline_mod.Deadline) -> model.Device:
+        attrs = {model.ATTR_ACCESS_TYPE: tv.spec.access_type.value}
+        if tv.spec.fs_type:
+            attrs[model.ATTR_FS_TYPE] = tv.spec.fs_type
+        if tv.spec.source is None:
+            return self._engine.create_volume(
+                tv.name, tv.spec.size_bytes, deadline=deadline, attributes=attrs
+            )
+        source = tv.spec.source.name
+        self._require_source(source, res.ThinSnapshot if tv.spec.source.snapshot else res.ThinVolume)
+        return self._engine.clone(tv.name, source, tv.spec.size_bytes, deadline=deadline, attributes=attrs)
+
+    def _require_source(self, name: str, cls: type[res.ThinVolume] | type[res.ThinSnapshot]) -> None:
+        dev = self._engine.get(name)
+        if dev is not None and dev.state == model.DeviceState.READY:
+            return
+        with self._lock:
+            cr = (self._snapshots if cls is res.ThinSnapshot else self._volumes).get(name)
+        if cr is None or cr.meta.deleting:
+            raise errors.NotFound(f"source {name!r} does not exist on node {self._node}")
+        if cr.status.phase in (res.Phase.FAILED, res.Phase.LOST):
+            raise errors.FailedPrecondition(f"source {name!r} is {cr.status.phase.value}")
+        raise _WaitForSource(f"source {name!r} is not ready yet")
+
+    def _put_volume_status(
+        self, tv: res.ThinVolume, status: res.VolumeStatus, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        status = dataclasses.replace(status, conditions=self._conditions(tv.status.conditions, status))
+        if status == tv.status:
+            return
+        self._store(self._api.put_status(tv, status.to_dict(), deadline=deadline))
+
+    @staticmethod
+    def _conditions(old: tuple[res.Condition, ...], status: res.VolumeStatus) -> tuple[res.Condition, ...]:
+        ready = status.phase == res.Phase.READY and not status.code
+        reason = status.code or status.phase.value
+        previous = next((c for c in old if c.type == "Ready"), None)
+        cond = res.Condition(
+            type="Ready",
+            status="True" if ready else "False",
+            reason="".join(p.capitalize() for p in reason.split("_")),
+            message=status.message,
+            observed_generation=status.observed_generation,
+            last_transition_time=(
+                previous.last_transition_time
+                if previous is not None and previous.status == ("True" if ready else "False")
+                else client_mod.now()
+            ),
+        )
+        return (cond,)
+
+    # ---- reconcile: snapshots ------------------------------------------------------------------
+
+    def _reconcile_snapshot(self, ts: res.ThinSnapshot) -> None:
+        dl = deadline_mod.Deadline.after(RECONCILE_SECONDS)
+        if ts.meta.deleting:
+            self._finalize(ts, deadline=dl)
+            return
+        dev = self._engine.get(ts.name)
+        if dev is None:
+            if ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST):
+                self._lost(ts, "its device is not in the pool", deadline=dl)
+                return
+            if ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation:
+                return
+            ts = self._with_finalizer(ts, deadline=dl)
+            try:
+                self._require_source(ts.spec.source_volume, res.ThinVolume)
+                dev = self._engine.create_snapshot(ts.name, ts.spec.source_volume, deadline=dl)
+            except (_WaitForSource, *TRANSIENT):
+                raise
+            except errors.CsiThinError as exc:
+                self._failed(ts, exc, deadline=dl)
+                return
+            finally:
+                self._dirty.set()
+        if dev.state == model.DeviceState.LOST:
+            self._lost(ts, f"device {dev.dev_id} is not in the pool", deadline=dl)
+            return
+        if dev.state != model.DeviceState.READY:
+            raise errors.OperationPending(f"{ts.name} is {dev.state.value}")
+        ts = self._with_finalizer(ts, deadline=dl)
+        status = res.SnapshotStatus(
+            phase=res.Phase.READY,
+            ready_to_use=True,
+            size_bytes=dev.size_bytes,
+            device_id=dev.dev_id,
+            creation_time=dev.created_at,
+            observed_generation=ts.meta.generation,
+        )
+        if status != ts.status:
+            self._store(self._api.put_status(ts, status.to_dict(), deadline=dl))
+
+    # ---- shared steps --------------------------------------------------------------------------
+
+    def _with_finalizer(self, obj: client_mod.R, *, deadline: deadline_mod.Deadline) -> client_mod.R:
+        if res.FINALIZER in obj.meta.finalizers:
+            return obj
+        got = self._api.set_finalizers(obj, (*obj.meta.finalizers, res.FINALIZER), deadline=deadline)
+        self._store(got)  # type: ignore[arg-type]
+        return got
+
+    def _finalize(self, obj: W, *, deadline: deadline_mod.Deadline) -> None:
+        """Delete the device, then let the object go."""
+        if res.FINALIZER not in obj.meta.finalizers:
+            return
+        try:
+            self._engine.delete(obj.name, deadline=deadline)
+        except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged
+            self._event(obj, "DeleteBlocked", exc.message, deadline=deadline)
+            raise
+        finally:
+            self._dirty.set()
+        rest = tuple(f for f in obj.meta.finalizers if f != res.FINALIZER)
+        self._api.set_finalizers(obj, rest, deadline=deadline)
+        log.info("event=deleted kind=%s name=%s", obj.kind.value, obj.name)
+
+    def _failed(
+        self,
+        obj: res.ThinVolume | res.ThinSnapshot,
+        exc: errors.CsiThinError,
+        *,
+        deadline: deadline_mod.Deadline,
+    ) -> None:
+        log.warning("event=create-failed name=%s code=%s error=%s", obj.name, exc.code, exc.message)
+        self._event(obj, "CreateFailed", f"{exc.code}: {exc.message}", deadline=deadline)
+        if isinstance(obj, res.ThinVolume):
+            self._put_volume_status(
+                obj,
+                res.VolumeStatus(
+                    phase=res.Phase.FAILED,
+                    code=exc.code,
+                    message=exc.message,
+                    observed_generation=obj.meta.generation,
+                ),
+                deadline=deadline,
+            )
+        else:
+            status = res.SnapshotStatus(
+                phase=res.Phase.FAILED,
+                code=exc.code,
+                message=exc.message,
+                observed_generation=obj.meta.generation,
+            )
+            self._store(self._api.put_status(obj, status.to_dict(), deadline=deadline))
+
+    def _lost(
+        self, obj: res.ThinVolume | res.ThinSnapshot, why: str, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        if obj.status.phase == res.Phase.LOST:
+            return
+        message = f"{obj.kind.value} {obj.name}: {why}"
+        log.error("event=lost name=%s reason=%s", obj.name, why)
+        self._event(obj, "DeviceLost", message, deadline=deadline)
+        if isinstance(obj, res.ThinVolume):
+            status = dataclasses.replace(
+                obj.status,
+                phase=res.Phase.LOST,
+                code="FAILED_PRECONDITION",
+                message=message,
+                observed_generation=obj.meta.generation,
+            )
+            self._put_volume_status(obj, status, deadline=deadline)
+        else:
+            snap = dataclasses.replace(
+                obj.status,
+                phase=res.Phase.LOST,
+                ready_to_use=False,
+                code="FAILED_PRECONDITION",
+                message=message,
+                observed_generation=obj.meta.generation,
+            )
+            self._store(self._api.put_status(obj, snap.to_dict(), deadline=deadline))
+        self._dirty.set()
+
+    def _event(
+        self, obj: res.Resource, reason: str, message: str, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        self._api.event(obj, reason=reason, message=message, reporter=self._node, deadline=deadline)
+
+    # ---- LMDB rebuilt from the CRs -------------------------------------------------------------
+
+    def _adopt(
+        self, vols: list[res.ThinVolume], snaps: list[res.ThinSnapshot], *, deadline: deadline_mod.Deadline
+    ) -> list[str]:
+        """After a lost store: each orphan id a CR's status names gets that CR's record back."""
+        if self._engine.store.adopted() is None:
+            return []
+        orphans = set(self._engine.orphans())
+        adopted: list[str] = []
+        for dev in itertools.chain(
+            (_volume_record(v) for v in vols if v.status.device_id in orphans),
+            (_snapshot_record(s) for s in snaps if s.status.device_id in orphans),
+        ):
+            with _logged(f"adopt {dev.name} as device {dev.dev_id}"):
+                self._engine.adopt(dev, deadline=deadline)
+                adopted.append(dev.name)
+        return adopted
+
+    # ---- ThinPool ------------------------------------------------------------------------------
+
+    def _ensure_pool_object(self, *, deadline: deadline_mod.Deadline) -> None:
+        want = res.ThinPool(
+            meta=res.Meta(name=self.pool_object_name),
+            spec=res.PoolSpec(node_name=self._node, pool=self._pool),
+        )
+        with contextlib.suppress(errors.AlreadyExists):
+            self._api.create(want, deadline=deadline)
+
+    def _orphans(self) -> tuple[str, ...]:
+        with self._lock:
+            owned = set(self._volumes) | set(self._snapshots)
+        unowned = sorted(d.name for d in self._engine.list() if d.name not in owned)
+        return (*unowned, *(f"id:{i}" for i in self._engine.orphans()))
+
+    def _refresh_pool(self, *, deadline: deadline_mod.Deadline) -> None:
+        self._dirty.clear()
+        st = self._engine.status(deadline=deadline)
+        devs = self._engine.list()
+        status = res.PoolStatus(
+            healthy=st.healthy,
+            mode=st.mode.value,
+            block_size_bytes=st.block_size_bytes,
+            data_used_bytes=st.data_used_bytes,
+            data_total_bytes=st.data_total_bytes,
+            metadata_used_bytes=st.metadata_used_bytes,
+            metadata_total_bytes=st.metadata_total_bytes,
+            provisioned_bytes=self._engine.provisioned_bytes(),
+            overprovision_ratio=self._ratio,
+            data_threshold=self._engine.thresholds.data,
+            metadata_threshold=self._engine.thresholds.metadata,
+            volumes=sum(d.kind == model.DeviceKind.VOLUME for d in devs),
+            snapshots=sum(d.kind == model.DeviceKind.SNAPSHOT for d in devs),
+            lost=tuple(sorted(d.name for d in devs if d.state == model.DeviceState.LOST)),
+            orphans=self._orphans(),
+            pool_transaction_id=st.transaction_id,
+            store_transaction_id=self._engine.store.transaction_id(),
+            last_updated=client_mod.now(),
+        )
+        obj = self._api.get(res.ThinPool, self.pool_object_name, deadline=deadline)
+        self._api.put_status(obj, status.to_dict(), deadline=deadline)
+
+
+def _volume_record(tv: res.ThinVolume) -> model.Device:
+    attrs = {model.ATTR_ACCESS_TYPE: tv.spec.access_type.value}
+    if tv.spec.fs_type:
+        attrs[model.ATTR_FS_TYPE] = tv.spec.fs_type
+    return model.Device(
+        name=tv.name,
+        dev_id=tv.status.device_id,
+        kind=model.DeviceKind.VOLUME,
+        state=model.DeviceState.READY,
+        size_bytes=tv.status.size_bytes or tv.spec.size_bytes,
+        origin=tv.spec.source.name if tv.spec.source else None,
+        created_at=tv.status.created_at or time.time(),
+        attributes=model.attributes(attrs),
+    )
+
+
+def _snapshot_record(ts: res.ThinSnapshot) -> model.Device:
+    return model.Device(
+        name=ts.name,
+        dev_id=ts.status.device_id,
+        kind=model.DeviceKind.SNAPSHOT,
+        state=model.DeviceState.READY,
+        size_bytes=ts.status.size_bytes,
+        origin=ts.spec.source_volume,
+        created_at=ts.status.creation_time or time.time(),
+    )
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Iterator[None]:
+    """Adoption is best effort per object: one that cannot be adopted stays an orphan, reported."""
+    try:
+        yield
+    except errors.CsiThinError as exc:
+        log.warning("event=adopt-failed what=%s error=%s", what, exc)

@@ -1,0 +1,120 @@
+"""Security as the chart ships it, against the real API server with impersonation: the RBAC roles
+(least privilege per service account) and the node-isolation ValidatingAdmissionPolicy (a caller
+whose token is bound to node-a cannot change node-b's objects, nor any spec)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import kubernetes
+import pytest
+
+from tests import kubecrds, kubeenv
+
+G, V = "csi-thin.io", "v1alpha1"
+NS = "csi-thin"
+NODE_SA = f"system:serviceaccount:{NS}:csi-thin-node"
+CONTROLLER_SA = f"system:serviceaccount:{NS}:csi-thin-controller"
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
+
+
+@pytest.fixture(scope="module")
+def env(crds: kubeenv.KubeEnv) -> kubeenv.KubeEnv:
+    kubecrds.install_rbac(crds, NS)
+    return crds
+
+
+def _as(env: kubeenv.KubeEnv, user: str = "", node: str = "") -> Any:
+    extra = {NODE_NAME_KEY: node} if node else None
+    return kubernetes.client.CustomObjectsApi(env.api_client(impersonate=user, extra=extra))
+
+
+def _volume(name: str, node: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{G}/{V}",
+        "kind": "ThinVolume",
+        "metadata": {"name": name},
+        "spec": {"nodeName": node, "pool": "p", "sizeBytes": 1 << 26, "accessType": "mount"},
+    }
+
+
+def _denied(fn: Any, *args: Any) -> str:
+    with pytest.raises(kubernetes.client.exceptions.ApiException) as info:
+        fn(*args)
+    assert info.value.status == 403, info.value.body
+    return str(info.value.body)
+
+
+def test_a_node_cannot_modify_another_nodes_volume(env: kubeenv.KubeEnv) -> None:
+    admin = _as(env)
+    tag = uuid.uuid4().hex[:8]
+    a, b = f"iso-a-{tag}", f"iso-b-{tag}"
+    va, vb = f"v-iso-{tag}-a", f"v-iso-{tag}-b"
+    admin.create_cluster_custom_object(G, V, "thinvolumes", _volume(va, a))
+    admin.create_cluster_custom_object(G, V, "thinvolumes", _volume(vb, b))
+    node_a = _as(env, NODE_SA, node=a)
+
+    # its own: status and finalizers, yes
+    got = node_a.patch_cluster_custom_object_status(G, V, "thinvolumes", va, {"status": {"phase": "Ready"}})
+    assert got["status"]["phase"] == "Ready"
+    node_a.patch_cluster_custom_object(G, V, "thinvolumes", va, {"metadata": {"finalizers": ["x.io/f"]}})
+    # another node's: refused by the policy, naming both nodes
+    body = _denied(
+        node_a.patch_cluster_custom_object_status, G, V, "thinvolumes", vb, {"status": {"phase": "Lost"}}
+    )
+    assert "csi-thin-node-isolation" in body and a in body and b in body
+    _denied(node_a.patch_cluster_custom_object, G, V, "thinvolumes", vb, {"metadata": {"finalizers": ["x"]}})
+    assert "status" not in admin.get_cluster_custom_object(G, V, "thinvolumes", vb)
+    # not even its own spec
+    body = _denied(
+        node_a.patch_cluster_custom_object, G, V, "thinvolumes", va, {"spec": {"sizeBytes": 1 << 27}}
+    )
+    assert "never their spec" in body
+    # and RBAC: a node neither creates nor deletes volumes
+    _denied(node_a.create_cluster_custom_object, G, V, "thinvolumes", _volume(f"v-iso-{tag}-c", a))
+    _denied(node_a.delete_cluster_custom_object, G, V, "thinvolumes", va)
+
+    # a ThinPool: its own yes, another node's no
+    pool = {"apiVersion": f"{G}/{V}", "kind": "ThinPool", "metadata": {"name": f"{a}.p"}}
+    node_a.create_cluster_custom_object(G, V, "thinpools", {**pool, "spec": {"nodeName": a, "pool": "p"}})
+    other = {**pool, "metadata": {"name": f"{b}.p"}, "spec": {"nodeName": b, "pool": "p"}}
+    _denied(node_a.create_cluster_custom_object, G, V, "thinpools", other)
+
+    admin.patch_cluster_custom_object(G, V, "thinvolumes", va, {"metadata": {"finalizers": None}})
+    for name in (va, vb):
+        admin.delete_cluster_custom_object(G, V, "thinvolumes", name)
+    admin.delete_cluster_custom_object(G, V, "thinpools", f"{a}.p")
+
+
+def test_controller_writes_specs_but_no_status(env: kubeenv.KubeEnv) -> None:
+    admin = _as(env)
+    controller = _as(env, CONTROLLER_SA)
+    tag = uuid.uuid4().hex[:8]
+    name, node = f"v-ctl-{tag}", f"ctl-{tag}"
+    controller.create_cluster_custom_object(G, V, "thinvolumes", _volume(name, node))
+    controller.patch_cluster_custom_object(G, V, "thinvolumes", name, {"spec": {"sizeBytes": 1 << 27}})
+    _denied(
+        controller.patch_cluster_custom_object_status,
+        G,
+        V,
+        "thinvolumes",
+        name,
+        {"status": {"phase": "Ready"}},
+    )
+    pool = {"apiVersion": f"{G}/{V}", "kind": "ThinPool", "metadata": {"name": f"{node}.p"}}
+    admin.create_cluster_custom_object(G, V, "thinpools", {**pool, "spec": {"nodeName": node, "pool": "p"}})
+    assert controller.list_cluster_custom_object(G, V, "thinpools", field_selector=f"spec.nodeName={node}")[
+        "items"
+    ]
+    _denied(
+        controller.patch_cluster_custom_object_status,
+        G,
+        V,
+        "thinpools",
+        f"{node}.p",
+        {"status": {"mode": "rw"}},
+    )
+    _denied(controller.create_cluster_custom_object, G, V, "thinpools", {**pool, "metadata": {"name": "x.p"}})
+    controller.delete_cluster_custom_object(G, V, "thinvolumes", name)
+    admin.delete_cluster_custom_object(G, V, "thinpools", f"{node}.p")

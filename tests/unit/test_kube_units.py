@@ -1,0 +1,269 @@
+"""Pure pieces of Kubernetes mode: the typed CRs' dict edge (round trips, malformed input), API
+errors into domain errors, node status codes back into domain errors, the agent's work queue, and
+the provisioner's placement over many nodes (fake engines, one per node)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kubernetes
+import pytest
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.controller import provisioner
+from csi_thin.kube import client as client_mod
+from csi_thin.kube import crengine
+from csi_thin.kube import resources as res
+from csi_thin.node import agent
+from tests.unit.fake_engine import FakeEngine
+
+MiB = model.MiB
+
+
+def dl() -> deadline_mod.Deadline:
+    return deadline_mod.Deadline.after(60)
+
+
+def _api_dict(obj: res.ThinVolume | res.ThinSnapshot) -> dict[str, Any]:
+    body = obj.body()
+    body["metadata"] = {
+        "name": obj.name,
+        "resourceVersion": "7",
+        "generation": 2,
+        "finalizers": [res.FINALIZER],
+    }
+    body["status"] = obj.status.to_dict()
+    return body
+
+
+def test_thin_volume_round_trip() -> None:
+    tv = res.ThinVolume(
+        meta=res.Meta(name="v-pvc-1", resource_version="7", generation=2, finalizers=(res.FINALIZER,)),
+        spec=res.VolumeSpec(
+            node_name="n1", pool="p", size_bytes=64 * MiB, fs_type="ext4", source=res.Source(snapshot="s-x")
+        ),
+        status=res.VolumeStatus(
+            phase=res.Phase.READY,
+            size_bytes=64 * MiB,
+            device_id=3,
+            observed_generation=2,
+            created_at=1700000000.5,
+            conditions=(res.Condition(type="Ready", status="True", reason="Ready", observed_generation=2),),
+        ),
+    )
+    back = res.ThinVolume.from_dict(json.loads(json.dumps(_api_dict(tv))))
+    assert back == tv
+    assert back.settled and back.spec.source is not None and back.spec.source.name == "s-x"
+
+
+def test_thin_snapshot_and_pool_round_trip() -> None:
+    ts = res.ThinSnapshot(
+        meta=res.Meta(name="s-1", resource_version="7", generation=2, finalizers=(res.FINALIZER,)),
+        spec=res.SnapshotSpec(node_name="n1", pool="p", source_volume="v-1"),
+        status=res.SnapshotStatus(phase=res.Phase.READY, ready_to_use=True, size_bytes=MiB, device_id=4),
+    )
+    assert res.ThinSnapshot.from_dict(_api_dict(ts)) == ts
+    st = res.PoolStatus(healthy=True, mode="rw", data_total_bytes=10, orphans=("v-x", "id:9"), lost=("v-y",))
+    assert res.PoolStatus.from_dict(json.loads(json.dumps(st.to_dict()))) == st
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"metadata": {"name": "v-1"}, "spec": {"nodeName": 3, "pool": "p", "sizeBytes": 1}},
+        {"metadata": {"name": "v-1"}, "spec": {"nodeName": "n", "pool": "p", "sizeBytes": "big"}},
+        {"metadata": {"name": "v-1"}, "spec": {"nodeName": "n", "pool": "p", "sizeBytes": True}},
+        {"metadata": {"name": "v-1"}, "spec": []},
+        {"metadata": {"name": "v-1"}, "spec": {"nodeName": "n", "accessType": "tape"}},
+        {"metadata": {"name": "v-1"}, "spec": {"nodeName": "n"}, "status": {"phase": "Fine"}},
+    ],
+)
+def test_malformed_objects_are_internal_errors(raw: dict[str, Any]) -> None:
+    with pytest.raises(errors.Internal):
+        res.ThinVolume.from_dict(raw)
+
+
+def _api_error(status: int, reason: str = "") -> Exception:
+    exc = kubernetes.client.exceptions.ApiException(status=status, reason="r")
+    exc.body = json.dumps({"message": "m", "reason": reason})
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "cls"),
+    [
+        (404, "NotFound", errors.NotFound),
+        (409, "AlreadyExists", errors.AlreadyExists),
+        (409, "Conflict", client_mod.Conflict),
+        (410, "Expired", client_mod.Gone),
+        (403, "Forbidden", client_mod.Forbidden),
+        (422, "Invalid", client_mod.Invalid),
+        (500, "InternalError", errors.Unavailable),
+        (503, "ServiceUnavailable", errors.Unavailable),
+    ],
+)
+def test_api_errors_become_domain_errors(status: int, reason: str, cls: type[Exception]) -> None:
+    def fail(timeout: tuple[float, float]) -> None:
+        assert timeout[1] > 0
+        raise _api_error(status, reason)
+
+    with pytest.raises(cls) as info:
+        client_mod.Client._call("get x", dl(), fail)
+    assert type(info.value) is cls
+    assert "get x: m" in str(info.value)
+
+
+def test_a_spent_deadline_makes_no_call() -> None:
+    with pytest.raises(errors.DeadlineExceeded):
+        client_mod.Client._call("get x", deadline_mod.Deadline(0.0), lambda t: pytest.fail("called"))
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("RESOURCE_EXHAUSTED", errors.ResourceExhausted),
+        ("FAILED_PRECONDITION", errors.FailedPrecondition),
+        ("UNAVAILABLE", errors.Unavailable),
+        ("OUT_OF_RANGE", errors.OutOfRange),
+        ("INVALID_ARGUMENT", errors.InvalidArgument),
+        ("SOMETHING_NEW", errors.Internal),
+        ("", errors.Internal),
+    ],
+)
+def test_node_codes_map_back(code: str, cls: type[errors.CsiThinError]) -> None:
+    exc = crengine.error_from_status(code, "node says no")
+    assert type(exc) is cls
+    assert exc.message == "node says no"
+
+
+def test_work_queue_dedupes_and_keeps_the_earliest_due() -> None:
+    q = agent._Queue()
+    a, b = (res.Kind.VOLUME, "v-a"), (res.Kind.SNAPSHOT, "s-b")
+    q.put(a, delay=60)
+    q.put(b)
+    q.put(b)
+    q.put(a)  # an immediate put supersedes the delayed one
+    got = {q.get(), q.get()}
+    assert got == {a, b}
+    assert q.empty()
+    q.put(a, delay=0.05)
+    t0 = time.monotonic()
+    assert q.get() == a
+    assert time.monotonic() - t0 >= 0.04
+    q.close()
+    assert q.get() is None
+
+
+# ---- placement over many nodes ------------------------------------------------------------------
+
+
+class _Cluster:
+    """Name-wide view over one FakeEngine per node (what the CR engine is in Kubernetes mode)."""
+
+    def __init__(self, nodes: Mapping[str, FakeEngine]) -> None:
+        self.nodes = dict(nodes)
+
+    def _where(self, name: str) -> str | None:
+        return next((n for n, e in self.nodes.items() if name in e.devices), None)
+
+    def get(self, name: str) -> model.Device | None:
+        node = self._where(name)
+        return None if node is None else dataclasses.replace(self.nodes[node].devices[name], node=node)
+
+    def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]:
+        return [dataclasses.replace(d, node=n) for n, e in self.nodes.items() for d in e.list(kind=kind)]
+
+    def __getattr__(self, op: str) -> Any:  # create_snapshot, clone, delete, grow: on the name's node
+        def call(name: str, *args: Any, **kwargs: Any) -> Any:
+            node = self._where(args[0] if op in ("clone", "create_snapshot") else name)
+            assert node is not None
+            got = getattr(self.nodes[node], op)(name, *args, **kwargs)
+            return None if got is None else dataclasses.replace(got, node=node)
+
+        return call
+
+    def on(self, node: str) -> Any:
+        return _NodeView(self.nodes[node], node)
+
+
+@dataclasses.dataclass
+class _NodeView:
+    engine: FakeEngine
+    node: str
+
+    def __getattr__(self, op: str) -> Any:
+        attr = getattr(self.engine, op)
+        if op in ("create_volume", "clone", "grow"):
+            return lambda *a, **k: dataclasses.replace(attr(*a, **k), node=self.node)
+        return attr
+
+
+def _prov(**sizes: int) -> tuple[provisioner.Provisioner, _Cluster]:
+    cluster = _Cluster({n: FakeEngine(data_total=s) for n, s in sizes.items()})
+    settings = provisioner.Settings(node_id=None, block_size=64 * 1024)
+    return provisioner.Provisioner(engine=cluster, settings=settings, nodes=cluster.on), cluster  # type: ignore[arg-type]
+
+
+def _req(name: str, size: int, **kw: Any) -> provisioner.VolumeRequest:
+    return provisioner.VolumeRequest(name=name, capacity=provisioner.CapacityRange(size), **kw)
+
+
+def test_placement_prefers_in_order_among_the_allowed() -> None:
+    prov, cluster = _prov(a=10 * model.GiB, b=10 * model.GiB, c=10 * model.GiB)
+    both = frozenset({"a", "b"})
+    assert (
+        prov.create_volume(
+            _req("one", MiB, allowed_nodes=both, preferred_nodes=("b", "a")), deadline=dl()
+        ).node
+        == "b"
+    )
+    # a preferred node outside the requisite is skipped
+    assert (
+        prov.create_volume(
+            _req("two", MiB, allowed_nodes=both, preferred_nodes=("c", "a")), deadline=dl()
+        ).node
+        == "a"
+    )
+    assert prov.create_volume(_req("three", MiB, allowed_nodes=frozenset({"c"})), deadline=dl()).node == "c"
+    with pytest.raises(errors.InvalidArgument):
+        prov.create_volume(_req("four", MiB), deadline=dl())
+    assert sorted(cluster.nodes["b"].devices) == ["v-one"]
+
+
+def test_clones_and_snapshots_follow_their_source_and_capacity_is_per_node() -> None:
+    prov, _ = _prov(a=1 * model.GiB, b=4 * model.GiB)
+    vol = prov.create_volume(_req("src", MiB, allowed_nodes=frozenset({"b"})), deadline=dl())
+    snap = prov.create_snapshot("snap", vol.name, deadline=dl())
+    assert snap.node == "b"
+    source = provisioner.ContentSource(kind=provisioner.naming.IdKind.SNAPSHOT, id=snap.name)
+    restored = prov.create_volume(
+        _req("restored", 2 * MiB, source=source, allowed_nodes=frozenset({"a", "b"}), preferred_nodes=("a",)),
+        deadline=dl(),
+    )
+    assert restored.node == "b"
+    with pytest.raises(errors.ResourceExhausted):  # the requisite excludes the source's node
+        prov.create_volume(_req("nowhere", MiB, source=source, allowed_nodes=frozenset({"a"})), deadline=dl())
+    cap_a = prov.capacity(node_id="a", deadline=dl())
+    cap_b = prov.capacity(node_id="b", deadline=dl())
+    assert cap_a.maximum_volume_bytes == 10 * model.GiB
+    assert cap_b.maximum_volume_bytes == 40 * model.GiB - 3 * MiB
+    assert prov.capacity(node_id=None, deadline=dl()).available_bytes == 0
+    # overprovisioning is the node's own
+    with pytest.raises(errors.ResourceExhausted):
+        prov.create_volume(_req("big", 11 * model.GiB, allowed_nodes=frozenset({"a"})), deadline=dl())
+    assert (
+        prov.create_volume(_req("big", 11 * model.GiB, allowed_nodes=frozenset({"b"})), deadline=dl()).node
+        == "b"
+    )
+
+
+def test_provisioner_needs_one_node_or_many() -> None:
+    with pytest.raises(errors.Internal):
+        provisioner.Provisioner(
+            engine=FakeEngine(), settings=provisioner.Settings(node_id=None, block_size=4096)
+        )
