@@ -64,17 +64,29 @@ def test_identity(d: h.Driver) -> None:
     assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
 
 
-@pytest.mark.parametrize("condition", [{"mode": "ro"}, {"needs_check": True}, {"mode": "fail"}])
-def test_probe_not_ready_when_the_pool_is_unhealthy(d: h.Driver, condition: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "condition",
+    [{"mode": "out_of_data_space"}, {"mode": "ro"}, {"needs_check": True}, {"mode": "fail"}],
+)
+def test_probe_stays_ready_when_the_pool_is_full_or_degraded(
+    d: h.Driver, condition: dict[str, object]
+) -> None:
+    """Probe is liveness: restarting the plugin would not fix the pool (volume conditions,
+    GetCapacity and `pool status` report it)."""
     assert isinstance(d.backend, fakes.FakeBackend)
     d.backend.set_condition(**condition)
+    assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+
+
+def test_probe_is_not_ready_while_starting_up(d: h.Driver) -> None:
+    d.engine.last_recovery = None  # as before start-up recovery has run
     assert not d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
 
 
-def test_probe_not_ready_when_the_pool_is_not_assembled(d: h.Driver) -> None:
+def test_probe_fails_when_the_pool_is_gone(d: h.Driver) -> None:
     assert isinstance(d.backend, fakes.FakeBackend)
     d.backend.set_condition(assembled=False)
-    assert not d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    assert h.code_of(lambda: d.identity.Probe(csi_pb2.ProbeRequest())) == S.FAILED_PRECONDITION
 
 
 def test_health_service(d: h.Driver) -> None:
