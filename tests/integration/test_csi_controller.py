@@ -552,6 +552,38 @@ def test_pool_above_threshold_refuses_new_devices_but_existing_ones_work(d: h.Dr
     assert d.engine.list() == []
 
 
+def test_a_full_pool_refuses_what_allocates_and_deletes_still_run(d: h.Driver) -> None:
+    c = d.controller
+    vol = c.CreateVolume(h.create_req("pvc-a", 10 * MiB)).volume
+    snap = c.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=vol.volume_id)).snapshot
+    assert isinstance(d.backend, fakes.FakeBackend)
+    d.backend.set_condition(mode="out_of_data_space", data_used=64 * GiB)
+    expand = csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=20 * MiB)
+    )
+    for call in (
+        lambda: c.CreateVolume(h.create_req("pvc-b", MiB)),
+        lambda: c.CreateVolume(
+            h.create_req("pvc-r", 10 * MiB, volume_content_source=snap_src(snap.snapshot_id))
+        ),
+        lambda: c.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s2", source_volume_id=vol.volume_id)),
+        lambda: c.ControllerExpandVolume(expand),
+    ):
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        assert exc.value.code() == S.RESOURCE_EXHAUSTED and "data space is full" in exc.value.details()
+    assert c.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity == 0
+    c.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    d.backend.set_condition(mode="ro", data_used=None)
+    with pytest.raises(grpc.RpcError) as exc:
+        c.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert exc.value.code() == S.UNAVAILABLE and "thin_repair" in exc.value.details()
+    d.backend.set_condition(mode="rw")
+    c.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert c.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity > 0
+    assert d.engine.list() == []
+
+
 # -- concurrency -----------------------------------------------------------------------------------
 
 
