@@ -268,8 +268,10 @@ class PoolEngine:
             )
 
     def _size(self, size_bytes: int) -> int:
-        if size_bytes <= 0 or size_bytes > MAX_SIZE_BYTES:
-            raise errors.InvalidArgument(f"size {size_bytes} must be in 1..{MAX_SIZE_BYTES} bytes")
+        if size_bytes <= 0:
+            raise errors.InvalidArgument(f"size {size_bytes} must be positive")
+        if size_bytes > MAX_SIZE_BYTES:
+            raise errors.OutOfRange(f"size {size_bytes} is above the maximum of {MAX_SIZE_BYTES} bytes")
         return _round_up(size_bytes, self.block_size)
 
     def _ready(self, name: str, what: str = "device") -> model.Device:
