@@ -92,6 +92,18 @@ def condition(status: model.PoolStatus) -> Condition:
     return _C.RW
 
 
+def hint(cond: Condition) -> str:
+    """What an operator reads about a pool in this condition (`pool status`)."""
+    if cond == _C.RW:
+        return ""
+    if cond == _C.OUT_OF_DATA_SPACE:
+        return (
+            "the pool's data space is full: deletes still run and free space; creates, snapshots, "
+            "clones, restores and expands are refused until they do (or the pool gets more data space)"
+        )
+    return HINTS[cond]
+
+
 def allowed(op: Op, cond: Condition) -> bool:
     return cond in TABLE[op]
 
