@@ -1021,7 +1021,10 @@ class ReflinkBackend:
                 and ours.endswith(backing)
                 and device_file_id(os.path.basename(ours)) is not None
             ):
-                with contextlib.suppress(OSError):
+                # only a suffix matches: the device is ours if its file identity proves it. One
+                # whose status cannot be read (EIO: its backing file's filesystem shut down) proves
+                # nothing, and is most likely someone else's: skip it rather than fail the teardown
+                with contextlib.suppress(OSError, errors.Internal):
                     st = os.stat(ours)
                     if loop.identity(dev) == (st.st_dev, st.st_ino):
                         out[ours] = dev
