@@ -1,7 +1,8 @@
 """The pool engine: the only code that changes the pool, and the API the CSI layer calls.
 
 Flow of a mutation: validate -> claim the name (and the source) without blocking -> "does it exist,
-and is it compatible?" -> pool health and thresholds -> a journalled transition:
+and is it compatible?" -> the pool's condition (csi_thin.pool.modes, one table for every
+operation) and thresholds -> a journalled transition:
 
     intent + "-ing" record in LMDB  ->  kernel steps (each with an explicit undo)
         ->  set_transaction_id(N, N+1)  ->  record + txid N+1 + intent closed, in ONE LMDB txn
