@@ -10,7 +10,8 @@ answers RESOURCE_EXHAUSTED naming what is full, a damaged one UNAVAILABLE with a
 Reads (status, list, get, stats) never consult the table: they work in every condition, as the
 README's table says. Deactivate works in every condition too: an offline repair needs every device
 deactivated first. Activate of an existing device works in every condition but `fail`: in
-`out_of_data_space` staged volumes keep working (writes to blocks already mapped still succeed), in
+`out_of_data_space` staged volumes keep working (writes to blocks a device owns still succeed; a
+block shared with a snapshot must be copied first, which fails until space is freed), in
 `read_only` / `needs_check` data can still be read out, and a failed pool takes no thin table.
 """
 

@@ -17,7 +17,12 @@ def test_a_full_reflink_pool_serves_deletes_and_heals(tmp_path: pathlib.Path) ->
     # mkfs.xfs's minimum is 300 MB: the smallest pool image it makes
     cfg = h.reflink_config(tmp_path, size="320MiB")
     try:
-        fullpool.run(lambda: h.serve(tmp_path, reflink.ReflinkBackend(cfg)), tmp_path, filler_bytes=512 * MiB)
+        fullpool.run(
+            lambda: h.serve(tmp_path, reflink.ReflinkBackend(cfg)),
+            tmp_path,
+            filler_bytes=512 * MiB,
+            shared_rw_mount_fails=False,
+        )
     finally:
         fullpool.unmount_under(tmp_path, keep=str(tmp_path / "pool"))
         reflink.ReflinkBackend(cfg).destroy(deadline=deadline_mod.default())

@@ -31,7 +31,12 @@ def test_a_full_dmthin_pool_serves_deletes_and_heals() -> None:
         ),
     )
     try:
-        fullpool.run(lambda: h.serve(root, dmthin.DmThinBackend(cfg)), root, filler_bytes=256 * MiB)
+        fullpool.run(
+            lambda: h.serve(root, dmthin.DmThinBackend(cfg)),
+            root,
+            filler_bytes=256 * MiB,
+            shared_rw_mount_fails=True,
+        )
     finally:
         fullpool.unmount_under(root)
         dmthin.DmThinBackend(cfg).destroy(deadline=deadline_mod.Deadline.after(120))
