@@ -41,7 +41,9 @@ def unmount_under(workdir: pathlib.Path, *, keep: str = "") -> None:
     """Unmount what a failed run left under workdir (deepest first): only this test's mounts."""
     mounts = {m.mount_point for m in mountinfo.read() if m.mount_point.startswith(f"{workdir}/")}
     for mp in sorted(mounts - {keep}, key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], check=False)
+        # not lazy: a lazily unmounted volume keeps its loop device busy, and the pool's teardown
+        # after this must detach it
+        subprocess.run(["umount", mp], check=False)
 
 
 def _stage(
