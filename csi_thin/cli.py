@@ -25,7 +25,7 @@ from typing import Any
 from csi_thin import app, config, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.pool import engine as engine_mod
-from csi_thin.pool import recovery
+from csi_thin.pool import modes, recovery
 
 Printer = Callable[[str], None]
 
@@ -72,6 +72,8 @@ def _status_json(cfg: config.PoolConfig, eng: engine_mod.PoolEngine, st: model.P
         "pool": cfg.name,
         "backend": eng.backend.kind,
         "healthy": st.healthy,
+        "condition": modes.condition(st).value,
+        "hint": modes.hint(modes.condition(st)),
         "mode": st.mode.value,
         "needs_check": st.needs_check,
         "pool_transaction_id": st.transaction_id,
@@ -102,6 +104,7 @@ def _print_status(s: dict[str, Any], out: Printer) -> None:
             ("healthy" if s["healthy"] else "UNHEALTHY")
             + f" mode={s['mode']} needs_check={s['needs_check']}",
         ),
+        *([("condition", f"{s['condition']}: {s['hint']}")] if s["hint"] else []),
         ("transaction id", f"pool {s['pool_transaction_id']}, store {s['store_transaction_id']}"),
         (
             "data",

@@ -48,6 +48,10 @@ class PoolExhausted(ResourceExhausted):
     """The pool is above a configured data or metadata threshold: new devices are refused."""
 
 
+class PoolFull(ResourceExhausted):
+    """The pool's data space is full (out_of_data_space): what would allocate is refused, deletes run."""
+
+
 class FailedPrecondition(CsiThinError):
     code = "FAILED_PRECONDITION"
 

@@ -6,6 +6,7 @@ the given backend; the JUnit report is parsed so the test can print and assert e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pathlib
 import subprocess
@@ -17,18 +18,23 @@ from tests import conftest
 
 MiB = 1024 * 1024
 
+#: csi-sanity v5.4.0 (tools/csi/go.mod) passes exactly this many specs against the driver, on either
+#: backend. A pass that turns into a skip (a capability no longer advertised) or a spec a new
+#: csi-sanity adds changes the count and fails the test: look at why, then update it.
+EXPECTED_PASSED = 67
+
 #: csi-sanity skips a spec when the driver does not advertise its capability. Every skip reason we
-#: accept is listed here with why the driver honestly does not offer it (the README has the same list);
-#: a skip for any other reason fails the test.
-ALLOWED_SKIPS: dict[str, str] = {
-    "ControllerPublishVolume not supported": "node-local volumes: nothing to attach",
-    "ControllerUnpublishVolume not supported": "node-local volumes: nothing to attach",
-    "Controller Publish, UnpublishVolume not supported": "node-local volumes: nothing to attach",
-    "ControllerModifyVolume not supported": "no mutable parameters (MODIFY_VOLUME not advertised)",
-    "Modify volume not supported": "no volume attribute classes (MODIFY_VOLUME not advertised)",
-    "Modify Volume not supported": "no volume attribute classes (MODIFY_VOLUME not advertised)",
-    "GroupControllerService not supported": "no group snapshots (GroupController not offered)",
-    "pending": "marked pending (PIt) in csi-sanity v5.4.0 itself, not run by anyone",
+#: accept is listed with how many specs it skips and why the driver honestly does not offer it (the
+#: README has the same list); a skip for any other reason, or another count, fails the test.
+ALLOWED_SKIPS: dict[str, tuple[int, str]] = {
+    "ControllerPublishVolume not supported": (7, "node-local volumes: nothing to attach"),
+    "ControllerUnpublishVolume not supported": (1, "node-local volumes: nothing to attach"),
+    "Controller Publish, UnpublishVolume not supported": (2, "node-local volumes: nothing to attach"),
+    "ControllerModifyVolume not supported": (6, "no mutable parameters (MODIFY_VOLUME not advertised)"),
+    "Modify volume not supported": (1, "no volume attribute classes (MODIFY_VOLUME not advertised)"),
+    "Modify Volume not supported": (1, "no volume attribute classes (MODIFY_VOLUME not advertised)"),
+    "GroupControllerService not supported": (6, "no group snapshots (GroupController not offered)"),
+    "pending": (1, "marked pending (PIt) in csi-sanity v5.4.0 itself, not run by anyone"),
 }
 
 
@@ -113,9 +119,8 @@ def _run(
     return Result(passed, failed, skipped, seconds, out.stdout + out.stderr)
 
 
-def _allowed(message: str) -> bool:
-    reason = message.strip().removeprefix("skipped - ").strip()
-    return reason in ALLOWED_SKIPS
+def _reason(message: str) -> str:
+    return message.strip().removeprefix("skipped - ").strip()
 
 
 def check(result: Result, label: str) -> None:
@@ -127,7 +132,14 @@ def check(result: Result, label: str) -> None:
         print(f"  skipped: {name}: {msg.strip()[:200]}")
     for name, msg in result.failed:
         print(f"  FAILED: {name}\n{msg.strip()[:1500]}")
-    assert result.passed, "csi-sanity ran no spec"
     assert not result.failed, f"{len(result.failed)} csi-sanity specs failed"
-    unexplained = [name for name, msg in result.skipped if not _allowed(msg)]
+    unexplained = [name for name, msg in result.skipped if _reason(msg) not in ALLOWED_SKIPS]
     assert not unexplained, f"skips without a documented reason: {unexplained}"
+    skips = collections.Counter(_reason(msg) for _, msg in result.skipped)
+    assert skips == {reason: n for reason, (n, _) in ALLOWED_SKIPS.items()}, (
+        f"skips per reason: {dict(skips)}"
+    )
+    assert len(result.passed) == EXPECTED_PASSED, (
+        f"{len(result.passed)} csi-sanity specs passed, not {EXPECTED_PASSED}: a spec was added, or a "
+        "pass turned into a skip"
+    )

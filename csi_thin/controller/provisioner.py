@@ -69,7 +69,7 @@ class Settings:
     overprovision_ratio: float = 10.0
     #: size of a volume whose request names no capacity
     default_size: int = model.GiB
-    #: anything above this is not a size anyone means: INVALID_ARGUMENT rather than an attempt
+    #: the largest volume: a request above it is OUT_OF_RANGE rather than an attempt
     max_volume_bytes: int = 256 * TiB
 
 
@@ -136,8 +136,8 @@ def choose_size(rng: CapacityRange, settings: Settings, *, at_least: int = 0) ->
         raise errors.InvalidArgument(
             f"capacity_range: limit_bytes {rng.limit} is below required_bytes {rng.required}"
         )
-    if rng.required > settings.max_volume_bytes:
-        raise errors.InvalidArgument(
+    if rng.required > settings.max_volume_bytes:  # CSI: a capacity we cannot provide is OUT_OF_RANGE
+        raise errors.OutOfRange(
             f"capacity_range: required_bytes {rng.required} exceeds the driver maximum "
             f"{settings.max_volume_bytes}"
         )

@@ -1,4 +1,4 @@
-"""CSI Identity: who the plugin is, what it offers, and whether its pool is ready."""
+"""CSI Identity: who the plugin is, what it offers, and whether it has started and can serve."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         name: str = DEFAULT_NAME,
         controller: bool = True,
     ) -> None:
-        """`ready` answers Probe: true only while the pool is assembled and healthy."""
+        """`ready` answers Probe: false only while the plugin is still starting up; it raises when
+        the plugin cannot serve at all. Pool health is no part of it (see Probe)."""
         self._ready = ready
         self._name = name
         self._controller = controller
@@ -46,6 +47,9 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
     def Probe(self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext) -> csi_pb2.ProbeResponse:
+        # Liveness, not pool health: a liveness probe that failed on a full or degraded pool would
+        # restart the node plugin, which fixes neither and takes every staged volume's node calls
+        # down meanwhile. Volume conditions, GetCapacity, `pool status` and metrics report the pool.
         response = csi_pb2.ProbeResponse()
         response.ready.value = self._ready(interceptor.rpc_deadline(context))
         return response

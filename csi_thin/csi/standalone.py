@@ -70,11 +70,16 @@ def services(
     """The three CSI services of a standalone driver over one engine (the composition root)."""
 
     def ready(deadline: deadline_mod.Deadline) -> bool:
+        """Probe: ready once start-up (assembly, recovery) is done, whatever the pool's condition; a
+        pool that cannot even report its status (it is gone) means the plugin cannot serve."""
+        if eng.last_recovery is None:
+            return False  # still starting up
         try:
-            return eng.status(deadline=deadline).healthy
-        except errors.CsiThinError as exc:
-            log.warning("msg=%s error=%s", "probe: pool not ready", exc)
-            return False
+            eng.status(deadline=deadline)
+        except errors.Unavailable as exc:
+            log.warning("msg=%s error=%s", "probe: the plugin cannot serve", exc)
+            raise errors.FailedPrecondition(f"the plugin cannot serve: {exc.message}") from exc
+        return True
 
     settings = provisioner.Settings(
         node_id=node_id, block_size=block_size, thresholds=thresholds, overprovision_ratio=overprovision_ratio

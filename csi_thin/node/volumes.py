@@ -141,9 +141,27 @@ class NodeVolumes:
         if grow:
             filesystem.grow_unmounted(device, cap.fs_type, deadline=deadline)
         options = list(cap.mount_flags) + (["ro"] if cap.read_only else [])
-        filesystem.mount(device, staging_path, fs_type=cap.fs_type, options=options, deadline=deadline)
+        try:
+            filesystem.mount(device, staging_path, fs_type=cap.fs_type, options=options, deadline=deadline)
+        except errors.CommandFailed as exc:
+            self._explain_full_pool(volume_id, cap, exc, deadline=deadline)
+            raise
         if grow and cap.fs_type == "xfs":
             filesystem.grow(device, staging_path, cap.fs_type, deadline=deadline)
+
+    def _explain_full_pool(
+        self, volume_id: str, cap: Capability, exc: errors.CommandFailed, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        """A read-write mount that failed on a full pool failed for want of space: a mount writes (the
+        superblock, a journal replay), and a block the volume shares with a snapshot must be copied
+        first. Say so (RESOURCE_EXHAUSTED), rather than the mount's "can't read superblock"."""
+        if cap.read_only or self._engine.status(deadline=deadline).mode != model.PoolMode.OUT_OF_DATA_SPACE:
+            return
+        raise errors.PoolFull(
+            f"volume {volume_id} cannot be mounted read-write while the pool's data space is full (the "
+            "mount writes, and blocks shared with a snapshot must be copied first): stage it read-only, "
+            f"or free space by deleting volumes or snapshots. {exc.message}"
+        ) from exc
 
     def unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
         staging_path = _resolve(staging_path, "staging_target_path")

@@ -1,7 +1,8 @@
 """The pool engine: the only code that changes the pool, and the API the CSI layer calls.
 
 Flow of a mutation: validate -> claim the name (and the source) without blocking -> "does it exist,
-and is it compatible?" -> pool health and thresholds -> a journalled transition:
+and is it compatible?" -> the pool's condition (csi_thin.pool.modes, one table for every
+operation) and thresholds -> a journalled transition:
 
     intent + "-ing" record in LMDB  ->  kernel steps (each with an explicit undo)
         ->  set_transaction_id(N, N+1)  ->  record + txid N+1 + intent closed, in ONE LMDB txn
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
-from csi_thin.pool import recovery
+from csi_thin.pool import modes, recovery
 from csi_thin.store import lmdb_store
 
 log = logging.getLogger(__name__)
@@ -246,13 +247,13 @@ class PoolEngine:
 
     # ---- checks ------------------------------------------------------------------------------------
 
-    def _require_healthy(self, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+    def _require_mode(self, op: modes.Op, deadline: deadline_mod.Deadline) -> model.PoolStatus | None:
+        """Refuse `op` when the pool's condition does not allow it (modes.TABLE, the one place that
+        decides). An op that runs in every condition reads no status (None)."""
+        if modes.runs_always(op):
+            return None
         st = self.backend.status(deadline=deadline)
-        if not st.healthy:
-            raise errors.Unavailable(
-                f"pool is not healthy (mode={st.mode.value}, needs_check={st.needs_check}): "
-                "mutations are refused until it is repaired (thin_check / thin_repair offline)"
-            )
+        modes.require(op, st)
         return st
 
     def _require_room(self, st: model.PoolStatus) -> None:
@@ -268,8 +269,10 @@ class PoolEngine:
             )
 
     def _size(self, size_bytes: int) -> int:
-        if size_bytes <= 0 or size_bytes > MAX_SIZE_BYTES:
-            raise errors.InvalidArgument(f"size {size_bytes} must be in 1..{MAX_SIZE_BYTES} bytes")
+        if size_bytes <= 0:
+            raise errors.InvalidArgument(f"size {size_bytes} must be positive")
+        if size_bytes > MAX_SIZE_BYTES:
+            raise errors.OutOfRange(f"size {size_bytes} is above the maximum of {MAX_SIZE_BYTES} bytes")
         return _round_up(size_bytes, self.block_size)
 
     def _ready(self, name: str, what: str = "device") -> model.Device:
@@ -360,7 +363,8 @@ class PoolEngine:
             existing = self._existing(name, kind=kind, size=size, source=source, attrs=attrs)
             if existing is not None:
                 return existing
-            st = self._require_healthy(deadline)
+            st = self._require_mode(modes.Op(op), deadline)
+            assert st is not None
             self._require_room(st)
             with self._fenced(deadline):
                 existing = self._existing(name, kind=kind, size=size, source=source, attrs=attrs)
@@ -514,7 +518,7 @@ class PoolEngine:
             self._resolve_stale(name, deadline)
             if self.store.get(name) is None:
                 return
-            self._require_healthy(deadline)
+            self._require_mode(modes.Op.DELETE, deadline)
             with self._fenced(deadline):
                 dev = self.store.get(name)
                 if dev is None:
@@ -584,7 +588,7 @@ class PoolEngine:
         """Grow a device (active: the backend reloads its table). Shrinking is OutOfRange.
 
         Not refused above the space thresholds: growing allocates nothing until written, and existing
-        volumes keep working. Refused (Unavailable) when the pool is unhealthy.
+        volumes keep working. Refused in every pool condition but rw (modes.TABLE).
         """
         _validate_name(name)
         size = self._size(size_bytes)
@@ -595,7 +599,7 @@ class PoolEngine:
                 raise errors.OutOfRange(f"{name!r} is {dev.size_bytes} bytes; shrinking to {size} is refused")
             if size == dev.size_bytes:
                 return dev
-            self._require_healthy(deadline)
+            self._require_mode(modes.Op.GROW, deadline)
             self._unfenced(
                 "grow",
                 dev,
@@ -613,6 +617,7 @@ class PoolEngine:
         with self._claim(name):
             self._resolve_stale(name, deadline)
             dev = self._ready(name)
+            self._require_mode(modes.Op.ACTIVATE, deadline)
 
             def undo() -> None:
                 if not dev.active:
@@ -641,6 +646,7 @@ class PoolEngine:
                 raise errors.OperationPending(f"{name!r} is {dev.state.value}; retry later")
             if dev.state == model.DeviceState.LOST and not dev.active:
                 return dev
+            self._require_mode(modes.Op.DEACTIVATE, deadline)
 
             def undo() -> None:
                 # A deactivate that removed the device and then failed: put the device back.
@@ -739,7 +745,7 @@ class PoolEngine:
                 "garbage; pass --force to delete them anyway"
             )
         deleted: builtins.list[int] = []
-        self._require_healthy(deadline)
+        self._require_mode(modes.Op.GC, deadline)
         with self._fenced(deadline):
             active = self.backend.active_ids(deadline=deadline)
             for dev_id in self.orphans():

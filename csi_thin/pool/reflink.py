@@ -7,7 +7,8 @@ mount, or an image file this backend formats and loop-mounts at the directory (s
 The mapping onto dm-thin:
 - device id N is the sparse file `<directory>/devices/<N>.img`; its length is the device size;
 - create_snap is an FICLONE reflink of the origin file: instant, copy-on-write, like a thin snapshot;
-- the transaction id is a small file, replaced atomically, with compare-and-swap under a lock;
+- the transaction id is a small file, replaced atomically (a spare swapped in, so nothing is
+  allocated: it works on a full filesystem), with compare-and-swap under a lock;
 - activate attaches the file to a loop device; the kernel's loop table is the truth of what is
   active and where (`loop.find(backing_file)`), so nothing here can drift from it;
 - an attached, mounted origin is frozen (FIFREEZE) around the clone where dm-thin would suspend.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -50,6 +52,7 @@ FS_TYPES = ("xfs", "btrfs")
 
 _DEVICES = "devices"
 _TXID = "transaction_id"
+_TXID_SPARE = "transaction_id.spare"  # the next id is written here, then swapped in (_write_txid)
 _LOCK = ".lock"
 _TMP = ".tmp-"
 _SUFFIX = ".img"
@@ -180,6 +183,20 @@ def _make_private(devices: str) -> None:
     for name in os.listdir(devices):
         if device_file_id(name) is not None:
             os.chmod(os.path.join(devices, name), 0o600)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 1 << 1  # linux/fs.h
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.renameat2.restype = ctypes.c_int
+
+
+def _exchange(a: str, b: str) -> None:
+    """Atomically swap the names of two existing files (renameat2 RENAME_EXCHANGE)."""
+    if _libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), a, None, b)
 
 
 def _fsync_dir(path: str) -> None:
@@ -342,9 +359,12 @@ class ReflinkBackend:
         try:
             os.makedirs(self._devices, mode=0o700, exist_ok=True)
             _make_private(self._devices)
-            txid = os.path.join(self._dir, _TXID)
-            if not os.path.exists(txid):
-                self._write_txid(0)
+            # everything a fence touches exists from here on: on a full filesystem even a new
+            # empty file (an inode) may not be had
+            for name in (_TXID, _TXID_SPARE):
+                if not os.path.exists(os.path.join(self._dir, name)):
+                    self._create_file(name, b"0\n")
+            os.close(os.open(os.path.join(self._dir, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             for folder in (self._devices, self._dir):
                 for name in os.listdir(folder):
                     # a step (or probe, or txid update) that crashed before its link or rename:
@@ -490,13 +510,18 @@ class ReflinkBackend:
             )
 
     def _probe_reflink(self) -> None:
-        """Prove the directory can reflink by cloning a small temp file; refuse clearly if not."""
+        """Prove the directory can reflink by cloning a small temp file; refuse clearly if not.
+
+        A full filesystem cannot hold the probe's files: an existing pool (proven when it was made)
+        is then assembled unprobed, since a driver that does not start cannot delete anything."""
         src = os.path.join(self._dir, f"{_TMP}probe-{uuid.uuid4().hex}")
         dst = src + "-clone"
         try:
             try:
                 src_fd = os.open(src, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except OSError as exc:
+                if self._full_existing_pool(exc):
+                    return
                 raise _oserror(f"reflink probe in {self._dir}", exc) from exc
             try:
                 os.write(src_fd, b"csi-thin reflink probe\n" * 200)
@@ -506,6 +531,8 @@ class ReflinkBackend:
                 finally:
                     os.close(dst_fd)
             except OSError as exc:
+                if self._full_existing_pool(exc):
+                    return
                 if exc.errno not in _NO_REFLINK:
                     raise _oserror(f"reflink probe in {self._dir}", exc) from exc
                 fs = next((m.fs_type for m in reversed(mounts()) if m.dev == os.stat(self._dir).st_dev), "?")
@@ -519,6 +546,12 @@ class ReflinkBackend:
             for path in (src, dst):
                 with contextlib.suppress(OSError):  # best effort: assemble sweeps leftovers
                     os.unlink(path)
+
+    def _full_existing_pool(self, exc: OSError) -> bool:
+        if exc.errno != errno.ENOSPC or not os.path.exists(os.path.join(self._dir, _TXID)):
+            return False
+        log.warning("event=probe_skipped pool=%s reason=filesystem full (an existing pool)", self._name)
+        return True
 
     def teardown(self, *, deadline: deadline_mod.Deadline) -> None:
         deadline.check("teardown")
@@ -573,7 +606,7 @@ class ReflinkBackend:
                     for name in os.listdir(self._devices):
                         os.unlink(os.path.join(self._devices, name))
                     os.rmdir(self._devices)
-                for name in (_TXID, _LOCK):
+                for name in (_TXID, _TXID_SPARE, _LOCK):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self._dir, name))
         except OSError as exc:
@@ -656,21 +689,45 @@ class ReflinkBackend:
             raise errors.Internal(f"{path} holds {text[:40]!r}, not a transaction id")
         return int(text)
 
-    def _write_txid(self, value: int) -> None:
-        path = os.path.join(self._dir, _TXID)
-        tmp = os.path.join(self._dir, f"{_TMP}{_TXID}-{uuid.uuid4().hex}")
+    def _create_file(self, name: str, data: bytes) -> None:
+        """A whole new file in the pool directory (temporary name, fsync, rename, fsync the dir)."""
+        tmp = os.path.join(self._dir, f"{_TMP}{name}-{uuid.uuid4().hex}")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                os.write(fd, f"{value}\n".encode("ascii"))
+                os.write(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
+            os.rename(tmp, os.path.join(self._dir, name))
             _fsync_dir(self._dir)
         finally:
             with contextlib.suppress(OSError):  # best effort: assemble sweeps leftovers
                 os.unlink(tmp)
+
+    def _write_txid(self, value: int) -> None:
+        """Replace the transaction id atomically, allocating nothing.
+
+        The value is written over the spare file's content (nobody reads the spare, so a torn write
+        there is harmless) and fsynced; then the spare and the live file swap names in one journalled
+        step (renameat2 RENAME_EXCHANGE). Both files keep their one block for good, so this works on
+        a full pool filesystem too, where it matters most: the fence completes the delete that frees
+        space. (A temporary file renamed over the live one needs a new block: ENOSPC when full.)
+        """
+        spare = os.path.join(self._dir, _TXID_SPARE)
+        if not os.path.exists(spare):  # a pool made before the spare existed: make it (allocates)
+            self._create_file(_TXID_SPARE, b"0\n")
+        data = f"{value}\n".encode("ascii")
+        fd = os.open(spare, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            # overwrite, then trim: a truncate to 0 first would free the block a full pool cannot get back
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _exchange(spare, os.path.join(self._dir, _TXID))
+        _fsync_dir(self._dir)
 
     def set_transaction_id(self, old: int, new: int, *, deadline: deadline_mod.Deadline) -> None:
         deadline.check("set transaction id")
@@ -825,13 +882,33 @@ class ReflinkBackend:
                     f"device {dev_id} of pool {self._name} is active ({dev}); deactivate it first"
                 )
             try:
-                os.unlink(path)
-                _fsync_dir(self._devices)
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             except FileNotFoundError as exc:
                 raise errors.NotFound(f"pool {self._name} has no device {dev_id}") from exc
             except OSError as exc:
                 raise _oserror(f"delete device {dev_id}", exc) from exc
+            try:
+                os.unlink(path)
+                _fsync_dir(self._devices)
+                self._free_now(fd, dev_id)
+            except FileNotFoundError as exc:
+                raise errors.NotFound(f"pool {self._name} has no device {dev_id}") from exc
+            except OSError as exc:
+                raise _oserror(f"delete device {dev_id}", exc) from exc
+            finally:
+                os.close(fd)
         log.info("event=delete pool=%s id=%d", self._name, dev_id)
+
+    def _free_now(self, fd: int, dev_id: int) -> None:
+        """Free an unlinked device file's blocks before the delete returns. XFS frees an unlinked
+        file's extents later, in background inode reclaim, and statvfs does not wait for it: a full
+        pool would still look full to the next status, and a create right after the delete would be
+        refused. A truncate frees them in this call. The delete has happened either way: a failure
+        here only delays the space (reclaim frees it)."""
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as exc:
+            log.warning("event=free_deferred pool=%s id=%d errno=%s", self._name, dev_id, exc.errno)
 
     def device_ids(self, *, deadline: deadline_mod.Deadline) -> dict[int, int]:
         """Every device with its allocated bytes (st_blocks; extents shared by reflink count in each)."""
@@ -961,7 +1038,9 @@ class ReflinkBackend:
                 and ours.endswith(backing)
                 and device_file_id(os.path.basename(ours)) is not None
             ):
-                # EIO from a loop device whose filesystem failed: it cannot be shown to be ours
+                # only a suffix matches: the device is ours if its file identity proves it. One
+                # whose status cannot be read (EIO: its backing file's filesystem shut down) proves
+                # nothing, and is most likely someone else's: skip it rather than fail the teardown
                 with contextlib.suppress(OSError, errors.Internal):
                     st = os.stat(ours)
                     if loop.identity(dev) == (st.st_dev, st.st_ino):

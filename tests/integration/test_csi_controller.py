@@ -64,17 +64,29 @@ def test_identity(d: h.Driver) -> None:
     assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
 
 
-@pytest.mark.parametrize("condition", [{"mode": "ro"}, {"needs_check": True}, {"mode": "fail"}])
-def test_probe_not_ready_when_the_pool_is_unhealthy(d: h.Driver, condition: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "condition",
+    [{"mode": "out_of_data_space"}, {"mode": "ro"}, {"needs_check": True}, {"mode": "fail"}],
+)
+def test_probe_stays_ready_when_the_pool_is_full_or_degraded(
+    d: h.Driver, condition: dict[str, object]
+) -> None:
+    """Probe is liveness: restarting the plugin would not fix the pool (volume conditions,
+    GetCapacity and `pool status` report it)."""
     assert isinstance(d.backend, fakes.FakeBackend)
     d.backend.set_condition(**condition)
+    assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+
+
+def test_probe_is_not_ready_while_starting_up(d: h.Driver) -> None:
+    d.engine.last_recovery = None  # as before start-up recovery has run
     assert not d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
 
 
-def test_probe_not_ready_when_the_pool_is_not_assembled(d: h.Driver) -> None:
+def test_probe_fails_when_the_pool_is_gone(d: h.Driver) -> None:
     assert isinstance(d.backend, fakes.FakeBackend)
     d.backend.set_condition(assembled=False)
-    assert not d.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+    assert h.code_of(lambda: d.identity.Probe(csi_pb2.ProbeRequest())) == S.FAILED_PRECONDITION
 
 
 def test_health_service(d: h.Driver) -> None:
@@ -239,7 +251,6 @@ def _hostile() -> list[tuple[str, Callable[[h.Driver, str], object]]]:
             )
         ),
     )
-    add("create: huge size", lambda d, v: d.controller.CreateVolume(h.create_req("x", _HUGE)))
     add(
         "create: unknown fs",
         lambda d, v: d.controller.CreateVolume(h.create_req("x", cap=h.mount_cap("zfs"))),
@@ -299,12 +310,6 @@ def _hostile() -> list[tuple[str, Callable[[h.Driver, str], object]]]:
         "expand: negative",
         lambda d, v: d.controller.ControllerExpandVolume(
             csi_pb2.ControllerExpandVolumeRequest(volume_id=v, capacity_range=_CR(required_bytes=-1))
-        ),
-    )
-    add(
-        "expand: huge",
-        lambda d, v: d.controller.ControllerExpandVolume(
-            csi_pb2.ControllerExpandVolumeRequest(volume_id=v, capacity_range=_CR(required_bytes=_HUGE))
         ),
     )
     add(
@@ -404,6 +409,25 @@ def test_hostile_input_is_invalid_argument_and_changes_nothing(
     vol = d.controller.CreateVolume(h.create_req("pvc-victim", 10 * MiB)).volume
     before = pool_state(d)
     assert h.code_of(lambda: call(d, vol.volume_id)) == S.INVALID_ARGUMENT
+    assert pool_state(d) == before
+
+
+def test_sizes_above_the_maximum_are_out_of_range_and_change_nothing(d: h.Driver) -> None:
+    """CSI: a capacity the plugin cannot provide is OUT_OF_RANGE (CreateVolume, ControllerExpandVolume)."""
+    vol = d.controller.CreateVolume(h.create_req("pvc-a", MiB)).volume
+    before = pool_state(d)
+    too_big = _CR(required_bytes=_HUGE)
+    create = csi_pb2.CreateVolumeRequest(
+        name="x", capacity_range=too_big, volume_capabilities=[h.mount_cap()]
+    )
+    expand = csi_pb2.ControllerExpandVolumeRequest(volume_id=vol.volume_id, capacity_range=too_big)
+    for call in (
+        lambda: d.controller.CreateVolume(create),
+        lambda: d.controller.ControllerExpandVolume(expand),
+    ):
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        assert exc.value.code() == S.OUT_OF_RANGE and "maximum" in exc.value.details()
     assert pool_state(d) == before
 
 
@@ -537,6 +561,38 @@ def test_pool_above_threshold_refuses_new_devices_but_existing_ones_work(d: h.Dr
     d.engine.deactivate(vol.volume_id, deadline=deadline.default())
     c.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
     c.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert d.engine.list() == []
+
+
+def test_a_full_pool_refuses_what_allocates_and_deletes_still_run(d: h.Driver) -> None:
+    c = d.controller
+    vol = c.CreateVolume(h.create_req("pvc-a", 10 * MiB)).volume
+    snap = c.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=vol.volume_id)).snapshot
+    assert isinstance(d.backend, fakes.FakeBackend)
+    d.backend.set_condition(mode="out_of_data_space", data_used=64 * GiB)
+    expand = csi_pb2.ControllerExpandVolumeRequest(
+        volume_id=vol.volume_id, capacity_range=csi_pb2.CapacityRange(required_bytes=20 * MiB)
+    )
+    for call in (
+        lambda: c.CreateVolume(h.create_req("pvc-b", MiB)),
+        lambda: c.CreateVolume(
+            h.create_req("pvc-r", 10 * MiB, volume_content_source=snap_src(snap.snapshot_id))
+        ),
+        lambda: c.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s2", source_volume_id=vol.volume_id)),
+        lambda: c.ControllerExpandVolume(expand),
+    ):
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        assert exc.value.code() == S.RESOURCE_EXHAUSTED and "data space is full" in exc.value.details()
+    assert c.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity == 0
+    c.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=snap.snapshot_id))
+    d.backend.set_condition(mode="ro", data_used=None)
+    with pytest.raises(grpc.RpcError) as exc:
+        c.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert exc.value.code() == S.UNAVAILABLE and "thin_repair" in exc.value.details()
+    d.backend.set_condition(mode="rw")
+    c.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert c.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity > 0
     assert d.engine.list() == []
 
 

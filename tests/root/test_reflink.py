@@ -560,6 +560,67 @@ def test_status_reports_read_only_and_full(xfs_pool: reflink.ReflinkBackend, wor
         runner.run(["mount", "-o", "remount,rw", pool_dir], deadline=d)
 
 
+def _fill_file(path: str) -> None:
+    """Write into `path` until the filesystem has no block left (ever smaller writes, then ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        off = 0
+        for size in (4 * MiB, 64 * 1024, 4096):
+            chunk = b"\xa5" * size
+            try:
+                while off + size <= IMAGE_SIZE:
+                    os.pwrite(fd, chunk, off)
+                    off += size
+                    if off % (64 * MiB) == 0:
+                        os.fsync(fd)
+                os.fsync(fd)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+def test_a_delete_frees_its_space_at_once(xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path) -> None:
+    """XFS frees an unlinked file's blocks later, in background inode reclaim, and statvfs does not
+    wait for it: the delete truncates the file so the very next status (GetCapacity, a create)
+    sees the space."""
+    d = dl()
+    xfs_pool.create_thin(1, IMAGE_SIZE, deadline=d)
+    path = str(workdir / "pool" / "devices" / "1.img")
+    with open(path, "r+b") as f:
+        for _ in range(128):
+            f.write(b"\x5a" * MiB)
+        f.flush()
+        os.fsync(f.fileno())
+    before = xfs_pool.status(deadline=d)
+    xfs_pool.delete(1, deadline=d)
+    after = xfs_pool.status(deadline=d)
+    assert after.data_used_bytes <= before.data_used_bytes - 120 * MiB, (before, after)
+
+
+def test_a_full_pool_still_moves_its_transaction_id(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    """On a full pool filesystem the fence must still work: it completes the delete that frees
+    space (and a delete that frees nothing, like a snapshot's, must complete too). So must a
+    re-assembly (a driver restart)."""
+    d = dl()
+    xfs_pool.create_thin(1, IMAGE_SIZE, deadline=d)
+    xfs_pool.create_thin(2, IMAGE_SIZE, deadline=d)
+    _fill_file(str(workdir / "pool" / "devices" / "1.img"))
+    assert xfs_pool.status(deadline=d).mode == model.PoolMode.OUT_OF_DATA_SPACE
+    # a restart (re-assembly, its reflink probe included) must work while full: deletes need a driver
+    reflink.ReflinkBackend(make_config(workdir)).assemble(deadline=d)
+    txid = xfs_pool.transaction_id(deadline=d)
+    xfs_pool.delete(2, deadline=d)  # frees nothing: the pool stays full
+    xfs_pool.set_transaction_id(txid, txid + 1, deadline=d)
+    assert xfs_pool.transaction_id(deadline=d) == txid + 1
+    xfs_pool.delete(1, deadline=d)
+    assert xfs_pool.status(deadline=d).mode == model.PoolMode.RW
+    xfs_pool.set_transaction_id(txid + 1, txid + 2, deadline=d)
+    assert xfs_pool.transaction_id(deadline=d) == txid + 2
+
+
 def test_concurrent_transaction_ids_and_creates(xfs_pool: reflink.ReflinkBackend) -> None:
     """Compare-and-swap under contention: exactly one winner per step, no lost update."""
     d = dl()

@@ -202,3 +202,22 @@ def test_gc_refuses_a_lost_stores_volumes_without_force(
         assert set(eng.backend.device_ids(deadline=deadline_mod.default())) == ids  # nothing deleted
     code, out, _ = run(capsys, "pool", "gc", "--config", cfg_file, "--orphans", "--force", "--json")
     assert code == 0 and sorted(json.loads(out)["deleted"]) == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    ("condition", "says"),
+    [({"mode": "out_of_data_space"}, "deletes still run"), ({"mode": "ro"}, "thin_repair")],
+)
+def test_pool_status_says_what_a_full_or_degraded_pool_still_does(
+    cfg_file: str, capsys: pytest.CaptureFixture[str], condition: dict[str, object], says: str
+) -> None:
+    assert run(capsys, "pool", "create", "--config", cfg_file)[0] == 0
+    cfg = config.load_pool(cfg_file)
+    with app.open_engine(cfg, recover=False) as eng:
+        assert isinstance(eng.backend, fakes.FakeBackend)
+        eng.backend.set_condition(**condition)
+    code, out, _ = run(capsys, "pool", "status", "--config", cfg_file)
+    assert code == 1 and "UNHEALTHY" in out and says in out
+    code, out, _ = run(capsys, "pool", "status", "--config", cfg_file, "--json")
+    doc = json.loads(out)
+    assert doc["condition"] in ("out_of_data_space", "read_only") and says in doc["hint"]

@@ -83,7 +83,7 @@ def test_choose_size(required: int, limit: int, at_least: int, expected: int) ->
         (-1, 0, 0, errors.InvalidArgument),
         (0, -1, 0, errors.InvalidArgument),
         (10, 5, 0, errors.InvalidArgument),
-        (1 << 62, 0, 0, errors.InvalidArgument),  # absurd
+        (1 << 62, 0, 0, errors.OutOfRange),  # above the driver maximum
         (100, 200, 0, errors.OutOfRange),  # no block multiple fits
         (10 * MiB, 15 * MiB, 20 * MiB, errors.OutOfRange),  # source larger than the limit
     ],

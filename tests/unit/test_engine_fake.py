@@ -16,6 +16,7 @@ from tests import enginesuite, fakes
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
 from tests.enginesuite import (
     test_pool_exhausted_and_unhealthy,  # noqa: F401 - fake backends only
+    test_pool_modes_follow_the_table,  # noqa: F401 - fake backends only
     test_restart_on_a_read_only_pool,  # noqa: F401 - fake backends only
 )
 

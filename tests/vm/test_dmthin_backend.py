@@ -446,3 +446,48 @@ def test_full_pool_refuses_snapshot_of_active_origin_without_suspending() -> Non
     finally:
         be.destroy(deadline=_dl())
         work.rmdir()
+
+
+def test_a_delete_takes_a_full_pool_out_of_data_space_by_itself() -> None:
+    """dm-thin leaves out_of_data_space on a metadata commit that finds free blocks; the delete
+    message commits, so no status flush (and no restart) is needed. Statuses here are read with
+    noflush, which commits nothing, to see what the delete alone did."""
+    work = pathlib.Path("/scratch") / f"heal-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    cfg = config.PoolConfig(
+        name=f"h{uuid.uuid4().hex[:6]}",
+        backend=config.BackendKind.DMTHIN,
+        state_dir=str(work / "state"),
+        dmthin=config.DmThinConfig(data_file=str(work / "data.img"), data_size=16 * MiB, block_size=BS),
+    )
+    be = dmthin.DmThinBackend(cfg)
+    be.assemble(deadline=_dl())
+    ctl = ioctl.Control()
+
+    def mode() -> model.PoolMode:
+        [target] = ctl.status(be.pool_name, flush=False)
+        return parse.parse_pool_status(target.params).mode
+
+    try:
+        be.create_thin(1, 32 * MiB, deadline=_dl())
+        path = be.activate(1, 32 * MiB, deadline=_dl())
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            with pytest.raises(OSError):  # error_if_no_space: fails at once instead of queueing
+                for i in range(32):
+                    os.pwrite(fd, b"f" * MiB, i * MiB)
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+        be.deactivate(1, deadline=_dl())
+        assert mode() == model.PoolMode.OUT_OF_DATA_SPACE
+        be.set_transaction_id(0, 1, deadline=_dl())  # messages still run on a full pool
+        assert mode() == model.PoolMode.OUT_OF_DATA_SPACE  # ... and a commit with nothing free keeps it
+        be.delete(1, deadline=_dl())
+        assert mode() == model.PoolMode.RW
+        be.create_thin(2, MiB, deadline=_dl())
+        blockio.write_at(be.activate(2, MiB, deadline=_dl()), 0, b"x" * 4096)
+        be.deactivate(2, deadline=_dl())
+    finally:
+        be.destroy(deadline=_dl())
+        work.rmdir()
