@@ -286,7 +286,8 @@ def test_block_volume_life_cycle(node: Node) -> None:
             volume_capability=cap,
         )
     )
-    assert not grown.node_expansion_required
+    # kubelet calls NodeExpandVolume only when asked: it refreshes the read-only views' size
+    assert grown.node_expansion_required
     expand = csi_pb2.NodeExpandVolumeRequest(
         volume_id=vol.volume_id, volume_path=target, volume_capability=cap
     )
