@@ -10,6 +10,7 @@ import os
 import pathlib
 import socket
 import stat
+import subprocess
 from collections.abc import Iterator
 
 import grpc
@@ -44,9 +45,12 @@ def _unpublish(node: base.Node, volume_id: str, target: pathlib.Path) -> grpc.St
     return h.code_of(lambda: node.d.node.NodeUnpublishVolume(req))
 
 
-def test_unpublish_and_unstage_of_an_unknown_volume_are_not_found_and_touch_nothing(node: base.Node) -> None:
+def test_unpublish_and_unstage_of_an_unknown_volume_touch_nothing(node: base.Node) -> None:
     """Reproduced: NodeUnpublishVolume of a volume id that does not exist deleted a regular file
-    (or an empty directory) at the target path and answered OK."""
+    (or an empty directory) at the target path and answered OK. Nothing is touched now; with nothing
+    mounted there the answer is still OK: kubelet retries a failed teardown forever, and a volume
+    deleted while its node was down (device inactive after the reboot) would keep its pods' and its
+    staging directories from ever being cleaned up (kubelet removes them itself after an OK)."""
     keep = node.workdir / "user" / "notes.txt"
     keep.parent.mkdir()
     keep.write_text("not the driver's")
@@ -54,12 +58,23 @@ def test_unpublish_and_unstage_of_an_unknown_volume_are_not_found_and_touch_noth
     empty_file.touch()
     empty_dir = node.workdir / "user" / "dir"
     empty_dir.mkdir()
-    for target in (keep, empty_file, empty_dir):
-        assert _unpublish(node, "v-ghost", target) == S.NOT_FOUND
+    for target in (keep, empty_file, empty_dir, node.workdir / "user" / "missing"):
+        assert _unpublish(node, "v-ghost", target) == S.OK
         unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=str(target))
-        assert h.code_of(lambda unstage=unstage: node.d.node.NodeUnstageVolume(unstage)) == S.NOT_FOUND
+        assert h.code_of(lambda unstage=unstage: node.d.node.NodeUnstageVolume(unstage)) == S.OK
     assert keep.read_text() == "not the driver's"
     assert empty_file.is_file() and empty_dir.is_dir()
+    # something mounted there is not the unknown volume's: NOT_FOUND, and it stays mounted
+    mounted = node.workdir / "user" / "mounted"
+    mounted.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mounted)], check=True)
+    try:
+        assert _unpublish(node, "v-ghost", mounted) == S.NOT_FOUND
+        unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=str(mounted))
+        assert h.code_of(lambda: node.d.node.NodeUnstageVolume(unstage)) == S.NOT_FOUND
+        assert mountinfo.at(str(mounted)) is not None
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
 
 
 def test_unpublish_removes_only_an_empty_target_it_could_have_made(node: base.Node) -> None:
