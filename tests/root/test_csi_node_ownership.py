@@ -235,3 +235,40 @@ def test_a_view_left_by_a_publish_that_died_before_its_bind(node: base.Node) -> 
     node.unpublish(vol, retried)
     assert node_scenarios.loops_over(rdev) == []
     node.unstage(vol, staging)
+
+
+def test_a_read_only_view_still_held_open_after_unpublish_is_never_published_again(node: base.Node) -> None:
+    """Reproduced: unpublish of a read-only block target whose view a process still held open left
+    the view detaching (the kernel detaches it when that process closes it); publishing the same
+    target again reused that dying view, so the new publish went dead (ENXIO) the moment the holder
+    closed, and its loop number was free for any other attach while still bound at the target."""
+    cap = h.block_cap()
+    vol = node.create("pvc-held", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    target = node.publish(vol, cap, staging, "held/dev", readonly=True)
+    dev = node.d.engine.get(vol.volume_id)
+    assert dev is not None and dev.path
+    view = blockview.views_of(dev.path)
+    assert len(view) == 1
+    holder = os.open(view[0].path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        node.unpublish(vol, target)
+        assert not os.path.lexists(target)
+        req = csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id,
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=cap,
+            readonly=True,
+        )
+        assert h.code_of(lambda: node.d.node.NodePublishVolume(req)) == S.FAILED_PRECONDITION
+        assert mountinfo.at(target) is None
+    finally:
+        os.close(holder)
+    # the holder gone, the view is gone with it: the same target publishes again on a fresh view
+    assert blockview.views_of(dev.path) == []
+    node.d.node.NodePublishVolume(req)
+    with open(target, "rb") as f:
+        assert len(f.read(4096)) == 4096
+    node.unpublish(vol, target)
+    node.unstage(vol, staging)
