@@ -263,7 +263,14 @@ class NodeVolumes:
         if self._known(volume_id, target_path) is None:
             return
         self._unmount_own(volume_id, target_path, deadline=deadline)
-        blockview.close_view(blockview.label(volume_id, target_path))
+        # looked at once the target is unmounted: copies of its bind made by mount propagation go with it
+        view = blockview.label(volume_id, target_path)
+        bound = _view_bound_elsewhere(view, target_path)
+        if bound:  # detached, its number would be free for any other attach while still bound there
+            raise errors.FailedPrecondition(
+                f"the read-only view of {target_path} is still bound at {', '.join(bound)}: unmount it first"
+            )
+        blockview.close_view(view)
         _remove_made_target(target_path)
 
     # -- stats and expansion ---------------------------------------------------------------------
@@ -458,6 +465,24 @@ def _mounted_elsewhere(device: model.Device, path: str) -> list[str]:
                 st = os.stat(m.mount_point)
                 if stat.S_ISBLK(st.st_mode) and st.st_rdev in nodes:
                     found.append(m.mount_point)
+    return found
+
+
+def _view_bound_elsewhere(view: str, target: str) -> list[str]:
+    """Mount points other than `target` where the node of the read-only view `view` is bound
+    (a bind shows the node's path inside /dev as its root). The exclusive open that guards a detach
+    does not see these: a bind of a device node does not hold the device open."""
+    nodes = {v.rdev: "/" + os.path.basename(v.path) for v in blockview.views() if v.label == view}
+    if not nodes:
+        return []
+    found: list[str] = []
+    for m in mountinfo.read():
+        if m.mount_point == target or m.root not in nodes.values():
+            continue
+        with contextlib.suppress(OSError):
+            st = os.stat(m.mount_point)
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev in nodes:
+                found.append(m.mount_point)
     return found
 
 

@@ -272,3 +272,29 @@ def test_a_read_only_view_still_held_open_after_unpublish_is_never_published_aga
         assert len(f.read(4096)) == 4096
     node.unpublish(vol, target)
     node.unstage(vol, staging)
+
+
+def test_a_read_only_view_still_bound_elsewhere_is_not_detached(node: base.Node) -> None:
+    """Reproduced: unpublish detached a read-only view while its node was still bound at another
+    path (kubelet binds each publish again under its global map path): that bind was left naming a
+    free loop number, which the next attach anywhere (another volume's view) takes over. The
+    exclusive open that guards the detach does not see binds of a device node."""
+    cap = h.block_cap()
+    vol = node.create("pvc-rebound", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    target = node.publish(vol, cap, staging, "rebound/dev", readonly=True)
+    elsewhere = node.workdir / "global" / "dev"
+    elsewhere.parent.mkdir()
+    elsewhere.touch()
+    subprocess.run(["mount", "--bind", target, str(elsewhere)], check=True)
+    try:
+        for _ in range(2):  # the target itself is unmounted; its view stays while bound elsewhere
+            assert _unpublish(node, vol.volume_id, pathlib.Path(target)) == S.FAILED_PRECONDITION
+            assert mountinfo.at(target) is None
+            with open(elsewhere, "rb") as f:
+                assert len(f.read(4096)) == 4096
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=True)
+    node.unpublish(vol, target)
+    assert not os.path.lexists(target)
+    node.unstage(vol, staging)
