@@ -95,10 +95,12 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerExpandVolumeResponse:
-        volume_id, rng, block = validate.expand_request(request)
+        volume_id, rng, _ = validate.expand_request(request)
         device = self._prov.expand_volume(volume_id, rng, deadline=interceptor.rpc_deadline(context))
+        # also for a block volume: its read-only publishes are loop devices stacked on it (see
+        # node.blockview), which keep their old size until NodeExpandVolume refreshes them
         return csi_pb2.ControllerExpandVolumeResponse(
-            capacity_bytes=device.size_bytes, node_expansion_required=not block
+            capacity_bytes=device.size_bytes, node_expansion_required=True
         )
 
     def GetCapacity(

@@ -32,6 +32,7 @@ _LOOP_CONFIGURE = 0x4C0A
 _LOOP_CTL_GET_FREE = 0x4C82
 
 _LO_FLAGS_READ_ONLY = 1
+_LO_FLAGS_AUTOCLEAR = 4
 _LO_FLAGS_DIRECT_IO = 16
 
 _LO_NAME_SIZE = 64
@@ -300,6 +301,8 @@ class Status:
     #: st_rdev of the backing file: the block device under a loop device stacked on one, else 0
     backing_rdev: int
     read_only: bool
+    #: detached by the kernel when its last opener closes it (a detach asked while it was open)
+    autoclear: bool
     #: lo_file_name: the `label` given to `attach`, else (the first 63 bytes of) the backing path
     label: str
 
@@ -326,6 +329,7 @@ def status(dev: str) -> Status | None:
     return Status(
         backing_rdev=os.makedev(os.major(rdevice), os.minor(rdevice)) if rdevice else 0,
         read_only=bool(flags & _LO_FLAGS_READ_ONLY),
+        autoclear=bool(flags & _LO_FLAGS_AUTOCLEAR),
         label=os.fsdecode(name.split(b"\0", 1)[0]),
     )
 

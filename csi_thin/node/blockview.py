@@ -33,6 +33,8 @@ class View:
     rdev: int  # the view's own device number
     backing_rdev: int  # the volume's block device under it
     label: str
+    #: unpublished while a process held it open: it goes when that process closes it
+    closing: bool = False
 
 
 def label(volume_id: str, target: str) -> str:
@@ -50,7 +52,9 @@ def views() -> list[View]:
         except (errors.Internal, OSError):  # detached (or failing) meanwhile: not a view of ours
             continue
         if st is not None and st.read_only and st.label.startswith(_PREFIX):
-            found.append(View(path=dev, rdev=rdev, backing_rdev=st.backing_rdev, label=st.label))
+            found.append(
+                View(path=dev, rdev=rdev, backing_rdev=st.backing_rdev, label=st.label, closing=st.autoclear)
+            )
     return found
 
 
@@ -71,6 +75,12 @@ def open_view(device_path: str, view_label: str) -> str:
             if v.backing_rdev != rdev:
                 raise errors.FailedPrecondition(
                     f"a read-only view for this target ({v.path}) shows another device: unpublish it first"
+                )
+            if v.closing:  # binding it would publish a device that vanishes (and whose number is
+                # free for any other attach) the moment its holder closes it
+                raise errors.FailedPrecondition(
+                    f"the read-only view {v.path} of this target was unpublished while a process held "
+                    "it open; it goes when that process closes it: retry then"
                 )
             return v.path
     return loop.attach(device_path, read_only=True, direct_io=False, label=view_label)

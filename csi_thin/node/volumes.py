@@ -4,8 +4,9 @@ Flow: NodeStageVolume activates the device (the only time a thin device is activ
 volumes, makes and mounts its filesystem at the staging path; NodePublishVolume bind-mounts the
 staged filesystem (or the block device node; for a read-only block publish, a read-only view of it:
 see `blockview`) at the target; the reverse calls undo each step and deactivate the device. What
-the CO names is checked against what this driver made: an unknown volume is NOT_FOUND and nothing
-is touched, and unpublish removes only a target publish could have made (`_remove_made_target`).
+the CO names is checked against what this driver made: for an unknown volume nothing is touched
+(unpublish and unstage are done when nothing is mounted there, else NOT_FOUND), and unpublish
+removes only a target publish could have made (`_remove_made_target`).
 Mount state is always read back from /proc/self/mountinfo, so every call is idempotent: a repeated
 call finds its own work done and succeeds; a different device or mode at the same path is
 ALREADY_EXISTS. Every mutating call holds a per-volume claim for its whole
@@ -169,7 +170,9 @@ class NodeVolumes:
             self._unstage(volume_id, staging_path, deadline=deadline)
 
     def _unstage(self, volume_id: str, staging_path: str, *, deadline: deadline_mod.Deadline) -> None:
-        device = self._device(volume_id)
+        device = self._known(volume_id, staging_path)
+        if device is None:
+            return
         published = _mounted_elsewhere(device, staging_path)
         if published:
             raise errors.FailedPrecondition(
@@ -275,9 +278,17 @@ class NodeVolumes:
             self._unpublish(volume_id, target_path, deadline=deadline)
 
     def _unpublish(self, volume_id: str, target_path: str, *, deadline: deadline_mod.Deadline) -> None:
-        self._device(volume_id)  # an id that is not ours names nothing of ours at the target either
+        if self._known(volume_id, target_path) is None:
+            return
         self._unmount_own(volume_id, target_path, deadline=deadline)
-        blockview.close_view(blockview.label(volume_id, target_path))
+        # looked at once the target is unmounted: copies of its bind made by mount propagation go with it
+        view = blockview.label(volume_id, target_path)
+        bound = _view_bound_elsewhere(view, target_path)
+        if bound:  # detached, its number would be free for any other attach while still bound there
+            raise errors.FailedPrecondition(
+                f"the read-only view of {target_path} is still bound at {', '.join(bound)}: unmount it first"
+            )
+        blockview.close_view(view)
         _remove_made_target(target_path)
 
     # -- stats and expansion ---------------------------------------------------------------------
@@ -329,6 +340,21 @@ class NodeVolumes:
         return filesystem.block_size_of(device.path)
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _known(self, volume_id: str, path: str) -> model.Device | None:
+        """The volume unpublish or unstage is asked to take away from `path`; None when it does not
+        exist and nothing is mounted at `path`: then nothing of ours can be there, nothing is touched
+        and the call is done. Kubelet retries a failed teardown forever and removes the directory
+        itself after an OK: a volume deleted while its node was down must not leave its pods stuck.
+        Something mounted there is not an unknown volume's to unmount: NOT_FOUND."""
+        device = self._engine.get(volume_id)
+        if device is not None and device.kind == model.DeviceKind.VOLUME:
+            return device
+        if mountinfo.at(path) is not None:
+            raise errors.NotFound(
+                f"volume {volume_id!r} does not exist; not touching what is mounted at {path}"
+            )
+        return None
 
     def _device(self, volume_id: str) -> model.Device:
         device = self._engine.get(volume_id)
@@ -457,6 +483,24 @@ def _mounted_elsewhere(device: model.Device, path: str) -> list[str]:
                 st = os.stat(m.mount_point)
                 if stat.S_ISBLK(st.st_mode) and st.st_rdev in nodes:
                     found.append(m.mount_point)
+    return found
+
+
+def _view_bound_elsewhere(view: str, target: str) -> list[str]:
+    """Mount points other than `target` where the node of the read-only view `view` is bound
+    (a bind shows the node's path inside /dev as its root). The exclusive open that guards a detach
+    does not see these: a bind of a device node does not hold the device open."""
+    nodes = {v.rdev: "/" + os.path.basename(v.path) for v in blockview.views() if v.label == view}
+    if not nodes:
+        return []
+    found: list[str] = []
+    for m in mountinfo.read():
+        if m.mount_point == target or m.root not in nodes.values():
+            continue
+        with contextlib.suppress(OSError):
+            st = os.stat(m.mount_point)
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev in nodes:
+                found.append(m.mount_point)
     return found
 
 

@@ -136,7 +136,8 @@ def test_every_controller_rpc_is_idempotent(d: h.Driver) -> None:
         capacity_range=csi_pb2.CapacityRange(required_bytes=30 * MiB),
         volume_capability=h.block_cap(),
     )
-    assert not c.ControllerExpandVolume(block_expand).node_expansion_required
+    # a block volume's read-only publishes (loop views) learn the new size only from NodeExpandVolume
+    assert c.ControllerExpandVolume(block_expand).node_expansion_required
 
     got = c.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=vol.volume_id))
     assert got.volume.capacity_bytes == 30 * MiB and not got.status.volume_condition.abnormal

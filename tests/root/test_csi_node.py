@@ -286,7 +286,8 @@ def test_block_volume_life_cycle(node: Node) -> None:
             volume_capability=cap,
         )
     )
-    assert not grown.node_expansion_required
+    # kubelet calls NodeExpandVolume only when asked: it refreshes the read-only views' size
+    assert grown.node_expansion_required
     expand = csi_pb2.NodeExpandVolumeRequest(
         volume_id=vol.volume_id, volume_path=target, volume_capability=cap
     )
@@ -313,17 +314,14 @@ def test_missing_volume_and_unstaged_paths(node: Node) -> None:
         volume_capability=cap,
     )
     assert h.code_of(lambda: node.d.node.NodePublishVolume(publish)) == S.FAILED_PRECONDITION
-    # unpublishing and unstaging a volume where it is not is done; a volume that does not exist is not
-    node.d.node.NodeUnpublishVolume(
-        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=missing)
-    )
-    node.d.node.NodeUnstageVolume(
-        csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=missing)
-    )
-    ghost_unpublish = csi_pb2.NodeUnpublishVolumeRequest(volume_id="v-ghost", target_path=missing)
-    assert h.code_of(lambda: node.d.node.NodeUnpublishVolume(ghost_unpublish)) == S.NOT_FOUND
-    ghost_unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=missing)
-    assert h.code_of(lambda: node.d.node.NodeUnstageVolume(ghost_unstage)) == S.NOT_FOUND
+    # unpublishing and unstaging a volume (even one that does not exist) where it is not is done
+    for volume_id in (vol.volume_id, "v-ghost"):
+        node.d.node.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=volume_id, target_path=missing)
+        )
+        node.d.node.NodeUnstageVolume(
+            csi_pb2.NodeUnstageVolumeRequest(volume_id=volume_id, staging_target_path=missing)
+        )
 
 
 def test_node_capabilities_and_info(node: Node) -> None:

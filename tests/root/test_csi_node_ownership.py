@@ -10,6 +10,7 @@ import os
 import pathlib
 import socket
 import stat
+import subprocess
 from collections.abc import Iterator
 
 import grpc
@@ -44,9 +45,12 @@ def _unpublish(node: base.Node, volume_id: str, target: pathlib.Path) -> grpc.St
     return h.code_of(lambda: node.d.node.NodeUnpublishVolume(req))
 
 
-def test_unpublish_and_unstage_of_an_unknown_volume_are_not_found_and_touch_nothing(node: base.Node) -> None:
+def test_unpublish_and_unstage_of_an_unknown_volume_touch_nothing(node: base.Node) -> None:
     """Reproduced: NodeUnpublishVolume of a volume id that does not exist deleted a regular file
-    (or an empty directory) at the target path and answered OK."""
+    (or an empty directory) at the target path and answered OK. Nothing is touched now; with nothing
+    mounted there the answer is still OK: kubelet retries a failed teardown forever, and a volume
+    deleted while its node was down (device inactive after the reboot) would keep its pods' and its
+    staging directories from ever being cleaned up (kubelet removes them itself after an OK)."""
     keep = node.workdir / "user" / "notes.txt"
     keep.parent.mkdir()
     keep.write_text("not the driver's")
@@ -54,12 +58,23 @@ def test_unpublish_and_unstage_of_an_unknown_volume_are_not_found_and_touch_noth
     empty_file.touch()
     empty_dir = node.workdir / "user" / "dir"
     empty_dir.mkdir()
-    for target in (keep, empty_file, empty_dir):
-        assert _unpublish(node, "v-ghost", target) == S.NOT_FOUND
+    for target in (keep, empty_file, empty_dir, node.workdir / "user" / "missing"):
+        assert _unpublish(node, "v-ghost", target) == S.OK
         unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=str(target))
-        assert h.code_of(lambda unstage=unstage: node.d.node.NodeUnstageVolume(unstage)) == S.NOT_FOUND
+        assert h.code_of(lambda unstage=unstage: node.d.node.NodeUnstageVolume(unstage)) == S.OK
     assert keep.read_text() == "not the driver's"
     assert empty_file.is_file() and empty_dir.is_dir()
+    # something mounted there is not the unknown volume's: NOT_FOUND, and it stays mounted
+    mounted = node.workdir / "user" / "mounted"
+    mounted.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mounted)], check=True)
+    try:
+        assert _unpublish(node, "v-ghost", mounted) == S.NOT_FOUND
+        unstage = csi_pb2.NodeUnstageVolumeRequest(volume_id="v-ghost", staging_target_path=str(mounted))
+        assert h.code_of(lambda: node.d.node.NodeUnstageVolume(unstage)) == S.NOT_FOUND
+        assert mountinfo.at(str(mounted)) is not None
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
 
 
 def test_unpublish_removes_only_an_empty_target_it_could_have_made(node: base.Node) -> None:
@@ -219,4 +234,67 @@ def test_a_view_left_by_a_publish_that_died_before_its_bind(node: base.Node) -> 
     assert len(node_scenarios.loops_over(rdev)) == 1
     node.unpublish(vol, retried)
     assert node_scenarios.loops_over(rdev) == []
+    node.unstage(vol, staging)
+
+
+def test_a_read_only_view_still_held_open_after_unpublish_is_never_published_again(node: base.Node) -> None:
+    """Reproduced: unpublish of a read-only block target whose view a process still held open left
+    the view detaching (the kernel detaches it when that process closes it); publishing the same
+    target again reused that dying view, so the new publish went dead (ENXIO) the moment the holder
+    closed, and its loop number was free for any other attach while still bound at the target."""
+    cap = h.block_cap()
+    vol = node.create("pvc-held", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    target = node.publish(vol, cap, staging, "held/dev", readonly=True)
+    dev = node.d.engine.get(vol.volume_id)
+    assert dev is not None and dev.path
+    view = blockview.views_of(dev.path)
+    assert len(view) == 1
+    holder = os.open(view[0].path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        node.unpublish(vol, target)
+        assert not os.path.lexists(target)
+        req = csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id,
+            staging_target_path=staging,
+            target_path=target,
+            volume_capability=cap,
+            readonly=True,
+        )
+        assert h.code_of(lambda: node.d.node.NodePublishVolume(req)) == S.FAILED_PRECONDITION
+        assert mountinfo.at(target) is None
+    finally:
+        os.close(holder)
+    # the holder gone, the view is gone with it: the same target publishes again on a fresh view
+    assert blockview.views_of(dev.path) == []
+    node.d.node.NodePublishVolume(req)
+    with open(target, "rb") as f:
+        assert len(f.read(4096)) == 4096
+    node.unpublish(vol, target)
+    node.unstage(vol, staging)
+
+
+def test_a_read_only_view_still_bound_elsewhere_is_not_detached(node: base.Node) -> None:
+    """Reproduced: unpublish detached a read-only view while its node was still bound at another
+    path (kubelet binds each publish again under its global map path): that bind was left naming a
+    free loop number, which the next attach anywhere (another volume's view) takes over. The
+    exclusive open that guards the detach does not see binds of a device node."""
+    cap = h.block_cap()
+    vol = node.create("pvc-rebound", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    target = node.publish(vol, cap, staging, "rebound/dev", readonly=True)
+    elsewhere = node.workdir / "global" / "dev"
+    elsewhere.parent.mkdir()
+    elsewhere.touch()
+    subprocess.run(["mount", "--bind", target, str(elsewhere)], check=True)
+    try:
+        for _ in range(2):  # the target itself is unmounted; its view stays while bound elsewhere
+            assert _unpublish(node, vol.volume_id, pathlib.Path(target)) == S.FAILED_PRECONDITION
+            assert mountinfo.at(target) is None
+            with open(elsewhere, "rb") as f:
+                assert len(f.read(4096)) == 4096
+    finally:
+        subprocess.run(["umount", str(elsewhere)], check=True)
+    node.unpublish(vol, target)
+    assert not os.path.lexists(target)
     node.unstage(vol, staging)
