@@ -30,7 +30,6 @@ from csi_thin.kube import client as client_mod
 from csi_thin.kube import crengine
 from csi_thin.node import agent as agent_mod
 from csi_thin.node import volumes
-from csi_thin.pool import engine as engine_mod
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
             stack.callback(agent.stop)
             svc = server.Services(
                 identity=identity_service.IdentityService(
-                    ready=functools.partial(_pool_ready, eng), name=args.driver_name, controller=False
+                    ready=functools.partial(standalone.probe, eng), name=args.driver_name, controller=False
                 ),
                 node=node_service.NodeService(
                     volumes=volumes.NodeVolumes(engine=eng, thresholds=cfg.thresholds),
@@ -179,11 +178,3 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
         log.error("msg=%s code=%s error=%s", "node failed", exc.code, exc.message)  # noqa: TRY400
         return 1
     return 0
-
-
-def _pool_ready(eng: engine_mod.PoolEngine, deadline: deadline_mod.Deadline) -> bool:
-    try:
-        return eng.status(deadline=deadline).healthy
-    except errors.CsiThinError as exc:
-        log.warning("msg=%s error=%s", "probe: pool not ready", exc)
-        return False

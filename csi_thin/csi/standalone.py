@@ -57,6 +57,21 @@ class EngineFactory(Protocol):
     def __call__(self, cfg: config.PoolConfig) -> contextlib.AbstractContextManager[engine.PoolEngine]: ...
 
 
+def probe(eng: engine.PoolEngine, deadline: deadline_mod.Deadline) -> bool:
+    """Probe of a process that owns a pool (standalone, node): ready once start-up (assembly,
+    recovery) is done, whatever the pool's condition (a full or degraded pool is reported by volume
+    conditions, GetCapacity, `pool status` and metrics: a liveness probe must not restart the plugin
+    for it); a pool that cannot even report its status (it is gone) means the plugin cannot serve."""
+    if eng.last_recovery is None:
+        return False  # still starting up
+    try:
+        eng.status(deadline=deadline)
+    except errors.Unavailable as exc:
+        log.warning("msg=%s error=%s", "probe: the plugin cannot serve", exc)
+        raise errors.FailedPrecondition(f"the plugin cannot serve: {exc.message}") from exc
+    return True
+
+
 def services(
     eng: engine.PoolEngine,
     *,
@@ -69,23 +84,11 @@ def services(
 ) -> server.Services:
     """The three CSI services of a standalone driver over one engine (the composition root)."""
 
-    def ready(deadline: deadline_mod.Deadline) -> bool:
-        """Probe: ready once start-up (assembly, recovery) is done, whatever the pool's condition; a
-        pool that cannot even report its status (it is gone) means the plugin cannot serve."""
-        if eng.last_recovery is None:
-            return False  # still starting up
-        try:
-            eng.status(deadline=deadline)
-        except errors.Unavailable as exc:
-            log.warning("msg=%s error=%s", "probe: the plugin cannot serve", exc)
-            raise errors.FailedPrecondition(f"the plugin cannot serve: {exc.message}") from exc
-        return True
-
     settings = provisioner.Settings(
         node_id=node_id, block_size=block_size, thresholds=thresholds, overprovision_ratio=overprovision_ratio
     )
     return server.Services(
-        identity=identity_service.IdentityService(ready=ready, name=driver_name),
+        identity=identity_service.IdentityService(ready=functools.partial(probe, eng), name=driver_name),
         controller=controller_service.ControllerService(
             provisioner=provisioner.Provisioner(engine=eng, settings=settings)
         ),
