@@ -54,11 +54,24 @@ def _sparse(path: pathlib.Path, size: int) -> pathlib.Path:
     return path
 
 
+#: the files a dead container's loop devices are backed by, relative to its vanished mount: their
+#: paths in sysfs are suffixes of a reflink pool's device files and of a dm-thin pool's loop files
+STALE_FILES = (
+    "devices/0.img",
+    "devices/1.img",
+    "devices/2.img",
+    "devices/3.img",
+    "data.img",
+    "data.img.meta",
+)
+
+
 @contextlib.contextmanager
-def stale_eio_loop(workdir: pathlib.Path, ids: tuple[int, ...] = (0, 1, 2, 3)) -> Iterator[list[str]]:
-    """Loop devices left by a dead container: backed by files `devices/<id>.img` on an XFS that was
-    shut down (`xfs_io -x -c shutdown`) and lazily unmounted. Yields their device paths; everything
-    is detached and removed afterwards (only what this made)."""
+def stale_eio_loop(workdir: pathlib.Path, files: tuple[str, ...] = STALE_FILES) -> Iterator[list[str]]:
+    """Loop devices left by a dead container: backed by `files` on an XFS that was shut down
+    (`xfs_io -x -c shutdown`) and lazily unmounted, so sysfs shows "/<file>" and their status answers
+    EIO. Yields their device paths; everything is detached and removed afterwards (only what this
+    made)."""
     d = deadline_mod.Deadline.after(120)
     image = _sparse(workdir / "dead-container-xfs.img", _XFS_MIN)
     runner.run(["mkfs.xfs", "-q", "-f", str(image)], deadline=d)
@@ -70,15 +83,15 @@ def stale_eio_loop(workdir: pathlib.Path, ids: tuple[int, ...] = (0, 1, 2, 3)) -
     try:
         runner.run(["mount", "-t", "xfs", outer, str(mnt)], deadline=d)
         mounted = True
-        (mnt / "devices").mkdir()
-        for n in ids:
-            inner.append(loop.attach(str(_sparse(mnt / "devices" / f"{n}.img", 1 << 20))))
+        for name in files:
+            (mnt / name).parent.mkdir(parents=True, exist_ok=True)
+            inner.append(loop.attach(str(_sparse(mnt / name, 1 << 20))))
         runner.run(["xfs_io", "-x", "-c", "shutdown", str(mnt)], deadline=d)
         runner.run(["umount", "-l", str(mnt)], deadline=d)
         mounted = False
         for dev in inner:  # the environment is what it claims to be, or the test means nothing
             backing = loop.backing_file(dev)
-            assert backing is not None and backing.startswith("/devices/"), (dev, backing)
+            assert backing is not None and backing.lstrip("/") in files, (dev, backing)
             assert _status_errno(dev) == errno.EIO, f"{dev} answers its status on a shut-down XFS"
         yield inner
     finally:
