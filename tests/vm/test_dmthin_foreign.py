@@ -45,7 +45,9 @@ def cfg(tmp: pathlib.Path) -> Iterator[config.PoolConfig]:
         backend=config.BackendKind.DMTHIN,
         state_dir=str(tmp / "state"),
         # named like the stale loops' files: sysfs shows "/data.img", a suffix of this path
-        dmthin=config.DmThinConfig(data_file=str(tmp / "data.img"), data_size=256 * MiB, block_size=64 * 1024),
+        dmthin=config.DmThinConfig(
+            data_file=str(tmp / "data.img"), data_size=256 * MiB, block_size=64 * 1024
+        ),
     )
     yield cfg
     dmthin.DmThinBackend(cfg).destroy(deadline=_dl())
@@ -92,7 +94,9 @@ time.sleep(float(sys.argv[2]))
 
 def _hold(dev: str, seconds: float) -> subprocess.Popen[str]:
     """A process with `dev` open, like blkid or a metrics agent reading it."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, dev, str(seconds)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, dev, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "held"
     return proc
