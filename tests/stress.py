@@ -36,6 +36,7 @@ from csi_thin import runner
 from csi_thin.dm import loop
 
 ENV = "CSI_THIN_STRESS"
+STALE_ENV = "CSI_THIN_STRESS_STALE"
 #: the stress process stops on its own after this long even if nobody stops it
 DEFAULT_SECONDS = 3600.0
 #: operations per second (loop attach/detach counts one, an open+read counts one)
@@ -46,6 +47,10 @@ _XFS_MIN = 300 * 1024 * 1024  # mkfs.xfs refuses smaller filesystems
 
 def enabled() -> bool:
     return os.environ.get(ENV, "") not in ("", "0")
+
+
+def stale_enabled() -> bool:
+    return os.environ.get(STALE_ENV, "") not in ("", "0")
 
 
 def _sparse(path: pathlib.Path, size: int) -> pathlib.Path:

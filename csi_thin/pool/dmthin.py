@@ -347,8 +347,20 @@ class DmThinBackend:
             assert self._cfg.data_file is not None
             for path in (self._cfg.data_file, self._metadata_file_path()):
                 dev = loop.find(path)
-                if dev is not None:
-                    loop.detach(dev)
+                if dev is None:
+                    continue
+                loop.detach(dev)
+                # a reader (blkid, udev) defers the detach to its last close: wait for it, or the
+                # next assemble would build the pool on a loop device that is about to go away
+                for _ in deadline.backoff(first=0.005, cap=0.1):
+                    if loop.find(path) != dev:
+                        break
+                else:
+                    rdev = os.stat(dev).st_rdev
+                    raise dm_errors.DeviceBusy(
+                        f"pool {self._pool}: {dev} ({path}) is still open after its detach: "
+                        + holders.describe(rdev, source=dev, what=f"detach {dev}")
+                    )
 
     def destroy(self, *, deadline: deadline_mod.Deadline) -> None:
         if not self._file_mode():

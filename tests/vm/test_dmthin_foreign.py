@@ -146,3 +146,19 @@ def test_a_mounted_device_is_busy_at_once(be: dmthin.DmThinBackend, tmp: pathlib
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     be.deactivate(1, deadline=_dl())
+
+
+def test_teardown_waits_for_a_reader_of_its_loop_devices(be: dmthin.DmThinBackend, tmp: pathlib.Path) -> None:
+    """A reader defers a loop detach to its last close; teardown returns once the loops are gone, so a
+    re-assembly never builds the pool on a loop device about to vanish under it."""
+    meta = loop.find(str(tmp / "data.img.meta"))
+    assert meta is not None
+    holder = _hold(meta, 0.5)
+    try:
+        be.teardown(deadline=_dl())
+        assert loop.find(str(tmp / "data.img.meta")) is None
+    finally:
+        holder.kill()
+        holder.wait()
+    be.assemble(deadline=_dl())
+    assert be.status(deadline=_dl()).healthy
