@@ -171,7 +171,7 @@ def attach(
     use_dio = direct_io and _supports_direct_io(path, read_only=read_only)
     flags = _LO_FLAGS_READ_ONLY if read_only else 0
     file_fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-    lost: list[str] = []
+    lost, last = 0, ""  # numbers lost to another process, and how the last one was lost
     try:
         for _ in deadline.backoff(first=0.001, cap=0.05):
             dev = _dev_path(_get_free())
@@ -180,7 +180,7 @@ def attach(
             except OSError as exc:
                 if exc.errno not in _GONE:
                     raise
-                lost.append(f"{dev}: {os.strerror(exc.errno or 0)}")
+                lost, last = lost + 1, f"{dev}: {os.strerror(exc.errno or 0)}"
                 continue
             try:
                 try:
@@ -194,16 +194,16 @@ def attach(
             except OSError as exc:
                 if exc.errno != errno.EBUSY:
                     raise
-                lost.append(f"{dev}: taken")  # someone configured this number first
+                lost, last = lost + 1, f"{dev}: taken"  # someone configured this number first
                 continue
             finally:
                 os.close(loop_fd)
             if lost:
-                log.info("event=loop_attach_raced file=%s dev=%s lost=%s", path, dev, ",".join(lost))
+                log.info("event=loop_attach_raced file=%s dev=%s lost=%d last=%r", path, dev, lost, last)
             return dev
         raise errors.Unavailable(
-            f"no free loop device for {path} before the deadline ({len(lost)} taken or torn down "
-            f"under us, last: {lost[-1] if lost else 'none'})"
+            f"no free loop device for {path} before the deadline ({lost} taken or torn down "
+            f"under us, last {last or 'none'})"
         )
     except OSError as exc:
         raise errors.Internal(f"attach loop device for {path}: {os.strerror(exc.errno or 0)}") from exc
