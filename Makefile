@@ -54,12 +54,15 @@ test-host: setup lint
 # and going, blkid-like readers of ours; STRESS_STALE=1 adds stale EIO loop devices for the whole
 # run, which breaks anyone on this machine running code without the fix), STRESS_RUNS times in a row.
 # A failure stops the loop: it is a bug to fix, never a retry. PYTEST_ADDOPTS narrows it as usual.
+# Its own --basetemp: pytest then never sweeps the shared /tmp/pytest-of-root of others' old runs.
 STRESS_RUNS ?= 1
 STRESS_STALE ?= 0
+STRESS_TMP ?= /tmp/csi-thin-stress-$(notdir $(CURDIR))
 test-stress: venv proto tools
 	for i in $$(seq 1 $(STRESS_RUNS)); do \
 	  start=$$(date +%s); \
 	  CSI_THIN_STRESS=1 CSI_THIN_STRESS_STALE=$(STRESS_STALE) $(PY) -m pytest tests/root -q -p no:cacheprovider \
+	    --basetemp=$(STRESS_TMP) \
 	    || { echo "stress: run $$i failed"; exit 1; }; \
 	  echo "stress: run $$i of $(STRESS_RUNS) clean in $$(( $$(date +%s) - start ))s"; \
 	done
