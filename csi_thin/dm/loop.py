@@ -5,8 +5,13 @@ devices here, the reflink backend its pool image. No losetup (an exec per call c
 emulation) and no udev (containers have none): the /dev/loopN node is created here when missing.
 
 The API is deliberately small and stable (other backends depend on it):
-`attach`, `detach`, `find`, `refresh_capacity` (and `status`, `read_only_devices` for the node's
-read-only views).
+`attach`, `detach`, `find`, `refresh_capacity`, `scan` + `is_backed_by` for a backend's own scan
+(and `status`, `read_only_devices` for the node's read-only views).
+
+Loop devices are machine-wide and most of them are not ours: snaps, other drivers, a container that
+died with a mount. A scan reads every one of them, so whatever error one of them answers (EIO from a
+backing filesystem that was shut down, EACCES, ENXIO/ENODEV when it is torn down mid-scan) means
+"not ours" there: only a device that is provably ours (by path, or by file identity) counts.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
+from collections.abc import Iterator
 
+from csi_thin import deadline as deadline_mod
 from csi_thin import errors
+
+log = logging.getLogger(__name__)
 
 # linux/loop.h ioctl numbers
 _LOOP_SET_FD = 0x4C00
@@ -48,10 +58,18 @@ _LOOP_MAJOR = 7
 _LOOP_CONTROL = "/dev/loop-control"
 _LOOP_CONTROL_DEV = (10, 237)  # misc major, LOOP_CTRL_MINOR
 
-#: How often attach retries when another process claims the free loop device between
-#: LOOP_CTL_GET_FREE and LOOP_CONFIGURE. Each retry is immediate and asks for a fresh number,
-#: so a small bound suffices; it is a race count, not a timeout.
-_CLAIM_ATTEMPTS = 16
+#: errnos of a loop device that is no longer there to use: torn down (LOOP_CTL_REMOVE, or a detach in
+#: progress: the kernel refuses opens during rundown) or its node removed, between our look-up and use
+_GONE = (errno.ENOENT, errno.ENXIO, errno.ENODEV)
+
+
+class Unreadable(errors.Internal):
+    """A loop device answered an error we cannot read past (EIO from a backing filesystem that was
+    shut down, EACCES...). Never provably ours: scans skip it."""
+
+    def __init__(self, message: str, *, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 def _info64(path: str, flags: int) -> bytes:
@@ -134,41 +152,68 @@ def _old_kernel() -> bool:
     return (major, minor) < (5, 8)
 
 
-def attach(path: str, *, read_only: bool = False, direct_io: bool = True, label: str = "") -> str:
+def attach(
+    path: str,
+    *,
+    read_only: bool = False,
+    direct_io: bool = True,
+    label: str = "",
+    deadline: deadline_mod.Deadline | None = None,
+) -> str:
     """Attach `path` to a free loop device and return the device path (/dev/loopN).
 
     Direct IO (no double caching through the page cache) is used when asked for and the backing
     file supports O_DIRECT; otherwise the device is attached buffered. `label` (at most 63 bytes)
     is kept by the kernel in the device's lo_file_name (see `status`) instead of the path.
+
+    LOOP_CTL_GET_FREE races are normal: the number it gives is free for everyone, so another process
+    may configure it first (EBUSY) or tear it down before we open it (ENXIO, ENOENT). Each time the
+    whole allocate-open-configure sequence starts again with a fresh number, backing off within the
+    deadline (None: the default one, for the CLI and tests).
     """
     if len(os.fsencode(label)) >= _LO_NAME_SIZE:
         raise errors.InvalidArgument(f"loop label {label!r} is longer than {_LO_NAME_SIZE - 1} bytes")
+    deadline = deadline or deadline_mod.default()
     path = os.path.realpath(path)
     use_dio = direct_io and _supports_direct_io(path, read_only=read_only)
     flags = _LO_FLAGS_READ_ONLY if read_only else 0
     file_fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    lost, last = 0, ""  # numbers lost to another process, and how the last one was lost
     try:
-        for _ in range(_CLAIM_ATTEMPTS):
+        for _ in deadline.backoff(first=0.001, cap=0.05):
             dev = _dev_path(_get_free())
-            loop_fd = os.open(dev, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+            try:
+                loop_fd = os.open(dev, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno not in _GONE:
+                    raise
+                lost, last = lost + 1, f"{dev}: {os.strerror(exc.errno or 0)}"
+                continue
             try:
                 try:
                     _configure(
                         loop_fd, file_fd, label or path, flags | (_LO_FLAGS_DIRECT_IO if use_dio else 0)
                     )
                 except OSError as exc:
-                    if exc.errno == errno.EBUSY:
-                        continue  # someone claimed this number first: ask for another
-                    if exc.errno == errno.EINVAL and use_dio:
-                        # block size / alignment mismatch for direct IO: attach buffered instead
-                        use_dio = False
-                        _configure(loop_fd, file_fd, label or path, flags)
-                    else:
+                    if exc.errno != errno.EINVAL or not use_dio:
                         raise
-                return dev
+                    # block size / alignment mismatch for direct IO: attach buffered instead
+                    use_dio = False
+                    _configure(loop_fd, file_fd, label or path, flags)
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+                lost, last = lost + 1, f"{dev}: taken"  # someone configured this number first
+                continue
             finally:
                 os.close(loop_fd)
-        raise errors.Unavailable(f"no free loop device for {path} after {_CLAIM_ATTEMPTS} attempts")
+            if lost:
+                log.info("event=loop_attach_raced file=%s dev=%s lost=%d last=%r", path, dev, lost, last)
+            return dev
+        raise errors.Unavailable(
+            f"no free loop device for {path} before the deadline ({lost} taken or torn down "
+            f"under us, last {last or 'none'})"
+        )
     except OSError as exc:
         raise errors.Internal(f"attach loop device for {path}: {os.strerror(exc.errno or 0)}") from exc
     finally:
@@ -220,24 +265,56 @@ def _read_backing_file(name: str) -> str | None:
 
 
 def identity(dev: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file behind a loop device (LOOP_GET_STATUS64); None when unbound."""
+    """(st_dev, st_ino) of the file behind a loop device (LOOP_GET_STATUS64); None when unbound or
+    gone. Unreadable when the device answers anything else (EIO: its backing filesystem failed)."""
     _number(dev)
     try:
         fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+        if exc.errno in _GONE:
             return None
-        raise errors.Internal(f"open {dev}: {os.strerror(exc.errno or 0)}") from exc
+        raise Unreadable(f"open {dev}: {os.strerror(exc.errno or 0)}", errno=exc.errno or 0) from exc
     try:
         info = fcntl.ioctl(fd, _LOOP_GET_STATUS64, bytes(_INFO64.size))
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # not bound to a file
             return None
-        raise errors.Internal(f"status of {dev}: {os.strerror(exc.errno or 0)}") from exc
+        raise Unreadable(f"status of {dev}: {os.strerror(exc.errno or 0)}", errno=exc.errno or 0) from exc
     finally:
         os.close(fd)
     lo_device, lo_inode = _INFO64.unpack(info)[:2]
     return os.makedev(os.major(lo_device), os.minor(lo_device)), lo_inode
+
+
+def scan() -> Iterator[tuple[str, str]]:
+    """(/dev/loopN, backing file as sysfs shows it) of every bound loop device, lowest number first.
+
+    A device whose attribute cannot be read (torn down mid-scan, or any other error) is skipped: it
+    cannot be shown to be ours. The /dev node is not created here (see `find`)."""
+    try:
+        names = os.listdir("/sys/block")
+    except FileNotFoundError:
+        return
+    for name in sorted(names, key=lambda n: (len(n), n)):
+        if not name.startswith("loop") or not name[4:].isdigit():
+            continue
+        try:
+            backing = _read_backing_file(name)
+        except OSError as exc:
+            log.debug("event=loop_unreadable dev=/dev/%s errno=%d", name, exc.errno or 0)
+            continue
+        if backing:
+            yield f"/dev/{name}", backing
+
+
+def is_backed_by(dev: str, file_id: tuple[int, int]) -> bool:
+    """True only when `dev` is provably attached to the file with (st_dev, st_ino) `file_id`: a device
+    that is unbound, gone or unreadable (see `Unreadable`) is not."""
+    try:
+        return identity(dev) == file_id
+    except Unreadable as exc:
+        log.debug("event=loop_unreadable dev=%s errno=%d", dev, exc.errno)
+        return False
 
 
 def find(backing_file_path: str) -> str | None:
@@ -246,21 +323,15 @@ def find(backing_file_path: str) -> str | None:
     sysfs shows the backing file's path as seen through the mount it was opened by. When that mount
     has gone (it lived in the mount namespace of a container that has since been replaced), the path
     shown is relative to the old mount's root: "/devices/1.img" for "/pool/devices/1.img". Such a
-    suffix of our path is confirmed by the file's identity (device and inode) before it counts.
+    suffix of our path is confirmed by the file's identity (device and inode) before it counts; a
+    device that cannot tell its identity (EIO...) is someone else's.
     """
     want = os.path.realpath(backing_file_path)
-    try:
-        names = sorted(os.listdir("/sys/block"), key=lambda n: (len(n), n))
-    except FileNotFoundError:
-        return None
     wanted_id: tuple[int, int] | None = None
-    for name in names:
-        if not name.startswith("loop") or not name[4:].isdigit():
-            continue
-        backing = _read_backing_file(name)
+    for dev, backing in scan():
         if backing == want:
-            return _dev_path(int(name[4:]))
-        if not backing or not backing.startswith("/") or not want.endswith(backing):
+            return _dev_path(_number(dev))
+        if not backing.startswith("/") or not want.endswith(backing):
             continue
         if wanted_id is None:
             try:
@@ -268,10 +339,12 @@ def find(backing_file_path: str) -> str | None:
             except OSError:  # gone, or its filesystem failed: nothing to confirm a suffix with
                 return None
             wanted_id = (st.st_dev, st.st_ino)
-        dev = _dev_path(int(name[4:]))
-        with contextlib.suppress(errors.Internal):  # EIO: the backing filesystem failed
-            if identity(dev) == wanted_id:
-                return dev
+        try:
+            path = _dev_path(_number(dev))
+        except (OSError, errors.Internal):  # no node for it here, and none can be made: not ours
+            continue
+        if is_backed_by(path, wanted_id):
+            return path
     return None
 
 
@@ -348,8 +421,9 @@ def read_only_devices() -> list[str]:
             with open(f"/sys/block/{name}/ro", encoding="ascii") as f:
                 if f.read().strip() != "1":
                     continue
-        except OSError:  # detached and removed meanwhile
+            backing = _read_backing_file(name)
+        except OSError:  # detached meanwhile, or unreadable (EIO, EACCES): not provably a view of ours
             continue
-        if _read_backing_file(name) is not None:
+        if backing is not None:
             found.append(_dev_path(int(name[4:])))
     return found

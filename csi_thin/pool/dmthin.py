@@ -27,7 +27,7 @@ from csi_thin import config as config_mod
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.dm import errors as dm_errors
-from csi_thin.dm import ioctl, loop, parse, thintools
+from csi_thin.dm import holders, ioctl, loop, parse, thintools
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,9 @@ class DmThinBackend:
                 os.close(fd)
             log.info("pool=%s created sparse file=%s bytes=%d", self._pool, path, size)
 
-    def _devices(self, *, attach: bool, attached: list[str]) -> tuple[str, str] | None:
+    def _devices(
+        self, *, attach: bool, attached: list[str], deadline: deadline_mod.Deadline
+    ) -> tuple[str, str] | None:
         """(metadata device, data device) paths; loops are attached (or reused) when `attach`.
 
         Returns None when the pool is file-backed, `attach` is False and a loop is missing.
@@ -186,7 +188,7 @@ class DmThinBackend:
             if dev is None:
                 if not attach:
                     return None
-                dev = loop.attach(path)
+                dev = loop.attach(path, deadline=deadline)
                 attached.append(dev)
                 log.info("pool=%s attached loop=%s file=%s", self._pool, dev, path)
             out.append(dev)
@@ -229,7 +231,7 @@ class DmThinBackend:
     def assemble(self, *, deadline: deadline_mod.Deadline) -> None:
         info = self._ctl.info(self.pool_name)
         if info is not None and info.live_table:
-            self._check_live_pool(info)
+            self._check_live_pool(info, deadline=deadline)
             self._resume_suspended_thins()
             return
         if info is not None:
@@ -239,7 +241,7 @@ class DmThinBackend:
             self._ensure_files()
         attached: list[str] = []
         try:
-            devices = self._devices(attach=True, attached=attached)
+            devices = self._devices(attach=True, attached=attached, deadline=deadline)
             assert devices is not None
             metadata_dev, data_dev = devices
             target = self._pool_table(metadata_dev, data_dev)
@@ -283,9 +285,9 @@ class DmThinBackend:
             )
         log.info("pool=%s metadata=%s thin_check=ok", self._pool, metadata_dev)
 
-    def _check_live_pool(self, info: ioctl.DeviceInfo) -> None:
+    def _check_live_pool(self, info: ioctl.DeviceInfo, *, deadline: deadline_mod.Deadline) -> None:
         """An active pool must be ours as configured; a suspended one is resumed."""
-        devices = self._devices(attach=False, attached=[])
+        devices = self._devices(attach=False, attached=[], deadline=deadline)
         live = self._ctl.table(self.pool_name)
         if devices is None or len(live) != 1 or live[0].target_type != "thin-pool":
             raise errors.FailedPrecondition(
@@ -333,13 +335,32 @@ class DmThinBackend:
         if info is not None:
             if info.suspended:
                 self._ctl.resume(self.pool_name)  # removing a suspended pool would skip its commit
-            self._ctl.remove(self.pool_name)
+            with contextlib.suppress(dm_errors.DeviceNotFound):
+                holders.retry_busy(
+                    lambda: self._ctl.remove(self.pool_name),
+                    rdev=os.makedev(info.major, info.minor),
+                    source=info.path,
+                    what=f"remove {self.pool_name}",
+                    deadline=deadline,
+                )
         if self._file_mode():
             assert self._cfg.data_file is not None
             for path in (self._cfg.data_file, self._metadata_file_path()):
                 dev = loop.find(path)
-                if dev is not None:
-                    loop.detach(dev)
+                if dev is None:
+                    continue
+                loop.detach(dev)
+                # a reader (blkid, udev) defers the detach to its last close: wait for it, or the
+                # next assemble would build the pool on a loop device that is about to go away
+                for _ in deadline.backoff(first=0.005, cap=0.1):
+                    if loop.find(path) != dev:
+                        break
+                else:
+                    rdev = os.stat(dev).st_rdev
+                    raise dm_errors.DeviceBusy(
+                        f"pool {self._pool}: {dev} ({path}) is still open after its detach: "
+                        + holders.describe(rdev, source=dev, what=f"detach {dev}")
+                    )
 
     def destroy(self, *, deadline: deadline_mod.Deadline) -> None:
         if not self._file_mode():
@@ -461,7 +482,7 @@ class DmThinBackend:
         self._message(f"delete {dev_id}")
 
     def device_ids(self, *, deadline: deadline_mod.Deadline) -> dict[int, int]:
-        devices = self._devices(attach=False, attached=[])
+        devices = self._devices(attach=False, attached=[], deadline=deadline)
         if devices is None:
             raise errors.Unavailable(f"pool {self._pool} is not assembled")
         metadata_dev = devices[0]
@@ -546,10 +567,21 @@ class DmThinBackend:
             raise
 
     def deactivate(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:
+        """Remove the thin device. Open by someone for a moment (blkid, udev, a reader): the remove is
+        retried within the deadline; mounted here, or still open at the deadline: DeviceBusy."""
         name = self._thin_name(dev_id)
         deadline.check(f"deactivate {dev_id}")
+        info = self._ctl.info(name)
+        if info is None:
+            return
         try:
-            self._ctl.remove(name)
+            holders.retry_busy(
+                lambda: self._ctl.remove(name),
+                rdev=os.makedev(info.major, info.minor),
+                source=info.path,
+                what=f"deactivate {name}",
+                deadline=deadline,
+            )
         except dm_errors.DeviceNotFound:
             return
 

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from csi_thin import config, errors, model, runner
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
-from csi_thin.dm import loop
+from csi_thin.dm import holders, loop
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,11 @@ def _loop_tag(dev: str) -> object:
     it; the path sysfs shows when the file's filesystem has failed (EIO); None when unbound."""
     try:
         return loop.identity(dev)
-    except errors.Internal:
-        return ("path", loop.backing_file(dev))
+    except loop.Unreadable:
+        try:
+            return ("path", loop.backing_file(dev))
+        except OSError as exc:  # not even sysfs answers: matches no file of ours
+            return ("unreadable", exc.errno)
 
 
 class ReflinkBackend:
@@ -420,7 +423,7 @@ class ReflinkBackend:
         dev = loop.find(self._image)
         attached_here = dev is None
         if dev is None:
-            dev = loop.attach(self._image, direct_io=True)
+            dev = loop.attach(self._image, direct_io=True, deadline=deadline)
         try:
             self._mount_image(dev, deadline)
         except BaseException:
@@ -942,7 +945,7 @@ class ReflinkBackend:
                 if dev is None:
                     # a read-only pool (like a read-only thin pool) still serves reads
                     read_only = bool(os.statvfs(self._dir).f_flag & os.ST_RDONLY)
-                    dev = loop.attach(path, read_only=read_only, direct_io=False)
+                    dev = loop.attach(path, read_only=read_only, direct_io=False, deadline=deadline)
                     log.info("event=activate pool=%s id=%d dev=%s ro=%s", self._name, dev_id, dev, read_only)
                 elif grown:
                     loop.refresh_capacity(dev)
@@ -983,17 +986,31 @@ class ReflinkBackend:
             self._detach(dev, (st.st_dev, st.st_ino), f"device {dev_id}", deadline)
 
     def _detach(self, dev: str, ident: object, label: str, deadline: deadline_mod.Deadline) -> None:
-        """Detach loop device `dev`, backed by the file `ident` (see `_loop_tag`), unless in use."""
+        """Detach loop device `dev`, backed by the file `ident` (see `_loop_tag`), unless in use.
+
+        Claimed by someone else (an fsck, a mount namespace cloned while it was mounted...) is
+        retried within the deadline: on a node such holders come and go. Mounted here is not.
+        """
         try:
-            fd = os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                mount = self._mount_of(dev)
-                where = f"mounted at {mount.mount_point}" if mount else "held by another user"
-                raise DeviceBusy(f"{label} of pool {self._name} ({dev}) is {where}") from exc
-            if exc.errno in (errno.ENXIO, errno.ENOENT):
-                return
-            raise _oserror(f"deactivate {label}", exc) from exc
+            rdev = os.stat(dev).st_rdev
+        except FileNotFoundError:
+            return
+        source = os.path.realpath(dev)
+        what = f"deactivate {label} of pool {self._name}"
+
+        def claim() -> int | None:
+            try:
+                return os.open(dev, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    raise DeviceBusy(f"{label} of pool {self._name} ({dev}) is in use") from exc
+                if exc.errno in (errno.ENXIO, errno.ENOENT):
+                    return None
+                raise _oserror(f"deactivate {label}", exc) from exc
+
+        fd = holders.retry_busy(claim, rdev=rdev, source=source, what=what, deadline=deadline)
+        if fd is None:
+            return
         try:
             # loop devices are machine-wide: since `dev` was looked up, another process may have
             # detached it and attached its own file to the number. Checked while we hold the device
@@ -1004,11 +1021,15 @@ class ReflinkBackend:
             loop.detach(dev)
         finally:
             os.close(fd)
+        # an opener that claims nothing (blkid, a reader) defers the detach to its last close
         for _ in deadline.backoff(first=0.005, cap=0.1):
             if _loop_tag(dev) != ident:
                 break
         else:
-            raise DeviceBusy(f"{label} of pool {self._name} ({dev}) is still open by another user")
+            raise DeviceBusy(
+                f"{label} of pool {self._name} ({dev}) is still open by another user: "
+                + holders.describe(rdev, source=source, what=what)
+            )
         log.info("event=deactivate pool=%s what=%s dev=%s", self._name, label, dev)
 
     def _attached(self) -> dict[str, str]:
@@ -1018,17 +1039,7 @@ class ReflinkBackend:
         suffix of ours: it counts once its file identity (st_dev, st_ino) matches."""
         prefix = self._devices + "/"
         out: dict[str, str] = {}
-        try:
-            names = os.listdir("/sys/block")
-        except FileNotFoundError:
-            return out
-        for name in names:
-            if not name.startswith("loop") or not name[4:].isdigit():
-                continue
-            dev = f"/dev/{name}"
-            backing = loop.backing_file(dev)
-            if backing is None:
-                continue
+        for dev, backing in loop.scan():
             if backing.startswith(prefix):
                 out[backing] = dev
                 continue
@@ -1038,13 +1049,12 @@ class ReflinkBackend:
                 and ours.endswith(backing)
                 and device_file_id(os.path.basename(ours)) is not None
             ):
-                # only a suffix matches: the device is ours if its file identity proves it. One
-                # whose status cannot be read (EIO: its backing file's filesystem shut down) proves
-                # nothing, and is most likely someone else's: skip it rather than fail the teardown
-                with contextlib.suppress(OSError, errors.Internal):
+                try:
                     st = os.stat(ours)
-                    if loop.identity(dev) == (st.st_dev, st.st_ino):
-                        out[ours] = dev
+                except OSError:
+                    continue
+                if loop.is_backed_by(dev, (st.st_dev, st.st_ino)):  # EIO & co: not ours
+                    out[ours] = dev
         return out
 
     def resize(self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline) -> None:
