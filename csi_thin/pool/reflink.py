@@ -358,6 +358,8 @@ class ReflinkBackend:
                 f"reflink pool directory {self._dir} does not exist (mount an XFS reflink=1 or btrfs "
                 "filesystem there, or configure image_file + image_size)"
             )
+        if self._assembled_read_only():
+            return
         self._probe_reflink()
         try:
             os.makedirs(self._devices, mode=0o700, exist_ok=True)
@@ -380,6 +382,24 @@ class ReflinkBackend:
             raise _oserror(f"assemble pool {self._name}", exc) from exc
         self._thaw_leftovers()
         log.info("event=assembled pool=%s directory=%s", self._name, self._dir)
+
+    def _assembled_read_only(self) -> bool:
+        """Assemble an existing pool on a read-only filesystem (the `read_only` condition: btrfs
+        forces it after an error, an operator remounts it ro for a repair) without writing anything:
+        existing volumes are still activated and deactivated there, every change is refused (status
+        says RO). False when the filesystem is writable (assemble goes on as usual)."""
+        try:
+            if not os.statvfs(self._dir).f_flag & os.ST_RDONLY:
+                return False
+        except OSError as exc:
+            raise _oserror(f"assemble pool {self._name}", exc) from exc
+        if not os.path.exists(os.path.join(self._dir, _TXID)):
+            raise errors.Unavailable(
+                f"reflink pool directory {self._dir} is read-only: no pool can be made there"
+            )
+        log.warning("event=assembled_read_only pool=%s directory=%s", self._name, self._dir)
+        self._thaw_leftovers()
+        return True
 
     def _thaw_leftovers(self) -> None:
         """Thaw filesystems on this pool's devices that a killed snapshot step left frozen.

@@ -621,6 +621,30 @@ def test_a_full_pool_still_moves_its_transaction_id(
     assert xfs_pool.transaction_id(deadline=d) == txid + 2
 
 
+def test_a_pool_filesystem_gone_read_only_still_assembles(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    """A pool filesystem that went read-only (btrfs forces it after an error, an operator remounts it
+    ro for a repair) is the `read_only` condition, where existing volumes are still activated and
+    deactivated (pool/modes.py). A driver restart there must assemble the pool, or nothing works."""
+    d = dl()
+    pool_dir = str(workdir / "pool")
+    xfs_pool.create_thin(4, MiB, deadline=d)
+    blockio.write_at(xfs_pool.activate(4, MiB, deadline=d), 0, b"ro-readable")
+    xfs_pool.deactivate(4, deadline=d)
+    runner.run(["mount", "-o", "remount,ro", pool_dir], deadline=d)
+    try:
+        restarted = reflink.ReflinkBackend(make_config(workdir))
+        restarted.assemble(deadline=d)
+        assert restarted.status(deadline=d).mode == model.PoolMode.RO
+        ro_dev = restarted.activate(4, MiB, deadline=d)
+        assert blockio.read_at(ro_dev, 0, 11) == b"ro-readable"
+        restarted.deactivate(4, deadline=d)
+        assert restarted.active_ids(deadline=d) == set()
+    finally:
+        runner.run(["mount", "-o", "remount,rw", pool_dir], deadline=d)
+
+
 def test_concurrent_transaction_ids_and_creates(xfs_pool: reflink.ReflinkBackend) -> None:
     """Compare-and-swap under contention: exactly one winner per step, no lost update."""
     d = dl()
