@@ -368,7 +368,7 @@ class ReflinkBackend:
             # empty file (an inode) may not be had
             for name in (_TXID, _TXID_SPARE):
                 if not os.path.exists(os.path.join(self._dir, name)):
-                    self._create_file(name, b"0\n")
+                    self._create_first(name)
             os.close(os.open(os.path.join(self._dir, _LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             for folder in (self._devices, self._dir):
                 for name in os.listdir(folder):
@@ -400,6 +400,18 @@ class ReflinkBackend:
         log.warning("event=assembled_read_only pool=%s directory=%s", self._name, self._dir)
         self._thaw_leftovers()
         return True
+
+    def _create_first(self, name: str) -> None:
+        """Make a transaction id file of a pool that lacks it. The spare of a pool made before it
+        existed cannot be made on a full filesystem: the pool still assembles (deletes are what frees
+        space) and the first fence makes it (`_write_txid`)."""
+        try:
+            self._create_file(name, b"0\n")
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if name != _TXID_SPARE or not full or not os.path.exists(os.path.join(self._dir, _TXID)):
+                raise
+            log.warning("event=spare_deferred pool=%s reason=filesystem full", self._name)
 
     def _thaw_leftovers(self) -> None:
         """Thaw filesystems on this pool's devices that a killed snapshot step left frozen.

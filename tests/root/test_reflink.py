@@ -645,6 +645,28 @@ def test_a_pool_filesystem_gone_read_only_still_assembles(
         runner.run(["mount", "-o", "remount,rw", pool_dir], deadline=d)
 
 
+def test_a_full_pool_made_before_the_spare_txid_file_assembles_and_heals(
+    xfs_pool: reflink.ReflinkBackend, workdir: pathlib.Path
+) -> None:
+    """A pool made by a version without transaction_id.spare, full when the driver is upgraded: the
+    spare cannot be made (ENOSPC), yet the driver must start, so that a delete can free space; the
+    fence makes the spare once there is room."""
+    d = dl()
+    spare = workdir / "pool" / "transaction_id.spare"
+    xfs_pool.create_thin(1, IMAGE_SIZE, deadline=d)
+    spare.unlink()
+    _fill_file(str(workdir / "pool" / "devices" / "1.img"))
+    assert xfs_pool.status(deadline=d).mode == model.PoolMode.OUT_OF_DATA_SPACE
+    restarted = reflink.ReflinkBackend(make_config(workdir))
+    restarted.assemble(deadline=d)
+    txid = restarted.transaction_id(deadline=d)
+    restarted.delete(1, deadline=d)
+    restarted.set_transaction_id(txid, txid + 1, deadline=d)
+    assert restarted.transaction_id(deadline=d) == txid + 1
+    assert restarted.status(deadline=d).mode == model.PoolMode.RW
+    assert spare.exists()
+
+
 def test_concurrent_transaction_ids_and_creates(xfs_pool: reflink.ReflinkBackend) -> None:
     """Compare-and-swap under contention: exactly one winner per step, no lost update."""
     d = dl()
