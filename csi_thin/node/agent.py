@@ -348,7 +348,7 @@ class Agent:
                 return
             if tv.status.phase == res.Phase.FAILED and tv.status.observed_generation >= tv.meta.generation:
                 return  # the controller reads the verdict and deletes the object
-            tv = self._with_finalizer(tv, deadline=dl)
+            tv = self._claim(tv, deadline=dl)
             try:
                 dev = self._create_volume(tv, deadline=dl)
             except (_WaitForSource, *TRANSIENT):
@@ -461,7 +461,7 @@ class Agent:
                 return
             if ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation:
                 return
-            ts = self._with_finalizer(ts, deadline=dl)
+            ts = self._claim(ts, deadline=dl)
             try:
                 self._require_source(ts.spec.source_volume, res.ThinVolume)
                 dev = self._engine.create_snapshot(ts.name, ts.spec.source_volume, deadline=dl)
@@ -497,6 +497,21 @@ class Agent:
         got = self._api.set_finalizers(obj, (*obj.meta.finalizers, res.FINALIZER), deadline=deadline)
         self._store(got)  # type: ignore[arg-type]
         return got
+
+    def _claim(self, obj: W, *, deadline: deadline_mod.Deadline) -> W:
+        """The object, with the finalizer, as the API server has it now: a device is made only for an
+        object that exists and is not being deleted. The cached copy can be older than what this agent
+        already did (the watch delivers, late, the events of its own writes; a deleted object's
+        finalizer-but-no-status version would otherwise make a device no object owns). Adding the
+        finalizer is a write guarded by the copy's resourceVersion, so its answer is fresh; with the
+        finalizer already there, the object is read again and a moved one reconciled afresh."""
+        if res.FINALIZER not in obj.meta.finalizers:
+            return self._with_finalizer(obj, deadline=deadline)
+        current = self._api.get(type(obj), obj.name, deadline=deadline)  # gone: NotFound, dropped
+        if current.meta.resource_version != obj.meta.resource_version:
+            self._store(current)
+            raise client_mod.Conflict(f"{obj.name}: the cached copy is stale; reconcile the current one")
+        return obj
 
     def _finalize(self, obj: W, *, deadline: deadline_mod.Deadline) -> None:
         """Delete the device, then let the object go."""

@@ -1,0 +1,74 @@
+"""The node agent in-process (real API server, real reflink pool), driven step by step: its cache of
+an object can go back in time (the watch delivers, late, events of writes the agent itself made and
+has already moved past). A stale copy must never make a device for an object that is gone."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from csi_thin import app, config, demo
+from csi_thin import deadline as deadline_mod
+from csi_thin.kube import client as client_mod
+from csi_thin.kube import resources as res
+from csi_thin.node import agent as agent_mod
+from csi_thin.pool import engine as engine_mod
+from tests import kubeenv
+from tests.kube.conftest import _pool_yaml
+
+
+@pytest.fixture
+def engine(tmp_path: pathlib.Path) -> Iterator[engine_mod.PoolEngine]:
+    path = _pool_yaml(tmp_path, "1GiB")
+    try:
+        with app.open_engine(config.load_pool(str(path))) as eng:
+            yield eng
+    finally:
+        problems = demo.cleanup(tmp_path, path)
+        assert not problems, problems
+
+
+def test_a_late_event_of_a_deleted_volume_makes_no_device(
+    kube: kubeenv.KubeEnv, engine: engine_mod.PoolEngine
+) -> None:
+    api = client_mod.Client(kube.api_client())
+    node = f"ns-{uuid.uuid4().hex[:6]}"
+    dl = deadline_mod.Deadline.after(60)
+    name = f"v-pvc-{node}"
+    key = (res.Kind.VOLUME, name)
+    api.create(
+        res.ThinVolume(
+            meta=res.Meta(name=name), spec=res.VolumeSpec(node_name=node, pool="p", size_bytes=1 << 26)
+        ),
+        deadline=dl,
+    )
+    agent = agent_mod.Agent(api=api, engine=engine, node=node, pool="p", overprovision_ratio=10.0)
+    try:
+        agent._seen_volume(api.get(res.ThinVolume, name, deadline=dl), False)
+        agent._reconcile_key(key)
+        ready = api.get(res.ThinVolume, name, deadline=dl)
+        assert ready.status.phase == res.Phase.READY and engine.get(name) is not None
+        # the version between the agent's finalizer write and its status write: finalizer, no status
+        between = dataclasses.replace(ready, status=res.VolumeStatus())
+
+        api.delete(res.ThinVolume, name, deadline=dl)  # DeleteVolume
+        agent._seen_volume(api.get(res.ThinVolume, name, deadline=dl), False)
+        agent._reconcile_key(key)  # device deleted, finalizer dropped: the object is gone
+        assert api.find(res.ThinVolume, name, deadline=dl) is None
+        assert engine.get(name) is None
+
+        agent._seen_volume(between, False)  # the watch, late, delivers the in-between version
+        agent._reconcile_key(key)
+        assert engine.get(name) is None, "a device was made for a volume that no longer exists"
+        assert name not in agent._volumes
+    finally:
+        got = api.find(res.ThinVolume, name, deadline=dl)
+        if got is not None:
+            api.set_finalizers(got, (), deadline=dl)
+        api.delete(res.ThinVolume, name, deadline=dl)
+        if engine.get(name) is not None:
+            engine.delete(name, deadline=dl)
