@@ -514,9 +514,17 @@ class Agent:
         return obj
 
     def _finalize(self, obj: W, *, deadline: deadline_mod.Deadline) -> None:
-        """Delete the device, then let the object go."""
+        """Delete the device, then let the object go. The device goes by name, so only when the
+        object being deleted is the one the API server has under that name now: a late event of an
+        older object of the name (deleted, then made afresh) must not delete the new one's device."""
         if res.FINALIZER not in obj.meta.finalizers:
             return
+        current = self._api.get(type(obj), obj.name, deadline=deadline)  # gone: NotFound, dropped
+        if current.meta.uid != obj.meta.uid:
+            self._store(current)
+            raise client_mod.Conflict(
+                f"{obj.name}: the object being deleted is gone; reconcile the current one"
+            )
         try:
             self._engine.delete(obj.name, deadline=deadline)
         except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged

@@ -72,3 +72,48 @@ def test_a_late_event_of_a_deleted_volume_makes_no_device(
         api.delete(res.ThinVolume, name, deadline=dl)
         if engine.get(name) is not None:
             engine.delete(name, deadline=dl)
+
+
+def test_a_late_deletion_of_an_old_object_spares_the_new_one_of_that_name(
+    kube: kubeenv.KubeEnv, engine: engine_mod.PoolEngine
+) -> None:
+    """A Failed create is deleted and made afresh under the same name (a new uid): the old object's
+    deletion event, delivered late, must not delete the device of the new one (a Ready volume lost)."""
+    api = client_mod.Client(kube.api_client())
+    node = f"ns-{uuid.uuid4().hex[:6]}"
+    dl = deadline_mod.Deadline.after(60)
+    name = f"v-pvc-{node}"
+    key = (res.Kind.VOLUME, name)
+    spec = res.VolumeSpec(node_name=node, pool="p", size_bytes=1 << 26)
+    api.create(res.ThinVolume(meta=res.Meta(name=name), spec=spec), deadline=dl)
+    agent = agent_mod.Agent(api=api, engine=engine, node=node, pool="p", overprovision_ratio=10.0)
+    try:
+        agent._seen_volume(api.get(res.ThinVolume, name, deadline=dl), False)
+        agent._reconcile_key(key)
+        api.delete(res.ThinVolume, name, deadline=dl)
+        old_deleting = api.get(res.ThinVolume, name, deadline=dl)
+        agent._seen_volume(old_deleting, False)
+        agent._reconcile_key(key)
+        assert api.find(res.ThinVolume, name, deadline=dl) is None and engine.get(name) is None
+
+        api.create(res.ThinVolume(meta=res.Meta(name=name), spec=spec), deadline=dl)
+        agent._seen_volume(api.get(res.ThinVolume, name, deadline=dl), False)
+        agent._reconcile_key(key)
+        new = api.get(res.ThinVolume, name, deadline=dl)
+        assert new.status.phase == res.Phase.READY and new.meta.uid != old_deleting.meta.uid
+        device = engine.get(name)
+        assert device is not None
+
+        agent._seen_volume(old_deleting, False)  # the old object's deletion, delivered late
+        agent._reconcile_key(key)
+        agent._reconcile_key(key)  # and the requeued reconcile, from whatever the agent then holds
+        assert engine.get(name) == device, "the new volume's device was deleted"
+        now = api.get(res.ThinVolume, name, deadline=dl)
+        assert now.meta.uid == new.meta.uid and now.status.phase == res.Phase.READY
+    finally:
+        got = api.find(res.ThinVolume, name, deadline=dl)
+        if got is not None:
+            api.set_finalizers(got, (), deadline=dl)
+        api.delete(res.ThinVolume, name, deadline=dl)
+        if engine.get(name) is not None:
+            engine.delete(name, deadline=dl)
