@@ -604,15 +604,38 @@ class Agent:
     def _adopt(
         self, vols: list[res.ThinVolume], snaps: list[res.ThinSnapshot], *, deadline: deadline_mod.Deadline
     ) -> list[str]:
-        """After a lost store: each orphan id a CR's status names gets that CR's record back."""
+        """After a lost store: each orphan id a CR's status names gets that CR's record back.
+
+        An id can be named by more than one object: a Lost object keeps the id it had, which a new
+        device may have got since, and an object being deleted keeps the id of a device already
+        deleted (a crash before its finalizer went). The id goes to the one live (neither Lost nor
+        being deleted) object naming it; to a Lost or deleting one only when nothing else names it;
+        to nobody when that is still ambiguous (it stays an orphan, reported): never one object's
+        data handed to another, never a live device deleted with another object."""
         if self._engine.store.adopted() is None:
             return []
         orphans = set(self._engine.orphans())
-        adopted: list[str] = []
-        for dev in itertools.chain(
-            (_volume_record(v) for v in vols if v.status.device_id in orphans),
-            (_snapshot_record(s) for s in snaps if s.status.device_id in orphans),
+        claims: dict[int, list[tuple[bool, model.Device]]] = {}
+        for deleting, phase, dev in itertools.chain(
+            ((v.meta.deleting, v.status.phase, _volume_record(v)) for v in vols),
+            ((s.meta.deleting, s.status.phase, _snapshot_record(s)) for s in snaps),
         ):
+            if dev.dev_id in orphans:
+                live = not deleting and phase != res.Phase.LOST
+                claims.setdefault(dev.dev_id, []).append((live, dev))
+        chosen: list[model.Device] = []
+        for dev_id, named in sorted(claims.items()):
+            best = [d for live, d in named if live] or [d for _, d in named]
+            if len(best) == 1:
+                chosen.append(best[0])
+            else:
+                log.error(
+                    "event=adopt-ambiguous dev_id=%d names=%s action=left-orphan",
+                    dev_id,
+                    [d.name for d in best],
+                )
+        adopted: list[str] = []
+        for dev in chosen:
             with _logged(f"adopt {dev.name} as device {dev.dev_id}"):
                 self._engine.adopt(dev, deadline=deadline)
                 adopted.append(dev.name)
