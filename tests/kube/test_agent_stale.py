@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_thin import app, config, demo
+from csi_thin import app, config, demo, errors
 from csi_thin import deadline as deadline_mod
 from csi_thin.kube import client as client_mod
 from csi_thin.kube import resources as res
@@ -117,3 +117,25 @@ def test_a_late_deletion_of_an_old_object_spares_the_new_one_of_that_name(
         api.delete(res.ThinVolume, name, deadline=dl)
         if engine.get(name) is not None:
             engine.delete(name, deadline=dl)
+
+
+def test_a_long_failure_message_still_settles_the_object(
+    kube: kubeenv.KubeEnv, engine: engine_mod.PoolEngine
+) -> None:
+    """The CRD bounds status messages (4096 characters): a longer error (a tool's stderr) must still
+    be written as the Failed verdict, not refused by the API server on every retry (the object then
+    stays Pending and CreateVolume times out forever)."""
+    api = client_mod.Client(kube.api_client())
+    node = f"ns-{uuid.uuid4().hex[:6]}"
+    dl = deadline_mod.Deadline.after(60)
+    name = f"v-pvc-{node}"
+    spec = res.VolumeSpec(node_name=node, pool="p", size_bytes=1 << 26)
+    made = api.create(res.ThinVolume(meta=res.Meta(name=name), spec=spec), deadline=dl)
+    agent = agent_mod.Agent(api=api, engine=engine, node=node, pool="p", overprovision_ratio=10.0)
+    try:
+        agent._failed(made, errors.Internal("dmsetup: " + "x" * 6000), deadline=dl)
+        got = api.get(res.ThinVolume, name, deadline=dl)
+        assert got.status.phase == res.Phase.FAILED and got.status.code == "INTERNAL"
+        assert got.status.message.startswith("dmsetup: x")
+    finally:
+        api.delete(res.ThinVolume, name, deadline=dl)
