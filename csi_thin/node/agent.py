@@ -138,6 +138,8 @@ class Agent:
         self._volumes: dict[str, res.ThinVolume] = {}
         self._snapshots: dict[str, res.ThinSnapshot] = {}
         self._retries: dict[Key, float] = {}
+        #: orphan ids that more than one object names (after a lost store): adopted by none
+        self._ambiguous: set[int] = set()
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -341,7 +343,7 @@ class Agent:
         if tv.meta.deleting:
             self._finalize(tv, deadline=dl)
             return
-        dev = self._engine.get(tv.name)
+        dev = self._engine.get(tv.name) or self._adopt_late(tv, _volume_record(tv), deadline=dl)
         if dev is None:
             if tv.status.device_id or tv.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(tv, "its device is not in the pool (never re-created empty)", deadline=dl)
@@ -454,7 +456,7 @@ class Agent:
         if ts.meta.deleting:
             self._finalize(ts, deadline=dl)
             return
-        dev = self._engine.get(ts.name)
+        dev = self._engine.get(ts.name) or self._adopt_late(ts, _snapshot_record(ts), deadline=dl)
         if dev is None:
             if ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(ts, "its device is not in the pool", deadline=dl)
@@ -629,6 +631,7 @@ class Agent:
             if len(best) == 1:
                 chosen.append(best[0])
             else:
+                self._ambiguous.add(dev_id)
                 log.error(
                     "event=adopt-ambiguous dev_id=%d names=%s action=left-orphan",
                     dev_id,
@@ -640,6 +643,31 @@ class Agent:
                 self._engine.adopt(dev, deadline=deadline)
                 adopted.append(dev.name)
         return adopted
+
+    def _adopt_late(
+        self, obj: res.ThinVolume | res.ThinSnapshot, record: model.Device, *, deadline: deadline_mod.Deadline
+    ) -> model.Device | None:
+        """The device of a live object whose status names an id the pool still holds as an orphan:
+        not Lost, only not adopted yet (the start-up adoption failed for a while: a deadline on a busy
+        pool). Adopted now; a transient failure retries. None when there is nothing to adopt (and an
+        id several objects name stays an orphan, as at start-up)."""
+        dev_id = obj.status.device_id
+        if not dev_id or obj.meta.deleting or obj.status.phase == res.Phase.LOST:
+            return None
+        if dev_id not in self._engine.orphans():
+            return None
+        if dev_id in self._ambiguous:
+            raise errors.FailedPrecondition(
+                f"device id {dev_id} is named by more than one object: left orphan"
+            )
+        try:
+            dev = self._engine.adopt(record, deadline=deadline)
+        except errors.FailedPrecondition as exc:  # the pool has no such device after all
+            log.warning("event=adopt-failed name=%s dev_id=%d error=%s", obj.name, dev_id, exc)
+            return None
+        log.info("event=adopted-late name=%s dev_id=%d", obj.name, dev_id)
+        self._dirty.set()
+        return dev
 
     # ---- ThinPool ------------------------------------------------------------------------------
 

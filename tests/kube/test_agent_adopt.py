@@ -10,7 +10,9 @@ import os
 import pathlib
 import uuid
 
-from csi_thin import app, config, demo
+import pytest
+
+from csi_thin import app, config, demo, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.kube import client as client_mod
 from csi_thin.kube import resources as res
@@ -73,5 +75,60 @@ def test_a_lost_objects_stale_device_id_is_not_adopted(kube: kubeenv.KubeEnv, tm
             if got is not None:
                 api.set_finalizers(got, (), deadline=dl)
             api.delete(res.ThinVolume, name, deadline=dl)
+        problems = demo.cleanup(tmp_path, path)
+        assert not problems, problems
+
+
+def test_a_device_not_adopted_in_time_is_not_lost(
+    kube: kubeenv.KubeEnv, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adoption at start-up can fail for a while (a deadline on a busy pool: each adoption lists the
+    pool's devices). The device is still in the pool, an orphan: its object must not be declared Lost
+    (the controller and the workload would give it up); it is adopted by a later reconcile."""
+    api = client_mod.Client(kube.api_client())
+    node = f"na-{uuid.uuid4().hex[:6]}"
+    dl = deadline_mod.Deadline.after(120)
+    name = f"v-pvc-{node}"
+    spec = res.VolumeSpec(node_name=node, pool="p", size_bytes=1 << 26)
+    path = _pool_yaml(tmp_path, "1GiB")
+    cfg = config.load_pool(str(path))
+    try:
+        with app.open_engine(cfg) as eng:
+            api.create(res.ThinVolume(meta=res.Meta(name=name), spec=spec), deadline=dl)
+            agent = agent_mod.Agent(api=api, engine=eng, node=node, pool="p", overprovision_ratio=10.0)
+            agent._seen_volume(api.get(res.ThinVolume, name, deadline=dl), False)
+            agent._reconcile_key((res.Kind.VOLUME, name))
+            dev_id = api.get(res.ThinVolume, name, deadline=dl).status.device_id
+        for f in ("data.mdb", "lock.mdb"):
+            os.unlink(tmp_path / "state" / f)
+
+        with app.open_engine(cfg) as eng:
+            real_adopt = eng.adopt
+            failing = [True]
+
+            def adopt(dev: model.Device, *, deadline: deadline_mod.Deadline) -> model.Device:
+                if failing[0]:
+                    raise errors.DeadlineExceeded("listing the pool's devices took too long")
+                return real_adopt(dev, deadline=deadline)
+
+            monkeypatch.setattr(eng, "adopt", adopt)
+            agent = agent_mod.Agent(api=api, engine=eng, node=node, pool="p", overprovision_ratio=10.0)
+            # start-up, step by step (no watch, no worker: nothing reconciles behind the test's back)
+            vols = agent._vol_follower.list_now(deadline=dl)
+            agent._listed_volumes(vols)
+            assert agent._adopt(vols, [], deadline=dl) == []  # the pool too busy
+            agent._reconcile_key((res.Kind.VOLUME, name))  # start-up reconcile, still busy
+            assert api.get(res.ThinVolume, name, deadline=dl).status.phase == res.Phase.READY
+            failing[0] = False
+            agent._reconcile_key((res.Kind.VOLUME, name))  # the retry
+            got = api.get(res.ThinVolume, name, deadline=dl)
+            assert got.status.phase == res.Phase.READY and got.status.device_id == dev_id
+            assert eng.get(name) is not None and eng.get(name).dev_id == dev_id  # type: ignore[union-attr]
+            eng.delete(name, deadline=dl)
+    finally:
+        got = api.find(res.ThinVolume, name, deadline=dl)
+        if got is not None:
+            api.set_finalizers(got, (), deadline=dl)
+        api.delete(res.ThinVolume, name, deadline=dl)
         problems = demo.cleanup(tmp_path, path)
         assert not problems, problems
