@@ -266,14 +266,20 @@ class Client:
         )
         return type(obj).from_dict(raw)
 
-    def delete(self, cls: type[R], name: str, *, deadline: deadline_mod.Deadline) -> None:
-        """Ask for deletion (finalizers may hold the object); absent is done."""
+    def delete(self, cls: type[R], name: str, *, deadline: deadline_mod.Deadline, uid: str = "") -> None:
+        """Ask for deletion (finalizers may hold the object); absent is done. With `uid`, only that
+        object: another one made under the same name meanwhile is left alone (Conflict)."""
+        kwargs: dict[str, Any] = {}
+        if uid:
+            kwargs["body"] = kubernetes.client.V1DeleteOptions(
+                preconditions=kubernetes.client.V1Preconditions(uid=uid)
+            )
         try:
             self._call(
                 f"delete {cls.kind.value} {name}",
                 deadline,
                 lambda t: self._custom.delete_cluster_custom_object(
-                    resources.GROUP, resources.VERSION, cls.kind.plural, name, _request_timeout=t
+                    resources.GROUP, resources.VERSION, cls.kind.plural, name, _request_timeout=t, **kwargs
                 ),
             )
         except errors.NotFound:

@@ -22,6 +22,7 @@ its node); `on(node)` is the view of one node (create_volume, status and list of
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -212,7 +213,10 @@ class CrEngine:
         if got is None or got.meta.deleting:
             raise errors.OperationPending(f"{obj.name!r} was deleted while it was being created; retry")
         if got.status.phase == res.Phase.FAILED:
-            self._api.delete(cls, got.name, deadline=deadline)
+            # this object only: a concurrent call for the name may already have deleted it and made
+            # a new one (perhaps Ready and handed out by now)
+            with contextlib.suppress(client_mod.Conflict):
+                self._api.delete(cls, got.name, deadline=deadline, uid=got.meta.uid)
             raise error_from_status(got.status.code, f"node {got.spec.node_name}: {got.status.message}")
         if got.status.phase == res.Phase.LOST:
             raise errors.FailedPrecondition(

@@ -76,6 +76,18 @@ def _int(raw: Mapping[str, Any], key: str, what: str, default: int = 0) -> int:
     return value
 
 
+#: the CRDs bound every status message to this many bytes (a longer one is refused with 422)
+MESSAGE_BYTES = 4096
+
+
+def bounded(message: str) -> str:
+    """A status message the API server accepts: longer ones are cut (at a character boundary)."""
+    raw = message.encode()
+    if len(raw) <= MESSAGE_BYTES:
+        return message
+    return raw[: MESSAGE_BYTES - 16].decode(errors="ignore") + " [... cut]"
+
+
 @dataclasses.dataclass(frozen=True)
 class Meta:
     name: str
@@ -114,7 +126,7 @@ class Condition:
             "type": self.type,
             "status": self.status,
             "reason": self.reason,
-            "message": self.message,
+            "message": bounded(self.message),
             "observedGeneration": self.observed_generation,
             "lastTransitionTime": self.last_transition_time,
         }
@@ -210,7 +222,7 @@ class VolumeStatus:
         return {
             "phase": self.phase.value,
             "code": self.code,
-            "message": self.message,
+            "message": bounded(self.message),
             "sizeBytes": self.size_bytes,
             "deviceId": self.device_id,
             "observedGeneration": self.observed_generation,
@@ -317,7 +329,7 @@ class SnapshotStatus:
             "deviceId": self.device_id,
             "creationTime": str(self.creation_time),
             "code": self.code,
-            "message": self.message,
+            "message": bounded(self.message),
             "observedGeneration": self.observed_generation,
         }
 

@@ -138,6 +138,8 @@ class Agent:
         self._volumes: dict[str, res.ThinVolume] = {}
         self._snapshots: dict[str, res.ThinSnapshot] = {}
         self._retries: dict[Key, float] = {}
+        #: orphan ids that more than one object names (after a lost store): adopted by none
+        self._ambiguous: set[int] = set()
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -341,14 +343,14 @@ class Agent:
         if tv.meta.deleting:
             self._finalize(tv, deadline=dl)
             return
-        dev = self._engine.get(tv.name)
+        dev = self._engine.get(tv.name) or self._adopt_late(tv, _volume_record(tv), deadline=dl)
         if dev is None:
             if tv.status.device_id or tv.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(tv, "its device is not in the pool (never re-created empty)", deadline=dl)
                 return
             if tv.status.phase == res.Phase.FAILED and tv.status.observed_generation >= tv.meta.generation:
                 return  # the controller reads the verdict and deletes the object
-            tv = self._with_finalizer(tv, deadline=dl)
+            tv = self._claim(tv, deadline=dl)
             try:
                 dev = self._create_volume(tv, deadline=dl)
             except (_WaitForSource, *TRANSIENT):
@@ -454,14 +456,14 @@ class Agent:
         if ts.meta.deleting:
             self._finalize(ts, deadline=dl)
             return
-        dev = self._engine.get(ts.name)
+        dev = self._engine.get(ts.name) or self._adopt_late(ts, _snapshot_record(ts), deadline=dl)
         if dev is None:
             if ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(ts, "its device is not in the pool", deadline=dl)
                 return
             if ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation:
                 return
-            ts = self._with_finalizer(ts, deadline=dl)
+            ts = self._claim(ts, deadline=dl)
             try:
                 self._require_source(ts.spec.source_volume, res.ThinVolume)
                 dev = self._engine.create_snapshot(ts.name, ts.spec.source_volume, deadline=dl)
@@ -498,10 +500,33 @@ class Agent:
         self._store(got)  # type: ignore[arg-type]
         return got
 
+    def _claim(self, obj: W, *, deadline: deadline_mod.Deadline) -> W:
+        """The object, with the finalizer, as the API server has it now: a device is made only for an
+        object that exists and is not being deleted. The cached copy can be older than what this agent
+        already did (the watch delivers, late, the events of its own writes; a deleted object's
+        finalizer-but-no-status version would otherwise make a device no object owns). Adding the
+        finalizer is a write guarded by the copy's resourceVersion, so its answer is fresh; with the
+        finalizer already there, the object is read again and a moved one reconciled afresh."""
+        if res.FINALIZER not in obj.meta.finalizers:
+            return self._with_finalizer(obj, deadline=deadline)
+        current = self._api.get(type(obj), obj.name, deadline=deadline)  # gone: NotFound, dropped
+        if current.meta.resource_version != obj.meta.resource_version:
+            self._store(current)
+            raise client_mod.Conflict(f"{obj.name}: the cached copy is stale; reconcile the current one")
+        return obj
+
     def _finalize(self, obj: W, *, deadline: deadline_mod.Deadline) -> None:
-        """Delete the device, then let the object go."""
+        """Delete the device, then let the object go. The device goes by name, so only when the
+        object being deleted is the one the API server has under that name now: a late event of an
+        older object of the name (deleted, then made afresh) must not delete the new one's device."""
         if res.FINALIZER not in obj.meta.finalizers:
             return
+        current = self._api.get(type(obj), obj.name, deadline=deadline)  # gone: NotFound, dropped
+        if current.meta.uid != obj.meta.uid:
+            self._store(current)
+            raise client_mod.Conflict(
+                f"{obj.name}: the object being deleted is gone; reconcile the current one"
+            )
         try:
             self._engine.delete(obj.name, deadline=deadline)
         except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged
@@ -581,19 +606,68 @@ class Agent:
     def _adopt(
         self, vols: list[res.ThinVolume], snaps: list[res.ThinSnapshot], *, deadline: deadline_mod.Deadline
     ) -> list[str]:
-        """After a lost store: each orphan id a CR's status names gets that CR's record back."""
+        """After a lost store: each orphan id a CR's status names gets that CR's record back.
+
+        An id can be named by more than one object: a Lost object keeps the id it had, which a new
+        device may have got since, and an object being deleted keeps the id of a device already
+        deleted (a crash before its finalizer went). The id goes to the one live (neither Lost nor
+        being deleted) object naming it; to a Lost or deleting one only when nothing else names it;
+        to nobody when that is still ambiguous (it stays an orphan, reported): never one object's
+        data handed to another, never a live device deleted with another object."""
         if self._engine.store.adopted() is None:
             return []
         orphans = set(self._engine.orphans())
-        adopted: list[str] = []
-        for dev in itertools.chain(
-            (_volume_record(v) for v in vols if v.status.device_id in orphans),
-            (_snapshot_record(s) for s in snaps if s.status.device_id in orphans),
+        claims: dict[int, list[tuple[bool, model.Device]]] = {}
+        for deleting, phase, dev in itertools.chain(
+            ((v.meta.deleting, v.status.phase, _volume_record(v)) for v in vols),
+            ((s.meta.deleting, s.status.phase, _snapshot_record(s)) for s in snaps),
         ):
+            if dev.dev_id in orphans:
+                live = not deleting and phase != res.Phase.LOST
+                claims.setdefault(dev.dev_id, []).append((live, dev))
+        chosen: list[model.Device] = []
+        for dev_id, named in sorted(claims.items()):
+            best = [d for live, d in named if live] or [d for _, d in named]
+            if len(best) == 1:
+                chosen.append(best[0])
+            else:
+                self._ambiguous.add(dev_id)
+                log.error(
+                    "event=adopt-ambiguous dev_id=%d names=%s action=left-orphan",
+                    dev_id,
+                    [d.name for d in best],
+                )
+        adopted: list[str] = []
+        for dev in chosen:
             with _logged(f"adopt {dev.name} as device {dev.dev_id}"):
                 self._engine.adopt(dev, deadline=deadline)
                 adopted.append(dev.name)
         return adopted
+
+    def _adopt_late(
+        self, obj: res.ThinVolume | res.ThinSnapshot, record: model.Device, *, deadline: deadline_mod.Deadline
+    ) -> model.Device | None:
+        """The device of a live object whose status names an id the pool still holds as an orphan:
+        not Lost, only not adopted yet (the start-up adoption failed for a while: a deadline on a busy
+        pool). Adopted now; a transient failure retries. None when there is nothing to adopt (and an
+        id several objects name stays an orphan, as at start-up)."""
+        dev_id = obj.status.device_id
+        if not dev_id or obj.meta.deleting or obj.status.phase == res.Phase.LOST:
+            return None
+        if dev_id not in self._engine.orphans():
+            return None
+        if dev_id in self._ambiguous:
+            raise errors.FailedPrecondition(
+                f"device id {dev_id} is named by more than one object: left orphan"
+            )
+        try:
+            dev = self._engine.adopt(record, deadline=deadline)
+        except errors.FailedPrecondition as exc:  # the pool has no such device after all
+            log.warning("event=adopt-failed name=%s dev_id=%d error=%s", obj.name, dev_id, exc)
+            return None
+        log.info("event=adopted-late name=%s dev_id=%d", obj.name, dev_id)
+        self._dirty.set()
+        return dev
 
     # ---- ThinPool ------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ whose token is bound to node-a cannot change node-b's objects, nor any spec)."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
@@ -118,3 +119,42 @@ def test_controller_writes_specs_but_no_status(env: kubeenv.KubeEnv) -> None:
     _denied(controller.create_cluster_custom_object, G, V, "thinpools", {**pool, "metadata": {"name": "x.p"}})
     controller.delete_cluster_custom_object(G, V, "thinvolumes", name)
     admin.delete_cluster_custom_object(G, V, "thinpools", f"{node}.p")
+
+
+def test_a_node_account_without_a_node_bound_token_is_refused(env: kubeenv.KubeEnv) -> None:
+    """The node's service account with a token that names no node (a legacy Secret token, a token not
+    bound to a pod, a cluster without the node-name claim) must not escape the policy: refused, not
+    let through to every node's objects."""
+    admin = _as(env)
+    tag = uuid.uuid4().hex[:8]
+    name = f"v-iso-{tag}-nn"
+    admin.create_cluster_custom_object(G, V, "thinvolumes", _volume(name, f"iso-b-{tag}"))
+    unbound = _as(env, NODE_SA)
+    body = _denied(
+        unbound.patch_cluster_custom_object_status, G, V, "thinvolumes", name, {"status": {"phase": "Lost"}}
+    )
+    assert "csi-thin-node-isolation" in body and "names no node" in body
+    _denied(
+        unbound.patch_cluster_custom_object, G, V, "thinvolumes", name, {"metadata": {"finalizers": ["x"]}}
+    )
+    assert "status" not in admin.get_cluster_custom_object(G, V, "thinvolumes", name)
+    admin.delete_cluster_custom_object(G, V, "thinvolumes", name)
+
+
+def test_a_node_cannot_take_another_nodes_pool_name(env: kubeenv.KubeEnv) -> None:
+    """A ThinPool's name is <node>.<pool>: a node creating the name of another node's pool (with
+    itself as nodeName) would keep that node's agent from ever writing its pool status."""
+    tag = uuid.uuid4().hex[:8]
+    a, b = f"iso-a-{tag}", f"iso-b-{tag}"
+    node_a = _as(env, NODE_SA, node=a)
+    squat = {
+        "apiVersion": f"{G}/{V}",
+        "kind": "ThinPool",
+        "metadata": {"name": f"{b}.p"},
+        "spec": {"nodeName": a, "pool": "p"},
+    }
+    try:
+        assert "name is" in _denied(node_a.create_cluster_custom_object, G, V, "thinpools", squat)
+    finally:
+        with contextlib.suppress(kubernetes.client.exceptions.ApiException):
+            _as(env).delete_cluster_custom_object(G, V, "thinpools", f"{b}.p")
