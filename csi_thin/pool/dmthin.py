@@ -230,7 +230,7 @@ class DmThinBackend:
         info = self._ctl.info(self.pool_name)
         if info is not None and info.live_table:
             self._check_live_pool(info)
-            self._resume_suspended_thins()
+            self._repair_leftover_thins()
             return
         if info is not None:
             # a create that crashed before its table went live: nothing references it
@@ -301,21 +301,35 @@ class DmThinBackend:
         if info.suspended:
             self._ctl.resume(self.pool_name)
 
-    def _resume_suspended_thins(self) -> None:
-        """Resume our thin devices left suspended. Only create_snap suspends one (an active origin) and
-        it resumes it on every path it survives; a crash in between leaves the origin suspended, so
-        every IO to a staged volume hangs until someone resumes it. The owner lock keeps any other
-        csi-thin process out, so a suspended device here is such a leftover. A pending inactive
-        table is dropped first: resume brings back what was live (an open grow intent redoes its
-        reload in recovery)."""
+    def _repair_leftover_thins(self) -> None:
+        """Undo what a step killed half-way left in the kernel. Every step that leaves such a state
+        undoes it on every path it survives; a crash (SIGKILL) in between leaves:
+        - a device with no live table (activate killed after create, or after load): never active,
+          so remove it; recovery then takes the active flag from the kernel;
+        - an inactive table beside the live one (grow killed between load and resume): drop it, an
+          open grow intent redoes its reload in recovery;
+        - a suspended device (create_snap of an active origin killed before its resume): every IO
+          to a staged volume hangs until someone resumes it.
+        The owner lock keeps any other csi-thin process out, so such a device here is a leftover."""
         for dev_id, name in sorted(self._our_thins().items()):
             info = self._ctl.info(name)
-            if info is None or not info.suspended or not info.live_table:
+            if info is None or not (info.suspended or info.inactive_table or not info.live_table):
                 continue
-            log.warning("pool=%s dev_id=%d event=resume-leftover reason=suspended", self._pool, dev_id)
+            log.warning(
+                "pool=%s dev_id=%d event=repair-leftover live=%s inactive=%s suspended=%s",
+                self._pool,
+                dev_id,
+                info.live_table,
+                info.inactive_table,
+                info.suspended,
+            )
+            if not info.live_table:
+                self._ctl.remove(name)
+                continue
             if info.inactive_table:
                 self._ctl.clear(name)
-            self._ctl.resume(name)
+            if info.suspended:
+                self._ctl.resume(name)
 
     def _our_thins(self) -> dict[int, str]:
         out: dict[int, str] = {}
@@ -561,8 +575,17 @@ class DmThinBackend:
             return  # dm-thin keeps no size: the next activation's table carries it
         target = self._thin_target(dev_id, size_bytes)
         self._ctl.load(name, [target])
-        # resume swaps the new table in (suspending the device for the swap itself)
-        self._ctl.resume(name)
+        try:
+            # resume swaps the new table in (suspending the device for the swap itself)
+            self._ctl.resume(name)
+        except BaseException:
+            # leave no inactive table behind: the next resume of the device (a snapshot of it, a
+            # repair) would swap it in unasked; the device keeps its live table and size
+            with contextlib.suppress(errors.CsiThinError):
+                info = self._ctl.info(name)
+                if info is not None and info.inactive_table:
+                    self._ctl.clear(name)
+            raise
 
     def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]:
         deadline.check("list devices")
