@@ -7,8 +7,9 @@ time), the pool's device ids, and the journal's open intents. The rules:
   so the mutation happened: roll forward. With the pool at base: the fence did not happen: undo
   whatever of its steps the pool shows (delete a created id), except a delete whose device is already
   gone, which can only go forward (fence it, then close it).
-- Resize intents roll forward (growing is idempotent); activation intents are closed and the
-  `active` flags are taken from the kernel.
+- Resize intents roll forward (growing is idempotent: the resize is redone on a device the pool
+  holds, active or not); activation intents are closed and the `active` flags are taken from the
+  kernel.
 - A READY record whose id the pool does not have is flagged LOST (never re-created empty). A pool id
   no record owns is an orphan: reserved (never reused) and reported, deleted only by gc_orphans.
   A read-only pool's ids cannot be read live (no metadata snapshot): that check waits for a writable
@@ -206,7 +207,8 @@ def _resolve_unfenced(
 ) -> str:
     if intent.op == "grow":
         in_pool = intent.dev_id in backend.device_ids(deadline=deadline)
-        if in_pool and intent.dev_id in backend.active_ids(deadline=deadline):
+        if in_pool:
+            # active or not: a reflink device keeps its size in its file (dm-thin: a no-op when inactive)
             backend.resize(intent.dev_id, intent.size_bytes, deadline=deadline)
         with store.write() as w:
             rec = w.get(intent.name)
