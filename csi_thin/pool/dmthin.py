@@ -28,6 +28,7 @@ from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import ioctl, loop, parse, thintools
+from csi_thin.pool import faults
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +324,7 @@ class DmThinBackend:
                 info.inactive_table,
                 info.suspended,
             )
+            faults.reach("dmthin:assemble/repair")
             if not info.live_table:
                 self._ctl.remove(name)
                 continue
@@ -462,7 +464,9 @@ class DmThinBackend:
         # message; it is resumed on every path, even past the deadline: a stuck origin is worse
         self._ctl.suspend(origin)
         try:
+            faults.reach("dmthin:create_snap/suspended")
             self._message(f"create_snap {dev_id} {origin_id}")
+            faults.reach("dmthin:create_snap/messaged")
         finally:
             self._ctl.resume(origin)
 
@@ -499,9 +503,12 @@ class DmThinBackend:
                 self._message("release_metadata_snap")
                 self._message("reserve_metadata_snap")
             try:
+                faults.reach("dmthin:device_ids/reserved")
                 # a status without noflush commits, writing the superblock that names the snapshot
                 self._ctl.status(self.pool_name)
-                return thintools.ls_mapped_bytes(metadata_dev, deadline=deadline, metadata_snap=True)
+                ids = thintools.ls_mapped_bytes(metadata_dev, deadline=deadline, metadata_snap=True)
+                faults.reach("dmthin:device_ids/read")
+                return ids
             finally:
                 self._message("release_metadata_snap")
 
@@ -551,7 +558,9 @@ class DmThinBackend:
         if created:
             self._ctl.create(name, uuid=self._thin_uuid(dev_id))
         try:
+            faults.reach("dmthin:activate/created")
             self._ctl.load(name, [target])
+            faults.reach("dmthin:activate/loaded")
             return self._ctl.resume(name).path
         except BaseException:
             # leave no table-less device behind: it would look active to a later info()
@@ -576,6 +585,7 @@ class DmThinBackend:
         target = self._thin_target(dev_id, size_bytes)
         self._ctl.load(name, [target])
         try:
+            faults.reach("dmthin:resize/loaded")
             # resume swaps the new table in (suspending the device for the swap itself)
             self._ctl.resume(name)
         except BaseException:
@@ -586,6 +596,14 @@ class DmThinBackend:
                 if info is not None and info.inactive_table:
                     self._ctl.clear(name)
             raise
+
+    def kernel_size(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int | None:
+        name = self._thin_name(dev_id)
+        deadline.check(f"table of {dev_id}")
+        info = self._ctl.info(name)
+        if info is None or not info.live_table:
+            return None  # dm-thin keeps no size for an inactive device
+        return sum(t.length for t in self._ctl.table(name)) * model.SECTOR
 
     def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]:
         deadline.check("list devices")
