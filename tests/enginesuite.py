@@ -5,17 +5,23 @@ suite: tests/unit/test_engine_fake.py (FakeBackend), tests/vm/test_engine_dmthin
 files in the VM), and later the reflink backend. A harness opens engines on ONE pool and one state
 dir, so a test can close an engine, "reboot", fork a child that opens its own, and reopen.
 
-Fault injection goes through the engine's single seam, `engine.step_hook`: the suite first records
-the boundaries each mutation passes, then (a) SIGKILLs a forked child at each one and (b) fails each
-one once in-process; after each, the pool and LMDB must agree (see `check_consistent`).
+Fault injection goes through the pool layer's single seam, `csi_thin.pool.faults.hook`, called at
+every point the registry there declares (engine steps, undos, recovery actions, and the states inside
+the backends' compound kernel steps). `test_fault_at_every_point` records the points each mutation
+passes, then SIGKILLs a forked child at each one and fails each one once in-process, faults every
+undo and every start-up recovery too, and fails unless every declared point was both killed and
+failed; after each fault the pool, LMDB and the kernel must agree (see `check_after_fault`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,6 +32,7 @@ from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
+from csi_thin.pool import faults
 from csi_thin.store import lmdb_store
 from tests import blockio, conftest
 
@@ -38,10 +45,9 @@ __all__ = [
     "test_create_is_idempotent_and_checks_compatibility",
     "test_create_volume_rounds_up_and_records",
     "test_delete_absent_active_and_lost",
-    "test_fail_every_step_once",
     "test_failed_undo_is_resolved_by_the_next_call",
+    "test_fault_at_every_point",
     "test_grow_while_active_and_refuse_shrink",
-    "test_kill_at_every_step_boundary",
     "test_kill_during_recovery_is_rerunnable",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
@@ -54,6 +60,8 @@ __all__ = [
 ]
 
 MiB = model.MiB
+FIFREEZE = 0xC0045877
+FITHAW = 0xC0045878
 
 
 def dl() -> deadline_mod.Deadline:
@@ -72,6 +80,7 @@ class Harness:
         self.state_dir = state_dir
         self.thresholds = thresholds or model.Thresholds()
         self._open: list[engine_mod.PoolEngine] = []
+        self.mounts: list[str] = []
 
     def make_backend(self) -> backend_mod.Backend:
         raise NotImplementedError
@@ -89,7 +98,11 @@ class Harness:
             backend=backend, store=store, thresholds=self.thresholds, block_size=self.block_size
         )
         if recover:
-            engine.recover(deadline=dl())
+            try:
+                engine.recover(deadline=dl())
+            except BaseException:
+                store.close()  # one LMDB environment per process: the next open makes its own
+                raise
         self._open.append(engine)
         return engine
 
@@ -107,6 +120,47 @@ class Harness:
     def shutdown(self) -> None:
         for engine in list(self._open):
             self.close(engine)
+        for mount_point in reversed(self.mounts):  # only what this harness mounted
+            subprocess.run(["umount", mount_point], check=False, capture_output=True)
+        self.mounts.clear()
+
+    # -- what the kernel holds, seen by the test itself (not through the backend under test) -----
+
+    def kernel_sizes(self, engine: engine_mod.PoolEngine) -> dict[int, int]:
+        """The size the kernel (or pool) gives each device id now, where it keeps one."""
+        raise NotImplementedError
+
+    def leftovers(self, engine: engine_mod.PoolEngine) -> list[str]:
+        """Kernel state a step must never leave behind (a suspended device, an inactive table, a
+        temp file...), described; [] when clean."""
+        raise NotImplementedError
+
+    def mount_new_fs(self, path: str) -> str:
+        """Make an ext4 filesystem on block device `path` and mount it under the state dir."""
+        mount_point = os.path.join(os.path.dirname(self.state_dir), f"mnt-{len(self.mounts)}")
+        os.makedirs(mount_point, exist_ok=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", path], check=True, capture_output=True)
+        subprocess.run(["mount", "-t", "ext4", path, mount_point], check=True, capture_output=True)
+        self.mounts.append(mount_point)
+        return mount_point
+
+    def frozen_mounts(self) -> list[str]:
+        """Mounts of this harness whose filesystem is frozen (FIFREEZE answers EBUSY)."""
+        out = []
+        for mount_point in self.mounts:
+            fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                try:
+                    fcntl.ioctl(fd, FIFREEZE, 0)
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise
+                    out.append(mount_point)
+                    continue
+                fcntl.ioctl(fd, FITHAW, 0)
+            finally:
+                os.close(fd)
+        return out
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -569,6 +623,87 @@ def test_transaction_id_drift_refuses_delete_and_gc_before_the_pool_is_touched(h
 
 # ---- fault injection ----------------------------------------------------------------------------
 
+#: Volumes every fault scenario keeps beside its own: written before any fault, read after each one.
+#: "base-active" is active with a mounted filesystem (the origin of the snapshot/clone-of-active
+#: scenarios: dm-thin suspends it, reflink freezes it); "keep" is an inactive volume.
+WITNESS_FILE = "witness.bin"
+WITNESS_BYTES = b"csi-thin witness " * 4096
+KEEP_BYTES = b"kept-data-" * 6000
+
+
+@dataclasses.dataclass
+class Witnesses:
+    harness: Harness
+    mount_point: str | None = None
+
+    def ensure(self, e: engine_mod.PoolEngine) -> None:
+        """Create the witnesses once per pool (cheap when they exist)."""
+        h = self.harness
+        keep = e.get("keep")
+        if keep is None:
+            e.create_volume("keep", 2 * MiB, deadline=dl())
+            if h.has_block_devices:
+                path = e.activate("keep", deadline=dl()).path
+                assert path is not None
+                blockio.write_at(path, 0, KEEP_BYTES)
+                e.deactivate("keep", deadline=dl())
+        active = e.get("base-active")
+        if active is None or not active.active:
+            active = e.activate(e.create_volume("base-active", 8 * MiB, deadline=dl()).name, deadline=dl())
+        if h.has_block_devices and self.mount_point is None:
+            assert active.path is not None
+            self.mount_point = h.mount_new_fs(active.path)
+            path = os.path.join(self.mount_point, WITNESS_FILE)
+            with open(path, "wb") as f:
+                f.write(WITNESS_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def check(self, e: engine_mod.PoolEngine, *, full: bool = False) -> None:
+        """The mounted witness still holds its bytes (read from the device, not the page cache);
+        with `full`, the inactive one too (activated for the read)."""
+        if not self.harness.has_block_devices:
+            return
+        assert self.mount_point is not None
+        fd = os.open(os.path.join(self.mount_point, WITNESS_FILE), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.pread(fd, len(WITNESS_BYTES) + 1, 0) == WITNESS_BYTES, "witness file changed"
+        finally:
+            os.close(fd)
+        if full:
+            path = e.activate("keep", deadline=dl()).path
+            assert path is not None
+            assert blockio.read_at(path, 0, len(KEEP_BYTES)) == KEEP_BYTES, "inactive volume changed"
+            e.deactivate("keep", deadline=dl())
+
+
+def check_after_fault(
+    harness: Harness,
+    e: engine_mod.PoolEngine,
+    witnesses: Witnesses,
+    *,
+    before: dict[str, int],
+    may_vanish: frozenset[str] = frozenset(),
+    allowed_orphans: frozenset[int] = frozenset(),
+    may_freeze: bool = False,
+) -> None:
+    """check_consistent, and: no kernel leftovers (suspended device, inactive table, frozen
+    filesystem, temp file), every record's size is the kernel's, the witnesses hold their bytes."""
+    check_consistent(e, before=before, may_vanish=may_vanish, allowed_orphans=allowed_orphans)
+    left = harness.leftovers(e)
+    assert not left, left
+    if may_freeze:  # after the suspend check: a suspended device would hang the freeze
+        assert harness.frozen_mounts() == []
+    sizes = harness.kernel_sizes(e)
+    wrong = {
+        d.name: (d.size_bytes, sizes[d.dev_id])
+        for d in e.list()
+        if sizes.get(d.dev_id, d.size_bytes) != d.size_bytes
+    }
+    assert not wrong, f"record size != kernel size: {wrong}"
+    witnesses.check(e)
+
 
 @dataclasses.dataclass(frozen=True)
 class Scenario:
@@ -579,6 +714,8 @@ class Scenario:
     run: Callable[[engine_mod.PoolEngine, str], object]
     may_vanish: Callable[[str], frozenset[str]] = lambda tag: frozenset()
     orphan: bool = False
+    #: suspends (dm-thin) or freezes (reflink) the mounted witness: check it is not left frozen
+    freezes: bool = False
 
 
 def _ensure_volume(e: engine_mod.PoolEngine, name: str, *, active: bool = False) -> None:
@@ -600,6 +737,11 @@ def _prep_orphan(e: engine_mod.PoolEngine, tag: str) -> None:
         e.recover(deadline=dl())
 
 
+def _prep_snapshot(e: engine_mod.PoolEngine, tag: str) -> None:
+    _prep_base(e, tag)
+    e.create_snapshot(f"ds-{tag}", "base", deadline=dl())
+
+
 SCENARIOS = [
     Scenario("create_volume", lambda e, t: None, lambda e, t: e.create_volume(f"v-{t}", MiB, deadline=dl())),
     Scenario(
@@ -609,13 +751,25 @@ SCENARIOS = [
     ),
     Scenario(
         "create_snapshot_of_active",
-        lambda e, t: _ensure_volume(e, "base-active", active=True),
+        lambda e, t: None,  # of the mounted witness "base-active"
         lambda e, t: e.create_snapshot(f"sa-{t}", "base-active", deadline=dl()),
+        freezes=True,
     ),
     Scenario(
         "restore_larger",
         _prep_base,
         lambda e, t: e.clone(f"r-{t}", "base-snap", 4 * MiB, deadline=dl()),
+    ),
+    Scenario(
+        "clone_of_volume",
+        _prep_base,
+        lambda e, t: e.clone(f"cv-{t}", "base", 2 * MiB, deadline=dl()),
+    ),
+    Scenario(
+        "clone_of_active",
+        lambda e, t: None,
+        lambda e, t: e.clone(f"ca-{t}", "base-active", 8 * MiB, deadline=dl()),
+        freezes=True,
     ),
     Scenario(
         "delete",
@@ -624,9 +778,20 @@ SCENARIOS = [
         may_vanish=lambda t: frozenset({f"d-{t}"}),
     ),
     Scenario(
+        "delete_snapshot",
+        _prep_snapshot,
+        lambda e, t: e.delete(f"ds-{t}", deadline=dl()),
+        may_vanish=lambda t: frozenset({f"ds-{t}"}),
+    ),
+    Scenario(
         "grow_active",
         lambda e, t: _ensure_volume(e, f"g-{t}", active=True),
         lambda e, t: e.grow(f"g-{t}", 4 * MiB, deadline=dl()),
+    ),
+    Scenario(
+        "grow_inactive",
+        lambda e, t: _ensure_volume(e, f"gi-{t}"),
+        lambda e, t: e.grow(f"gi-{t}", 4 * MiB, deadline=dl()),
     ),
     Scenario(
         "activate",
@@ -642,23 +807,98 @@ SCENARIOS = [
 ]
 
 
+#: what the fault runs keep between scenarios (everything else a run made is deleted after it)
+_KEPT = frozenset({"keep", "base-active", "base", "base-snap"})
+
+
 class InjectedFault(Exception):
     pass
 
 
 @contextlib.contextmanager
 def hooked(hook: Callable[[str], None] | None) -> Iterator[None]:
-    engine_mod.step_hook = hook
+    faults.hook = hook
     try:
         yield
     finally:
-        engine_mod.step_hook = None
+        faults.hook = None
 
 
-def record_points(harness: Harness) -> dict[str, list[str]]:
-    """Run every mutation once with a recording hook: the boundaries it passes, in order."""
+class Injector:
+    """A fault hook. Counts the points reached (`seen`); at the call indexes in `plan` it fails the
+    step (raises InjectedFault) or SIGKILLs the process (after writing the point to `pipe`); with
+    `fail_first`, it also fails the first point the predicate accepts, once."""
+
+    def __init__(
+        self,
+        plan: dict[int, str] | None = None,
+        *,
+        fail_first: Callable[[str], bool] | None = None,
+        kill_name: str | None = None,
+    ) -> None:
+        self.plan = plan or {}
+        self.fail_first = fail_first
+        self.kill_name = kill_name
+        self.pipe: int | None = None
+        self.seen: list[str] = []
+        self.failed: list[str] = []
+
+    def __call__(self, point: str) -> None:
+        i = len(self.seen)
+        self.seen.append(point)
+        action = self.plan.get(i)
+        if action is None and point == self.kill_name:
+            action = "kill"
+        if action is None and self.fail_first is not None and self.fail_first(point):
+            self.fail_first = None
+            action = "fail"
+        if action == "kill":
+            if self.pipe is not None:
+                os.write(self.pipe, point.encode() + b"\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action is not None:
+            self.failed.append(point)
+            raise InjectedFault(point)
+
+
+def in_child(
+    harness: Harness,
+    injector: Injector,
+    body: Callable[[engine_mod.PoolEngine], object],
+    *,
+    reopen: bool = False,
+) -> str | None:
+    """Fork a child that opens its own engine (`reopen`: assembling and recovering, as at start-up)
+    and runs `body` under `injector`; return the point it was SIGKILLed at, None if it ran out."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        code = 3
+        try:
+            os.close(r)
+            injector.pipe = w
+            faults.hook = injector
+            body(harness.open(assemble=reopen, recover=reopen))
+        except BaseException:
+            code = 2
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        said = f.read().strip()
+    if os.WIFSIGNALED(status):
+        assert os.WTERMSIG(status) == signal.SIGKILL and said, (status, said)
+        return said
+    assert os.WEXITSTATUS(status) in (2, 3), status
+    return None
+
+
+def record_points(harness: Harness, witnesses: Witnesses) -> dict[str, list[str]]:
+    """Run every mutation once with a recording hook: the points it passes, in order."""
     points: dict[str, list[str]] = {}
     e = harness.open()
+    witnesses.ensure(e)
     for sc in SCENARIOS:
         sc.prep(e, "rec")
         seen: list[str] = []
@@ -674,82 +914,216 @@ def _allowed_orphans(e: engine_mod.PoolEngine, sc: Scenario) -> frozenset[int]:
     return frozenset(e.orphans()) if sc.orphan else frozenset()
 
 
-def test_kill_at_every_step_boundary(harness: Harness) -> None:
-    points = record_points(harness)
-    total = 0
+@dataclasses.dataclass
+class _Coverage:
+    declared: frozenset[str]
+    killed: set[str] = dataclasses.field(default_factory=set)
+    failed: set[str] = dataclasses.field(default_factory=set)
+    kills: int = 0
+    fails: int = 0
+    #: points already faulted in an undo, and in a start-up recovery (each is faulted there once)
+    undo_killed: set[str] = dataclasses.field(default_factory=set)
+    undo_failed: set[str] = dataclasses.field(default_factory=set)
+    recovery_failed: set[str] = dataclasses.field(default_factory=set)
+    #: a point reached in recovery, not killed yet -> (scenario, the child plan whose recovery reached it)
+    to_kill_in_recovery: dict[str, tuple[Scenario, dict[int, str]]] = dataclasses.field(default_factory=dict)
+
+    def note_kill(self, point: str) -> None:
+        self.killed.add(point)
+        self.kills += 1
+
+    def note_fails(self, points: list[str]) -> None:
+        self.failed.update(points)
+        self.fails += len(points)
+
+
+class _FaultRun:
+    """The state of one fault-injection run over every scenario on one pool."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.h = harness
+        self.w = Witnesses(harness)
+        self.cov = _Coverage(faults.for_backend(harness.make_backend().kind))
+        self.e: engine_mod.PoolEngine | None = None
+        self.n = 0
+
+    def engine(self) -> engine_mod.PoolEngine:
+        if self.e is None:
+            self.e = self.h.open()
+        return self.e
+
+    def close(self) -> None:
+        if self.e is not None:
+            self.h.close(self.e)
+            self.e = None
+
+    def prep(self, sc: Scenario) -> tuple[str, dict[str, int], frozenset[int]]:
+        self.n += 1
+        tag = f"{sc.name[:3]}{self.n}"
+        e = self.engine()
+        self.w.ensure(e)
+        sc.prep(e, tag)
+        return tag, committed(e), _allowed_orphans(e, sc)
+
+    def check_and_retry(
+        self,
+        sc: Scenario,
+        tag: str,
+        before: dict[str, int],
+        orphans: frozenset[int],
+        *,
+        checked: bool = False,
+    ) -> None:
+        e = self.engine()
+        if not checked:
+            self.check(sc, tag, before, orphans)
+        sc.run(e, tag)  # whatever the fault left, the mutation can be retried to completion
+        # (the pool's ids are compared with the records by the next fault's check, and at the end)
+        assert e.intents() == [] and e.store.transaction_id() == e.backend.transaction_id(deadline=dl())
+        for d in e.list():  # loop devices are the whole machine's: hold few
+            if d.active and d.name not in _KEPT:
+                e.deactivate(d.name, deadline=dl())
+
+    def tidy(self) -> None:
+        """Delete what the runs made (every check reads the whole pool: keep it small)."""
+        e = self.engine()
+        for d in e.list():
+            if d.name not in _KEPT:
+                e.delete(d.name, deadline=dl())
+
+    def check(self, sc: Scenario, tag: str, before: dict[str, int], orphans: frozenset[int]) -> None:
+        vanish = sc.may_vanish(tag)
+        e = self.engine()
+        check_after_fault(
+            self.h,
+            e,
+            self.w,
+            before=before,
+            may_vanish=vanish,
+            allowed_orphans=orphans,
+            may_freeze=sc.freezes,
+        )
+
+    def recover(self, sc: Scenario, plan: dict[int, str] | None) -> None:
+        """Start-up after a crash (assemble + recovery), failing each of its points once per scenario
+        (then starting up again); remember the points it reached for a later kill there."""
+        assert self.e is None
+        while True:
+            inj = Injector(fail_first=lambda p: p not in self.cov.recovery_failed)
+            try:
+                with hooked(inj):
+                    self.e = self.h.open()
+            except InjectedFault:
+                pass
+            self.cov.note_fails(inj.failed)
+            self.cov.recovery_failed.update(inj.failed)
+            if plan is not None:
+                for p in inj.seen:
+                    if p not in self.cov.killed:
+                        self.cov.to_kill_in_recovery.setdefault(p, (sc, plan))
+            if self.e is not None:
+                return
+
+    def resolve_in_process(self, sc: Scenario) -> None:
+        """After an in-process failure: recovery resolves whatever an undo left open, failing each of
+        its points once per scenario on the way."""
+        e = self.engine()
+        while True:
+            inj = Injector(fail_first=lambda p: p not in self.cov.recovery_failed)
+            try:
+                with hooked(inj):
+                    e.recover(deadline=dl())
+            except InjectedFault:
+                pass
+            self.cov.note_fails(inj.failed)
+            self.cov.recovery_failed.update(inj.failed)
+            if not inj.failed:
+                return
+
+    def fail(self, sc: Scenario, plan: dict[int, str]) -> list[str]:
+        """Run the mutation in-process, failing at the plan's points; return the points reached
+        after the first fault (its undo)."""
+        tag, before, orphans = self.prep(sc)
+        inj = Injector(plan)
+        with hooked(inj), contextlib.suppress(InjectedFault, errors.CsiThinError):
+            sc.run(self.engine(), tag)
+        assert len(inj.failed) == len(plan), (sc.name, plan, inj.seen)
+        self.cov.note_fails(inj.failed)
+        after = inj.seen[min(plan) + 1 :]
+        if len(plan) == 1:  # a single fault: the undo ran in-process, consistent without recovery
+            self.check(sc, tag, before, orphans)
+        else:  # a failed undo left its intent open: recovery (or the next call) resolves it
+            self.resolve_in_process(sc)
+        self.check_and_retry(sc, tag, before, orphans, checked=len(plan) == 1)
+        return after
+
+    def kill(self, sc: Scenario, plan: dict[int, str], expect: str | None = None) -> str:
+        """Run the mutation in a child killed by the plan; start up again (recovery) and check."""
+        tag, before, orphans = self.prep(sc)
+        self.close()
+        inj = Injector(plan)
+        killed = in_child(self.h, inj, lambda child: sc.run(child, tag))
+        assert killed is not None and killed == (expect or killed), (sc.name, plan, killed, expect)
+        self.cov.note_kill(killed)
+        self.recover(sc, plan)
+        self.check_and_retry(sc, tag, before, orphans)
+        return killed
+
+    def kill_in_recovery(self, point: str) -> None:
+        """Crash the plan's mutation again, then kill the start-up after it at `point`."""
+        sc, plan = self.cov.to_kill_in_recovery[point]
+        tag, before, orphans = self.prep(sc)
+        self.close()
+        assert in_child(self.h, Injector(plan), lambda child: sc.run(child, tag)) is not None
+        killed = in_child(self.h, Injector(kill_name=point), lambda child: None, reopen=True)
+        assert killed == point, (sc.name, plan, point, killed)
+        self.cov.note_kill(killed)
+        self.recover(sc, None)
+        self.check_and_retry(sc, tag, before, orphans)
+
+
+@pytest.mark.timeout(1800)  # some 250 faults; minutes under software emulation on a loaded machine
+def test_fault_at_every_point(harness: Harness) -> None:
+    """Every point declared in csi_thin.pool.faults for this backend is SIGKILLed at least once and
+    failed (one step raising) at least once: on the main path of every mutation (each point of it,
+    each way), during every undo (a failure first, then the kill or a failing undo), and during the
+    start-up recovery after a crash. After each: the pool and LMDB agree, the kernel holds no
+    leftover, records carry the kernel's sizes, the witness volumes hold their bytes, and the
+    mutation can be retried."""
+    run = _FaultRun(harness)
+    points = record_points(harness, run.w)
+    cov = run.cov
     for sc in SCENARIOS:
         for k, point in enumerate(points[sc.name]):
-            tag = f"k{k}"
-            e = harness.open()
-            sc.prep(e, tag)
-            before = committed(e)
-            orphans = _allowed_orphans(e, sc)
-            harness.close(e)
-            pid = os.fork()
-            if pid == 0:  # the child: its own engine and LMDB env; never returns into pytest
-                code = 3
-                try:
-                    child = harness.open(assemble=False, recover=False)
-                    calls = iter(range(10_000))
-
-                    def kill_at(p: str, k: int = k, calls: Iterator[int] = calls) -> None:
-                        if next(calls) == k:
-                            os.kill(os.getpid(), signal.SIGKILL)
-
-                    engine_mod.step_hook = kill_at
-                    sc.run(child, tag)
-                except BaseException:
-                    code = 2
-                finally:
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-                sc.name,
-                point,
-                status,
-            )
-            e = harness.open()  # recovers
-            check_consistent(e, before=before, may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
-            # whatever the crash left, the mutation can be retried to completion
-            sc.run(e, tag)
-            check_consistent(e, before=committed(e), may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
-            harness.close(e)
-            total += 1
-    conftest.report(
-        f"{harness.label}: fault injection (SIGKILL): {total} step boundaries, "
-        f"{len(SCENARIOS)} mutations: consistent"
+            undo = run.fail(sc, {k: "fail"})
+            for j, u in enumerate(undo):
+                if u not in cov.undo_failed:
+                    cov.undo_failed.add(u)
+                    run.fail(sc, {k: "fail", k + 1 + j: "fail"})
+            run.close()
+            run.kill(sc, {k: "kill"}, expect=point)
+            for j, u in enumerate(undo):
+                if u not in cov.undo_killed:
+                    cov.undo_killed.add(u)
+                    run.kill(sc, {k: "fail", k + 1 + j: "kill"}, expect=u)
+            run.close()
+        run.w.check(run.engine(), full=True)
+        run.tidy()
+    for point in sorted(cov.to_kill_in_recovery):
+        if point not in cov.killed:
+            run.kill_in_recovery(point)
+    e = run.engine()
+    check_consistent(e, before=committed(e), allowed_orphans=frozenset(e.orphans()))
+    run.close()
+    label = f"{harness.label}: fault injection: {len(cov.declared)} declared points"
+    assert cov.declared - cov.killed == set(), (
+        f"{label}: never SIGKILLed: {sorted(cov.declared - cov.killed)}"
     )
-    assert total >= 2 * len(SCENARIOS)
-
-
-def test_fail_every_step_once(harness: Harness) -> None:
-    points = record_points(harness)
-    total = 0
-    e = harness.open()
-    for sc in SCENARIOS:
-        for k in range(len(points[sc.name])):
-            tag = f"f{k}"
-            sc.prep(e, tag)
-            before = committed(e)
-            orphans = _allowed_orphans(e, sc)
-            calls = iter(range(10_000))
-
-            def fail_at(p: str, k: int = k, calls: Iterator[int] = calls) -> None:
-                if next(calls) == k:
-                    raise InjectedFault(p)
-
-            with hooked(fail_at), contextlib.suppress(InjectedFault, errors.CsiThinError):
-                sc.run(e, tag)
-            # undo ran in-process: consistent without any recovery
-            check_consistent(e, before=before, may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
-            e.recover(deadline=dl())
-            check_consistent(e, before=before, may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
-            sc.run(e, tag)  # and the mutation can be retried
-            check_consistent(e, before=committed(e), may_vanish=sc.may_vanish(tag), allowed_orphans=orphans)
-            total += 1
+    assert cov.declared - cov.failed == set(), f"{label}: never failed: {sorted(cov.declared - cov.failed)}"
+    assert cov.killed | cov.failed <= cov.declared
     conftest.report(
-        f"{harness.label}: fault injection (fail once): {total} step boundaries, "
-        f"{len(SCENARIOS)} mutations: consistent"
+        f"{label}, every one SIGKILLed and failed once: {cov.kills} kills, {cov.fails} failed steps, "
+        f"{len(SCENARIOS)} mutations: consistent, no kernel leftovers, witnesses intact"
     )
 
 
@@ -766,7 +1140,7 @@ def test_failed_undo_is_resolved_by_the_next_call(harness: Harness) -> None:
     and the next call on the name (or any fenced call) resolves it from the pool's evidence."""
     e = harness.open()
     with (
-        hooked(_fail_at("create_volume/fence:done", "create_volume/undo:fence")),
+        hooked(_fail_at("create_volume/fence:done", "create_volume/undo:fence:done")),
         pytest.raises(InjectedFault) as exc,
     ):
         e.create_volume("x", MiB, deadline=dl())
@@ -783,7 +1157,7 @@ def test_failed_undo_is_resolved_by_the_next_call(harness: Harness) -> None:
 
     # a stale fenced intent on one name is resolved by a fenced call on another
     with (
-        hooked(_fail_at("create_volume/fence:done", "create_volume/undo:fence")),
+        hooked(_fail_at("create_volume/fence:done", "create_volume/undo:fence:done")),
         pytest.raises(InjectedFault),
     ):
         e.create_volume("x2", MiB, deadline=dl())
@@ -832,7 +1206,7 @@ def test_kill_during_recovery_is_rerunnable(harness: Harness) -> None:
                             if p == point:
                                 os.kill(os.getpid(), signal.SIGKILL)
 
-                        engine_mod.step_hook = kill_at
+                        faults.hook = kill_at
                         if phase == "run":
                             child.create_volume(name, MiB, deadline=dl())
                         else:

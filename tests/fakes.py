@@ -203,6 +203,14 @@ class FakeBackend:
         with self._lock:
             return {int(k) for k in self._pool("active_ids")["active"]}
 
+    def kernel_size(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int | None:
+        with self._lock:
+            state = self._pool("kernel_size")
+            if str(dev_id) not in state["devices"]:
+                raise errors.NotFound(f"thin id {dev_id} does not exist")
+            size = state["active"].get(str(dev_id))
+            return None if size is None else int(size)
+
     def active_size(self, dev_id: int) -> int | None:
         with self._lock:
             size = self._load()["active"].get(str(dev_id))

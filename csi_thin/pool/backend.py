@@ -82,6 +82,11 @@ class Backend(Protocol):
 
     def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]: ...
 
+    def kernel_size(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int | None:
+        """The size the kernel gives the device now, where it keeps one (dm-thin: the live table of an
+        active device, None when inactive; reflink: the device file's length); NotFound if absent."""
+        ...
+
     def device_path(self, dev_id: int) -> str:
         """Where the block device of `dev_id` appears while active."""
         ...

@@ -28,6 +28,7 @@ from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import holders, ioctl, loop, parse, thintools
+from csi_thin.pool import faults
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class DmThinBackend:
         info = self._ctl.info(self.pool_name)
         if info is not None and info.live_table:
             self._check_live_pool(info, deadline=deadline)
-            self._resume_suspended_thins()
+            self._repair_leftover_thins()
             return
         if info is not None:
             # a create that crashed before its table went live: nothing references it
@@ -303,21 +304,36 @@ class DmThinBackend:
         if info.suspended:
             self._ctl.resume(self.pool_name)
 
-    def _resume_suspended_thins(self) -> None:
-        """Resume our thin devices left suspended. Only create_snap suspends one (an active origin) and
-        it resumes it on every path it survives; a crash in between leaves the origin suspended, so
-        every IO to a staged volume hangs until someone resumes it. The owner lock keeps any other
-        csi-thin process out, so a suspended device here is such a leftover. A pending inactive
-        table is dropped first: resume brings back what was live (an open grow intent redoes its
-        reload in recovery)."""
+    def _repair_leftover_thins(self) -> None:
+        """Undo what a step killed half-way left in the kernel. Every step that leaves such a state
+        undoes it on every path it survives; a crash (SIGKILL) in between leaves:
+        - a device with no live table (activate killed after create, or after load): never active,
+          so remove it; recovery then takes the active flag from the kernel;
+        - an inactive table beside the live one (grow killed between load and resume): drop it, an
+          open grow intent redoes its reload in recovery;
+        - a suspended device (create_snap of an active origin killed before its resume): every IO
+          to a staged volume hangs until someone resumes it.
+        The owner lock keeps any other csi-thin process out, so such a device here is a leftover."""
         for dev_id, name in sorted(self._our_thins().items()):
             info = self._ctl.info(name)
-            if info is None or not info.suspended or not info.live_table:
+            if info is None or not (info.suspended or info.inactive_table or not info.live_table):
                 continue
-            log.warning("pool=%s dev_id=%d event=resume-leftover reason=suspended", self._pool, dev_id)
+            log.warning(
+                "pool=%s dev_id=%d event=repair-leftover live=%s inactive=%s suspended=%s",
+                self._pool,
+                dev_id,
+                info.live_table,
+                info.inactive_table,
+                info.suspended,
+            )
+            faults.reach("dmthin:assemble/repair")
+            if not info.live_table:
+                self._ctl.remove(name)
+                continue
             if info.inactive_table:
                 self._ctl.clear(name)
-            self._ctl.resume(name)
+            if info.suspended:
+                self._ctl.resume(name)
 
     def _our_thins(self) -> dict[int, str]:
         out: dict[int, str] = {}
@@ -469,7 +485,9 @@ class DmThinBackend:
         # message; it is resumed on every path, even past the deadline: a stuck origin is worse
         self._ctl.suspend(origin)
         try:
+            faults.reach("dmthin:create_snap/suspended")
             self._message(f"create_snap {dev_id} {origin_id}")
+            faults.reach("dmthin:create_snap/messaged")
         finally:
             self._ctl.resume(origin)
 
@@ -506,9 +524,12 @@ class DmThinBackend:
                 self._message("release_metadata_snap")
                 self._message("reserve_metadata_snap")
             try:
+                faults.reach("dmthin:device_ids/reserved")
                 # a status without noflush commits, writing the superblock that names the snapshot
                 self._ctl.status(self.pool_name)
-                return thintools.ls_mapped_bytes(metadata_dev, deadline=deadline, metadata_snap=True)
+                ids = thintools.ls_mapped_bytes(metadata_dev, deadline=deadline, metadata_snap=True)
+                faults.reach("dmthin:device_ids/read")
+                return ids
             finally:
                 self._message("release_metadata_snap")
 
@@ -558,7 +579,9 @@ class DmThinBackend:
         if created:
             self._ctl.create(name, uuid=self._thin_uuid(dev_id))
         try:
+            faults.reach("dmthin:activate/created")
             self._ctl.load(name, [target])
+            faults.reach("dmthin:activate/loaded")
             return self._ctl.resume(name).path
         except BaseException:
             # leave no table-less device behind: it would look active to a later info()
@@ -593,8 +616,26 @@ class DmThinBackend:
             return  # dm-thin keeps no size: the next activation's table carries it
         target = self._thin_target(dev_id, size_bytes)
         self._ctl.load(name, [target])
-        # resume swaps the new table in (suspending the device for the swap itself)
-        self._ctl.resume(name)
+        try:
+            faults.reach("dmthin:resize/loaded")
+            # resume swaps the new table in (suspending the device for the swap itself)
+            self._ctl.resume(name)
+        except BaseException:
+            # leave no inactive table behind: the next resume of the device (a snapshot of it, a
+            # repair) would swap it in unasked; the device keeps its live table and size
+            with contextlib.suppress(errors.CsiThinError):
+                info = self._ctl.info(name)
+                if info is not None and info.inactive_table:
+                    self._ctl.clear(name)
+            raise
+
+    def kernel_size(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int | None:
+        name = self._thin_name(dev_id)
+        deadline.check(f"table of {dev_id}")
+        info = self._ctl.info(name)
+        if info is None or not info.live_table:
+            return None  # dm-thin keeps no size for an inactive device
+        return sum(t.length for t in self._ctl.table(name)) * model.SECTOR
 
     def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]:
         deadline.check("list devices")

@@ -15,8 +15,9 @@ Concurrency: per-name claims are non-blocking (a second caller gets OperationPen
 edge). Fenced mutations of different names also serialize on one pool lock, because the pool's
 transaction id is a single compare-and-swap counter; that lock blocks, within the caller's deadline.
 
-Fault injection: every step boundary calls `self._step_boundary(point)`, which calls the module-level
-`step_hook` when a test set one (to record the points, fail a step once, or SIGKILL the process).
+Fault injection: every step boundary, before and after each step and each undo, is a point declared in
+csi_thin.pool.faults and reached through `faults.reach` (a test hook records the points, fails a step
+once, or SIGKILLs the process there).
 """
 
 from __future__ import annotations
@@ -33,15 +34,12 @@ from typing import Any, TypeVar
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
-from csi_thin.pool import modes, recovery
+from csi_thin.pool import faults, modes, recovery
 from csi_thin.store import lmdb_store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Test seam: called with the name of every step boundary ("create_volume/create_thin:done", ...).
-step_hook: Callable[[str], None] | None = None
 
 #: Undo gets at least this long even when the caller's deadline has passed: leaving a half-done
 #: mutation behind costs more than overrunning a deadline by a bounded amount.
@@ -78,9 +76,9 @@ class _Transition:
         # Recorded before it runs: a step that raised may still have happened (a timeout after the
         # kernel acted), so every undo checks the pool instead of assuming.
         self.done.append(_Done(name, undo))
-        self.engine._step_boundary(f"{self.op}/{name}")
+        faults.reach(f"{self.op}/{name}")
         value = do()
-        self.engine._step_boundary(f"{self.op}/{name}:done")
+        faults.reach(f"{self.op}/{name}:done")
         return value
 
 
@@ -123,11 +121,6 @@ class PoolEngine:
 
     # ---- seams and locks -------------------------------------------------------------------------
 
-    def _step_boundary(self, point: str) -> None:
-        hook = step_hook
-        if hook is not None:
-            hook(point)
-
     @contextlib.contextmanager
     def _claim(self, *names: str) -> Iterator[None]:
         """Per-name claim, non-blocking: a second caller on any of the names gets OperationPending."""
@@ -169,9 +162,7 @@ class PoolEngine:
             self._pool_lock.release()
 
     def _resolve(self, intent: lmdb_store.Intent, deadline: deadline_mod.Deadline) -> None:
-        result = recovery.resolve_intent(
-            self.backend, self.store, intent, deadline=deadline, boundary=self._step_boundary
-        )
+        result = recovery.resolve_intent(self.backend, self.store, intent, deadline=deadline)
         log.info("event=resolved op=%s name=%s result=%s", intent.op, intent.name, result)
 
     def _resolve_stale(self, name: str, deadline: deadline_mod.Deadline) -> None:
@@ -202,7 +193,7 @@ class PoolEngine:
             intent = begin(w)
         tx = _Transition(self, op, intent)
         try:
-            self._step_boundary(f"{op}/journaled")
+            faults.reach(f"{op}/journaled")
             yield tx
         except Exception as exc:
             undo_deadline = _grace(deadline)
@@ -211,7 +202,7 @@ class PoolEngine:
             raise
         with self.store.write() as w:
             commit(w, tx)
-        self._step_boundary(f"{op}/committed")
+        faults.reach(f"{op}/committed")
         log.info("event=committed op=%s name=%s dev_id=%d", op, intent.name, intent.dev_id)
 
     def _unwind(
@@ -225,8 +216,9 @@ class PoolEngine:
         log.warning("event=undo op=%s name=%s error=%r", tx.op, tx.intent.name, exc)
         try:
             for done in reversed(tx.done):
+                faults.reach(f"{tx.op}/undo:{done.name}")
                 done.undo()
-                self._step_boundary(f"{tx.op}/undo:{done.name}")
+                faults.reach(f"{tx.op}/undo:{done.name}:done")
         except _RollForward:
             try:
                 self._resolve(tx.intent, deadline)
@@ -242,7 +234,7 @@ class PoolEngine:
             return False
         with self.store.write() as w:
             abort(w, tx)
-        self._step_boundary(f"{tx.op}/aborted")
+        faults.reach(f"{tx.op}/aborted")
         return False
 
     # ---- checks ------------------------------------------------------------------------------------
@@ -292,9 +284,7 @@ class PoolEngine:
     def recover(self, *, deadline: deadline_mod.Deadline) -> RecoveryReport:
         """Finish or undo every open intent and reconcile the store with the pool (at start-up)."""
         with self._pool_lock:
-            report = recovery.recover(
-                self.backend, self.store, deadline=deadline, boundary=self._step_boundary
-            )
+            report = recovery.recover(self.backend, self.store, deadline=deadline)
             self.last_recovery = report
         log.info(
             "event=recovered txid=%d forward=%s back=%s lost=%s orphans=%s",
@@ -600,12 +590,21 @@ class PoolEngine:
             if size == dev.size_bytes:
                 return dev
             self._require_mode(modes.Op.GROW, deadline)
+
+            def undo() -> None:
+                # Growing cannot be undone. A device the kernel did grow (the step, or its failure,
+                # came after the reload) is finished instead: the record takes the new size, so it
+                # never says less than the kernel; one that did not grow keeps the old size.
+                now = self.backend.kernel_size(dev.dev_id, deadline=_grace(deadline))
+                if now is not None and now > dev.size_bytes:
+                    raise _RollForward
+
             self._unfenced(
                 "grow",
                 dev,
                 size=size,
                 do=lambda: self.backend.resize(dev.dev_id, size, deadline=deadline),
-                undo=lambda: None,  # growing cannot be undone; the record keeps the old size
+                undo=undo,
                 result=lambda d, _: dataclasses.replace(d, size_bytes=size),
                 deadline=deadline,
             )

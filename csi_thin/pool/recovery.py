@@ -7,8 +7,9 @@ time), the pool's device ids, and the journal's open intents. The rules:
   so the mutation happened: roll forward. With the pool at base: the fence did not happen: undo
   whatever of its steps the pool shows (delete a created id), except a delete whose device is already
   gone, which can only go forward (fence it, then close it).
-- Resize intents roll forward (growing is idempotent); activation intents are closed and the
-  `active` flags are taken from the kernel.
+- Resize intents roll forward (growing is idempotent: the resize is redone on a device the pool
+  holds, active or not); activation intents are closed and the `active` flags are taken from the
+  kernel.
 - A READY record whose id the pool does not have is flagged LOST (never re-created empty). A pool id
   no record owns is an orphan: reserved (never reused) and reported, deleted only by gc_orphans.
   A read-only pool's ids cannot be read live (no metadata snapshot): that check waits for a writable
@@ -24,11 +25,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
+from csi_thin.pool import faults
 from csi_thin.store import lmdb_store
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ log = logging.getLogger(__name__)
 CREATE_OPS = frozenset({"create_volume", "create_snapshot", "clone"})
 #: ops whose kernel step deletes a device (gc: an orphan, without a record)
 DELETE_OPS = frozenset({"delete", "gc"})
-
-Boundary = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,21 +71,16 @@ def _mismatch(pool_txid: int, store_txid: int, what: str) -> TransactionMismatch
     )
 
 
-def _noop(point: str) -> None:
-    del point
-
-
 def resolve_intent(
     backend: backend_mod.Backend,
     store: lmdb_store.LmdbStore,
     intent: lmdb_store.Intent,
     *,
     deadline: deadline_mod.Deadline,
-    boundary: Boundary = _noop,
 ) -> str:
     """Finish or undo one open intent; return "forward" or "back". Idempotent."""
     if intent.fenced:
-        return _resolve_fenced(backend, store, intent, deadline=deadline, boundary=boundary)
+        return _resolve_fenced(backend, store, intent, deadline=deadline)
     return _resolve_unfenced(backend, store, intent, deadline=deadline)
 
 
@@ -96,7 +90,6 @@ def _resolve_fenced(
     intent: lmdb_store.Intent,
     *,
     deadline: deadline_mod.Deadline,
-    boundary: Boundary,
 ) -> str:
     assert intent.base_txid is not None
     base = intent.base_txid
@@ -117,13 +110,9 @@ def _resolve_fenced(
     )
 
     if intent.op in CREATE_OPS:
-        return _resolve_create(
-            backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline, boundary=boundary
-        )
+        return _resolve_create(backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline)
     if intent.op in DELETE_OPS:
-        return _resolve_delete(
-            backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline, boundary=boundary
-        )
+        return _resolve_delete(backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline)
     raise errors.Internal(f"journal: unknown fenced op {intent.op!r}")
 
 
@@ -135,7 +124,6 @@ def _resolve_create(
     fenced: bool,
     in_pool: bool,
     deadline: deadline_mod.Deadline,
-    boundary: Boundary,
 ) -> str:
     assert intent.base_txid is not None
     if fenced:
@@ -148,10 +136,10 @@ def _resolve_create(
             w.set_transaction_id(intent.base_txid + 1)
         return "forward"
     if in_pool:
-        boundary(f"recover/{intent.op}/delete")
+        faults.reach(f"recover/{intent.op}/delete")
         with contextlib.suppress(errors.NotFound):
             backend.delete(intent.dev_id, deadline=deadline)
-        boundary(f"recover/{intent.op}/delete:done")
+        faults.reach(f"recover/{intent.op}/delete:done")
     with store.write() as w:
         _drop(w, intent)
         w.close_intent(intent)
@@ -175,7 +163,6 @@ def _resolve_delete(
     fenced: bool,
     in_pool: bool,
     deadline: deadline_mod.Deadline,
-    boundary: Boundary,
 ) -> str:
     assert intent.base_txid is not None
     base = intent.base_txid
@@ -187,9 +174,9 @@ def _resolve_delete(
             w.close_intent(intent)
         return "back"
     if not fenced:  # deleted but not fenced: a delete cannot be undone, finish it
-        boundary(f"recover/{intent.op}/fence")
+        faults.reach(f"recover/{intent.op}/fence")
         backend.set_transaction_id(base, base + 1, deadline=deadline)
-        boundary(f"recover/{intent.op}/fence:done")
+        faults.reach(f"recover/{intent.op}/fence:done")
     with store.write() as w:
         _drop(w, intent)
         w.close_intent(intent)
@@ -206,8 +193,11 @@ def _resolve_unfenced(
 ) -> str:
     if intent.op == "grow":
         in_pool = intent.dev_id in backend.device_ids(deadline=deadline)
-        if in_pool and intent.dev_id in backend.active_ids(deadline=deadline):
+        if in_pool:
+            # active or not: a reflink device keeps its size in its file (dm-thin: a no-op when inactive)
+            faults.reach("recover/grow/resize")
             backend.resize(intent.dev_id, intent.size_bytes, deadline=deadline)
+            faults.reach("recover/grow/resize:done")
         with store.write() as w:
             rec = w.get(intent.name)
             if in_pool and rec is not None and rec.dev_id == intent.dev_id:
@@ -231,7 +221,6 @@ def recover(
     store: lmdb_store.LmdbStore,
     *,
     deadline: deadline_mod.Deadline,
-    boundary: Boundary = _noop,
 ) -> RecoveryReport:
     """Resolve every open intent, then reconcile records, ids and active flags with the pool."""
     forward: list[str] = []
@@ -255,7 +244,7 @@ def recover(
             + ", ".join(f"{i.op} {i.name!r}" for i in fenced)
         )
     for intent in intents:
-        result = resolve_intent(backend, store, intent, deadline=deadline, boundary=boundary)
+        result = resolve_intent(backend, store, intent, deadline=deadline)
         (forward if result == "forward" else back).append(f"{intent.op} {intent.name}")
 
     pool_txid = backend.transaction_id(deadline=deadline)

@@ -39,6 +39,7 @@ from csi_thin import config, errors, model, runner
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import holders, loop
+from csi_thin.pool import faults
 
 log = logging.getLogger(__name__)
 
@@ -431,6 +432,7 @@ class ReflinkBackend:
             except OSError:
                 continue  # not reachable from here: not ours to repair
             try:
+                faults.reach("reflink:assemble/repair")
                 fcntl.ioctl(fd, FITHAW, 0)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
@@ -793,15 +795,18 @@ class ReflinkBackend:
 
     def _publish(self, tmp: str, dev_id: int) -> None:
         """fsync `tmp`, link it to the device's final name (never replacing one), fsync the dir."""
+        faults.reach("reflink:publish/written")
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        faults.reach("reflink:publish/synced")
         try:
             os.link(tmp, self._path(dev_id))
         except FileExistsError as exc:
             raise errors.AlreadyExists(f"pool {self._name} already has device {dev_id}") from exc
+        faults.reach("reflink:publish/linked")
         os.unlink(tmp)
         _fsync_dir(self._devices)
 
@@ -850,9 +855,11 @@ class ReflinkBackend:
                         # before the freeze, so that inside it only the freeze's own flush is left
                         os.fsync(src_fd)
                         with self._consistent(origin):
+                            faults.reach("reflink:create_snap/frozen")
                             os.fsync(src_fd)
                             deadline.check(f"clone {origin_id} -> {dev_id}")
                             _clone(src_fd, dst_fd)
+                            faults.reach("reflink:create_snap/cloned")
                         if os.fstat(dst_fd).st_size < size_bytes:  # restore into a larger device
                             os.ftruncate(dst_fd, size_bytes)
                     finally:
@@ -1109,6 +1116,16 @@ class ReflinkBackend:
             except OSError as exc:
                 raise _oserror(f"resize device {dev_id}", exc) from exc
         log.info("event=resize pool=%s id=%d size=%d", self._name, dev_id, size_bytes)
+
+    def kernel_size(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int | None:
+        path = self._require_device(dev_id)
+        deadline.check(f"size of device {dev_id}")
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError as exc:
+            raise errors.NotFound(f"pool {self._name} has no device {dev_id}") from exc
+        except OSError as exc:
+            raise _oserror(f"size of device {dev_id}", exc) from exc
 
     def active_ids(self, *, deadline: deadline_mod.Deadline) -> set[int]:
         deadline.check("list active devices")

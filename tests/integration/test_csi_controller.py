@@ -14,7 +14,7 @@ import pytest
 
 from csi_thin import deadline
 from csi_thin.csi.pb import csi_pb2
-from csi_thin.pool import engine as engine_mod
+from csi_thin.pool import faults
 from tests import csi_harness as h
 from tests import fakes
 
@@ -620,7 +620,7 @@ class Gate:
 def gate(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Gate]:
     def make(point: str) -> Gate:
         g = Gate(point)
-        monkeypatch.setattr(engine_mod, "step_hook", g)
+        monkeypatch.setattr(faults, "hook", g)
         return g
 
     return make

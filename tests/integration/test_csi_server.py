@@ -13,7 +13,7 @@ import pytest
 from csi_thin import errors
 from csi_thin.csi import identity_service, server
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
-from csi_thin.pool import engine as engine_mod
+from csi_thin.pool import faults
 from tests import csi_harness as h
 
 
@@ -86,7 +86,7 @@ def test_stop_lets_in_flight_calls_finish_and_refuses_new_ones(
             reached.set()
             release.wait(30)
 
-    monkeypatch.setattr(engine_mod, "step_hook", hook)
+    monkeypatch.setattr(faults, "hook", hook)
     with h.fake_driver(tmp_path) as d:
         results: list[object] = []
         t = threading.Thread(

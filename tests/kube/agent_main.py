@@ -1,6 +1,6 @@
 """`csi-thin` as a test launches it, with one fault seam: CSI_THIN_TEST_KILL_AT=<step point> makes
-the process SIGKILL itself when the pool engine reaches that step boundary (the engine's own
-`step_hook` seam), as a node crash would in the middle of a create, snapshot or delete."""
+the process SIGKILL itself when the pool layer reaches that fault point (the one registry's
+`faults.hook` seam), as a node crash would in the middle of a create, snapshot or delete."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import signal
 import sys
 
 from csi_thin import cli
-from csi_thin.pool import engine as engine_mod
+from csi_thin.pool import faults
 
 
 def _kill_at(point: str) -> None:
@@ -19,5 +19,5 @@ def _kill_at(point: str) -> None:
 
 if __name__ == "__main__":
     if os.environ.get("CSI_THIN_TEST_KILL_AT"):
-        engine_mod.step_hook = _kill_at
+        faults.hook = _kill_at
     sys.exit(cli.main(sys.argv[1:]))

@@ -11,8 +11,9 @@ import pytest
 
 from csi_thin import config, model
 from csi_thin.pool import backend as backend_mod
+from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import reflink
-from tests import enginesuite
+from tests import blockio, enginesuite
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
 from tests.root import test_reflink
 
@@ -38,6 +39,27 @@ class ReflinkHarness(enginesuite.Harness):
 
     def make_backend(self) -> backend_mod.Backend:
         return reflink.ReflinkBackend(self.cfg)
+
+    def _devices(self) -> pathlib.Path:
+        assert self.cfg.reflink is not None
+        return pathlib.Path(self.cfg.reflink.directory) / "devices"
+
+    def kernel_sizes(self, engine: engine_mod.PoolEngine) -> dict[int, int]:
+        """Each device file's length; an attached loop device must show the same size."""
+        out = {}
+        for f in self._devices().iterdir():
+            if f.suffix == ".img" and f.stem.isdigit():
+                out[int(f.stem)] = f.stat().st_size
+        for dev_id in engine.backend.active_ids(deadline=enginesuite.dl()):
+            dev = engine.backend.device_path(dev_id)
+            assert blockio.device_size(dev) == out[dev_id], (dev_id, dev)
+        return out
+
+    def leftovers(self, engine: engine_mod.PoolEngine) -> list[str]:
+        """Temp files of a step (assemble sweeps them after a crash; a step that fails removes its own)."""
+        assert self.cfg.reflink is not None
+        folders = (self._devices(), pathlib.Path(self.cfg.reflink.directory))
+        return [str(f) for folder in folders for f in folder.iterdir() if f.name.startswith(".tmp-")]
 
 
 @pytest.fixture(params=["xfs", "btrfs"])

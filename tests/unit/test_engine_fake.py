@@ -28,6 +28,16 @@ class FakeHarness(enginesuite.Harness):
     def make_backend(self) -> backend_mod.Backend:
         return fakes.FakeBackend(os.path.join(self.state_dir, "fake-pool.json"), block_size=self.block_size)
 
+    def kernel_sizes(self, engine: engine_mod.PoolEngine) -> dict[int, int]:
+        assert isinstance(engine.backend, fakes.FakeBackend)
+        sizes = {
+            i: engine.backend.active_size(i) for i in engine.backend.active_ids(deadline=enginesuite.dl())
+        }
+        return {i: size for i, size in sizes.items() if size is not None}
+
+    def leftovers(self, engine: engine_mod.PoolEngine) -> list[str]:
+        return []  # the fake has no kernel state beyond its devices and active sizes
+
     def set_condition(self, engine: engine_mod.PoolEngine, **fields: Any) -> None:
         assert isinstance(engine.backend, fakes.FakeBackend)
         engine.backend.set_condition(**fields)
