@@ -70,7 +70,9 @@ demo-reflink: venv proto
 # misses its target; all run, and `make bench` fails if any missed.
 BENCHES := $(filter-out bench/synctrace.py,$(wildcard bench/*.py))
 bench: venv proto vm-setup
-	vm/run.sh --disk 8G -- 'rc=0; for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || rc=1; done; exit $$rc'
+	@echo "bench: host load average before: $$(cut -d' ' -f1-3 /proc/loadavg) on $$(nproc) cores"
+	rc=0; vm/run.sh --disk 8G -- 'rc=0; for b in $(BENCHES); do echo "== $$b"; $(PY) $$b || rc=1; done; exit $$rc' \
+	  || rc=$$?; echo "bench: host load average after: $$(cut -d' ' -f1-3 /proc/loadavg)"; exit $$rc
 
 # The CSI-layer bench natively on the reflink backend (real CPU speed, no emulation).
 bench-native: venv proto

@@ -71,7 +71,7 @@ def expect(what: str, active: bool, want: bool) -> None:
         raise RuntimeError(f"bench: {what} is {'active' if active else 'inactive'}, expected otherwise")
 
 
-def bench_engine(work: pathlib.Path) -> tuple[Windows, dict[str, synctrace.Share]]:
+def bench_engine(work: pathlib.Path, disk: str | None) -> tuple[Windows, synctrace.Traced | None]:
     cfg = config.pool_from_dict(
         {
             "name": "bench",
@@ -81,11 +81,25 @@ def bench_engine(work: pathlib.Path) -> tuple[Windows, dict[str, synctrace.Share
         }
     )
     dl = deadline.Deadline.after(3600)
-    with app.open_engine(cfg, deadline=dl) as eng, synctrace.traced([os.getpid()]) as trace:
+    # traced from after the store opened: its O_DSYNC descriptors are known then
+    with app.open_engine(cfg, deadline=dl) as eng, synctrace.traced([os.getpid()], disk) as trace:
         w = _engine_ops(eng, dl)
-        calls = trace.calls() if trace else []
+        traced = trace.collect() if trace else None
     app.destroy(cfg, deadline=dl)
-    return w, {op: synctrace.share(w[op], calls) for op in OPS} if trace else {}
+    if traced is not None and not traced.syncs:
+        raise RuntimeError("bench: no LMDB sync traced, though every engine mutation commits to LMDB")
+    return w, traced
+
+
+def traced_run(
+    fn: Callable[[pathlib.Path], Windows], disk: str | None
+) -> Callable[[pathlib.Path], tuple[Windows, synctrace.Traced | None]]:
+    def run(work: pathlib.Path) -> tuple[Windows, synctrace.Traced | None]:
+        with synctrace.traced([], disk) as trace:
+            w = fn(work)
+            return w, trace.collect() if trace else None
+
+    return run
 
 
 def _engine_ops(eng: engine.PoolEngine, dl: deadline.Deadline) -> Windows:
@@ -227,45 +241,35 @@ def main() -> int:
     if not os.path.exists("/dev/mapper/control"):
         print("bench: needs device-mapper (run `make bench`, which boots the VM)", file=sys.stderr)
         return 2
-    base = pathlib.Path(
-        os.environ.get("CSI_THIN_VM_DISK")
-        or ("/scratch" if os.path.isdir("/scratch") else tempfile.gettempdir())
-    )
+    disk = os.environ.get("CSI_THIN_VM_DISK")
+    base = pathlib.Path(disk or ("/scratch" if os.path.isdir("/scratch") else tempfile.gettempdir()))
     with open("/proc/loadavg", encoding="ascii") as f:
         load = " ".join(f.read().split()[:3])
     results: dict[str, Windows] = {}
-    shares: dict[str, synctrace.Share] = {}
-
-    def run(label: str, fn: Callable[[pathlib.Path], Windows]) -> None:
+    shares: dict[str, dict[str, synctrace.Share]] = {}
+    benches: dict[str, Callable[[pathlib.Path], tuple[Windows, synctrace.Traced | None]]] = {
+        "engine": lambda work: bench_engine(work, disk),
+        "dmsetup": traced_run(bench_dmsetup, disk),
+        "lvm": traced_run(bench_lvm, disk),
+    }
+    for label, fn in benches.items():
         work = pathlib.Path(tempfile.mkdtemp(prefix=f"bench-{label}-", dir=base))
         t0 = time.perf_counter()
-        results[label] = fn(work)
+        results[label], traced = fn(work)
+        if traced is not None:
+            shares[label] = {op: traced.share(results[label][op]) for op in OPS}
         shutil.rmtree(work, ignore_errors=True)
         print(f"bench: {label} done in {time.perf_counter() - t0:.1f}s", flush=True)
-
-    def engine_run(work: pathlib.Path) -> Windows:
-        windows, traced = bench_engine(work)
-        shares.update(traced)
-        return windows
-
-    run("engine", engine_run)
-    run("dmsetup", bench_dmsetup)
-    run("lvm", bench_lvm)
     print(f"\npool operations, N={N} each, {POOL_SIZE} loop-backed pools, 64 KiB blocks, p50/p95 (ms)")
     print(f"state and loop files {where(base)}; guest load average at start: {load}")
-    print(
-        f"{'operation':<27}{'engine':>15}{'dmsetup':>15}{'lvm':>15}"
-        f"{'eng/dms':>9}{'lvm/eng':>9}{'eng fsync':>11}{'syncs/op':>10}"
-    )
+    print(f"{'operation':<27}{'engine':>15}{'dmsetup':>15}{'lvm':>15}{'eng/dms':>9}{'lvm/eng':>9}")
     missed: list[str] = []
     for op in OPS:
         e, d, lv = (ms(results[k][op]) for k in ("engine", "dmsetup", "lvm"))
         e_d, lv_e = pct(e, 50) / pct(d, 50), pct(lv, 50) / pct(e, 50)
-        s = shares.get(op)
-        sync = f"{s.fraction:10.0%}{s.per_op:10.1f}" if s else f"{'-':>10}{'-':>10}"
         print(
             f"{op:<27}{pct(e, 50):7.1f}/{pct(e, 95):<7.1f}{pct(d, 50):7.1f}/{pct(d, 95):<7.1f}"
-            f"{pct(lv, 50):7.1f}/{pct(lv, 95):<7.1f}{e_d:8.2f}x{lv_e:8.1f}x{sync}"
+            f"{pct(lv, 50):7.1f}/{pct(lv, 95):<7.1f}{e_d:8.2f}x{lv_e:8.1f}x"
         )
         if e_d > MAX_ENGINE_VS_DMSETUP:
             missed.append(f"{op}: engine/dmsetup {e_d:.2f}x > {MAX_ENGINE_VS_DMSETUP}x")
@@ -275,7 +279,22 @@ def main() -> int:
         "active after each op, all three: create none; create + activate the new device; snapshots "
         "none (the active-origin one leaves its origin active); delete of an inactive snapshot"
     )
-    print("eng fsync: share of the engine's time in fsync/fdatasync/O_DSYNC writes (LMDB), traced")
+    if shares:
+        print(
+            "\nwhere the time goes (traced, share of each op's time): the engine's LMDB syncs (fsync/"
+            "fdatasync/O_DSYNC writes) and syncs per op; flushes in flight on the disk (LMDB's and "
+            "dm-thin's metadata commits)"
+        )
+        print(
+            f"{'operation':<27}{'eng LMDB sync':>15}{'syncs/op':>10}"
+            f"{'disk flush: eng':>17}{'dms':>7}{'lvm':>7}"
+        )
+        for op in OPS:
+            e_s, d_s, l_s = (shares[k][op] for k in ("engine", "dmsetup", "lvm"))
+            print(
+                f"{op:<27}{e_s.fraction:15.0%}{e_s.per_op:10.1f}{e_s.flush_fraction:17.0%}"
+                f"{d_s.flush_fraction:7.0%}{l_s.flush_fraction:7.0%}"
+            )
     print(
         "targets (p50, every operation): "
         f"engine/dmsetup <= {MAX_ENGINE_VS_DMSETUP}x, lvm/engine >= {MIN_LVM_VS_ENGINE}x"

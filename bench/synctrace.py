@@ -1,10 +1,14 @@
-"""Time the measured operations spend waiting for durable writes, from the kernel's own syscall
-tracepoints (ftrace): nothing is injected into the measured processes, so their timings stand.
+"""Time the measured operations spend waiting for durable writes, from the kernel's own tracepoints
+(ftrace): nothing is injected into the measured processes, so their timings stand.
 
-Counted as a sync: fsync, fdatasync and msync by anyone, and pwrite64 on the file descriptors of the
-measured processes opened with O_DSYNC (LMDB writes its meta page that way after the fdatasync of
-its data pages: two durable writes per write transaction). Each call's interval is attributed to the
-timed operation windows (CLOCK_MONOTONIC, the `mono` trace clock) it overlaps.
+Two views, each attributed to the timed operation windows (CLOCK_MONOTONIC, the `mono` trace clock)
+it overlaps:
+  syncs    fsync, fdatasync and msync calls, and pwrite64 on the file descriptors of the measured
+           processes opened with O_DSYNC (LMDB writes its meta page that way after the fdatasync of
+           its data pages: two durable writes per write transaction). The process's own share.
+  flushes  cache flushes and FUA writes in flight on the disk (block layer, rwbs with an F): LMDB's
+           syncs reach it, and so do dm-thin's metadata commits (through the loop device and the
+           disk's filesystem), which are kernel work no syscall of ours shows.
 
 Not a benchmark itself (`make bench` skips it). Used only inside the throw-away VM (`usable()`):
 tracing is global kernel state, not a bench's to change on a shared host.
@@ -22,7 +26,10 @@ from collections.abc import Iterable, Iterator
 TRACEFS = "/sys/kernel/tracing"
 SYNC_CALLS = ("fsync", "fdatasync", "msync")
 O_DSYNC = 0o10000
-_LINE = re.compile(r"-(\d+)\s+\[\d+\]\s.*?(\d+\.\d+): sys_(\w+)(\(| -> )")
+_SYSCALL = re.compile(r"-(\d+)\s+\[\d+\]\s.*?(\d+\.\d+): sys_(\w+)(\(| -> )")
+_BLOCK = re.compile(r"(\d+\.\d+): block_rq_(issue|complete): (\d+),(\d+) (\S+) ")
+
+Interval = tuple[float, float]
 
 
 def usable() -> bool:
@@ -30,12 +37,13 @@ def usable() -> bool:
 
 
 @contextlib.contextmanager
-def traced(pids: Iterable[int]) -> Iterator[Trace | None]:
-    """A Trace of the syncs of `pids` where usable (the VM), else None."""
+def traced(pids: Iterable[int], disk: str | None) -> Iterator[Trace | None]:
+    """A Trace of the syncs of `pids` and of the flushes on the disk under path `disk`, where usable
+    (the VM), else None."""
     if not usable():
         yield None
         return
-    with Trace(pids) as trace:
+    with Trace(pids, disk) as trace:
         yield trace
 
 
@@ -45,6 +53,7 @@ class Share:
     op_seconds: float
     sync_seconds: float
     syncs: int
+    flush_seconds: float
 
     @property
     def fraction(self) -> float:
@@ -53,6 +62,29 @@ class Share:
     @property
     def per_op(self) -> float:
         return self.syncs / self.ops if self.ops else 0.0
+
+    @property
+    def flush_fraction(self) -> float:
+        return self.flush_seconds / self.op_seconds if self.op_seconds else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+    syncs: list[Interval]
+    flushes: list[Interval]  # merged: no two overlap
+
+    def share(self, windows: list[Interval]) -> Share:
+        """How much of the windows' time the syncs and the flushes took (overlap), and how many syncs
+        started in them."""
+        sync = flush = 0.0
+        count = 0
+        for w0, w1 in windows:
+            for c0, c1 in self.syncs:
+                sync += max(0.0, min(w1, c1) - max(w0, c0))
+                count += w0 <= c0 < w1
+            for f0, f1 in self.flushes:
+                flush += max(0.0, min(w1, f1) - max(w0, f0))
+        return Share(len(windows), sum(w1 - w0 for w0, w1 in windows), sync, count, flush)
 
 
 def dsync_fds(pid: int) -> list[int]:
@@ -75,25 +107,46 @@ def _put(path: str, value: str) -> None:
         f.write(value)
 
 
-class Trace:
-    """Syncs traced while the context is open. `calls()` returns and clears what was traced so far:
-    (start, end) in CLOCK_MONOTONIC seconds."""
+def _merge(intervals: list[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
-    def __init__(self, pids: Iterable[int]) -> None:
+
+class Trace:
+    """Syncs and disk flushes traced while the context is open; `collect()` returns and clears what
+    was traced so far."""
+
+    def __init__(self, pids: Iterable[int], disk: str | None) -> None:
         self._fds = sorted({fd for pid in pids for fd in dsync_fds(pid)})
         self._events = [f"syscalls/sys_{edge}_{call}" for call in SYNC_CALLS for edge in ("enter", "exit")]
         if self._fds:
             self._events += ["syscalls/sys_enter_pwrite64", "syscalls/sys_exit_pwrite64"]
+        self._disk: tuple[int, int] | None = None
+        if disk:
+            dev = os.stat(disk).st_dev
+            self._disk = (os.major(dev), os.minor(dev))
+            self._events += ["block/block_rq_issue", "block/block_rq_complete"]
 
     def __enter__(self) -> Trace:
         if not os.path.exists(f"{TRACEFS}/trace"):
             subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
         _put("tracing_on", "0")
         _put("trace_clock", "mono")
-        _put("buffer_size_kb", "8192")
+        _put("buffer_size_kb", "16384")
         _put("trace", "")
         if self._fds:
             _put("events/syscalls/sys_enter_pwrite64/filter", " || ".join(f"fd == {fd}" for fd in self._fds))
+        if self._disk:
+            # only the disk's flush and FUA requests: everything else would flood the buffer
+            major, minor = self._disk
+            only = f'dev == {(major << 20) | minor} && rwbs ~ "*F*"'
+            for event in ("block/block_rq_issue", "block/block_rq_complete"):
+                _put(f"events/{event}/filter", only)
         for event in self._events:
             _put(f"events/{event}/enable", "1")
         _put("tracing_on", "1")
@@ -103,41 +156,31 @@ class Trace:
         _put("tracing_on", "0")
         for event in self._events:
             _put(f"events/{event}/enable", "0")
-        if self._fds:
-            _put("events/syscalls/sys_enter_pwrite64/filter", "0")
+        for event in self._events:
+            _put(f"events/{event}/filter", "0")
         _put("trace", "")
 
-    def calls(self) -> list[tuple[float, float]]:
+    def collect(self) -> Traced:
         with open(f"{TRACEFS}/trace", encoding="utf-8", errors="replace") as f:
             text = f.read()
         _put("trace", "")
         if "LOST" in text:
             raise RuntimeError("synctrace: the trace buffer overflowed (events lost)")
         pending: dict[tuple[int, str], float] = {}
-        out: list[tuple[float, float]] = []
+        syncs: list[Interval] = []
+        in_flight: dict[str, list[float]] = {}  # per rwbs: issue times, completed in order
+        flushes: list[Interval] = []
         for line in text.splitlines():
-            m = _LINE.search(line)
-            if m is None:
-                continue
-            tid, ts, call, edge = int(m[1]), float(m[2]), m[3], m[4]
-            if edge == "(":
-                pending[(tid, call)] = ts
-            elif (tid, call) in pending:  # pwrite64 exits of unfiltered descriptors have no entry
-                out.append((pending.pop((tid, call)), ts))
-        if not out:
-            raise RuntimeError("synctrace: no sync call traced at all, though the operations write LMDB")
-        return out
-
-
-def share(windows: list[tuple[float, float]], calls: list[tuple[float, float]]) -> Share:
-    """How much of the windows' time the sync calls took (overlap), and how many calls started in them."""
-    sync = 0.0
-    count = 0
-    for w0, w1 in windows:
-        for c0, c1 in calls:
-            overlap = min(w1, c1) - max(w0, c0)
-            if overlap > 0:
-                sync += overlap
-            if w0 <= c0 < w1:
-                count += 1
-    return Share(len(windows), sum(w1 - w0 for w0, w1 in windows), sync, count)
+            if m := _SYSCALL.search(line):
+                tid, ts, call, edge = int(m[1]), float(m[2]), m[3], m[4]
+                if edge == "(":
+                    pending[(tid, call)] = ts
+                elif (tid, call) in pending:  # pwrite64 exits of unfiltered descriptors have no entry
+                    syncs.append((pending.pop((tid, call)), ts))
+            elif (b := _BLOCK.search(line)) and (int(b[3]), int(b[4])) == self._disk and "F" in b[5]:
+                ts, rwbs = float(b[1]), b[5]
+                if b[2] == "issue":
+                    in_flight.setdefault(rwbs, []).append(ts)
+                elif in_flight.get(rwbs):
+                    flushes.append((in_flight[rwbs].pop(0), ts))
+        return Traced(syncs=syncs, flushes=_merge(flushes))
