@@ -1,13 +1,14 @@
 """The data path on real dm-thin, through the CSI API (vm tier).
 
 ext4 and xfs volumes served by the standalone driver (the real server and standalone composition,
-over gRPC on a unix socket) on a loop-file dm-thin pool: CreateVolume, NodeStage (activate, mkfs,
-mount), NodePublish, writes, CreateSnapshot of the mounted origin, restore into a larger volume (the
-filesystem grows to it), a clone, online expansion, and byte-for-byte checks of the data, read back
-through the mounted filesystems and from the raw thin devices (at the file's extents, by FIEMAP and
-O_DIRECT). At the end, unpublish, unstage and delete everything, and check with plain tools (dmsetup,
-losetup, /proc/self/mountinfo; not csi_thin's own) that nothing is left: no dm device, no mount, no
-loop device, no thin device in the pool, no data block still mapped.
+in-process by tests/csi_harness.py, over gRPC on a unix socket) on a loop-file dm-thin pool:
+CreateVolume, NodeStage (activate, mkfs, mount), NodePublish, writes, CreateSnapshot of the mounted
+origin, restore into a larger volume (the filesystem grows to it), a clone, online expansion, and
+byte-for-byte checks of the data, read back through the mounted filesystems and from the raw thin
+devices (at the file's extents, by FIEMAP and O_DIRECT). At the end, unpublish, unstage and delete
+everything, and check with plain tools (dmsetup, losetup, /proc/self/mountinfo; not csi_thin's own)
+that nothing is left: no dm device, no mount, no loop device, no thin device in the pool, no data
+block still mapped.
 
 Small volumes: under TCG every block written costs, and thin devices cost only what is written.
 """
