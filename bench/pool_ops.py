@@ -237,6 +237,17 @@ def where(base: pathlib.Path) -> str:
     return f"on {base} (tmpfs?): fsyncs cost nothing here; `make bench` puts them on a disk"
 
 
+def exec_ms() -> float:
+    """How fast this machine is right now: p50 of one fork+exec of `true` (about 70 ms in a quiet VM
+    under TCG); a loaded host shows here first."""
+    samples = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        subprocess.run(["true"], check=True)
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
+
+
 def main() -> int:
     if not os.path.exists("/dev/mapper/control"):
         print("bench: needs device-mapper (run `make bench`, which boots the VM)", file=sys.stderr)
@@ -245,6 +256,7 @@ def main() -> int:
     base = pathlib.Path(disk or ("/scratch" if os.path.isdir("/scratch") else tempfile.gettempdir()))
     with open("/proc/loadavg", encoding="ascii") as f:
         load = " ".join(f.read().split()[:3])
+    speed = exec_ms()
     results: dict[str, Windows] = {}
     shares: dict[str, dict[str, synctrace.Share]] = {}
     benches: dict[str, Callable[[pathlib.Path], tuple[Windows, synctrace.Traced | None]]] = {
@@ -261,7 +273,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         print(f"bench: {label} done in {time.perf_counter() - t0:.1f}s", flush=True)
     print(f"\npool operations, N={N} each, {POOL_SIZE} loop-backed pools, 64 KiB blocks, p50/p95 (ms)")
-    print(f"state and loop files {where(base)}; guest load average at start: {load}")
+    print(f"state and loop files {where(base)}; guest load average at start: {load}; exec p50 {speed:.0f} ms")
     print(f"{'operation':<27}{'engine':>15}{'dmsetup':>15}{'lvm':>15}{'eng/dms':>9}{'lvm/eng':>9}")
     missed: list[str] = []
     for op in OPS:
