@@ -294,18 +294,19 @@ def main() -> int:
     if shares:
         print(
             "\nwhere the time goes (traced, share of each op's time): the engine's LMDB syncs (fsync/"
-            "fdatasync/O_DSYNC writes) and syncs per op; flushes in flight on the disk (LMDB's and "
-            "dm-thin's metadata commits)"
+            "fdatasync/O_DSYNC writes) and syncs per op; a flush in flight on the disk (LMDB's and "
+            "dm-thin's metadata commits); any request in flight on the disk"
         )
         print(
-            f"{'operation':<27}{'eng LMDB sync':>15}{'syncs/op':>10}"
-            f"{'disk flush: eng':>17}{'dms':>7}{'lvm':>7}"
+            f"{'operation':<27}{'eng LMDB sync':>14}{'syncs/op':>9}"
+            f"{'flush: eng':>12}{'dms':>6}{'lvm':>6}{'disk: eng':>11}{'dms':>6}{'lvm':>6}"
         )
         for op in OPS:
             e_s, d_s, l_s = (shares[k][op] for k in ("engine", "dmsetup", "lvm"))
             print(
-                f"{op:<27}{e_s.fraction:15.0%}{e_s.per_op:10.1f}{e_s.flush_fraction:17.0%}"
-                f"{d_s.flush_fraction:7.0%}{l_s.flush_fraction:7.0%}"
+                f"{op:<27}{e_s.fraction:14.0%}{e_s.per_op:9.1f}{e_s.flush_fraction:12.0%}"
+                f"{d_s.flush_fraction:6.0%}{l_s.flush_fraction:6.0%}{e_s.disk_fraction:11.0%}"
+                f"{d_s.disk_fraction:6.0%}{l_s.disk_fraction:6.0%}"
             )
     print(
         "targets (p50, every operation): "

@@ -1,14 +1,15 @@
 """Time the measured operations spend waiting for durable writes, from the kernel's own tracepoints
 (ftrace): nothing is injected into the measured processes, so their timings stand.
 
-Two views, each attributed to the timed operation windows (CLOCK_MONOTONIC, the `mono` trace clock)
-it overlaps:
+Three views, each attributed to the timed operation windows (CLOCK_MONOTONIC, the `mono` trace
+clock) it overlaps:
   syncs    fsync, fdatasync and msync calls, and pwrite64 on the file descriptors of the measured
            processes opened with O_DSYNC (LMDB writes its meta page that way after the fdatasync of
            its data pages: two durable writes per write transaction). The process's own share.
   flushes  cache flushes and FUA writes in flight on the disk (block layer, rwbs with an F): LMDB's
            syncs reach it, and so do dm-thin's metadata commits (through the loop device and the
            disk's filesystem), which are kernel work no syscall of ours shows.
+  disk     any request in flight on the disk (flushes included): all the time the disk was busy.
 
 Not a benchmark itself (`make bench` skips it). Used only inside the throw-away VM (`usable()`):
 tracing is global kernel state, not a bench's to change on a shared host.
@@ -27,7 +28,10 @@ TRACEFS = "/sys/kernel/tracing"
 SYNC_CALLS = ("fsync", "fdatasync", "msync")
 O_DSYNC = 0o10000
 _SYSCALL = re.compile(r"-(\d+)\s+\[\d+\]\s.*?(\d+\.\d+): sys_(\w+)(\(| -> )")
-_BLOCK = re.compile(r"(\d+\.\d+): block_rq_(issue|complete): (\d+),(\d+) (\S+) ")
+# issue: "maj,min rwbs bytes (cmd) sector + nr [comm]"; complete: "maj,min rwbs (cmd) sector + nr [err]"
+_BLOCK = re.compile(
+    r"(\d+\.\d+): block_rq_(issue|complete): (\d+),(\d+) (\S+) (?:\d+ )?\(.*?\) (\d+) \+ (\d+)"
+)
 
 Interval = tuple[float, float]
 
@@ -54,6 +58,7 @@ class Share:
     sync_seconds: float
     syncs: int
     flush_seconds: float
+    disk_seconds: float
 
     @property
     def fraction(self) -> float:
@@ -67,24 +72,38 @@ class Share:
     def flush_fraction(self) -> float:
         return self.flush_seconds / self.op_seconds if self.op_seconds else 0.0
 
+    @property
+    def disk_fraction(self) -> float:
+        return self.disk_seconds / self.op_seconds if self.op_seconds else 0.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Traced:
     syncs: list[Interval]
     flushes: list[Interval]  # merged: no two overlap
+    disk: list[Interval]  # merged
 
     def share(self, windows: list[Interval]) -> Share:
-        """How much of the windows' time the syncs and the flushes took (overlap), and how many syncs
-        started in them."""
-        sync = flush = 0.0
+        """How much of the windows' time the syncs, the flushes and any disk IO took (overlap), and
+        how many syncs started in them."""
+        sync = 0.0
         count = 0
         for w0, w1 in windows:
             for c0, c1 in self.syncs:
                 sync += max(0.0, min(w1, c1) - max(w0, c0))
                 count += w0 <= c0 < w1
-            for f0, f1 in self.flushes:
-                flush += max(0.0, min(w1, f1) - max(w0, f0))
-        return Share(len(windows), sum(w1 - w0 for w0, w1 in windows), sync, count, flush)
+        return Share(
+            len(windows),
+            sum(w1 - w0 for w0, w1 in windows),
+            sync,
+            count,
+            _overlap(windows, self.flushes),
+            _overlap(windows, self.disk),
+        )
+
+
+def _overlap(windows: list[Interval], merged: list[Interval]) -> float:
+    return sum(max(0.0, min(w1, b) - max(w0, a)) for w0, w1 in windows for a, b in merged)
 
 
 def dsync_fds(pid: int) -> list[int]:
@@ -137,14 +156,14 @@ class Trace:
             subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
         _put("tracing_on", "0")
         _put("trace_clock", "mono")
-        _put("buffer_size_kb", "16384")
+        _put("buffer_size_kb", "65536")
         _put("trace", "")
         if self._fds:
             _put("events/syscalls/sys_enter_pwrite64/filter", " || ".join(f"fd == {fd}" for fd in self._fds))
         if self._disk:
-            # only the disk's flush and FUA requests: everything else would flood the buffer
+            # only the disk's requests (not the loop devices' nor the thin devices' above it)
             major, minor = self._disk
-            only = f'dev == {(major << 20) | minor} && rwbs ~ "*F*"'
+            only = f"dev == {(major << 20) | minor}"
             for event in ("block/block_rq_issue", "block/block_rq_complete"):
                 _put(f"events/{event}/filter", only)
         for event in self._events:
@@ -168,8 +187,9 @@ class Trace:
             raise RuntimeError("synctrace: the trace buffer overflowed (events lost)")
         pending: dict[tuple[int, str], float] = {}
         syncs: list[Interval] = []
-        in_flight: dict[str, list[float]] = {}  # per rwbs: issue times, completed in order
+        in_flight: dict[tuple[str, str, str], list[float]] = {}  # (rwbs, sector, size): issue times
         flushes: list[Interval] = []
+        disk: list[Interval] = []
         for line in text.splitlines():
             if m := _SYSCALL.search(line):
                 tid, ts, call, edge = int(m[1]), float(m[2]), m[3], m[4]
@@ -177,10 +197,15 @@ class Trace:
                     pending[(tid, call)] = ts
                 elif (tid, call) in pending:  # pwrite64 exits of unfiltered descriptors have no entry
                     syncs.append((pending.pop((tid, call)), ts))
-            elif (b := _BLOCK.search(line)) and (int(b[3]), int(b[4])) == self._disk and "F" in b[5]:
-                ts, rwbs = float(b[1]), b[5]
+            elif (b := _BLOCK.search(line)) and (int(b[3]), int(b[4])) == self._disk:
+                ts, key = float(b[1]), (b[5], b[6], b[7])
                 if b[2] == "issue":
-                    in_flight.setdefault(rwbs, []).append(ts)
-                elif in_flight.get(rwbs):
-                    flushes.append((in_flight[rwbs].pop(0), ts))
-        return Traced(syncs=syncs, flushes=_merge(flushes))
+                    in_flight.setdefault(key, []).append(ts)
+                elif in_flight.get(key):
+                    interval = (in_flight[key].pop(0), ts)
+                    disk.append(interval)
+                    if "F" in key[0]:
+                        flushes.append(interval)
+        if self._disk and not disk:
+            raise RuntimeError("synctrace: no request traced on the disk: is the filter right?")
+        return Traced(syncs=syncs, flushes=_merge(flushes), disk=_merge(disk))
