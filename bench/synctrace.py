@@ -198,7 +198,8 @@ class Trace:
                 elif (tid, call) in pending:  # pwrite64 exits of unfiltered descriptors have no entry
                     syncs.append((pending.pop((tid, call)), ts))
             elif (b := _BLOCK.search(line)) and (int(b[3]), int(b[4])) == self._disk:
-                ts, key = float(b[1]), (b[5], b[6], b[7])
+                # a flush carries no data; its sector reads 0 at issue and -1 at completion
+                ts, key = float(b[1]), (b[5], "", "") if b[7] == "0" else (b[5], b[6], b[7])
                 if b[2] == "issue":
                     in_flight.setdefault(key, []).append(ts)
                 elif in_flight.get(key):
