@@ -9,6 +9,12 @@ read RUN < /run/vmlab-run
 modprobe -a dm_mod dm_thin_pool loop ext4 xfs || echo "vm: modprobe failed"
 read up _ < /proc/uptime
 echo "vm: kernel $(uname -r) up ${up}s; modules: $(grep -oE '^(dm_thin_pool|dm_mod|dm_persistent_data|loop|xfs|ext4) ' /proc/modules | tr -d ' ' | tr '\n' ' ')"
+# vm/run.sh --disk: a real (virtio) disk with an ext4 filesystem, for what must not sit on tmpfs
+for a in $(cat /proc/cmdline); do case $a in vmlab.disk=*) DISK=${a#*=};; esac; done
+if [ -n "${DISK:-}" ]; then
+  modprobe virtio_blk && mkdir -p "$DISK" && mount -t ext4 /dev/vda "$DISK" \
+    && export CSI_THIN_VM_DISK="$DISK" || echo "vm: disk mount failed"
+fi
 # the host's loop devices are not ours: start the guest with its own
 mknod -m 660 /dev/loop-control c 10 237 2>/dev/null || true
 if [ -f "$RUN/cwd" ]; then read cwd < "$RUN/cwd"; cd "$cwd" 2>/dev/null || cd /; fi
