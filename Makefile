@@ -8,6 +8,10 @@ HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools d
 LINT_DIRS := csi_thin tests $(wildcard bench)
 # Host tiers, one pytest run each (a folder of tests/ each); the vm tier runs in the VM.
 HOST_TIERS := unit integration root kube
+# Each tier's pytest gets its own base temp dir, keyed by this checkout: pytest prunes older numbered
+# dirs of the shared /tmp/pytest-of-<user>, and would pull pools and mounts out from under a run of
+# another checkout on the same host (short, for unix socket paths).
+BASETEMP := /tmp/ct-$(shell echo '$(CURDIR)' | cksum | cut -c1-6)
 TIMES := $(STAMPS)/times.tsv
 
 .PHONY: all setup deps venv proto tools vm-setup lint unit test test-host test-stress vm-test demo demo-reflink bench bench-native bench-kube clean
@@ -50,7 +54,7 @@ unit: venv proto
 # Host tiers: unit, integration (with the tools-marked tests), root. The vm tier is deselected here
 # by marker and runs in the VM below; a vm test run on the host fails instead of skipping.
 test-host: setup lint
-	for t in $(HOST_TIERS); do $(PY) -m pytest tests/$$t -m "not vm" -q; done
+	for t in $(HOST_TIERS); do $(PY) -m pytest tests/$$t -m "not vm" -q --basetemp=$(BASETEMP)/$$t; done
 
 # The root tier beside a node's normal noise (tests/stress.py: loop devices of someone else's coming
 # and going, blkid-like readers of ours; STRESS_STALE=1 adds stale EIO loop devices for the whole
@@ -79,7 +83,7 @@ test:
 	@scripts/check-tiers.sh $(HOST_TIERS) vm
 	scripts/timed.sh setup $(MAKE) --no-print-directory setup
 	scripts/timed.sh lint $(MAKE) --no-print-directory lint
-	for t in $(HOST_TIERS); do scripts/timed.sh $$t $(PY) -m pytest tests/$$t -m "not vm" -q; done
+	for t in $(HOST_TIERS); do scripts/timed.sh $$t $(PY) -m pytest tests/$$t -m "not vm" -q --basetemp=$(BASETEMP)/$$t; done
 	scripts/timed.sh vm $(MAKE) --no-print-directory vm-test
 	@scripts/timing-table.sh
 
