@@ -23,7 +23,6 @@ from typing import Any
 
 from csi_thin import config, errors, httpserver, model
 from csi_thin import deadline as deadline_mod
-from csi_thin import metrics as metrics_mod
 from csi_thin.controller import provisioner
 from csi_thin.csi import controller_service, identity_service, node_service, registration, server, standalone
 from csi_thin.kube import client as client_mod
@@ -125,29 +124,16 @@ def controller_main(args: argparse.Namespace) -> int:
 
 def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory) -> int:
     _logging(args)
-    metrics = metrics_mod.Metrics()
-    health = httpserver.Health()
     try:
         endpoint = server.Endpoint.parse(args.endpoint)
         cfg = config.load_pool(args.pool_config)
         if not args.node_id or len(args.node_id) > 128:
             raise errors.InvalidArgument("--node-id must be 1..128 characters")
-        reg = registration.from_args(args, endpoint=endpoint, driver_name=args.driver_name, metrics=metrics)
-        # the checks exist before the first probe can arrive: an empty Health would answer 200
-        health.set("engine", lambda: "the pool engine is opening (assembly and recovery)")
-        health.set("csi", lambda: "the CSI server is not started yet")
+        proc = standalone.PoolProcess(args, endpoint=endpoint)
         api = client_mod.connect(args.kubeconfig)
         with contextlib.ExitStack() as stack:
             stack.callback(api.close)
-            if args.http_endpoint:  # up before the engine: assembly and recovery can take a while
-                http = httpserver.HttpServer(args.http_endpoint, health=health, metrics=metrics)
-                http.start()
-                stack.callback(http.stop)
-            eng = stack.enter_context(open_engine(cfg))
-            health.set("engine", lambda: None)
-            stack.callback(health.set, "engine", lambda: "the pool engine is closed")
-            metrics.attach_pool(cfg.name, eng)
-            stack.callback(metrics.attach_pool, cfg.name, None)
+            eng = stack.enter_context(proc.engine(cfg, open_engine))
             agent = agent_mod.Agent(
                 api=api,
                 engine=eng,
@@ -155,25 +141,24 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
                 pool=cfg.name,
                 overprovision_ratio=args.overprovision_ratio,
                 refresh_seconds=args.refresh_seconds,
-                on_error=metrics.reconcile_error,
+                on_error=proc.metrics.reconcile_error,
             )
             agent.start(deadline=deadline_mod.default())
             stack.callback(agent.stop)
-            svc = server.Services(
-                identity=identity_service.IdentityService(
-                    ready=functools.partial(standalone.probe, eng), name=args.driver_name, controller=False
-                ),
-                node=node_service.NodeService(
-                    volumes=volumes.NodeVolumes(engine=eng, thresholds=cfg.thresholds),
-                    node_id=args.node_id,
-                    max_volumes=args.max_volumes,
-                ),
+            proc.serve(
+                server.Services(
+                    identity=identity_service.IdentityService(
+                        ready=functools.partial(standalone.probe, eng),
+                        name=args.driver_name,
+                        controller=False,
+                    ),
+                    node=node_service.NodeService(
+                        volumes=volumes.NodeVolumes(engine=eng, thresholds=cfg.thresholds),
+                        node_id=args.node_id,
+                        max_volumes=args.max_volumes,
+                    ),
+                )
             )
-            srv = server.Server(endpoint, svc, metrics=metrics)
-            health.set("csi", srv.problem)
-            if reg is not None:
-                health.set("registration", reg.problem)
-            srv.serve_until_signalled(args.grace, companions=[] if reg is None else [reg])
     except errors.CsiThinError as exc:
         log.error("msg=%s code=%s error=%s", "node failed", exc.code, exc.message)  # noqa: TRY400
         return 1

@@ -15,6 +15,7 @@ import functools
 import logging
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from csi_thin import config, errors, httpserver, model
@@ -100,6 +101,51 @@ def services(
     )
 
 
+class PoolProcess:
+    """What every process that owns a pool (standalone, the Kubernetes node plugin) runs around its
+    engine: the HTTP /healthz + /metrics server, up before the engine opens (assembly and recovery can
+    take a while), kubelet plugin registration when asked for, and the CSI server, each with its
+    /healthz check."""
+
+    def __init__(self, args: argparse.Namespace, *, endpoint: server.Endpoint) -> None:
+        self.metrics = metrics_mod.Metrics()
+        self.health = httpserver.Health()
+        self._args = args
+        self._endpoint = endpoint
+        self._reg = registration.from_args(
+            args, endpoint=endpoint, driver_name=args.driver_name, metrics=self.metrics
+        )
+        # the checks exist before the first probe can arrive: an empty Health would answer 200
+        self.health.set("engine", lambda: "the pool engine is opening (assembly and recovery)")
+        self.health.set("csi", lambda: "the CSI server is not started yet")
+
+    @contextlib.contextmanager
+    def engine(self, cfg: config.PoolConfig, open_engine: EngineFactory) -> Iterator[engine.PoolEngine]:
+        """The HTTP server (if asked for), then the engine (assembled, recovered), its metrics attached."""
+        with contextlib.ExitStack() as stack:
+            if self._args.http_endpoint:
+                http = httpserver.HttpServer(
+                    self._args.http_endpoint, health=self.health, metrics=self.metrics
+                )
+                http.start()
+                stack.callback(http.stop)
+            eng = stack.enter_context(open_engine(cfg))
+            self.health.set("engine", lambda: None)
+            stack.callback(self.health.set, "engine", lambda: "the pool engine is closed")
+            self.metrics.attach_pool(cfg.name, eng)
+            stack.callback(self.metrics.attach_pool, cfg.name, None)
+            yield eng
+
+    def serve(self, svc: server.Services) -> None:
+        """Serve CSI (and registration beside it) until SIGTERM/SIGINT, then drain within the grace."""
+        srv = server.Server(self._endpoint, svc, metrics=self.metrics)
+        self.health.set("csi", srv.problem)
+        reg = self._reg
+        if reg is not None:
+            self.health.set("registration", reg.problem)
+        srv.serve_until_signalled(self._args.grace, companions=[] if reg is None else [reg])
+
+
 def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
     # the CLI may have configured logging already (at WARNING unless -v): a serving driver logs its calls
     level = "DEBUG" if getattr(args, "verbose", False) else args.log_level.upper()
@@ -107,41 +153,24 @@ def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     logging.getLogger().setLevel(level)
-    metrics = metrics_mod.Metrics()
-    health = httpserver.Health()
     try:
         endpoint = server.Endpoint.parse(args.endpoint)
         cfg = config.load_pool(args.pool_config)
         if not args.node_id or len(args.node_id) > 128:
             raise errors.InvalidArgument("--node-id must be 1..128 characters")
-        reg = registration.from_args(args, endpoint=endpoint, driver_name=args.driver_name, metrics=metrics)
-        # the checks exist before the first probe can arrive: an empty Health would answer 200
-        health.set("engine", lambda: "the pool engine is opening (assembly and recovery)")
-        health.set("csi", lambda: "the CSI server is not started yet")
-        with contextlib.ExitStack() as stack:
-            if args.http_endpoint:  # up before the engine: assembly and recovery can take a while
-                http = httpserver.HttpServer(args.http_endpoint, health=health, metrics=metrics)
-                http.start()
-                stack.callback(http.stop)
-            eng = stack.enter_context(open_engine(cfg))
-            health.set("engine", lambda: None)
-            stack.callback(health.set, "engine", lambda: "the pool engine is closed")
-            metrics.attach_pool(cfg.name, eng)
-            stack.callback(metrics.attach_pool, cfg.name, None)
-            svc = services(
-                eng,
-                node_id=args.node_id,
-                block_size=cfg.block_size,
-                thresholds=cfg.thresholds,
-                driver_name=args.driver_name,
-                overprovision_ratio=args.overprovision_ratio,
-                max_volumes=args.max_volumes,
+        proc = PoolProcess(args, endpoint=endpoint)
+        with proc.engine(cfg, open_engine) as eng:
+            proc.serve(
+                services(
+                    eng,
+                    node_id=args.node_id,
+                    block_size=cfg.block_size,
+                    thresholds=cfg.thresholds,
+                    driver_name=args.driver_name,
+                    overprovision_ratio=args.overprovision_ratio,
+                    max_volumes=args.max_volumes,
+                )
             )
-            srv = server.Server(endpoint, svc, metrics=metrics)
-            health.set("csi", srv.problem)
-            if reg is not None:
-                health.set("registration", reg.problem)
-            srv.serve_until_signalled(args.grace, companions=[] if reg is None else [reg])
     except errors.CsiThinError as exc:
         log.error("msg=%s code=%s error=%s", "standalone driver failed", exc.code, exc.message)  # noqa: TRY400
         return 1
