@@ -54,7 +54,7 @@ unit: venv proto
 # Host tiers: unit, integration (with the tools-marked tests), root. The vm tier is deselected here
 # by marker and runs in the VM below; a vm test run on the host fails instead of skipping.
 test-host: setup lint
-	for t in $(HOST_TIERS); do $(PY) -m pytest tests/$$t -m "not vm" -q --basetemp=$(BASETEMP)/$$t; done
+	for t in $(HOST_TIERS); do $(PY) -m pytest tests/$$t -m "not vm" -q --basetemp=$(BASETEMP)-$$t; done
 
 # The root tier beside a node's normal noise (tests/stress.py: loop devices of someone else's coming
 # and going, blkid-like readers of ours; STRESS_STALE=1 adds stale EIO loop devices for the whole
@@ -83,7 +83,7 @@ test:
 	@scripts/check-tiers.sh $(HOST_TIERS) vm
 	scripts/timed.sh setup $(MAKE) --no-print-directory setup
 	scripts/timed.sh lint $(MAKE) --no-print-directory lint
-	for t in $(HOST_TIERS); do scripts/timed.sh $$t $(PY) -m pytest tests/$$t -m "not vm" -q --basetemp=$(BASETEMP)/$$t; done
+	for t in $(HOST_TIERS); do scripts/timed.sh $$t $(PY) -m pytest tests/$$t -m "not vm" -q --basetemp=$(BASETEMP)-$$t; done
 	scripts/timed.sh vm $(MAKE) --no-print-directory vm-test
 	@scripts/timing-table.sh
 
