@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -158,6 +159,30 @@ def test_assembly_resumes_an_origin_left_suspended(be: dmthin.DmThinBackend, cfg
     blockio.write_at(path, MiB, _block(b"after"))
     assert blockio.read_at(path, 0, BS) == _block(b"kept")
     assert blockio.read_at(path, MiB, BS) == _block(b"after")
+
+
+def test_assembly_removes_only_table_less_devices_it_created(
+    be: dmthin.DmThinBackend, cfg: config.PoolConfig
+) -> None:
+    """An activate killed between create and load leaves a table-less device: the next assembly
+    removes it. A table-less device that only looks like ours (another uuid, an id written with a
+    leading zero) is someone else's, maybe being set up right now: it stays."""
+    ctl = ioctl.Control()
+    ours = f"csi-thin-{cfg.name}-4"
+    foreign = f"csi-thin-{cfg.name}-5"
+    lookalike = f"csi-thin-{cfg.name}-06"
+    ctl.create(ours, uuid=f"CSI-THIN-{cfg.name}-4")  # as activate does, then SIGKILL
+    ctl.create(foreign, uuid=f"NOT-CSI-{cfg.name}-5")
+    ctl.create(lookalike)
+    try:
+        dmthin.DmThinBackend(cfg).assemble(deadline=_dl())  # the restarted process
+        assert ctl.info(ours) is None
+        assert ctl.info(foreign) is not None
+        assert ctl.info(lookalike) is not None
+    finally:
+        for name in (ours, foreign, lookalike):
+            with contextlib.suppress(dm_errors.DeviceNotFound):
+                ctl.remove(name)
 
 
 def test_restore_into_larger_device(be: dmthin.DmThinBackend) -> None:
