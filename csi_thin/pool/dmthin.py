@@ -595,6 +595,12 @@ class DmThinBackend:
         if info is None or not info.live_table:
             return  # dm-thin keeps no size: the next activation's table carries it
         target = self._thin_target(dev_id, size_bytes)
+        live = sum(t.length for t in self._ctl.table(name))
+        if target.length < live:
+            # as every backend: a smaller table swapped under a mounted filesystem cuts its tail off
+            raise errors.OutOfRange(
+                f"thin device {dev_id} is {live * model.SECTOR} bytes: cannot shrink to {size_bytes}"
+            )
         self._ctl.load(name, [target])
         try:
             faults.reach("dmthin:resize/loaded")

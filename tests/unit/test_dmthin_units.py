@@ -228,3 +228,36 @@ def test_assembly_repairs_only_thin_devices_it_created() -> None:
     ]
     # and only exact names count as our thin devices (teardown, active flags)
     assert be.active_ids(deadline=deadline_mod.Deadline.after(10)) == {5, 6, 8, 9}
+
+
+class _LiveThin(_LeftoverDevices):
+    """One active thin device of `sectors`, on an active pool."""
+
+    def __init__(self, sectors: int) -> None:
+        super().__init__(
+            [
+                _dev_info("csi-thin-fast-pool", "CSI-THIN-fast-pool", live=True),
+                _dev_info("csi-thin-fast-3", "CSI-THIN-fast-3", live=True),
+            ]
+        )
+        self.sectors = sectors
+
+    def table(self, name: str) -> list[ioctl.Target]:
+        assert name == "csi-thin-fast-3"
+        return [ioctl.Target(0, self.sectors, "thin", "253:0 3")]
+
+    def load(self, name: str, targets: list[ioctl.Target]) -> None:
+        self.calls.append(("load", f"{name} {targets[0].length}"))
+
+
+def test_resize_never_shrinks_an_active_device() -> None:
+    """Every backend refuses to shrink (reflink: OutOfRange, the fake too): a smaller table swapped
+    under a mounted filesystem cuts its tail off. A grow whose target is below what the kernel
+    already has (a roll-forward, a recovery, a stale record) must not reload a smaller table."""
+    ctl = _LiveThin(sectors=64 * MiB // 512)
+    be = dmthin.DmThinBackend(_cfg(), control=ctl)  # type: ignore[arg-type]
+    with pytest.raises(errors.OutOfRange):
+        be.resize(3, 32 * MiB, deadline=deadline_mod.Deadline.after(10))
+    assert ctl.calls == []
+    be.resize(3, 96 * MiB, deadline=deadline_mod.Deadline.after(10))  # growing still reloads
+    assert ctl.calls == [("load", f"csi-thin-fast-3 {96 * MiB // 512}"), ("resume", "csi-thin-fast-3")]

@@ -217,6 +217,18 @@ def test_grow_active_and_inactive(be: dmthin.DmThinBackend) -> None:
     assert blockio.read_at(path, 47 * MiB, BS) == _block(b"new")
 
 
+def test_resize_never_shrinks_an_active_device(be: dmthin.DmThinBackend) -> None:
+    be.create_thin(1, 16 * MiB, deadline=_dl())
+    path = be.activate(1, 48 * MiB, deadline=_dl())
+    blockio.write_at(path, 47 * MiB, _block(b"tail"))
+    with pytest.raises(errors.OutOfRange):
+        be.resize(1, 16 * MiB, deadline=_dl())
+    assert blockio.device_size(path) == 48 * MiB
+    assert blockio.read_at(path, 47 * MiB, BS) == _block(b"tail")
+    info = ioctl.Control().info(os.path.basename(path))
+    assert info is not None and not info.inactive_table and not info.suspended
+
+
 def test_delete(be: dmthin.DmThinBackend) -> None:
     be.create_thin(1, 16 * MiB, deadline=_dl())
     be.create_thin(2, 16 * MiB, deadline=_dl())
