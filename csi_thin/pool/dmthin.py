@@ -116,7 +116,8 @@ class DmThinBackend:
         # one metadata snapshot at a time: the pool holds at most one
         self._metadata_snap = threading.Lock()
         self.pool_name = f"csi-thin-{self._pool}-pool"
-        self._thin_re = re.compile(rf"^csi-thin-{re.escape(self._pool)}-(\d+)$")
+        # the id exactly as _thin_name writes it: ASCII digits, no leading zero
+        self._thin_re = re.compile(rf"csi-thin-{re.escape(self._pool)}-(0|[1-9][0-9]*)", re.ASCII)
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -313,10 +314,21 @@ class DmThinBackend:
           open grow intent redoes its reload in recovery;
         - a suspended device (create_snap of an active origin killed before its resume): every IO
           to a staged volume hangs until someone resumes it.
-        The owner lock keeps any other csi-thin process out, so such a device here is a leftover."""
+        The owner lock keeps any other csi-thin process out, so such a device here is a leftover; one
+        that carries another uuid than the one activate gives it is not ours (made by hand, by
+        another tool): left alone."""
         for dev_id, name in sorted(self._our_thins().items()):
             info = self._ctl.info(name)
             if info is None or not (info.suspended or info.inactive_table or not info.live_table):
+                continue
+            if info.uuid != self._thin_uuid(dev_id):
+                log.warning(
+                    "pool=%s dev_id=%d event=repair-skipped name=%s uuid=%r reason=not-created-by-us",
+                    self._pool,
+                    dev_id,
+                    name,
+                    info.uuid,
+                )
                 continue
             log.warning(
                 "pool=%s dev_id=%d event=repair-leftover live=%s inactive=%s suspended=%s",
@@ -338,8 +350,8 @@ class DmThinBackend:
     def _our_thins(self) -> dict[int, str]:
         out: dict[int, str] = {}
         for dev in self._ctl.list_devices():
-            m = self._thin_re.match(dev.name)
-            if m:
+            m = self._thin_re.fullmatch(dev.name)
+            if m and int(m.group(1)) <= model.MAX_DEVICE_ID:
                 out[int(m.group(1))] = dev.name
         return out
 
@@ -615,6 +627,12 @@ class DmThinBackend:
         if info is None or not info.live_table:
             return  # dm-thin keeps no size: the next activation's table carries it
         target = self._thin_target(dev_id, size_bytes)
+        live = sum(t.length for t in self._ctl.table(name))
+        if target.length < live:
+            # as every backend: a smaller table swapped under a mounted filesystem cuts its tail off
+            raise errors.OutOfRange(
+                f"thin device {dev_id} is {live * model.SECTOR} bytes: cannot shrink to {size_bytes}"
+            )
         self._ctl.load(name, [target])
         try:
             faults.reach("dmthin:resize/loaded")

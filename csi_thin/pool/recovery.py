@@ -194,9 +194,13 @@ def _resolve_unfenced(
     if intent.op == "grow":
         in_pool = intent.dev_id in backend.device_ids(deadline=deadline)
         if in_pool:
-            # active or not: a reflink device keeps its size in its file (dm-thin: a no-op when inactive)
+            # active or not: a reflink device keeps its size in its file (dm-thin: a no-op when inactive).
+            # Never below what the kernel already holds (a shrink, refused by every backend), and redone
+            # even where it holds enough: the step may have stopped half-way (reflink: the file grown,
+            # the loop device's capacity not yet refreshed)
+            now = backend.kernel_size(intent.dev_id, deadline=deadline) or 0
             faults.reach("recover/grow/resize")
-            backend.resize(intent.dev_id, intent.size_bytes, deadline=deadline)
+            backend.resize(intent.dev_id, max(intent.size_bytes, now), deadline=deadline)
             faults.reach("recover/grow/resize:done")
         with store.write() as w:
             rec = w.get(intent.name)

@@ -986,7 +986,8 @@ class ReflinkBackend:
                     read_only = bool(os.statvfs(self._dir).f_flag & os.ST_RDONLY)
                     dev = loop.attach(path, read_only=read_only, direct_io=False, deadline=deadline)
                     log.info("event=activate pool=%s id=%d dev=%s ro=%s", self._name, dev_id, dev, read_only)
-                elif grown:
+                elif grown or loop.size_bytes(dev) < size_bytes:
+                    # also when an earlier grow was stopped after the file grew, before this refresh
                     loop.refresh_capacity(dev)
             except OSError as exc:
                 raise _oserror(f"activate device {dev_id}", exc) from exc
@@ -1111,7 +1112,8 @@ class ReflinkBackend:
                     )
                 grown = self._grow_file(path, size_bytes)
                 dev = loop.find(path)
-                if grown and dev is not None:
+                # also when an earlier grow was stopped after the file grew, before this refresh
+                if dev is not None and (grown or loop.size_bytes(dev) < size_bytes):
                     loop.refresh_capacity(dev)
             except OSError as exc:
                 raise _oserror(f"resize device {dev_id}", exc) from exc

@@ -270,6 +270,22 @@ def test_grow_while_attached(xfs_pool: reflink.ReflinkBackend) -> None:
     assert blockdev_size(dev) == 96 * MiB
 
 
+def test_grow_redone_after_the_file_grew_refreshes_the_loop_device(xfs_pool: reflink.ReflinkBackend) -> None:
+    """A grow stopped between growing the file and refreshing the loop's capacity (killed, or the
+    refresh failed) is finished by redoing resize (recovery, the grow undo's roll-forward): the redo
+    must refresh the block device although the file already has its size."""
+    d = dl()
+    xfs_pool.create_thin(1, 8 * MiB, deadline=d)
+    dev = xfs_pool.activate(1, 8 * MiB, deadline=d)
+    os.truncate(xfs_pool._path(1), 64 * MiB)  # the file grown, then the process killed
+    assert blockdev_size(dev) == 8 * MiB
+    xfs_pool.resize(1, 64 * MiB, deadline=d)
+    assert blockdev_size(dev) == 64 * MiB
+    os.truncate(xfs_pool._path(1), 96 * MiB)  # the same, redone by a later activate
+    assert xfs_pool.activate(1, 96 * MiB, deadline=d) == dev
+    assert blockdev_size(dev) == 96 * MiB
+
+
 def _mkfs_mount(dev: str, target: pathlib.Path) -> None:
     runner.run(["mkfs.ext4", "-q", "-F", dev], deadline=dl())  # 64 MiB: 1 KiB blocks
     target.mkdir(parents=True, exist_ok=True)

@@ -157,3 +157,107 @@ def test_a_target_message_is_never_sent_twice(
         assert len(sent) > 1
     finally:
         ctl.close()
+
+
+class _LeftoverDevices:
+    """A Control listing device-mapper devices by name, each with a DeviceInfo; records what the
+    backend does to them."""
+
+    def __init__(self, infos: list[ioctl.DeviceInfo]) -> None:
+        self.infos = {i.name: i for i in infos}
+        self.calls: list[tuple[str, str]] = []
+
+    def list_devices(self) -> list[ioctl.ListedDevice]:
+        return [ioctl.ListedDevice(name=n, major=253, minor=i) for i, n in enumerate(self.infos)]
+
+    def info(self, name: str) -> ioctl.DeviceInfo | None:
+        return self.infos.get(name)
+
+    def remove(self, name: str) -> None:
+        self.calls.append(("remove", name))
+
+    def clear(self, name: str) -> None:
+        self.calls.append(("clear", name))
+
+    def resume(self, name: str) -> None:
+        self.calls.append(("resume", name))
+
+
+def _dev_info(
+    name: str, uuid: str, *, live: bool, inactive: bool = False, suspended: bool = False
+) -> ioctl.DeviceInfo:
+    return ioctl.DeviceInfo(
+        name=name,
+        uuid=uuid,
+        major=253,
+        minor=0,
+        open_count=0,
+        target_count=1 if live else 0,
+        event_nr=0,
+        suspended=suspended,
+        read_only=False,
+        live_table=live,
+        inactive_table=inactive,
+    )
+
+
+def test_assembly_repairs_only_thin_devices_it_created() -> None:
+    """Assembly removes a table-less thin device, clears an inactive table and resumes a suspended
+    device, because a step killed half-way leaves them. Only a device this backend created is such
+    a leftover: its exact name (csi-thin-<pool>-<id>, the id as _thin_name writes it) AND its uuid
+    (CSI-THIN-<pool>-<id>, set at create). A device whose name merely looks like ours (leading zero,
+    an id out of range, a non-ASCII digit) or that carries another uuid (someone else's, or one
+    being set up by hand) is not ours: left alone."""
+    ctl = _LeftoverDevices(
+        [
+            _dev_info("csi-thin-fast-6", "CSI-THIN-fast-6", live=False),  # ours, activate killed
+            _dev_info("csi-thin-fast-8", "CSI-THIN-fast-8", live=True, inactive=True, suspended=True),
+            _dev_info("csi-thin-fast-007", "", live=False),
+            _dev_info("csi-thin-fast-\u0669", "", live=False),  # ARABIC-INDIC DIGIT NINE
+            _dev_info(f"csi-thin-fast-{model.MAX_DEVICE_ID + 1}", "", live=False),
+            _dev_info("csi-thin-fast-5", "LVM-someone-else", live=False),
+            _dev_info("csi-thin-fast-9", "", live=True, inactive=True, suspended=True),
+        ]
+    )
+    be = dmthin.DmThinBackend(_cfg(), control=ctl)  # type: ignore[arg-type]
+    be._repair_leftover_thins()
+    assert ctl.calls == [
+        ("remove", "csi-thin-fast-6"),
+        ("clear", "csi-thin-fast-8"),
+        ("resume", "csi-thin-fast-8"),
+    ]
+    # and only exact names count as our thin devices (teardown, active flags)
+    assert be.active_ids(deadline=deadline_mod.Deadline.after(10)) == {5, 6, 8, 9}
+
+
+class _LiveThin(_LeftoverDevices):
+    """One active thin device of `sectors`, on an active pool."""
+
+    def __init__(self, sectors: int) -> None:
+        super().__init__(
+            [
+                _dev_info("csi-thin-fast-pool", "CSI-THIN-fast-pool", live=True),
+                _dev_info("csi-thin-fast-3", "CSI-THIN-fast-3", live=True),
+            ]
+        )
+        self.sectors = sectors
+
+    def table(self, name: str) -> list[ioctl.Target]:
+        assert name == "csi-thin-fast-3"
+        return [ioctl.Target(0, self.sectors, "thin", "253:0 3")]
+
+    def load(self, name: str, targets: list[ioctl.Target]) -> None:
+        self.calls.append(("load", f"{name} {targets[0].length}"))
+
+
+def test_resize_never_shrinks_an_active_device() -> None:
+    """Every backend refuses to shrink (reflink: OutOfRange, the fake too): a smaller table swapped
+    under a mounted filesystem cuts its tail off. A grow whose target is below what the kernel
+    already has (a roll-forward, a recovery, a stale record) must not reload a smaller table."""
+    ctl = _LiveThin(sectors=64 * MiB // 512)
+    be = dmthin.DmThinBackend(_cfg(), control=ctl)  # type: ignore[arg-type]
+    with pytest.raises(errors.OutOfRange):
+        be.resize(3, 32 * MiB, deadline=deadline_mod.Deadline.after(10))
+    assert ctl.calls == []
+    be.resize(3, 96 * MiB, deadline=deadline_mod.Deadline.after(10))  # growing still reloads
+    assert ctl.calls == [("load", f"csi-thin-fast-3 {96 * MiB // 512}"), ("resume", "csi-thin-fast-3")]

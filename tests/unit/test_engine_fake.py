@@ -48,3 +48,25 @@ def harness(tmp_path: pathlib.Path) -> Iterator[enginesuite.Harness]:
     h = FakeHarness(str(tmp_path))
     yield h
     h.shutdown()
+
+
+def test_grow_below_what_the_kernel_already_has_finishes_without_shrinking(
+    harness: enginesuite.Harness,
+) -> None:
+    """The grow undo rolls forward when the kernel is larger than the record; recovery's grow then
+    resizes to the intent's size. Where the kernel is larger than that too (a record that lags the
+    kernel), that resize is a shrink, which every backend refuses: the grow must finish (the device
+    already has the room), not stay open and fail every later call and every start-up."""
+    e = harness.open()
+    assert isinstance(e.backend, fakes.FakeBackend)
+    dev = e.create_volume("vol", 4 * enginesuite.MiB, deadline=enginesuite.dl())
+    e.activate("vol", deadline=enginesuite.dl())
+    # the kernel holds 16 MiB, the record says 4 MiB
+    e.backend.resize(dev.dev_id, 16 * enginesuite.MiB, deadline=enginesuite.dl())
+    grown = e.grow("vol", 8 * enginesuite.MiB, deadline=enginesuite.dl())
+    assert grown.size_bytes == 8 * enginesuite.MiB
+    assert e.backend.active_size(dev.dev_id) == 16 * enginesuite.MiB  # never shrunk
+    assert e.store.intents() == []
+    e = harness.reboot(e)  # and a start-up has nothing left to trip on
+    after = e.store.get("vol")
+    assert after is not None and after.size_bytes == 8 * enginesuite.MiB

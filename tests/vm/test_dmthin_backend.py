@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -160,6 +161,30 @@ def test_assembly_resumes_an_origin_left_suspended(be: dmthin.DmThinBackend, cfg
     assert blockio.read_at(path, MiB, BS) == _block(b"after")
 
 
+def test_assembly_removes_only_table_less_devices_it_created(
+    be: dmthin.DmThinBackend, cfg: config.PoolConfig
+) -> None:
+    """An activate killed between create and load leaves a table-less device: the next assembly
+    removes it. A table-less device that only looks like ours (another uuid, an id written with a
+    leading zero) is someone else's, maybe being set up right now: it stays."""
+    ctl = ioctl.Control()
+    ours = f"csi-thin-{cfg.name}-4"
+    foreign = f"csi-thin-{cfg.name}-5"
+    lookalike = f"csi-thin-{cfg.name}-06"
+    ctl.create(ours, uuid=f"CSI-THIN-{cfg.name}-4")  # as activate does, then SIGKILL
+    ctl.create(foreign, uuid=f"NOT-CSI-{cfg.name}-5")
+    ctl.create(lookalike)
+    try:
+        dmthin.DmThinBackend(cfg).assemble(deadline=_dl())  # the restarted process
+        assert ctl.info(ours) is None
+        assert ctl.info(foreign) is not None
+        assert ctl.info(lookalike) is not None
+    finally:
+        for name in (ours, foreign, lookalike):
+            with contextlib.suppress(dm_errors.DeviceNotFound):
+                ctl.remove(name)
+
+
 def test_restore_into_larger_device(be: dmthin.DmThinBackend) -> None:
     be.create_thin(1, 16 * MiB, deadline=_dl())
     origin = be.activate(1, 16 * MiB, deadline=_dl())
@@ -190,6 +215,18 @@ def test_grow_active_and_inactive(be: dmthin.DmThinBackend) -> None:
     path = be.activate(1, 128 * MiB, deadline=_dl())
     assert blockio.device_size(path) == 128 * MiB
     assert blockio.read_at(path, 47 * MiB, BS) == _block(b"new")
+
+
+def test_resize_never_shrinks_an_active_device(be: dmthin.DmThinBackend) -> None:
+    be.create_thin(1, 16 * MiB, deadline=_dl())
+    path = be.activate(1, 48 * MiB, deadline=_dl())
+    blockio.write_at(path, 47 * MiB, _block(b"tail"))
+    with pytest.raises(errors.OutOfRange):
+        be.resize(1, 16 * MiB, deadline=_dl())
+    assert blockio.device_size(path) == 48 * MiB
+    assert blockio.read_at(path, 47 * MiB, BS) == _block(b"tail")
+    info = ioctl.Control().info(os.path.basename(path))
+    assert info is not None and not info.inactive_table and not info.suspended
 
 
 def test_delete(be: dmthin.DmThinBackend) -> None:
