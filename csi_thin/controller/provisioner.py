@@ -52,6 +52,9 @@ class Engine(Protocol):
     def get(self, name: str) -> model.Device | None: ...
     def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]: ...
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
+    def space_thresholds(self, *, deadline: deadline_mod.Deadline) -> model.Thresholds:
+        """The used ratios above which this pool refuses new devices: its node's own configuration."""
+        ...
 
 
 class AccessType(enum.StrEnum):
@@ -64,7 +67,6 @@ class Settings:
     #: this node (standalone); None when volumes may go to any node (Kubernetes mode)
     node_id: str | None
     block_size: int
-    thresholds: model.Thresholds = dataclasses.field(default_factory=model.Thresholds)
     #: provisioned volume bytes may reach this multiple of the pool's data size (thin provisioning)
     overprovision_ratio: float = 10.0
     #: size of a volume whose request names no capacity
@@ -237,8 +239,9 @@ class Provisioner:
                 out.append(Condition(abnormal=True, message=f"device is {d.state.value}"))
                 continue
             if d.node not in pools:
-                status = self._on(d.node).status(deadline=deadline)
-                pools[d.node] = pool_condition(status, self._settings.thresholds)
+                engine = self._on(d.node)
+                status = engine.status(deadline=deadline)
+                pools[d.node] = pool_condition(status, engine.space_thresholds(deadline=deadline))
             out.append(pools[d.node])
         return out
 
@@ -255,7 +258,7 @@ class Provisioner:
             return Capacity(available_bytes=0, maximum_volume_bytes=0)
         engine = self._on(node_id)
         status = engine.status(deadline=deadline)
-        thresholds = self._settings.thresholds
+        thresholds = engine.space_thresholds(deadline=deadline)
         # above a threshold the engine refuses every new device; maximum_volume_size must say so too,
         # as the Kubernetes scheduler prefers it to available_capacity when both are set
         if (
@@ -266,7 +269,7 @@ class Provisioner:
             return Capacity(available_bytes=0, maximum_volume_bytes=0)
         bs = self._settings.block_size
         logical = int(self._settings.overprovision_ratio * status.data_total_bytes) - _provisioned(engine)
-        physical = int(status.data_total_bytes * self._settings.thresholds.data) - status.data_used_bytes
+        physical = int(status.data_total_bytes * thresholds.data) - status.data_used_bytes
         logical = max(0, min(logical, self._settings.max_volume_bytes)) // bs * bs
         return Capacity(
             available_bytes=max(0, min(logical, physical)) // bs * bs, maximum_volume_bytes=logical

@@ -86,7 +86,7 @@ def services(
     """The three CSI services of a standalone driver over one engine (the composition root)."""
 
     settings = provisioner.Settings(
-        node_id=node_id, block_size=block_size, thresholds=thresholds, overprovision_ratio=overprovision_ratio
+        node_id=node_id, block_size=block_size, overprovision_ratio=overprovision_ratio
     )
     return server.Services(
         identity=identity_service.IdentityService(ready=functools.partial(probe, eng), name=driver_name),

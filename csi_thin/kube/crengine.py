@@ -304,6 +304,19 @@ class CrEngine:
             needs_check=not st.healthy and mode == model.PoolMode.RW,
         )
 
+    def space_thresholds(self, *, deadline: deadline_mod.Deadline) -> model.Thresholds:
+        """The thresholds the node's pool is configured with, as its ThinPool status reports them
+        (the defaults until the node has reported any)."""
+        node = self._bound("space_thresholds")
+        try:
+            st = self._pool(node, deadline=deadline).status
+        except errors.ResourceExhausted:
+            return model.Thresholds()
+        default = model.Thresholds()
+        return model.Thresholds(
+            data=st.data_threshold or default.data, metadata=st.metadata_threshold or default.metadata
+        )
+
     # ---- helpers -------------------------------------------------------------------------------
 
     def _bound(self, what: str) -> str:

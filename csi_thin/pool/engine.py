@@ -718,6 +718,11 @@ class PoolEngine:
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
         return self.backend.status(deadline=deadline)
 
+    def space_thresholds(self, *, deadline: deadline_mod.Deadline) -> model.Thresholds:
+        """The configured thresholds (the controller's view of them; no pool read needed)."""
+        del deadline
+        return self.thresholds
+
     def provisioned_bytes(self) -> int:
         return sum(d.size_bytes for d in self.store.devices() if d.state == model.DeviceState.READY)
 

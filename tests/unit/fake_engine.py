@@ -20,6 +20,7 @@ class FakeEngine:
         self.data_used = 0
         self.metadata_used = 1  # of 100
         self.mode = model.PoolMode.RW
+        self.thresholds = model.Thresholds()
         self.busy: set[str] = set()  # names with an operation "in flight"
         self._next_id = 1
 
@@ -112,6 +113,9 @@ class FakeEngine:
 
     def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]:
         return [d for d in self.devices.values() if kind is None or d.kind == kind]
+
+    def space_thresholds(self, *, deadline: deadline_mod.Deadline) -> model.Thresholds:
+        return self.thresholds
 
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
         return model.PoolStatus(

@@ -272,6 +272,22 @@ def test_no_capacity_above_a_threshold() -> None:
     assert prov.capacity(node_id=None, deadline=DL).maximum_volume_bytes > 0
 
 
+def test_capacity_and_condition_use_the_pools_own_thresholds() -> None:
+    """In Kubernetes mode one controller serves nodes configured with different thresholds: the
+    capacity it reports (and the volume condition) must follow each pool's own, or a node with a
+    lower threshold is offered volumes its engine then refuses."""
+    prov, eng = make()
+    a = prov.create_volume(req("pvc-a"), deadline=DL)
+    eng.thresholds = model.Thresholds(data=0.5, metadata=0.8)
+    eng.data_used = 6 * GiB  # 60%: below the default 95%, above this pool's 50%
+    assert prov.capacity(node_id=None, deadline=DL) == provisioner.Capacity(0, 0)
+    assert prov.condition(a, deadline=DL).abnormal
+    eng.data_used = 4 * GiB
+    cap = prov.capacity(node_id=None, deadline=DL)
+    assert cap.available_bytes == (int(10 * GiB * 0.5) - 4 * GiB) // BS * BS
+    assert not prov.condition(a, deadline=DL).abnormal
+
+
 @pytest.mark.parametrize(
     ("mode", "used", "abnormal"),
     [
