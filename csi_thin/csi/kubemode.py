@@ -2,7 +2,8 @@
 
 - controller (a Deployment, stateless, any number of replicas: the sidecars elect a leader): CSI
   Identity + Controller over the CR engine (csi_thin.kube.crengine). The provisioning logic is the
-  standalone one (csi_thin.controller.provisioner), in its many-nodes form.
+  standalone one (csi_thin.controller.provisioner), in its many-nodes form. With --http-endpoint it
+  serves /healthz (the CSI server serves) and /metrics (RPC latency and codes, CR wait time).
 - node (a DaemonSet): CSI Identity + Node over the node's pool engine, plus the node agent that
   reconciles this node's CRs through the same engine. Start-up order: load the pool config; take the
   pool's owner lock, assemble, recover (csi_thin.app.open_engine); start the agent (start-up
@@ -23,6 +24,7 @@ from typing import Any
 
 from csi_thin import config, errors, httpserver, model
 from csi_thin import deadline as deadline_mod
+from csi_thin import metrics as metrics_mod
 from csi_thin.controller import provisioner
 from csi_thin.csi import controller_service, identity_service, node_service, registration, server, standalone
 from csi_thin.kube import client as client_mod
@@ -55,6 +57,8 @@ def register(subparsers: Any, *, open_engine: standalone.EngineFactory) -> None:
     )
     _common(c)
     c.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="size granularity (bytes, 1MiB)")
+    # off by default: the controller pod's sidecars have ports of their own; the chart sets it
+    httpserver.add_flag(c, default="")
     c.set_defaults(func=controller_main)
 
     n: argparse.ArgumentParser = subparsers.add_parser(
@@ -87,8 +91,9 @@ def controller_services(
     block_size: int,
     driver_name: str = identity_service.DEFAULT_NAME,
     overprovision_ratio: float = provisioner.Settings.overprovision_ratio,
+    metrics: metrics_mod.Metrics | None = None,
 ) -> server.Services:
-    cr = crengine.CrEngine(api)
+    cr = crengine.CrEngine(api, on_wait=metrics.cr_wait) if metrics else crengine.CrEngine(api)
     settings = provisioner.Settings(
         node_id=None, block_size=block_size, overprovision_ratio=overprovision_ratio
     )
@@ -105,17 +110,25 @@ def controller_main(args: argparse.Namespace) -> int:
     try:
         endpoint = server.Endpoint.parse(args.endpoint)
         block_size = config.parse_size(args.block_size)
+        metrics = metrics_mod.Metrics()
         api = client_mod.connect(args.kubeconfig)
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(api.close)
             svc = controller_services(
                 api,
                 block_size=block_size,
                 driver_name=args.driver_name,
                 overprovision_ratio=args.overprovision_ratio,
+                metrics=metrics,
             )
-            server.Server(endpoint, svc).serve_until_signalled(args.grace)
-        finally:
-            api.close()
+            srv = server.Server(endpoint, svc, metrics=metrics)
+            if args.http_endpoint:
+                health = httpserver.Health()
+                health.set("csi", srv.problem)
+                http = httpserver.HttpServer(args.http_endpoint, health=health, metrics=metrics)
+                http.start()
+                stack.callback(http.stop)
+            srv.serve_until_signalled(args.grace)
     except errors.CsiThinError as exc:
         log.error("msg=%s code=%s error=%s", "controller failed", exc.code, exc.message)  # noqa: TRY400
         return 1
@@ -142,6 +155,7 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
                 overprovision_ratio=args.overprovision_ratio,
                 refresh_seconds=args.refresh_seconds,
                 on_error=proc.metrics.reconcile_error,
+                on_operation=proc.metrics.pool_operation,
             )
             agent.start(deadline=deadline_mod.default())
             stack.callback(agent.stop)

@@ -346,6 +346,11 @@ class Client:
         if name is not None:
             selectors.append(f"metadata.name={name}")
         seconds = max(1, min(WATCH_SECONDS, int(deadline.remaining())))
+        # the server ends a watch in whole seconds (at least one): a deadline that is not a whole
+        # number of seconds away would be overrun by up to a second, and the RPC that waits would
+        # answer after its client gave up. The read timeout (the longest quiet spell on the stream)
+        # ends it at the deadline instead: a stream that times out just ends, like a server's end.
+        read = max(0.05, min(seconds + CONNECT_SECONDS, deadline.remaining()))
         kwargs: dict[str, Any] = {
             "watch": True,
             "allow_watch_bookmarks": True,
@@ -363,7 +368,7 @@ class Client:
                 resources.VERSION,
                 cls.kind.plural,
                 _preload_content=False,
-                _request_timeout=(t[0], seconds + CONNECT_SECONDS),
+                _request_timeout=(t[0], read),
                 **kwargs,
             ),
         )

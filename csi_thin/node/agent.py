@@ -124,10 +124,13 @@ class Agent:
         overprovision_ratio: float,
         refresh_seconds: float = REFRESH_SECONDS,
         on_error: Callable[[str], None] | None = None,
+        on_operation: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._api = api
         #: told the resource ("thinvolume", "thinsnapshot", "thinpool") of every failed reconcile
         self._on_error = on_error
+        #: told (operation, gRPC code name, seconds) of every pool operation run for a CR
+        self._on_operation = on_operation
         self._engine = engine
         self._node = node
         self._pool = pool
@@ -297,6 +300,21 @@ class Agent:
             self._count_error(kind)
             self._retry(key, exc)
 
+    @contextlib.contextmanager
+    def _timed(self, operation: str) -> Iterator[None]:
+        """Tell on_operation how long a pool operation took and how it ended (its gRPC code)."""
+        started = time.monotonic()
+        code = "INTERNAL"  # anything that is not a domain error is one
+        try:
+            yield
+            code = "OK"
+        except errors.CsiThinError as exc:
+            code = exc.code
+            raise
+        finally:
+            if self._on_operation is not None:
+                self._on_operation(operation, code, time.monotonic() - started)
+
     def _count_error(self, kind: res.Kind) -> None:
         if self._on_error is not None:
             self._on_error(kind.value.lower())
@@ -389,7 +407,8 @@ class Agent:
         if tv.spec.size_bytes <= dev.size_bytes:
             return dev, "", ""
         try:
-            return self._engine.grow(tv.name, tv.spec.size_bytes, deadline=deadline), "", ""
+            with self._timed("grow"):
+                return self._engine.grow(tv.name, tv.spec.size_bytes, deadline=deadline), "", ""
         except TRANSIENT:
             raise
         except errors.CsiThinError as exc:
@@ -403,12 +422,16 @@ class Agent:
         if tv.spec.fs_type:
             attrs[model.ATTR_FS_TYPE] = tv.spec.fs_type
         if tv.spec.source is None:
-            return self._engine.create_volume(
-                tv.name, tv.spec.size_bytes, deadline=deadline, attributes=attrs
-            )
+            with self._timed("create_volume"):
+                return self._engine.create_volume(
+                    tv.name, tv.spec.size_bytes, deadline=deadline, attributes=attrs
+                )
         source = tv.spec.source.name
         self._require_source(source, res.ThinSnapshot if tv.spec.source.snapshot else res.ThinVolume)
-        return self._engine.clone(tv.name, source, tv.spec.size_bytes, deadline=deadline, attributes=attrs)
+        with self._timed("clone"):
+            return self._engine.clone(
+                tv.name, source, tv.spec.size_bytes, deadline=deadline, attributes=attrs
+            )
 
     def _require_source(self, name: str, cls: type[res.ThinVolume] | type[res.ThinSnapshot]) -> None:
         dev = self._engine.get(name)
@@ -466,7 +489,8 @@ class Agent:
             ts = self._claim(ts, deadline=dl)
             try:
                 self._require_source(ts.spec.source_volume, res.ThinVolume)
-                dev = self._engine.create_snapshot(ts.name, ts.spec.source_volume, deadline=dl)
+                with self._timed("create_snapshot"):
+                    dev = self._engine.create_snapshot(ts.name, ts.spec.source_volume, deadline=dl)
             except (_WaitForSource, *TRANSIENT):
                 raise
             except errors.CsiThinError as exc:
@@ -528,7 +552,8 @@ class Agent:
                 f"{obj.name}: the object being deleted is gone; reconcile the current one"
             )
         try:
-            self._engine.delete(obj.name, deadline=deadline)
+            with self._timed("delete"):
+                self._engine.delete(obj.name, deadline=deadline)
         except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged
             self._event(obj, "DeleteBlocked", exc.message, deadline=deadline)
             raise
