@@ -56,16 +56,21 @@ context() {
   rm -rf "$CTX" && mkdir -p "$CTX/wheels"
   "$PY" -m pip freeze --exclude-editable > "$CTX/constraints.txt"
   # pip builds the project in a temporary copy (never in the tree), deps from its cache or the index
-  "$PY" -m pip wheel -q --no-cache-dir -c "$CTX/constraints.txt" -w "$CTX/wheels" "$ROOT" >&2
+  # a fixed SOURCE_DATE_EPOCH makes the csi-thin wheel byte-for-byte the same for the same code, so
+  # buildah's layer cache keeps the install layer when only something else changed
+  SOURCE_DATE_EPOCH=315532800 "$PY" -m pip wheel -q --no-cache-dir -c "$CTX/constraints.txt" \
+    -w "$CTX/wheels" "$ROOT" >&2
   rm "$CTX/constraints.txt"
-  unzip -l "$CTX"/wheels/csi_thin-"$VERSION"-*.whl | grep -q 'csi_thin/csi/pb/csi_pb2.py' \
+  # (no `unzip | grep -q` under pipefail: grep's early exit would fail the pipe by SIGPIPE)
+  [ -n "$(unzip -Z1 "$CTX"/wheels/csi_thin-"$VERSION"-*.whl csi_thin/csi/pb/csi_pb2.py 2>/dev/null)" ] \
     || { echo "image: the csi-thin wheel lacks the generated stubs" >&2; exit 1; }
   echo "$key" > "$CTX/.key"
   echo "image: context $CTX ($(ls "$CTX/wheels" | wc -l) wheels)" >&2
   echo "$key"
 }
 
-BUILDAH=(buildah --root "$CACHE/storage" --runroot "$CACHE/run" --storage-driver overlay)
+# overlay needs a cache directory that is not itself on overlayfs (a container's root): vfs then
+BUILDAH=(buildah --root "$CACHE/storage" --runroot "$CACHE/run" --storage-driver "${CSI_THIN_STORAGE_DRIVER:-overlay}")
 
 base() {
   [ -n "$SOURCES" ] || { echo "image: no Debian apt sources found (set CSI_THIN_APT_SOURCES)" >&2; exit 1; }
@@ -75,8 +80,9 @@ base() {
   if [ ! -s "$tar" ]; then
     local t0=$SECONDS
     echo "image: making the base $FROM from Debian packages ($SOURCES) ..." >&2
-    mmdebstrap -q "${MMDEB[@]}" --format=tar "$SUITE" "$tar.tmp" "$SOURCES" >&2
-    mv "$tar.tmp" "$tar"
+    # a name of its own: another checkout on this machine may be making the same base right now
+    mmdebstrap -q "${MMDEB[@]}" --format=tar "$SUITE" "$tar.$$.tmp" "$SOURCES" >&2
+    mv "$tar.$$.tmp" "$tar"
     echo "image: base made in $((SECONDS - t0))s" >&2
   fi
   if [ "$(cat "$CACHE/storage-base.key" 2>/dev/null)" != "$key" ] \
