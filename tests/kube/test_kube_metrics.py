@@ -1,7 +1,7 @@
-"""A running Kubernetes-mode node process scraped over HTTP on 127.0.0.1: in Kubernetes mode the
-pool's creates, snapshots, grows and deletes come through CRs, not through the node's gRPC edge, so
-their latency and codes are the node agent's pool_operation_duration_seconds; the pool gauges are the
-same as standalone's."""
+"""Running Kubernetes-mode node and controller processes scraped over HTTP on 127.0.0.1: in
+Kubernetes mode the pool's creates, snapshots, grows and deletes come through CRs, not through the
+node's gRPC edge, so their latency and codes are the node agent's pool_operation_duration_seconds
+(the pool gauges are the same as standalone's); the controller times its wait for each verdict."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import re
 
 from csi_thin.csi.pb import csi_pb2
 from tests import scrape
-from tests.kube.conftest import Cluster, MiB
+from tests.kube.conftest import Cluster, MiB, Proc
 from tests.kube.test_kube_mode import create_req
 
 _ADDRESS = re.compile(r"msg=serving http \(/healthz, /metrics\) address=(\S+)")
 
 
-def _address(c: Cluster, key: str) -> str:
-    found = _ADDRESS.search(c.nodes[key].proc.log.read_text(errors="replace"))
-    assert found, f"node {key} logged no HTTP address:\n{c.nodes[key].proc.tail()}"
+def _address(proc: Proc) -> str:
+    found = _ADDRESS.search(proc.log.read_text(errors="replace"))
+    assert found, f"{proc.argv[3]} logged no HTTP address:\n{proc.tail()}"
     return found.group(1)
 
 
@@ -25,7 +25,7 @@ def test_a_node_exports_its_pool_and_the_operations_it_ran_for_crs(cluster: Clus
     c = cluster
     a = c.nodes["a"].name
     ctl = c.controller()
-    address = _address(c, "a")
+    address = _address(c.nodes["a"].proc)
     before = scrape.metrics(address)
     assert before["csi_thin_pool_operation_duration_seconds"].type == "histogram"
     assert not before["csi_thin_pool_operation_duration_seconds"].samples
@@ -55,3 +55,12 @@ def test_a_node_exports_its_pool_and_the_operations_it_ran_for_crs(cluster: Clus
         assert scrape.value(fams, "csi_thin_reconcile_errors_total", resource=resource) == 0
     labels = [s.labels for f in fams.values() for s in f.samples]
     assert not any(vol.volume_id in label.values() for label in labels), "no volume names as labels"
+
+    # the controller's side of the same calls: each waited for node a's verdict on its CR
+    ctl_fams = scrape.metrics(_address(c.controller_proc))
+    waits = "csi_thin_cr_wait_seconds_count"
+    for op in ("create_volume", "create_snapshot", "expand"):
+        assert scrape.value(ctl_fams, waits, operation=op, outcome="ok") == 1, op
+    assert scrape.value(ctl_fams, waits, operation="delete", outcome="ok") == 2
+    rpc = "csi_thin_operation_duration_seconds_count"
+    assert scrape.value(ctl_fams, rpc, operation="ControllerExpandVolume", grpc_code="OK") == 1
