@@ -19,79 +19,9 @@ import yaml
 from csi_thin import config
 from tests import conftest
 from tests import csi_harness as h
+from tests import helmchart as hc
 
 pytestmark = pytest.mark.tools
-
-CHART = conftest.ROOT / "charts" / "csi-thin"
-SNAPSHOT_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
-MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
-NS = "csi-thin"
-MONITORING_ON = {
-    "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
-    "grafanaDashboard": {"enabled": True},
-}
-E2E = {
-    "hostNetwork": True,
-    "apiServer": {"host": "127.0.0.1", "port": 16443},
-    "kubeletDir": "/root/.cache/csi-thin/kube-e2e/var/lib/kubelet",
-    "pool": {"backend": "reflink", "reflink": {"imageSize": "2GiB"}},
-    "storageClass": {"fsType": "xfs"},
-}
-
-#: name -> (values, API versions the cluster serves)
-MATRIX: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "defaults": ({}, ()),
-    "dmthin-devices": (
-        {"pool": {"dmthin": {"dataDevice": "/dev/vg0/thin-data", "metadataDevice": "/dev/vg0/thin-meta"}}},
-        (),
-    ),
-    "dmthin-loop-files": ({"pool": {"dmthin": {"dataSize": "100GiB", "metadataSize": "1GiB"}}}, ()),
-    "reflink-image": ({"pool": {"backend": "reflink"}}, ()),
-    "reflink-directory": ({"pool": {"backend": "reflink", "reflink": {"directory": "/srv/csi-thin"}}}, ()),
-    "snapshot-api": ({}, (SNAPSHOT_API,)),
-    "monitoring-on-api-absent": (MONITORING_ON, ()),
-    "monitoring-on-api-present": (MONITORING_ON, (SNAPSHOT_API, *MONITORING_APIS)),
-    "monitoring-off-api-present": ({}, MONITORING_APIS),
-    "e2e-cluster": (E2E, (SNAPSHOT_API,)),
-}
-
-
-def kube_version() -> str:
-    """The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion), for `helm template`."""
-    m = re.search(r'^kubeVersion: ">=([0-9.]+)-0"$', (CHART / "Chart.yaml").read_text(), re.MULTILINE)
-    assert m, "Chart.yaml has no kubeVersion of the form >=X.Y.Z-0"
-    return m.group(1)
-
-
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(conftest.tool("helm")), *args], capture_output=True, text=True, timeout=120, check=False
-    )
-
-
-def render_text(
-    tmp_path: pathlib.Path, values: dict[str, Any], api_versions: tuple[str, ...] = (), *extra: str
-) -> subprocess.CompletedProcess[str]:
-    vfile = tmp_path / "values.yaml"
-    vfile.write_text(yaml.safe_dump(values))
-    args = ["template", "csi-thin", str(CHART), "--namespace", NS, "--kube-version", kube_version()]
-    for api in api_versions:
-        args += ["--api-versions", api]
-    return helm(*args, "-f", str(vfile), *extra)
-
-
-def render(
-    tmp_path: pathlib.Path, values: dict[str, Any], api_versions: tuple[str, ...] = (), *extra: str
-) -> list[dict[str, Any]]:
-    out = render_text(tmp_path, values, api_versions, *extra)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind}/{name}: {len(found)} rendered"
-    return found[0]
 
 
 def containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,32 +39,32 @@ def _deep(base: dict[str, Any], path: str) -> Any:
     return base
 
 
-@pytest.mark.parametrize("case", list(MATRIX))
+@pytest.mark.parametrize("case", list(hc.MATRIX))
 def test_lint_strict(tmp_path: pathlib.Path, case: str) -> None:
-    values, _ = MATRIX[case]
+    values, _ = hc.MATRIX[case]
     vfile = tmp_path / "values.yaml"
     vfile.write_text(yaml.safe_dump(values))
-    out = helm("lint", "--strict", str(CHART), "--kube-version", kube_version(), "-f", str(vfile))
+    out = hc.helm("lint", "--strict", str(hc.CHART), "--kube-version", hc.kube_version(), "-f", str(vfile))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 chart(s) failed" in out.stdout, out.stdout
     assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("case", list(MATRIX))
+@pytest.mark.parametrize("case", list(hc.MATRIX))
 def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
-    values, apis = MATRIX[case]
-    docs = render(tmp_path, values, apis)
+    values, apis = hc.MATRIX[case]
+    docs = hc.render(tmp_path, values, apis)
     kinds = sorted(d["kind"] for d in docs)
     monitoring = _deep(values, "monitoring.serviceMonitor.enabled") is True
     # optional objects appear exactly when asked for and when the cluster serves their API
-    assert kinds.count("VolumeSnapshotClass") == (SNAPSHOT_API in apis)
-    assert kinds.count("ServiceMonitor") == (monitoring and MONITORING_APIS[0] in apis)
-    assert kinds.count("PrometheusRule") == (monitoring and MONITORING_APIS[1] in apis)
+    assert kinds.count("VolumeSnapshotClass") == (hc.SNAPSHOT_API in apis)
+    assert kinds.count("ServiceMonitor") == (monitoring and hc.MONITORING_APIS[0] in apis)
+    assert kinds.count("PrometheusRule") == (monitoring and hc.MONITORING_APIS[1] in apis)
     assert kinds.count("ConfigMap") == 1 + (_deep(values, "grafanaDashboard.enabled") is True)
     for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass", "Service", "Role", "RoleBinding"):
         assert kinds.count(kind) == 1, kinds
     # the sidecars and the driver: every image pulled only when missing, every process pointed at
-    # the API server override when one is given, every pod on the node's network when asked
+    # the API server override when hc.one is given, every pod on the node's network when asked
     api = values.get("apiServer", {})
     for c in containers(docs):
         assert c["imagePullPolicy"] == "IfNotPresent", c["name"]
@@ -145,21 +75,21 @@ def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
         else:
             assert "KUBERNETES_SERVICE_HOST" not in env, c["name"]
     for kind, name in (("Deployment", "csi-thin-controller"), ("DaemonSet", "csi-thin-node")):
-        pod = one(docs, kind, name)["spec"]["template"]["spec"]
+        pod = hc.one(docs, kind, name)["spec"]["template"]["spec"]
         assert pod.get("hostNetwork", False) is values.get("hostNetwork", False), kind
 
 
-@pytest.mark.parametrize("case", list(MATRIX))
+@pytest.mark.parametrize("case", list(hc.MATRIX))
 def test_pool_config_is_one_the_driver_accepts(tmp_path: pathlib.Path, case: str) -> None:
     """The ConfigMap's pool.yaml goes through csi_thin.config, as `csi-thin node` will read it, and
     every file the pool makes lives in the state dir the DaemonSet mounts from the host."""
-    values, apis = MATRIX[case]
-    docs = render(tmp_path, values, apis)
-    raw = yaml.safe_load(one(docs, "ConfigMap", "csi-thin-pool")["data"]["pool.yaml"])
+    values, apis = hc.MATRIX[case]
+    docs = hc.render(tmp_path, values, apis)
+    raw = yaml.safe_load(hc.one(docs, "ConfigMap", "csi-thin-pool")["data"]["pool.yaml"])
     cfg = config.pool_from_dict(raw)
     pool = values.get("pool", {})
     assert cfg.backend.value == pool.get("backend", "dmthin")
-    ds = one(docs, "DaemonSet", "csi-thin-node")["spec"]["template"]["spec"]
+    ds = hc.one(docs, "DaemonSet", "csi-thin-node")["spec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in ds["containers"][0]["volumeMounts"]}
     state = "/var/lib/csi-thin"
     assert state in mounts
@@ -188,17 +118,17 @@ def test_pool_config_is_one_the_driver_accepts(tmp_path: pathlib.Path, case: str
 
 def test_node_plugin_pod(tmp_path: pathlib.Path) -> None:
     """What the issue asks of the node DaemonSet, in the e2e cluster's settings (a kubelet dir that is
-    not the default one, host networking, the API server on loopback)."""
-    docs = render(tmp_path, E2E, (SNAPSHOT_API,))
-    ds = one(docs, "DaemonSet", "csi-thin-node")
+    not the default hc.one, host networking, the API server on loopback)."""
+    docs = hc.render(tmp_path, hc.E2E, (hc.SNAPSHOT_API,))
+    ds = hc.one(docs, "DaemonSet", "csi-thin-node")
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
     pod = ds["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
-    (c,) = pod["containers"]  # one container: it registers with kubelet itself
+    (c,) = pod["containers"]  # hc.one container: it registers with kubelet itself
     assert c["securityContext"]["privileged"] is True
-    kubelet = E2E["kubeletDir"]
+    kubelet = hc.E2E["kubeletDir"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts[kubelet]["mountPropagation"] == "Bidirectional"
     assert "/dev" in mounts
@@ -218,14 +148,14 @@ def test_node_plugin_pod(tmp_path: pathlib.Path) -> None:
 
 
 def test_controller_pod(tmp_path: pathlib.Path) -> None:
-    docs = render(tmp_path, {})
-    pod = one(docs, "Deployment", "csi-thin-controller")["spec"]["template"]["spec"]
+    docs = hc.render(tmp_path, {})
+    pod = hc.one(docs, "Deployment", "csi-thin-controller")["spec"]["template"]["spec"]
     by_name = {c["name"]: c for c in pod["containers"]}
     assert set(by_name) == {"csi-thin", "csi-provisioner", "csi-snapshotter", "csi-resizer"}
     assert by_name["csi-thin"]["args"][:2] == ["controller", "--endpoint=unix:///csi/csi.sock"]
     assert (
         by_name["csi-thin"]["image"]
-        == f"csi-thin:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
+        == f"csi-thin:{yaml.safe_load((hc.CHART / 'Chart.yaml').read_text())['appVersion']}"
     )
     # the provisioner's flags, as issue 10 lists them
     assert {
@@ -253,31 +183,31 @@ def test_controller_pod(tmp_path: pathlib.Path) -> None:
     # the sidecar image names are the only registry host in the chart, and they are in values.yaml
     hosts = {i.split("/")[0] for i in images if "/" in i}
     assert hosts == {"registry.k8s.io"}
-    for path in CHART.rglob("*"):
+    for path in hc.CHART.rglob("*"):
         if path.is_file() and path.name != "values.yaml":
             assert "registry.k8s.io" not in path.read_text(), path
 
 
 def test_storage_and_snapshot_classes(tmp_path: pathlib.Path) -> None:
-    docs = render(tmp_path, {"storageClass": {"fsType": "xfs", "default": True}}, (SNAPSHOT_API,))
-    sc = one(docs, "StorageClass", "csi-thin")
+    docs = hc.render(tmp_path, {"storageClass": {"fsType": "xfs", "default": True}}, (hc.SNAPSHOT_API,))
+    sc = hc.one(docs, "StorageClass", "csi-thin")
     assert sc["provisioner"] == "csi-thin.io"
     assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
     assert sc["allowVolumeExpansion"] is True
     assert sc["parameters"] == {"csi.storage.k8s.io/fstype": "xfs"}
     assert sc["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
-    assert one(docs, "VolumeSnapshotClass", "csi-thin")["driver"] == "csi-thin.io"
-    drv = one(docs, "CSIDriver", "csi-thin.io")["spec"]
+    assert hc.one(docs, "VolumeSnapshotClass", "csi-thin")["driver"] == "csi-thin.io"
+    drv = hc.one(docs, "CSIDriver", "csi-thin.io")["spec"]
     assert drv["attachRequired"] is False and drv["storageCapacity"] is True
     assert drv["fsGroupPolicy"] == "File" and drv["volumeLifecycleModes"] == ["Persistent"]
 
 
 def test_prometheus_rule_is_the_alerts_file(tmp_path: pathlib.Path) -> None:
-    docs = render(tmp_path, MONITORING_ON, MONITORING_APIS)
-    rule = one(docs, "PrometheusRule", "csi-thin")
-    assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
-    sm = one(docs, "ServiceMonitor", "csi-thin-node")
-    svc = one(docs, "Service", "csi-thin-node")
+    docs = hc.render(tmp_path, hc.MONITORING_ON, hc.MONITORING_APIS)
+    rule = hc.one(docs, "PrometheusRule", "csi-thin")
+    assert rule["spec"] == yaml.safe_load((hc.CHART / "files" / "alerts.yaml").read_text())
+    sm = hc.one(docs, "ServiceMonitor", "csi-thin-node")
+    svc = hc.one(docs, "Service", "csi-thin-node")
     # the alerts expect the scrape job csi-thin-node: the ServiceMonitor's job is its Service's name
     assert "jobLabel" not in sm["spec"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
@@ -285,8 +215,8 @@ def test_prometheus_rule_is_the_alerts_file(tmp_path: pathlib.Path) -> None:
 
 
 def test_dashboard_reads_only_metrics_the_process_exports(tmp_path: pathlib.Path) -> None:
-    docs = render(tmp_path, {"grafanaDashboard": {"enabled": True}})
-    dash = json.loads(one(docs, "ConfigMap", "csi-thin-dashboard")["data"]["csi-thin.json"])
+    docs = hc.render(tmp_path, {"grafanaDashboard": {"enabled": True}})
+    dash = json.loads(hc.one(docs, "ConfigMap", "csi-thin-dashboard")["data"]["csi-thin.json"])
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {name for e in exprs for name in re.findall(r"\bcsi_thin_\w+", e)}
     for wanted in ("csi_thin_pool_data_used_bytes", "csi_thin_pool_metadata_capacity_bytes"):
@@ -324,16 +254,16 @@ def test_dashboard_reads_only_metrics_the_process_exports(tmp_path: pathlib.Path
     ],
 )
 def test_schema_refuses_bad_values(tmp_path: pathlib.Path, values: dict[str, Any], says: str) -> None:
-    out = render_text(tmp_path, values)
+    out = hc.render_text(tmp_path, values)
     assert out.returncode != 0, f"rendered with bad values {values}"
     assert "don't meet the specifications of the schema" in out.stderr, out.stderr
     assert says in out.stderr, out.stderr
 
 
 def test_kube_version_below_the_chart_minimum_is_refused(tmp_path: pathlib.Path) -> None:
-    major, minor, _ = kube_version().split(".")
+    major, minor, _ = hc.kube_version().split(".")
     older = f"{major}.{int(minor) - 1}.0"
-    out = helm("template", "csi-thin", str(CHART), "--kube-version", older)
+    out = hc.helm("template", "csi-thin", str(hc.CHART), "--kube-version", older)
     assert out.returncode != 0 and "incompatible with Kubernetes" in out.stderr, out.stderr
 
 
