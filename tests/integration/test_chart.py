@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from csi_thin import config
+from csi_thin import cli, config, httpserver
 from tests import conftest
 from tests import csi_harness as h
 from tests import helmchart as hc
@@ -186,6 +186,51 @@ def test_controller_pod(tmp_path: pathlib.Path) -> None:
     for path in hc.CHART.rglob("*"):
         if path.is_file() and path.name != "values.yaml":
             assert "registry.k8s.io" not in path.read_text(), path
+
+
+@pytest.mark.parametrize("case", list(hc.MATRIX))
+def test_driver_args_are_ones_the_cli_accepts(tmp_path: pathlib.Path, case: str) -> None:
+    """The csi-thin containers' command lines go through csi-thin's own parser (a flag it does not
+    know ends the process at start), with kubelet's $(VAR) expansion of the pod's env done first."""
+    values, apis = hc.MATRIX[case]
+    docs = hc.render(tmp_path, values, apis)
+    env = {"NODE_NAME": "node-a", "POD_IP": "10.1.2.3", "POD_NAME": "p", "NAMESPACE": hc.NS}
+    seen = set()
+    for c in containers(docs):
+        if c["name"] != "csi-thin":
+            continue
+        assert c["command"] == ["csi-thin"]
+        argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
+        assert {e["name"] for e in c["env"]} >= {n for a in c["args"] for n in re.findall(r"\$\((\w+)\)", a)}
+        try:
+            args = cli.build_parser().parse_args(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"csi-thin refuses {argv}") from exc
+        seen.add(args.command)
+        if args.command == "node":
+            assert args.node_id == "node-a"
+            assert httpserver.parse_address(args.http_endpoint) == (
+                "10.1.2.3",
+                values.get("node", {}).get("httpPort", 9808),
+            )
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert pathlib.PurePath(args.pool_config).parent.as_posix() in mounts
+    assert seen == {"controller", "node"}
+
+
+def test_controller_http_endpoint_is_optional(tmp_path: pathlib.Path) -> None:
+    """Off by default (no probe, no port); on, the driver serves /healthz there and kubelet probes it."""
+    for port in (0, 9812):
+        docs = hc.render(tmp_path, {"controller": {"httpPort": port}})
+        pod = hc.one(docs, "Deployment", "csi-thin-controller")["spec"]["template"]["spec"]
+        c = next(c for c in pod["containers"] if c["name"] == "csi-thin")
+        flags = [a for a in c["args"] if a.startswith("--http-endpoint")]
+        if port:
+            assert flags == [f"--http-endpoint=$(POD_IP):{port}"]
+            assert c["ports"] == [{"name": "http", "containerPort": port}]
+            assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        else:
+            assert not flags and "livenessProbe" not in c and "ports" not in c
 
 
 def test_storage_and_snapshot_classes(tmp_path: pathlib.Path) -> None:
