@@ -305,6 +305,15 @@ def test_schema_refuses_bad_values(tmp_path: pathlib.Path, values: dict[str, Any
     assert says in out.stderr, out.stderr
 
 
+def test_set_on_the_command_line_passes_the_schema(tmp_path: pathlib.Path) -> None:
+    """helm's --set hands 0.9 over as a string: the schema takes it, and the pool config gets a number."""
+    docs = hc.render(tmp_path, {}, (), "--set", "pool.thresholds.data=0.9", "--set", "overprovisionRatio=2.5")
+    raw = yaml.safe_load(hc.one(docs, "ConfigMap", "csi-thin-pool")["data"]["pool.yaml"])
+    assert config.pool_from_dict(raw).thresholds.data == 0.9
+    out = hc.render_text(tmp_path, {}, (), "--set", "pool.thresholds.data=1.5")
+    assert out.returncode != 0 and "/pool/thresholds/data" in out.stderr, out.stderr
+
+
 def test_kube_version_below_the_chart_minimum_is_refused(tmp_path: pathlib.Path) -> None:
     major, minor, _ = hc.kube_version().split(".")
     older = f"{major}.{int(minor) - 1}.0"
