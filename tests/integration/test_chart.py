@@ -11,6 +11,7 @@ import json
 import pathlib
 import re
 import subprocess
+import tomllib
 from typing import Any
 
 import pytest
@@ -216,6 +217,13 @@ def test_driver_args_are_ones_the_cli_accepts(tmp_path: pathlib.Path, case: str)
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             assert pathlib.PurePath(args.pool_config).parent.as_posix() in mounts
     assert seen == {"controller", "node"}
+
+
+def test_app_version_is_the_driver_version() -> None:
+    """The default image tag is the chart's appVersion, and `make image` tags the driver's version."""
+    chart = yaml.safe_load((hc.CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((conftest.ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
 
 
 def test_controller_http_endpoint_is_optional(tmp_path: pathlib.Path) -> None:
