@@ -78,6 +78,12 @@ def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
     for kind, name in (("Deployment", "csi-thin-controller"), ("DaemonSet", "csi-thin-node")):
         pod = hc.one(docs, kind, name)["spec"]["template"]["spec"]
         assert pod.get("hostNetwork", False) is values.get("hostNetwork", False), kind
+    # a rollout on the node's network cannot surge: the new pod would need the old one's ports
+    strategy = hc.one(docs, "Deployment", "csi-thin-controller")["spec"].get("strategy", {})
+    if values.get("hostNetwork"):
+        assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    else:
+        assert strategy == {}
 
 
 @pytest.mark.parametrize("case", list(hc.MATRIX))
