@@ -6,7 +6,8 @@
 - node (a DaemonSet): CSI Identity + Node over the node's pool engine, plus the node agent that
   reconciles this node's CRs through the same engine. Start-up order: load the pool config; take the
   pool's owner lock, assemble, recover (csi_thin.app.open_engine); start the agent (start-up
-  reconcile, including the rebuild of a lost LMDB from the CRs); then serve CSI.
+  reconcile, including the rebuild of a lost LMDB from the CRs); its private control socket in the
+  state dir (csi_thin.node.control: `pool gc --orphans --node-id N`); then serve CSI.
 
 The kubeconfig is a file (`--kubeconfig`) or, when absent, the pod's service account.
 """
@@ -28,7 +29,7 @@ from csi_thin.csi import controller_service, identity_service, node_service, reg
 from csi_thin.kube import client as client_mod
 from csi_thin.kube import crengine
 from csi_thin.node import agent as agent_mod
-from csi_thin.node import volumes
+from csi_thin.node import control, volumes
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,9 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
             )
             agent.start(deadline=deadline_mod.default())
             stack.callback(agent.stop)
+            ctl = control.Server(cfg.state_dir, agent=agent, node=args.node_id)
+            ctl.start()  # `csi-thin pool gc --orphans --node-id N` asks here
+            stack.callback(ctl.stop)
             proc.serve(
                 server.Services(
                     identity=identity_service.IdentityService(
