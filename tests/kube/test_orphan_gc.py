@@ -1,8 +1,8 @@
 """`csi-thin pool gc --orphans --node-id N` end to end: the command, run as an operator runs it next
 to a node agent (`kubectl exec` into the node pod), asks the running agent over its private socket.
-Devices whose CRs were removed by force are orphans: reported in the ThinPool status when the agent starts, kept
-within the grace period, deleted after it; one whose CR comes back meanwhile is saved. Exit codes:
-0 (also with orphans still waiting), 1 (no agent; another node's agent), 2 (bad input)."""
+Devices whose CRs were removed by force are orphans: reported in the ThinPool status once the agent
+starts, kept within the grace period, deleted after it; one whose CR comes back meanwhile is saved.
+Exit codes: 0 (also with orphans still waiting), 1 (no agent; another node's agent), 2 (bad input)."""
 
 from __future__ import annotations
 
