@@ -874,6 +874,10 @@ class Agent:
         with contextlib.suppress(errors.AlreadyExists):
             self._api.create(want, deadline=deadline)
 
+    def orphans(self) -> tuple[str, ...]:
+        """What no CR owns, as the ThinPool status lists it (the metrics read it at scrape time)."""
+        return self._orphans()
+
     def _orphans(self) -> tuple[str, ...]:
         """What no CR in this agent's cache owns: record names, then "id:N" for ids no record owns.
         Each one's orphan clock starts here if it was not running (and stops for what is no orphan

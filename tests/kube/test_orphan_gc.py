@@ -7,9 +7,11 @@ Exit codes: 0 (also with orphans still waiting), 1 (no agent; another node's age
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 
 from csi_thin import deadline as deadline_mod
 from csi_thin.csi.pb import csi_pb2
@@ -25,6 +27,17 @@ def gc(c: Cluster, key: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*argv, str(c.nodes[key].config), *args], check=False, capture_output=True, text=True, timeout=120
     )
+
+
+def orphan_gauge(c: Cluster, key: str) -> float:
+    """csi_thin_pool_orphan_devices from the node's /metrics (its port, picked by the kernel, is in its
+    log's last start-up)."""
+    log = c.nodes[key].proc.log.read_text()
+    address = re.findall(r"msg=serving http \(/healthz, /metrics\) address=(\S+)", log)[-1]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        body = resp.read().decode()
+    (value,) = re.findall(r'^csi_thin_pool_orphan_devices\{pool="p"\} (\S+)$', body, re.MULTILINE)
+    return float(value)
 
 
 def test_orphans_wait_for_their_grace_period_and_a_cr_saves_one(cluster: Cluster) -> None:
@@ -45,6 +58,7 @@ def test_orphans_wait_for_their_grace_period_and_a_cr_saves_one(cluster: Cluster
     c.nodes["a"].proc.start()
     orphans = sorted([gone.volume_id, saved.volume_id])
     assert sorted(c.pool("a")["status"]["orphans"]) == orphans
+    assert orphan_gauge(c, "a") == 2.0  # records no CR owns count too, not only ids no record owns
 
     # within the grace period: kept, and said so; exit 0
     first = gc(c, "a", "--node-id", a, "--grace", "1h", "--json")
@@ -85,6 +99,7 @@ def test_orphans_wait_for_their_grace_period_and_a_cr_saves_one(cluster: Cluster
     assert report == {"deleted": [gone.volume_id], "waiting": [], "kept": [], "failed": []}
     assert c.devices("a") == [saved.volume_id]
     assert c.pool("a")["status"]["orphans"] == []
+    assert orphan_gauge(c, "a") == 0.0
     # again: nothing to do
     again = gc(c, "a", "--node-id", a, "--grace", "0", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["deleted"] == []
