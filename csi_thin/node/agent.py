@@ -125,7 +125,6 @@ class Coalescer:
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.published = 0  # publishes attempted (a test reads it)
 
     def mark(self) -> None:
         self._dirty.set()
@@ -150,7 +149,6 @@ class Coalescer:
                 return
             self._dirty.clear()
             last = time.monotonic()
-            self.published += 1
             if self._publish():
                 backoff = 0.0
             else:
@@ -795,7 +793,13 @@ class Agent:
                 continue  # a CR for it arrived meanwhile
             age = now - since[orphan]
             if age < grace_seconds:
-                waiting.append(Waiting(orphan, round(age, 1), round(grace_seconds - age, 1)))
+                waiting.append(
+                    Waiting(
+                        name=orphan,
+                        orphan_seconds=round(age, 1),
+                        eligible_in_seconds=round(grace_seconds - age, 1),
+                    )
+                )
                 continue
             # no reconcile in between: one could otherwise take up the device of a CR that appears
             # after the fresh read, while it is being deleted
@@ -823,7 +827,9 @@ class Agent:
                 self._orphan_since.pop(orphan, None)
             deleted.append(orphan)
             log.info("event=orphan-deleted name=%s orphan_seconds=%.0f", orphan, age)
-        return GcReport(tuple(deleted), tuple(waiting), tuple(kept), tuple(failed))
+        return GcReport(
+            deleted=tuple(deleted), waiting=tuple(waiting), kept=tuple(kept), failed=tuple(failed)
+        )
 
     def _owner(self, orphan: str, *, deadline: deadline_mod.Deadline) -> str:
         """Which CR names this orphan, by name or by its status.deviceId; "" when none does. Read
@@ -850,7 +856,7 @@ class Agent:
         return ""
 
     def _delete_orphan(self, orphan: str, *, deadline: deadline_mod.Deadline) -> str:
-        """Delete one orphan; "" when it is gone, else why it stays (active)."""
+        """Delete one orphan; "" when it is gone now, else why it stays (active; gone already)."""
         if orphan.startswith(ID_PREFIX):
             dev_id = int(orphan[len(ID_PREFIX) :])
             if self._engine.delete_orphans([dev_id], deadline=deadline):
@@ -858,6 +864,8 @@ class Agent:
             if dev_id in self._engine.orphans():
                 return "active: in use on this node"
             return "no orphan any more: a record owns the id now"
+        if self._engine.get(orphan) is None:
+            return "gone already (another gc?)"
         try:
             self._engine.delete(orphan, deadline=deadline)
         except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged
