@@ -46,8 +46,9 @@ def test_the_thinpool_status_follows_a_create_promptly(cluster: Cluster) -> None
     seen = time.monotonic() - created
     assert got is not None and got.status.provisioned_bytes == 64 * MiB
     # the agent marked the status dirty before the volume was Ready: published within the interval
-    # of that (slack for a loaded machine), far before the 30 s periodic refresh
-    assert seen < agent_mod.PUBLISH_INTERVAL + 2.0, seen
+    # of that (plus slack for API round trips on a loaded machine), long before the periodic refresh
+    # (30 s after the agent's start, seconds ago)
+    assert seen < agent_mod.PUBLISH_INTERVAL + 5.0 < agent_mod.REFRESH_SECONDS / 2, seen
     # what GetCapacity says now is computed from that status
     status = c.pool("a")["status"]
     assert status["lastUpdated"] >= before["lastUpdated"] and status["volumes"] == 1
