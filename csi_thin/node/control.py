@@ -3,10 +3,11 @@
 process from changing it) and has the API server at hand to check each orphan against the CRs, so
 the command asks it instead of opening the pool itself.
 
-Who may ask is decided by the filesystem: the socket is `<state_dir>/agent.sock`, mode 0600 inside
-the 0700 state directory, and the peer must run as the agent's own uid (SO_PEERCRED): whoever may
-open the pool's own files (root on the node, e.g. `kubectl exec` into the node pod), as for the
-standalone `pool gc`. No network, no token to leak.
+Who may ask is decided by the filesystem and the kernel: the socket is `<state_dir>/agent.sock`,
+mode 0600 (the state dir is made 0700), and the peer must run as the agent's own uid (SO_PEERCRED,
+checked on every connection, so a looser directory changes nothing): whoever may open the pool's
+own files (root on the node, e.g. `kubectl exec` into the node pod), as for the standalone
+`pool gc`. No network, no token to leak.
 
 One JSON line each way:
     {"op": "gc-orphans", "node": "<node id>", "grace_seconds": 3600, "timeout_seconds": 60}
