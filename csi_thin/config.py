@@ -32,6 +32,23 @@ def parse_size(value: str | int) -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str) -> float:
+    """Seconds from '90', '90s', '30m' or '1h' (>= 0)."""
+    text = value.strip().lower()
+    scale = _DURATION_UNITS.get(text[-1:], 0.0)
+    number = text[:-1] if scale else text
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise errors.InvalidArgument(f"duration {value!r}: expected e.g. 90s, 30m or 1h") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise errors.InvalidArgument(f"duration {value!r} must be a finite number >= 0")
+    return seconds
+
+
 class BackendKind(enum.StrEnum):
     DMTHIN = "dmthin"
     REFLINK = "reflink"

@@ -70,7 +70,10 @@ class Pool(Protocol):
 
     def intents(self) -> Sequence[object]: ...
 
-    def orphans(self) -> builtins.list[int]: ...
+    def orphans(self) -> Sequence[object]:
+        """Pool devices no owner claims: ids no record owns (standalone); in Kubernetes mode also the
+        records no CR owns (the node agent's view)."""
+        ...
 
 
 def _name(suffix: str) -> str:
@@ -180,7 +183,7 @@ class PoolCollector:
             ),
             gauge(
                 "pool_orphan_devices",
-                "pool devices no record owns (csi-thin pool gc --orphans)",
+                "pool devices no record (Kubernetes mode: no CR) owns (csi-thin pool gc --orphans)",
                 len(pool.orphans()),
             ),
             gauge("pool_lost_devices", "records whose pool device is gone (never re-created empty)", lost),

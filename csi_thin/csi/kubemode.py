@@ -7,7 +7,8 @@
 - node (a DaemonSet): CSI Identity + Node over the node's pool engine, plus the node agent that
   reconciles this node's CRs through the same engine. Start-up order: load the pool config; take the
   pool's owner lock, assemble, recover (csi_thin.app.open_engine); start the agent (start-up
-  reconcile, including the rebuild of a lost LMDB from the CRs); then serve CSI.
+  reconcile, including the rebuild of a lost LMDB from the CRs); its private control socket in the
+  state dir (csi_thin.node.control: `pool gc --orphans --node-id N`); then serve CSI.
 
 The kubeconfig is a file (`--kubeconfig`) or, when absent, the pod's service account.
 """
@@ -20,6 +21,7 @@ import functools
 import logging
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from csi_thin import config, errors, httpserver, model
@@ -30,7 +32,8 @@ from csi_thin.csi import controller_service, identity_service, node_service, reg
 from csi_thin.kube import client as client_mod
 from csi_thin.kube import crengine
 from csi_thin.node import agent as agent_mod
-from csi_thin.node import volumes
+from csi_thin.node import control, volumes
+from csi_thin.pool import engine
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,30 @@ def controller_main(args: argparse.Namespace) -> int:
     return 0
 
 
+class _AgentPool:
+    """The pool as the metrics read it in Kubernetes mode: the engine's, with the agent's orphans."""
+
+    def __init__(self, eng: engine.PoolEngine, agent: agent_mod.Agent) -> None:
+        self._eng = eng
+        self._agent = agent
+
+    @property
+    def thresholds(self) -> model.Thresholds:
+        return self._eng.thresholds
+
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+        return self._eng.status(deadline=deadline)
+
+    def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]:
+        return self._eng.list(kind=kind)
+
+    def intents(self) -> Sequence[object]:
+        return self._eng.intents()
+
+    def orphans(self) -> Sequence[object]:
+        return self._agent.orphans()
+
+
 def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory) -> int:
     _logging(args)
     try:
@@ -159,6 +186,11 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
             )
             agent.start(deadline=deadline_mod.default())
             stack.callback(agent.stop)
+            # orphans as the agent sees them (records no CR owns too), not only ids no record owns
+            proc.metrics.attach_pool(cfg.name, _AgentPool(eng, agent))
+            ctl = control.Server(cfg.state_dir, agent=agent, node=args.node_id)
+            ctl.start()  # `csi-thin pool gc --orphans --node-id N` asks here
+            stack.callback(ctl.stop)
             proc.serve(
                 server.Services(
                     identity=identity_service.IdentityService(

@@ -296,7 +296,12 @@ class Client:
         deadline: deadline_mod.Deadline,
     ) -> None:
         """Record an Event on a (cluster-scoped) object, in the default namespace. Best effort: an
-        event that cannot be written is logged, never a reason to fail the reconcile."""
+        event that cannot be written is logged, never a reason to fail the reconcile.
+
+        Why `default`: an Event is namespaced and a ThinVolume is not. client-go's recorder does the
+        same for cluster-scoped objects (an empty namespace becomes metav1.NamespaceDefault), so
+        `kubectl describe thinvolume X` and `kubectl get events -n default` find them where they find
+        the events of Nodes and PersistentVolumes."""
         body = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",

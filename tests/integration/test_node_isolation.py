@@ -21,8 +21,8 @@ NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
 
 @pytest.fixture(scope="module")
-def env(crds: kubeenv.KubeEnv) -> kubeenv.KubeEnv:
-    kubecrds.install_rbac(crds, NS)
+def env(crds: kubeenv.KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> kubeenv.KubeEnv:
+    kubecrds.install_rbac(crds, tmp_path_factory.mktemp("rbac"), NS)
     return crds
 
 
