@@ -21,6 +21,8 @@
 # 4. The archive is rebuilt only when its inputs change (stamp: hash of the Containerfile, this
 #    script, the base key and the wheels' inputs), so a warm `make image` costs a hash.
 set -euo pipefail
+# context and base run as $(...): without this, a failing command inside them would not stop them
+shopt -s inherit_errexit
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 CACHE=${CSI_THIN_CACHE:-$HOME/.cache/csi-thin}/image
@@ -70,10 +72,14 @@ context() {
 }
 
 # overlay needs a cache directory that is not itself on overlayfs (a container's root): vfs then
-BUILDAH=(buildah --root "$CACHE/storage" --runroot "$CACHE/run" --storage-driver "${CSI_THIN_STORAGE_DRIVER:-overlay}")
+# runroot: containers-storage's volatile state (mount counts, locks) belongs on /run, which a
+# reboot empties, not beside the layers
+BUILDAH=(buildah --root "$CACHE/storage" --runroot /run/csi-thin-image
+  --storage-driver "${CSI_THIN_STORAGE_DRIVER:-overlay}")
 
 base() {
   [ -n "$SOURCES" ] || { echo "image: no Debian apt sources found (set CSI_THIN_APT_SOURCES)" >&2; exit 1; }
+  [ -r "$SOURCES" ] || { echo "image: apt sources $SOURCES: not a readable file" >&2; exit 1; }
   local key; key=$( { echo "$SUITE ${MMDEB[*]}"; mmdebstrap --version; cat "$SOURCES"; } | hash)
   local tar=$CACHE/base-$key.tar
   mkdir -p "$CACHE"
@@ -88,9 +94,12 @@ base() {
   if [ "$(cat "$CACHE/storage-base.key" 2>/dev/null)" != "$key" ] \
     || ! "${BUILDAH[@]}" inspect --type image "localhost/$FROM" >/dev/null 2>&1; then
     local c; c=$("${BUILDAH[@]}" from --pull=never scratch)
+    # a failed step must not leave its working container in the storage
+    trap '"${BUILDAH[@]}" rm "$c" >/dev/null 2>&1' ERR
     "${BUILDAH[@]}" add "$c" "$tar" / >/dev/null
     "${BUILDAH[@]}" config --cmd '["bash"]' --label "io.csi-thin.base-key=$key" "$c"
     "${BUILDAH[@]}" commit -q --rm "$c" "localhost/$FROM" >/dev/null
+    trap - ERR
     echo "$key" > "$CACHE/storage-base.key"
     echo "image: base committed as localhost/$FROM" >&2
   fi
