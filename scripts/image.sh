@@ -45,7 +45,10 @@ SLIM=(
   --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*'
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias'
 )
-MMDEB=(--variant=minbase --include=debian-archive-keyring --skip=output/dev "${SLIM[@]}")
+# merged-usr hook: /usr merged by symlinks set up before the essential packages, as the official
+# images are; without it apt picks `usrmerge` to do that, which drags perl in (50 MB)
+MMDEB=(--variant=minbase --include=debian-archive-keyring --skip=output/dev
+  --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr "${SLIM[@]}")
 
 hash() { sha256sum | cut -c1-16; }
 
