@@ -56,13 +56,15 @@ context() {
   local key; key=$( { cat "$ROOT/pyproject.toml" "$0"; "$PY" -m pip freeze --exclude-editable;
     (cd "$ROOT" && find csi_thin -type f \( -name '*.py' -o -name '*.pyi' -o -name py.typed \) \
       -not -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum); } | hash)
-  if [ "$(cat "$CTX/.key" 2>/dev/null)" = "$key" ]; then echo "image: context up to date"; echo "$key"; return; fi
+  # stdout is the key (the caller captures it): messages go to stderr
+  if [ "$(cat "$CTX/.key" 2>/dev/null)" = "$key" ]; then echo "image: context up to date" >&2; echo "$key"; return; fi
   [ -f "$ROOT/csi_thin/csi/pb/csi_pb2.py" ] || { echo "image: generated stubs missing: run make proto" >&2; exit 1; }
   rm -rf "$CTX" && mkdir -p "$CTX/wheels"
   "$PY" -m pip freeze --exclude-editable > "$CTX/constraints.txt"
-  # pip builds the project in a temporary copy (never in the tree), deps from its cache or the index
-  # a fixed SOURCE_DATE_EPOCH makes the csi-thin wheel byte-for-byte the same for the same code, so
+  # setuptools builds in the tree (build/, csi_thin.egg-info/: gitignored); deps come from pip's cache
+  # or the index. A fixed SOURCE_DATE_EPOCH makes the csi-thin wheel byte-for-byte the same for the same code, so
   # buildah's layer cache keeps the install layer when only something else changed
+  rm -rf "$ROOT/build"  # setuptools would ship a module deleted from the tree but still in build/lib
   SOURCE_DATE_EPOCH=315532800 "$PY" -m pip wheel -q --no-cache-dir -c "$CTX/constraints.txt" \
     -w "$CTX/wheels" "$ROOT" >&2
   rm "$CTX/constraints.txt"
@@ -74,9 +76,9 @@ context() {
   echo "$key"
 }
 
-# overlay needs a cache directory that is not itself on overlayfs (a container's root): vfs then
-# runroot: containers-storage's volatile state (mount counts, locks) belongs on /run, which a
-# reboot empties, not beside the layers
+# runroot: containers-storage's volatile state (mount counts, locks) belongs on /run, which a reboot
+# empties, not beside the layers. overlay needs a cache directory that is not itself on overlayfs
+# (a container's root): CSI_THIN_STORAGE_DRIVER=vfs there.
 BUILDAH=(buildah --root "$CACHE/storage" --runroot /run/csi-thin-image
   --storage-driver "${CSI_THIN_STORAGE_DRIVER:-overlay}")
 
