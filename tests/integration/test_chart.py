@@ -62,8 +62,11 @@ def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
     assert kinds.count("ServiceMonitor") == (monitoring and hc.MONITORING_APIS[0] in apis)
     assert kinds.count("PrometheusRule") == (monitoring and hc.MONITORING_APIS[1] in apis)
     assert kinds.count("ConfigMap") == 1 + (_deep(values, "grafanaDashboard.enabled") is True)
-    for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass", "Service", "Role", "RoleBinding"):
+    for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass", "Service"):
         assert kinds.count(kind) == 1, kinds
+    # the controller's in its namespace, the node's Events in `default`
+    for kind in ("Role", "RoleBinding"):
+        assert kinds.count(kind) == 2, kinds
     # the sidecars and the driver: every image pulled only when missing, every process pointed at
     # the API server override when hc.one is given, every pod on the node's network when asked
     api = values.get("apiServer", {})
