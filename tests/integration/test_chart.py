@@ -322,6 +322,15 @@ def test_schema_refuses_bad_values(tmp_path: pathlib.Path, values: dict[str, Any
     assert says in out.stderr, out.stderr
 
 
+def test_one_disk_as_data_and_metadata_is_refused(tmp_path: pathlib.Path) -> None:
+    """The schema cannot compare two values; the template does: one disk as both would have the
+    volumes' data overwrite the pool's metadata."""
+    devices = {"dataDevice": "/dev/sdb", "metadataDevice": "/dev/sdb"}
+    out = hc.render_text(tmp_path, {"pool": {"dmthin": devices}})
+    assert out.returncode != 0, "rendered with one disk as data and metadata"
+    assert "dataDevice and metadataDevice must be two devices" in out.stderr, out.stderr
+
+
 def test_set_on_the_command_line_passes_the_schema(tmp_path: pathlib.Path) -> None:
     """helm's --set hands 0.9 over as a string: the schema takes it, and the pool config gets a number."""
     docs = hc.render(tmp_path, {}, (), "--set", "pool.thresholds.data=0.9", "--set", "overprovisionRatio=2.5")

@@ -70,6 +70,10 @@ state_dir: {{ $dir }}/store
 {{- if eq $p.backend "dmthin" }}
 dmthin:
   {{- if $p.dmthin.dataDevice }}
+  {{- if eq (clean $p.dmthin.dataDevice) (clean $p.dmthin.metadataDevice) }}
+  {{- /* the schema cannot compare two values: one disk as both would have data overwrite metadata */}}
+  {{- fail (printf "pool.dmthin: dataDevice and metadataDevice must be two devices, both are %s" $p.dmthin.dataDevice) }}
+  {{- end }}
   data_device: {{ $p.dmthin.dataDevice }}
   metadata_device: {{ $p.dmthin.metadataDevice }}
   {{- else }}
