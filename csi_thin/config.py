@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import pathlib
+import posixpath
 import re
 from typing import Any
 
@@ -85,6 +86,14 @@ class DmThinConfig:
             raise errors.InvalidArgument("dmthin pool: data_device and metadata_device go together")
         if files and (not self.data_file or self.data_size <= 0):
             raise errors.InvalidArgument("dmthin pool: data_file needs a positive data_size")
+        # the kernel takes one device as both and formats the metadata at its start, where the first
+        # data blocks land too: every volume's writes would then overwrite the pool's metadata
+        pairs = ((self.data_device, self.metadata_device), (self.data_file, self.metadata_file))
+        for data, meta in pairs:
+            if data and meta and posixpath.normpath(data) == posixpath.normpath(meta):
+                raise errors.InvalidArgument(
+                    f"dmthin pool: data and metadata must be different devices or files, both are {data}"
+                )
         bs = self.block_size
         if bs < 64 * model.KiB or bs > model.GiB or bs % (64 * model.KiB):
             raise errors.InvalidArgument(

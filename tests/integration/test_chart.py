@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from csi_thin import cli, config, httpserver
+from csi_thin import cli, config, errors, httpserver
+from csi_thin.node import agent
 from tests import conftest
 from tests import csi_harness as h
 from tests import helmchart as hc
@@ -62,8 +63,11 @@ def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
     assert kinds.count("ServiceMonitor") == (monitoring and hc.MONITORING_APIS[0] in apis)
     assert kinds.count("PrometheusRule") == (monitoring and hc.MONITORING_APIS[1] in apis)
     assert kinds.count("ConfigMap") == 1 + (_deep(values, "grafanaDashboard.enabled") is True)
-    for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass", "Service", "Role", "RoleBinding"):
+    for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass", "Service"):
         assert kinds.count(kind) == 1, kinds
+    # the controller's in its namespace, the node's Events in `default`
+    for kind in ("Role", "RoleBinding"):
+        assert kinds.count(kind) == 2, kinds
     # the sidecars and the driver: every image pulled only when missing, every process pointed at
     # the API server override when hc.one is given, every pod on the node's network when asked
     api = values.get("apiServer", {})
@@ -149,9 +153,12 @@ def test_node_plugin_pod(tmp_path: pathlib.Path) -> None:
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    # kubelet waits longer than the process drains in-flight calls after SIGTERM
+    # kubelet waits longer than the process takes to stop after SIGTERM: it drains in-flight CSI
+    # calls within --grace, and then lets the agent finish the CR it is reconciling (a snapshot may
+    # hold its origin frozen or suspended meanwhile: a SIGKILL there leaves it so until the plugin
+    # starts again, after an uninstall never), which is bounded by the agent's reconcile deadline
     grace = next(int(a.split("=")[1]) for a in args if a.startswith("--grace="))
-    assert pod["terminationGracePeriodSeconds"] > grace
+    assert pod["terminationGracePeriodSeconds"] > grace + agent.RECONCILE_SECONDS
 
 
 def test_controller_pod(tmp_path: pathlib.Path) -> None:
@@ -317,6 +324,58 @@ def test_schema_refuses_bad_values(tmp_path: pathlib.Path, values: dict[str, Any
     assert out.returncode != 0, f"rendered with bad values {values}"
     assert "don't meet the specifications of the schema" in out.stderr, out.stderr
     assert says in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        *({"dmthin": {"blockSize": bs}} for bs in ("64KiB", "192KiB", "0064KiB", "1MiB", "1G", "65536")),
+        *({"dmthin": {"blockSize": bs}} for bs in ("32KiB", "100KiB", "2GiB", "1T", "1048640K", "0")),
+        {"dmthin": {"dataSize": "0"}},
+        {"dmthin": {"dataSize": "0", "dataDevice": "/dev/sdb", "metadataDevice": "/dev/sdc"}},
+        {"backend": "reflink", "reflink": {"imageSize": "0"}},
+        {"backend": "reflink", "reflink": {"imageSize": "0", "directory": "/srv/csi-thin"}},
+    ],
+)
+def test_chart_refuses_the_pools_the_node_plugin_refuses(
+    tmp_path: pathlib.Path, pool: dict[str, Any]
+) -> None:
+    """A pool config csi_thin.config refuses stops the node plugin at start, on every node at once:
+    helm must refuse the same values (the schema checks their form, the template what a pattern
+    cannot: ranges, multiples, zero sizes), and render every one the driver takes."""
+    out = hc.render_text(tmp_path, {"pool": pool})
+    dm, rl = pool.get("dmthin", {}), pool.get("reflink", {})
+    if pool.get("backend") == "reflink":
+        section = {"directory": rl.get("directory") or "/s/mnt", "image_size": rl.get("imageSize", "1GiB")}
+        if not rl.get("directory"):
+            section["image_file"] = "/s/pool.img"
+        raw: dict[str, Any] = {"reflink": section}
+    elif dm.get("dataDevice"):
+        raw = {"dmthin": {"data_device": dm["dataDevice"], "metadata_device": dm["metadataDevice"]}}
+    else:
+        raw = {"dmthin": {"data_file": "/s/d", "data_size": dm.get("dataSize", "10GiB")}}
+    raw["dmthin" if "dmthin" in raw else "reflink"].setdefault("block_size", dm.get("blockSize", "64KiB"))
+    try:
+        cfg = config.pool_from_dict(
+            {"name": "pool", "backend": pool.get("backend", "dmthin"), "state_dir": "/s", **raw}
+        )
+        if cfg.reflink is not None and cfg.reflink.image_file and cfg.reflink.image_size == 0:
+            # what a fresh node does with it (csi_thin.pool.reflink: no image to make of size 0)
+            raise errors.InvalidArgument("reflink pool image is missing and image_size is 0")
+    except errors.InvalidArgument as exc:
+        assert out.returncode != 0, f"helm renders {pool}, which the node plugin refuses: {exc.message}"
+        assert "pool." in out.stderr, out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+
+
+def test_one_disk_as_data_and_metadata_is_refused(tmp_path: pathlib.Path) -> None:
+    """The schema cannot compare two values; the template does: one disk as both would have the
+    volumes' data overwrite the pool's metadata."""
+    devices = {"dataDevice": "/dev/sdb", "metadataDevice": "/dev/sdb"}
+    out = hc.render_text(tmp_path, {"pool": {"dmthin": devices}})
+    assert out.returncode != 0, "rendered with one disk as data and metadata"
+    assert "dataDevice and metadataDevice must be two devices" in out.stderr, out.stderr
 
 
 def test_set_on_the_command_line_passes_the_schema(tmp_path: pathlib.Path) -> None:

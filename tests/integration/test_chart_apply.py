@@ -217,6 +217,9 @@ ACCESS: list[tuple[str, str, str, str, str, str, bool]] = [
     (NODE, "create", "csi-thin.io", "thinpools", "", "", True),
     (NODE, "patch", "csi-thin.io", "thinpools", "status", "", True),
     (NODE, "create", "events.k8s.io", "events", "", "default", True),
+    # its Events go to `default` (csi_thin.kube.client.Client.event), nowhere else
+    (NODE, "create", "events.k8s.io", "events", "", "kube-system", False),
+    (NODE, "patch", "events.k8s.io", "events", "", NS, False),
     (NODE, "create", "csi-thin.io", "thinvolumes", "", "", False),
     (NODE, "delete", "csi-thin.io", "thinvolumes", "", "", False),
     (NODE, "create", "", "persistentvolumes", "", "", False),
