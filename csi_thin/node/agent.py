@@ -149,11 +149,22 @@ class Coalescer:
                 return
             self._dirty.clear()
             last = time.monotonic()
-            if self._publish():
+            if self._publish_once():
                 backoff = 0.0
             else:
                 self._dirty.set()
                 backoff = min(RETRY_CAP, max(RETRY_FIRST, backoff * 2))
+
+
+    def _publish_once(self) -> bool:
+        """One publish; an unexpected exception is a failed one (retried with backoff), never the
+        end of this thread: a dead writer would leave the ThinPool status, and so GetCapacity, stale
+        until the process restarts."""
+        try:
+            return self._publish()
+        except Exception:
+            log.exception("event=pool-status-crashed")
+            return False
 
 
 class _Queue:

@@ -195,3 +195,30 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(errors.InvalidArgument):
         config.parse_duration(text)
+
+
+def test_a_publish_that_raises_does_not_end_the_writer() -> None:
+    """An unexpected exception in one publish (a bug, an error the client does not translate) is a
+    failed publish, retried: the writer thread must not die with it, or the ThinPool status (and so
+    GetCapacity) would stay stale until the process restarts."""
+    calls: list[float] = []
+    cond = threading.Condition()
+
+    def publish() -> bool:
+        with cond:
+            calls.append(time.monotonic())
+            cond.notify_all()
+        if len(calls) == 1:
+            raise RuntimeError("not a CsiThinError")
+        return True
+
+    co = agent_mod.Coalescer(publish, interval=0.01, period=3600)
+    co.start()
+    try:
+        co.mark()
+        # the failed one is retried after the first backoff, no new mark needed
+        assert _wait(cond, lambda: len(calls) >= 2, 10), calls
+        co.mark()
+        assert _wait(cond, lambda: len(calls) >= 3, 10), calls
+    finally:
+        co.stop()
