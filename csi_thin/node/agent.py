@@ -155,7 +155,6 @@ class Coalescer:
                 self._dirty.set()
                 backoff = min(RETRY_CAP, max(RETRY_FIRST, backoff * 2))
 
-
     def _publish_once(self) -> bool:
         """One publish; an unexpected exception is a failed one (retried with backoff), never the
         end of this thread: a dead writer would leave the ThinPool status, and so GetCapacity, stale
@@ -243,6 +242,8 @@ class Agent:
         self._orphan_since: dict[str, float] = {}
         #: held by each reconcile and by gc around each fresh check and delete: the two never interleave
         self._work_lock = threading.Lock()
+        #: set by stop: gc (on the control socket's threads) starts no check or delete after it
+        self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._vol_follower: watch.Follower[res.ThinVolume] = watch.Follower(
             api, res.ThinVolume, node=node, on_object=self._seen_volume, on_list=self._listed_volumes
@@ -302,12 +303,21 @@ class Agent:
         return report
 
     def stop(self) -> None:
+        """Stop, and return only when no reconcile or gc uses the engine any more (bounded by
+        RECONCILE_SECONDS each): the caller closes the engine and lets go of the pool next."""
+        self._stopping.set()
         self._vol_follower.stop()
         self._snap_follower.stop()
         self._queue.close()
         self._status.stop()
         for thread in self._threads:
             thread.join(timeout=RECONCILE_SECONDS)
+        # a gc in flight runs on a control socket thread, which nobody joins: wait for the orphan it
+        # has in hand (it takes no other once `_stopping` is set)
+        if self._work_lock.acquire(timeout=RECONCILE_SECONDS):
+            self._work_lock.release()
+        else:
+            log.error("event=agent-stop-timeout what=a gc or reconcile still holds the pool")
 
     # ---- watch callbacks -----------------------------------------------------------------------
 
@@ -791,6 +801,8 @@ class Agent:
         No `--force` as standalone mode needs after a rebuilt store (where orphans may be the lost
         store's volumes): here the CRs, read afresh, say what is legitimate.
         """
+        if self._stopping.is_set():
+            raise errors.Unavailable("the node agent is stopping")
         found = self._orphans()
         now = time.monotonic()
         with self._lock:
@@ -816,6 +828,10 @@ class Agent:
             # after the fresh read, while it is being deleted
             if not self._work_lock.acquire(timeout=max(0.0, deadline.remaining())):
                 failed.append(Kept(orphan, "DEADLINE_EXCEEDED: a reconcile held the pool meanwhile"))
+                continue
+            if self._stopping.is_set():  # the engine is about to close under us
+                self._work_lock.release()
+                failed.append(Kept(orphan, "UNAVAILABLE: the node agent is stopping"))
                 continue
             try:
                 owner = self._owner(orphan, deadline=deadline)

@@ -17,6 +17,7 @@ from csi_thin import cli, config, errors
 from csi_thin import deadline as deadline_mod
 from csi_thin.node import agent as agent_mod
 from csi_thin.node import control
+from tests.unit.fake_engine import FakeEngine
 
 
 def _wait(cond: threading.Condition, pred: object, timeout: float) -> bool:
@@ -222,3 +223,57 @@ def test_a_publish_that_raises_does_not_end_the_writer() -> None:
         assert _wait(cond, lambda: len(calls) >= 3, 10), calls
     finally:
         co.stop()
+
+
+class _OrphanEngine(FakeEngine):
+    """Records with no CR are the orphans here; no pool ids without a record."""
+
+    def orphans(self) -> list[int]:
+        return []
+
+
+class _SlowApi:
+    """An API server that answers the first read only when released; no CR exists."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def find(self, cls: object, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+
+    def list(
+        self, cls: object, *, deadline: deadline_mod.Deadline, node: str | None = None
+    ) -> tuple[list[object], str]:
+        return [], "1"
+
+
+def test_stop_waits_for_an_orphan_delete_in_flight_and_gc_touches_the_pool_no_more() -> None:
+    """The node process closes the engine (and lets go of the pool's owner lock) right after
+    `agent.stop()`. A gc running on the control socket's thread must not be left deleting in a closed
+    engine: stop waits for the orphan in hand, and gc deletes nothing once the agent is stopping."""
+    eng = _OrphanEngine()
+    for name in ("v-a", "v-b"):
+        eng.create_volume(name, 1 << 20, deadline=deadline_mod.Deadline.after(10))
+    api = _SlowApi()
+    agent = agent_mod.Agent(api=api, engine=eng, node="n1", pool="p", overprovision_ratio=10.0)  # type: ignore[arg-type]
+    got: list[agent_mod.GcReport] = []
+    gc = threading.Thread(
+        target=lambda: got.append(agent.gc_orphans(grace_seconds=0, deadline=deadline_mod.Deadline.after(30)))
+    )
+    gc.start()
+    assert api.entered.wait(10)  # gc checks v-a against the API server, the pool in its hands
+    stopper = threading.Thread(target=agent.stop)
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive(), "stop returned while gc was checking and deleting: the engine closes under it"
+    api.release.set()
+    stopper.join(10)
+    gc.join(10)
+    assert not stopper.is_alive() and not gc.is_alive()
+    (report,) = got
+    assert report.deleted == ("v-a",)  # the one in hand was finished
+    assert eng.get("v-b") is not None, "gc deleted after the agent stopped"
+    assert [k.name for k in report.failed] == ["v-b"] and "stopping" in report.failed[0].reason
