@@ -46,6 +46,9 @@ _SUN_PATH_MAX = 107
 _LINE_MAX = 64 * 1024
 #: a request may ask for at most this long (the CLI's --timeout)
 MAX_TIMEOUT_SECONDS = 600.0
+#: how long the request line may take to arrive, and the answer to be taken: a client that stalls
+#: (a killed `kubectl exec`, a stray socat) must not hold a thread and a descriptor forever
+IO_SECONDS = 10.0
 
 
 def socket_path(state_dir: str) -> str:
@@ -80,6 +83,8 @@ class Server:
         serve_one = self._serve_one
 
         class Handler(socketserver.StreamRequestHandler):
+            timeout = IO_SECONDS  # on the connection's reads and writes; gc itself reads no socket
+
             def handle(self) -> None:
                 serve_one(self.connection, self.rfile, self.wfile)
 
@@ -119,7 +124,10 @@ class Server:
     def _answer(self, conn: socket.socket, rfile: Any) -> dict[str, Any]:
         if _peer_uid(conn) != os.getuid():
             raise errors.PermissionDenied("the agent's control socket answers its own uid only")
-        line = rfile.readline(_LINE_MAX)
+        try:
+            line = rfile.readline(_LINE_MAX)
+        except TimeoutError:
+            raise errors.InvalidArgument(f"no request line within {IO_SECONDS:.0f}s") from None
         try:
             req = json.loads(line)
         except ValueError as exc:

@@ -6,8 +6,10 @@ refusals and the CLI's exit codes."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pathlib
+import socket
 import threading
 import time
 
@@ -277,3 +279,30 @@ def test_stop_waits_for_an_orphan_delete_in_flight_and_gc_touches_the_pool_no_mo
     assert report.deleted == ("v-a",)  # the one in hand was finished
     assert eng.get("v-b") is not None, "gc deleted after the agent stopped"
     assert [k.name for k in report.failed] == ["v-b"] and "stopping" in report.failed[0].reason
+
+
+def test_a_client_that_sends_nothing_is_answered_and_let_go(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects and then stalls (a killed `kubectl exec`, a stray socat) must not hold a
+    thread and a descriptor of the agent forever: the request line has a time limit."""
+    monkeypatch.setattr(control, "IO_SECONDS", 0.5)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    fake = FakeAgent()
+    srv = control.Server(str(state), agent=fake, node="n1")  # type: ignore[arg-type]
+    srv.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+            stalled.settimeout(10)
+            stalled.connect(control.socket_path(str(state)))
+            # meanwhile others are served
+            assert control.request_gc(str(state), node="n1", grace_seconds=0, timeout=5)["deleted"] == [
+                "v-old"
+            ]
+            with stalled.makefile("rb") as rfile:
+                answer = json.loads(rfile.readline())  # TimeoutError here: held forever
+        assert answer["error"]["code"] == "INVALID_ARGUMENT" and "no request" in answer["error"]["message"]
+        assert fake.asked == [0]
+    finally:
+        srv.stop()
