@@ -952,7 +952,13 @@ class Agent:
             store_transaction_id=self._engine.store.transaction_id(),
             last_updated=client_mod.now(),
         )
-        obj = self._api.get(res.ThinPool, self.pool_object_name, deadline=deadline)
+        obj = self._api.find(res.ThinPool, self.pool_object_name, deadline=deadline)
+        if obj is None:
+            # deleted under us (made only at start-up): a node with no ThinPool has no capacity for
+            # the controller, so make it again rather than fail every publish until a restart
+            log.warning("event=pool-object-recreated name=%s", self.pool_object_name)
+            self._ensure_pool_object(deadline=deadline)
+            obj = self._api.get(res.ThinPool, self.pool_object_name, deadline=deadline)
         self._api.put_status(obj, status.to_dict(), deadline=deadline)
 
 
