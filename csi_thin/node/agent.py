@@ -240,6 +240,10 @@ class Agent:
         #: it, continuously an orphan since (monotonic). In memory only: a restart restarts the clock
         #: (see gc_orphans)
         self._orphan_since: dict[str, float] = {}
+        #: record name -> device id, of the orphan records gc deleted: a CR of that name seen later (a
+        #: restore, spec only, made even while gc deleted) is Lost, not given a new empty device.
+        #: In memory: a restart forgets them
+        self._collected: dict[str, int] = {}
         #: held by each reconcile and by gc around each fresh check and delete: the two never interleave
         self._work_lock = threading.Lock()
         #: set by stop: gc (on the control socket's threads) starts no check or delete after it
@@ -465,6 +469,9 @@ class Agent:
             if tv.status.device_id or tv.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(tv, "its device is not in the pool (never re-created empty)", deadline=dl)
                 return
+            if tv.name in self._collected:
+                self._lost(tv, self._collected_why(tv.name), deadline=dl)
+                return
             if tv.status.phase == res.Phase.FAILED and tv.status.observed_generation >= tv.meta.generation:
                 return  # the controller reads the verdict and deletes the object
             tv = self._claim(tv, deadline=dl)
@@ -577,6 +584,9 @@ class Agent:
         if dev is None:
             if ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(ts, "its device is not in the pool", deadline=dl)
+                return
+            if ts.name in self._collected:
+                self._lost(ts, self._collected_why(ts.name), deadline=dl)
                 return
             if ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation:
                 return
@@ -798,6 +808,10 @@ class Agent:
         time kept across restarts would count time that nobody watched (the agent down while, say,
         CRs are being restored from a backup); restarting it only ever delays a deletion.
 
+        The fresh read cannot stop a CR being made right after it (a restore from a backup, spec only):
+        a record it deletes is remembered (`_collected`), and a CR of that name is then Lost, never
+        given a new empty device (a CR whose status names the device is Lost anyway).
+
         No `--force` as standalone mode needs after a rebuilt store (where orphans may be the lost
         store's volumes): here the CRs, read afresh, say what is legitimate.
         """
@@ -891,13 +905,24 @@ class Agent:
             if dev_id in self._engine.orphans():
                 return "active: in use on this node"
             return "no orphan any more: a record owns the id now"
-        if self._engine.get(orphan) is None:
+        dev = self._engine.get(orphan)
+        if dev is None:
             return "gone already (another gc?)"
         try:
             self._engine.delete(orphan, deadline=deadline)
         except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged
             return exc.message
+        # before the work lock goes: a CR of this name made since the fresh read (a restore) waits
+        # for it, and its reconcile must find this
+        with self._lock:
+            self._collected[orphan] = dev.dev_id
         return ""
+
+    def _collected_why(self, name: str) -> str:
+        return (
+            f"its device {self._collected[name]} was deleted by `csi-thin pool gc --orphans` (no CR named "
+            "it for the grace period); never re-created empty"
+        )
 
     # ---- ThinPool ------------------------------------------------------------------------------
 
