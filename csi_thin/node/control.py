@@ -183,10 +183,17 @@ def request_gc(state_dir: str, *, node: str, grace_seconds: float, timeout: floa
             raise errors.Unavailable(f"{path}: {exc}") from exc
         try:
             sock.sendall(json.dumps(req).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before reading the request (a refused peer): read the answer
+        except TimeoutError as exc:
+            raise errors.DeadlineExceeded(f"the node agent did not answer within {timeout:.0f}s") from exc
+        try:
             with sock.makefile("rb") as rfile:
                 line = rfile.readline()
         except TimeoutError as exc:
             raise errors.DeadlineExceeded(f"the node agent did not answer within {timeout:.0f}s") from exc
+        except OSError as exc:
+            raise errors.Unavailable(f"the node agent closed {path} without an answer: {exc}") from exc
     try:
         answer = json.loads(line)
     except ValueError as exc:

@@ -5,10 +5,10 @@ mode loosened by mistake, is refused before its request is read, and the agent i
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import pathlib
 import socket
+import time
 
 import pytest
 
@@ -28,35 +28,37 @@ class _Agent:
         return agent_mod.GcReport(deleted=(), waiting=(), kept=(), failed=())
 
 
-def _ask_as(uid: int, path: str) -> bytes:
-    """One gc request line sent from a forked child running as `uid`; the answer line it got."""
-    req = json.dumps({"op": "gc-orphans", "node": "n1", "grace_seconds": 0, "timeout_seconds": 5}).encode()
+def _ask_as(uid: int, state: str) -> str:
+    """`control.request_gc` as the CLI runs it, from a forked child running as `uid`: what it raised.
+
+    The child's request is sent only once the agent has had ample time to refuse and close (a slow
+    client, a busy machine): the refusal must still reach it, not a broken pipe."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no pytest from here, only os._exit
-        code = 0
         try:
             os.close(r)
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(10)
-                s.connect(path)
-                s.sendall(req + b"\n")
-                with s.makefile("rb") as rfile:
-                    os.write(w, rfile.readline())
+            send = socket.socket.sendall
+
+            def late_sendall(sock: socket.socket, data: bytes) -> None:
+                time.sleep(0.5)
+                send(sock, data)
+
+            socket.socket.sendall = late_sendall  # type: ignore[assignment,method-assign]
+            control.request_gc(state, node="n1", grace_seconds=0, timeout=5)
+            os.write(w, b"answered")
         except BaseException as exc:
-            os.write(w, f"child failed: {exc!r}".encode())
-            code = 1
+            os.write(w, f"{type(exc).__name__}: {exc}".encode())
         finally:
-            os._exit(code)
+            os._exit(0)
     os.close(w)
-    chunks = []
     with os.fdopen(r, "rb") as rf:
-        chunks.append(rf.read())
+        got = rf.read().decode()
     os.waitpid(pid, 0)
-    return b"".join(chunks)
+    return got
 
 
 def test_another_uid_is_refused_even_through_loosened_modes(
@@ -76,10 +78,8 @@ def test_another_uid_is_refused_even_through_loosened_modes(
         for d in dirs:
             os.chmod(d, modes[d] | 0o011)
         os.chmod(path, 0o666)
-        answer = _ask_as(NOBODY, path)
-        got = json.loads(answer) if answer.startswith(b"{") else answer
-        assert isinstance(got, dict), got
-        assert got["error"]["code"] == "PERMISSION_DENIED", got
+        got = _ask_as(NOBODY, str(state))
+        assert got.startswith("PermissionDenied: the agent's control socket answers its own uid only"), got
         assert fake.asked == []
         # its own uid is answered through the same socket
         assert control.request_gc(str(state), node="n1", grace_seconds=0, timeout=5)["deleted"] == []
