@@ -854,6 +854,8 @@ class Agent:
                         self._orphan_since.pop(orphan, None)
                     kept.append(Kept(orphan, f"{owner} names it (read afresh from the API server)"))
                     continue
+                if self._stopping.is_set():  # stop gave up waiting during the read: the engine closes
+                    raise errors.Unavailable("the node agent is stopping")
                 refused = self._delete_orphan(orphan, deadline=deadline)
             except errors.CsiThinError as exc:
                 failed.append(Kept(orphan, f"{exc.code}: {exc.message}"))

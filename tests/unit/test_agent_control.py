@@ -252,31 +252,47 @@ class _SlowApi:
         return [], "1"
 
 
+class _SlowDeleteEngine(_OrphanEngine):
+    """Its first delete runs only when released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def delete(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+        super().delete(name, deadline=deadline)
+
+
 def test_stop_waits_for_an_orphan_delete_in_flight_and_gc_touches_the_pool_no_more() -> None:
     """The node process closes the engine (and lets go of the pool's owner lock) right after
     `agent.stop()`. A gc running on the control socket's thread must not be left deleting in a closed
-    engine: stop waits for the orphan in hand, and gc deletes nothing once the agent is stopping."""
-    eng = _OrphanEngine()
+    engine: stop waits for the delete in flight, and gc deletes nothing once the agent is stopping."""
+    eng = _SlowDeleteEngine()
     for name in ("v-a", "v-b"):
         eng.create_volume(name, 1 << 20, deadline=deadline_mod.Deadline.after(10))
     api = _SlowApi()
+    api.entered.set()  # the API server answers at once here
     agent = agent_mod.Agent(api=api, engine=eng, node="n1", pool="p", overprovision_ratio=10.0)  # type: ignore[arg-type]
     got: list[agent_mod.GcReport] = []
     gc = threading.Thread(
         target=lambda: got.append(agent.gc_orphans(grace_seconds=0, deadline=deadline_mod.Deadline.after(30)))
     )
     gc.start()
-    assert api.entered.wait(10)  # gc checks v-a against the API server, the pool in its hands
+    assert eng.entered.wait(10)  # gc is deleting v-a
     stopper = threading.Thread(target=agent.stop)
     stopper.start()
     stopper.join(0.5)
-    assert stopper.is_alive(), "stop returned while gc was checking and deleting: the engine closes under it"
-    api.release.set()
+    assert stopper.is_alive(), "stop returned while gc was deleting: the engine closes under it"
+    eng.release.set()
     stopper.join(10)
     gc.join(10)
     assert not stopper.is_alive() and not gc.is_alive()
     (report,) = got
-    assert report.deleted == ("v-a",)  # the one in hand was finished
+    assert report.deleted == ("v-a",)  # the delete in flight was finished
     assert eng.get("v-b") is not None, "gc deleted after the agent stopped"
     assert [k.name for k in report.failed] == ["v-b"] and "stopping" in report.failed[0].reason
 
@@ -306,3 +322,26 @@ def test_a_client_that_sends_nothing_is_answered_and_let_go(
         assert fake.asked == [0]
     finally:
         srv.stop()
+
+
+def test_a_gc_outlasting_stop_does_not_delete_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop waits for the orphan in hand only so long (a hung API server read may take the whole
+    request's deadline); the engine is closed after it. A check that comes back after that must not
+    go on to delete."""
+    monkeypatch.setattr(agent_mod, "RECONCILE_SECONDS", 0.3)
+    eng = _OrphanEngine()
+    eng.create_volume("v-a", 1 << 20, deadline=deadline_mod.Deadline.after(10))
+    api = _SlowApi()
+    agent = agent_mod.Agent(api=api, engine=eng, node="n1", pool="p", overprovision_ratio=10.0)  # type: ignore[arg-type]
+    got: list[agent_mod.GcReport] = []
+    gc = threading.Thread(
+        target=lambda: got.append(agent.gc_orphans(grace_seconds=0, deadline=deadline_mod.Deadline.after(30)))
+    )
+    gc.start()
+    assert api.entered.wait(10)
+    agent.stop()  # gives up waiting after 0.3 s: the caller closes the engine now
+    api.release.set()
+    gc.join(10)
+    (report,) = got
+    assert report.deleted == () and eng.get("v-a") is not None, "deleted through an engine closed after stop"
+    assert [k.name for k in report.failed] == ["v-a"] and "stopping" in report.failed[0].reason
