@@ -149,11 +149,21 @@ class Coalescer:
                 return
             self._dirty.clear()
             last = time.monotonic()
-            if self._publish():
+            if self._publish_once():
                 backoff = 0.0
             else:
                 self._dirty.set()
                 backoff = min(RETRY_CAP, max(RETRY_FIRST, backoff * 2))
+
+    def _publish_once(self) -> bool:
+        """One publish; an unexpected exception is a failed one (retried with backoff), never the
+        end of this thread: a dead writer would leave the ThinPool status, and so GetCapacity, stale
+        until the process restarts."""
+        try:
+            return self._publish()
+        except Exception:
+            log.exception("event=pool-status-crashed")
+            return False
 
 
 class _Queue:
@@ -233,8 +243,14 @@ class Agent:
         #: it, continuously an orphan since (monotonic). In memory only: a restart restarts the clock
         #: (see gc_orphans)
         self._orphan_since: dict[str, float] = {}
+        #: record name -> device id, of the orphan records gc deleted: a CR of that name seen later (a
+        #: restore, spec only, made even while gc deleted) is Lost, not given a new empty device.
+        #: In memory: a restart forgets them
+        self._collected: dict[str, int] = {}
         #: held by each reconcile and by gc around each fresh check and delete: the two never interleave
         self._work_lock = threading.Lock()
+        #: set by stop: gc (on the control socket's threads) starts no check or delete after it
+        self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._vol_follower: watch.Follower[res.ThinVolume] = watch.Follower(
             api, res.ThinVolume, node=node, on_object=self._seen_volume, on_list=self._listed_volumes
@@ -294,12 +310,21 @@ class Agent:
         return report
 
     def stop(self) -> None:
+        """Stop, and return only when no reconcile or gc uses the engine any more (bounded by
+        RECONCILE_SECONDS each): the caller closes the engine and lets go of the pool next."""
+        self._stopping.set()
         self._vol_follower.stop()
         self._snap_follower.stop()
         self._queue.close()
         self._status.stop()
         for thread in self._threads:
             thread.join(timeout=RECONCILE_SECONDS)
+        # a gc in flight runs on a control socket thread, which nobody joins: wait for the orphan it
+        # has in hand (it takes no other once `_stopping` is set)
+        if self._work_lock.acquire(timeout=RECONCILE_SECONDS):
+            self._work_lock.release()
+        else:
+            log.error("event=agent-stop-timeout what=a gc or reconcile still holds the pool")
 
     # ---- watch callbacks -----------------------------------------------------------------------
 
@@ -462,6 +487,9 @@ class Agent:
             if tv.status.device_id or tv.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(tv, "its device is not in the pool (never re-created empty)", deadline=dl)
                 return
+            if tv.name in self._collected:
+                self._lost(tv, self._collected_why(tv.name), deadline=dl)
+                return
             if tv.status.phase == res.Phase.FAILED and tv.status.observed_generation >= tv.meta.generation:
                 return  # the controller reads the verdict and deletes the object
             tv = self._claim(tv, deadline=dl)
@@ -579,6 +607,9 @@ class Agent:
         if dev is None:
             if ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(ts, "its device is not in the pool", deadline=dl)
+                return
+            if ts.name in self._collected:
+                self._lost(ts, self._collected_why(ts.name), deadline=dl)
                 return
             if ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation:
                 return
@@ -802,9 +833,15 @@ class Agent:
         time kept across restarts would count time that nobody watched (the agent down while, say,
         CRs are being restored from a backup); restarting it only ever delays a deletion.
 
+        The fresh read cannot stop a CR being made right after it (a restore from a backup, spec only):
+        a record it deletes is remembered (`_collected`), and a CR of that name is then Lost, never
+        given a new empty device (a CR whose status names the device is Lost anyway).
+
         No `--force` as standalone mode needs after a rebuilt store (where orphans may be the lost
         store's volumes): here the CRs, read afresh, say what is legitimate.
         """
+        if self._stopping.is_set():
+            raise errors.Unavailable("the node agent is stopping")
         found = self._orphans()
         now = time.monotonic()
         with self._lock:
@@ -831,6 +868,10 @@ class Agent:
             if not self._work_lock.acquire(timeout=max(0.0, deadline.remaining())):
                 failed.append(Kept(orphan, "DEADLINE_EXCEEDED: a reconcile held the pool meanwhile"))
                 continue
+            if self._stopping.is_set():  # the engine is about to close under us
+                self._work_lock.release()
+                failed.append(Kept(orphan, "UNAVAILABLE: the node agent is stopping"))
+                continue
             try:
                 owner = self._owner(orphan, deadline=deadline)
                 if owner:
@@ -838,6 +879,8 @@ class Agent:
                         self._orphan_since.pop(orphan, None)
                     kept.append(Kept(orphan, f"{owner} names it (read afresh from the API server)"))
                     continue
+                if self._stopping.is_set():  # stop gave up waiting during the read: the engine closes
+                    raise errors.Unavailable("the node agent is stopping")
                 refused = self._delete_orphan(orphan, deadline=deadline)
             except errors.CsiThinError as exc:
                 failed.append(Kept(orphan, f"{exc.code}: {exc.message}"))
@@ -889,13 +932,24 @@ class Agent:
             if dev_id in self._engine.orphans():
                 return "active: in use on this node"
             return "no orphan any more: a record owns the id now"
-        if self._engine.get(orphan) is None:
+        dev = self._engine.get(orphan)
+        if dev is None:
             return "gone already (another gc?)"
         try:
             self._engine.delete(orphan, deadline=deadline)
         except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged
             return exc.message
+        # before the work lock goes: a CR of this name made since the fresh read (a restore) waits
+        # for it, and its reconcile must find this
+        with self._lock:
+            self._collected[orphan] = dev.dev_id
         return ""
+
+    def _collected_why(self, name: str) -> str:
+        return (
+            f"its device {self._collected[name]} was deleted by `csi-thin pool gc --orphans` (no CR named "
+            "it for the grace period); never re-created empty"
+        )
 
     # ---- ThinPool ------------------------------------------------------------------------------
 
@@ -950,7 +1004,13 @@ class Agent:
             store_transaction_id=self._engine.store.transaction_id(),
             last_updated=client_mod.now(),
         )
-        obj = self._api.get(res.ThinPool, self.pool_object_name, deadline=deadline)
+        obj = self._api.find(res.ThinPool, self.pool_object_name, deadline=deadline)
+        if obj is None:
+            # deleted under us (made only at start-up): a node with no ThinPool has no capacity for
+            # the controller, so make it again rather than fail every publish until a restart
+            log.warning("event=pool-object-recreated name=%s", self.pool_object_name)
+            self._ensure_pool_object(deadline=deadline)
+            obj = self._api.get(res.ThinPool, self.pool_object_name, deadline=deadline)
         self._api.put_status(obj, status.to_dict(), deadline=deadline)
 
 

@@ -46,6 +46,9 @@ _SUN_PATH_MAX = 107
 _LINE_MAX = 64 * 1024
 #: a request may ask for at most this long (the CLI's --timeout)
 MAX_TIMEOUT_SECONDS = 600.0
+#: how long the request line may take to arrive, and the answer to be taken: a client that stalls
+#: (a killed `kubectl exec`, a stray socat) must not hold a thread and a descriptor forever
+IO_SECONDS = 10.0
 
 
 def socket_path(state_dir: str) -> str:
@@ -80,6 +83,8 @@ class Server:
         serve_one = self._serve_one
 
         class Handler(socketserver.StreamRequestHandler):
+            timeout = IO_SECONDS  # on the connection's reads and writes; gc itself reads no socket
+
             def handle(self) -> None:
                 serve_one(self.connection, self.rfile, self.wfile)
 
@@ -119,7 +124,10 @@ class Server:
     def _answer(self, conn: socket.socket, rfile: Any) -> dict[str, Any]:
         if _peer_uid(conn) != os.getuid():
             raise errors.PermissionDenied("the agent's control socket answers its own uid only")
-        line = rfile.readline(_LINE_MAX)
+        try:
+            line = rfile.readline(_LINE_MAX)
+        except TimeoutError:
+            raise errors.InvalidArgument(f"no request line within {IO_SECONDS:.0f}s") from None
         try:
             req = json.loads(line)
         except ValueError as exc:
@@ -175,10 +183,17 @@ def request_gc(state_dir: str, *, node: str, grace_seconds: float, timeout: floa
             raise errors.Unavailable(f"{path}: {exc}") from exc
         try:
             sock.sendall(json.dumps(req).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before reading the request (a refused peer): read the answer
+        except TimeoutError as exc:
+            raise errors.DeadlineExceeded(f"the node agent did not answer within {timeout:.0f}s") from exc
+        try:
             with sock.makefile("rb") as rfile:
                 line = rfile.readline()
         except TimeoutError as exc:
             raise errors.DeadlineExceeded(f"the node agent did not answer within {timeout:.0f}s") from exc
+        except OSError as exc:
+            raise errors.Unavailable(f"the node agent closed {path} without an answer: {exc}") from exc
     try:
         answer = json.loads(line)
     except ValueError as exc:

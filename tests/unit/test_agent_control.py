@@ -6,8 +6,10 @@ refusals and the CLI's exit codes."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pathlib
+import socket
 import threading
 import time
 
@@ -17,6 +19,7 @@ from csi_thin import cli, config, errors
 from csi_thin import deadline as deadline_mod
 from csi_thin.node import agent as agent_mod
 from csi_thin.node import control
+from tests.unit.fake_engine import FakeEngine
 
 
 def _wait(cond: threading.Condition, pred: object, timeout: float) -> bool:
@@ -195,3 +198,150 @@ def test_parse_duration(text: str, seconds: float) -> None:
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(errors.InvalidArgument):
         config.parse_duration(text)
+
+
+def test_a_publish_that_raises_does_not_end_the_writer() -> None:
+    """An unexpected exception in one publish (a bug, an error the client does not translate) is a
+    failed publish, retried: the writer thread must not die with it, or the ThinPool status (and so
+    GetCapacity) would stay stale until the process restarts."""
+    calls: list[float] = []
+    cond = threading.Condition()
+
+    def publish() -> bool:
+        with cond:
+            calls.append(time.monotonic())
+            cond.notify_all()
+        if len(calls) == 1:
+            raise RuntimeError("not a CsiThinError")
+        return True
+
+    co = agent_mod.Coalescer(publish, interval=0.01, period=3600)
+    co.start()
+    try:
+        co.mark()
+        # the failed one is retried after the first backoff, no new mark needed
+        assert _wait(cond, lambda: len(calls) >= 2, 10), calls
+        co.mark()
+        assert _wait(cond, lambda: len(calls) >= 3, 10), calls
+    finally:
+        co.stop()
+
+
+class _OrphanEngine(FakeEngine):
+    """Records with no CR are the orphans here; no pool ids without a record."""
+
+    def orphans(self) -> list[int]:
+        return []
+
+
+class _SlowApi:
+    """An API server that answers the first read only when released; no CR exists."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def find(self, cls: object, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+
+    def list(
+        self, cls: object, *, deadline: deadline_mod.Deadline, node: str | None = None
+    ) -> tuple[list[object], str]:
+        return [], "1"
+
+
+class _SlowDeleteEngine(_OrphanEngine):
+    """Its first delete runs only when released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def delete(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(10)
+        super().delete(name, deadline=deadline)
+
+
+def test_stop_waits_for_an_orphan_delete_in_flight_and_gc_touches_the_pool_no_more() -> None:
+    """The node process closes the engine (and lets go of the pool's owner lock) right after
+    `agent.stop()`. A gc running on the control socket's thread must not be left deleting in a closed
+    engine: stop waits for the delete in flight, and gc deletes nothing once the agent is stopping."""
+    eng = _SlowDeleteEngine()
+    for name in ("v-a", "v-b"):
+        eng.create_volume(name, 1 << 20, deadline=deadline_mod.Deadline.after(10))
+    api = _SlowApi()
+    api.entered.set()  # the API server answers at once here
+    agent = agent_mod.Agent(api=api, engine=eng, node="n1", pool="p", overprovision_ratio=10.0)  # type: ignore[arg-type]
+    got: list[agent_mod.GcReport] = []
+    gc = threading.Thread(
+        target=lambda: got.append(agent.gc_orphans(grace_seconds=0, deadline=deadline_mod.Deadline.after(30)))
+    )
+    gc.start()
+    assert eng.entered.wait(10)  # gc is deleting v-a
+    stopper = threading.Thread(target=agent.stop)
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive(), "stop returned while gc was deleting: the engine closes under it"
+    eng.release.set()
+    stopper.join(10)
+    gc.join(10)
+    assert not stopper.is_alive() and not gc.is_alive()
+    (report,) = got
+    assert report.deleted == ("v-a",)  # the delete in flight was finished
+    assert eng.get("v-b") is not None, "gc deleted after the agent stopped"
+    assert [k.name for k in report.failed] == ["v-b"] and "stopping" in report.failed[0].reason
+
+
+def test_a_client_that_sends_nothing_is_answered_and_let_go(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects and then stalls (a killed `kubectl exec`, a stray socat) must not hold a
+    thread and a descriptor of the agent forever: the request line has a time limit."""
+    monkeypatch.setattr(control, "IO_SECONDS", 0.5)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    fake = FakeAgent()
+    srv = control.Server(str(state), agent=fake, node="n1")  # type: ignore[arg-type]
+    srv.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+            stalled.settimeout(10)
+            stalled.connect(control.socket_path(str(state)))
+            # meanwhile others are served
+            assert control.request_gc(str(state), node="n1", grace_seconds=0, timeout=5)["deleted"] == [
+                "v-old"
+            ]
+            with stalled.makefile("rb") as rfile:
+                answer = json.loads(rfile.readline())  # TimeoutError here: held forever
+        assert answer["error"]["code"] == "INVALID_ARGUMENT" and "no request" in answer["error"]["message"]
+        assert fake.asked == [0]
+    finally:
+        srv.stop()
+
+
+def test_a_gc_outlasting_stop_does_not_delete_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stop waits for the orphan in hand only so long (a hung API server read may take the whole
+    request's deadline); the engine is closed after it. A check that comes back after that must not
+    go on to delete."""
+    monkeypatch.setattr(agent_mod, "RECONCILE_SECONDS", 0.3)
+    eng = _OrphanEngine()
+    eng.create_volume("v-a", 1 << 20, deadline=deadline_mod.Deadline.after(10))
+    api = _SlowApi()
+    agent = agent_mod.Agent(api=api, engine=eng, node="n1", pool="p", overprovision_ratio=10.0)  # type: ignore[arg-type]
+    got: list[agent_mod.GcReport] = []
+    gc = threading.Thread(
+        target=lambda: got.append(agent.gc_orphans(grace_seconds=0, deadline=deadline_mod.Deadline.after(30)))
+    )
+    gc.start()
+    assert api.entered.wait(10)
+    agent.stop()  # gives up waiting after 0.3 s: the caller closes the engine now
+    api.release.set()
+    gc.join(10)
+    (report,) = got
+    assert report.deleted == () and eng.get("v-a") is not None, "deleted through an engine closed after stop"
+    assert [k.name for k in report.failed] == ["v-a"] and "stopping" in report.failed[0].reason
