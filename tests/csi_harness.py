@@ -107,20 +107,23 @@ def exported_metric_names(workdir: pathlib.Path) -> set[str]:
         return {s.name for fam in m.registry.collect() for s in fam.samples}
 
 
+def reflink_raw(workdir: pathlib.Path, size: str = "2GiB") -> dict[str, object]:
+    """The pool config file's content for a reflink pool on an image under workdir."""
+    return {
+        "name": "test",
+        "backend": "reflink",
+        "state_dir": str(workdir / "state"),
+        "reflink": {
+            "directory": str(workdir / "pool"),
+            "image_file": str(workdir / "pool.img"),
+            "image_size": size,
+            "fs_type": "xfs",
+        },
+    }
+
+
 def reflink_config(workdir: pathlib.Path, size: str = "2GiB") -> config.PoolConfig:
-    return config.pool_from_dict(
-        {
-            "name": "test",
-            "backend": "reflink",
-            "state_dir": str(workdir / "state"),
-            "reflink": {
-                "directory": str(workdir / "pool"),
-                "image_file": str(workdir / "pool.img"),
-                "image_size": size,
-                "fs_type": "xfs",
-            },
-        }
-    )
+    return config.pool_from_dict(reflink_raw(workdir, size))
 
 
 def mount_cap(

@@ -23,7 +23,7 @@ from csi_thin import deadline as deadline_mod
 from csi_thin import metrics as metrics_mod
 from csi_thin.controller import provisioner
 from csi_thin.csi import controller_service, identity_service, node_service, registration, server
-from csi_thin.node import volumes
+from csi_thin.node import trim, volumes
 from csi_thin.pool import engine
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ def services(
 class PoolProcess:
     """What every process that owns a pool (standalone, the Kubernetes node plugin) runs around its
     engine: the HTTP /healthz + /metrics server, up before the engine opens (assembly and recovery can
-    take a while), kubelet plugin registration when asked for, and the CSI server, each with its
-    /healthz check."""
+    take a while), the trim schedule of the staged filesystems (csi_thin.node.trim), kubelet plugin
+    registration when asked for, and the CSI server, each with its /healthz check."""
 
     def __init__(self, args: argparse.Namespace, *, endpoint: server.Endpoint) -> None:
         self.metrics = metrics_mod.Metrics()
@@ -134,6 +134,13 @@ class PoolProcess:
             stack.callback(self.health.set, "engine", lambda: "the pool engine is closed")
             self.metrics.attach_pool(cfg.name, eng)
             stack.callback(self.metrics.attach_pool, cfg.name, None)
+            trimmer = trim.Trimmer(engine=eng, pool=cfg.name, state_dir=cfg.state_dir)
+            self.metrics.attach_trim(cfg.name, trimmer.stats)
+            stack.callback(self.metrics.attach_trim, cfg.name, None)
+            if cfg.trim.enabled:
+                schedule = trim.Scheduler(trimmer, cfg.trim)
+                schedule.start()
+                stack.callback(schedule.stop)  # before the engine closes (the stack unwinds in reverse)
             yield eng
 
     def serve(self, svc: server.Services) -> None:
