@@ -124,7 +124,7 @@ def _trim_line(t: dict[str, Any]) -> str:
         return f"totals unreadable: {t['error']}"
     plan = (
         f"every {t['interval_seconds'] / 3600:g}h (+ up to {t['jitter_seconds'] / 60:g}m), "
-        f"next {_when(t['next_at'])}"
+        f"next {_when(t['next_at']) if t['next_at'] else 'not planned (no driver runs)'}"
         if t["enabled"]
         else "schedule off"
     )

@@ -187,20 +187,28 @@ class Trimmer:
     def stats(self) -> model.TrimStats:
         return read_stats(self._state_dir)
 
-    def run(self, *, deadline: deadline_mod.Deadline, stopping: Callable[[], bool] = lambda: False) -> Result:
+    def run(
+        self,
+        *,
+        deadline: deadline_mod.Deadline,
+        stopping: Callable[[], bool] = lambda: False,
+        scheduled: bool = False,
+    ) -> Result:
         """Trim every staged filesystem, one after the other; OperationPending when a trim of this
         pool runs already. A filesystem fstrim refuses is a failure of the run (logged, counted),
         not the end of it: the others are still trimmed. `stopping` ends the run between two
-        filesystems (the process is shutting down)."""
+        filesystems (the process is shutting down). A `scheduled` run is the planned one: its plan
+        is done with; a manual run leaves the schedule's plan as it is."""
         with _exclusive(self._state_dir, self._pool):
             started = self._now()
             try:
                 result = self._run(started, deadline=deadline, stopping=stopping)
             except errors.CsiThinError as exc:
                 # the pool's status or its records could not be read: a failed run, counted as one
-                self._record(Result(started, self._now(), 0, 0, 0, (f"pool {self._pool}: {exc.message}",)))
+                failed = Result(started, self._now(), 0, 0, 0, (f"pool {self._pool}: {exc.message}",))
+                self._record(failed, scheduled=scheduled)
                 raise
-            self._record(result)
+            self._record(result, scheduled=scheduled)
         log.info(
             "event=trimmed pool=%s filesystems=%d trimmed_bytes=%d reclaimed_bytes=%d failures=%d "
             "seconds=%.3f",
@@ -239,7 +247,7 @@ class Trimmer:
             failures=tuple(failures),
         )
 
-    def _record(self, result: Result) -> None:
+    def _record(self, result: Result, *, scheduled: bool) -> None:
         """Add a run to the totals (the caller holds the trim lock)."""
         old = read_stats(self._state_dir)
         _write_stats(
@@ -255,7 +263,8 @@ class Trimmer:
                 last_filesystems=result.filesystems,
                 last_reclaimed_bytes=result.reclaimed_bytes,
                 last_error="; ".join(result.failures),
-                next_at=None,  # the scheduler sets it when it plans the next run
+                # the scheduler plans the next run right after its own
+                next_at=None if scheduled else old.next_at,
             ),
         )
 
@@ -338,7 +347,9 @@ class Scheduler:
             return None
         try:
             return self._trimmer.run(
-                deadline=deadline_mod.Deadline.after(RUN_SECONDS), stopping=self._stopping.is_set
+                deadline=deadline_mod.Deadline.after(RUN_SECONDS),
+                stopping=self._stopping.is_set,
+                scheduled=True,
             )
         except errors.OperationPending as exc:
             log.info("event=trim-skipped reason=%s", exc.message)

@@ -146,6 +146,9 @@ def test_the_next_run_follows_the_last_and_a_restart_keeps_the_plan(
     assert half.step() is None  # stopped while waiting: no run
     planned = trimmer.stats().next_at
     assert planned == first.finished_at + 24 * H + 0.5 * H
+    # a manual run (`pool trim`) meanwhile leaves the schedule's plan as it is
+    trimmer.run(deadline=deadline_mod.Deadline.after(5))
+    assert trimmer.stats().next_at == planned and trimmer.stats().runs == 2
     # a restarted process (another scheduler, another share) keeps the recorded plan
     clock.stopped = False
     again = trim.Scheduler(trimmer, CFG, clock=clock, uniform=lambda lo, hi: hi)
@@ -155,7 +158,7 @@ def test_the_next_run_follows_the_last_and_a_restart_keeps_the_plan(
     assert again.next_at(trimmer.stats()) == clock.t + H
     second = again.step()
     assert second is not None and second.started_at == planned + 6 * H
-    assert trimmer.stats().runs == 2
+    assert trimmer.stats().runs == 3
 
 
 def test_a_run_adds_what_the_pool_gave_back_to_the_totals(
