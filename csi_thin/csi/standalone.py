@@ -82,6 +82,7 @@ def services(
     driver_name: str = identity_service.DEFAULT_NAME,
     overprovision_ratio: float = provisioner.Settings.overprovision_ratio,
     max_volumes: int = 0,
+    claims: volumes.Claims | None = None,
 ) -> server.Services:
     """The three CSI services of a standalone driver over one engine (the composition root)."""
 
@@ -94,7 +95,7 @@ def services(
             provisioner=provisioner.Provisioner(engine=eng, settings=settings)
         ),
         node=node_service.NodeService(
-            volumes=volumes.NodeVolumes(engine=eng, thresholds=thresholds),
+            volumes=volumes.NodeVolumes(engine=eng, thresholds=thresholds, claims=claims),
             node_id=node_id,
             max_volumes=max_volumes,
         ),
@@ -110,6 +111,8 @@ class PoolProcess:
     def __init__(self, args: argparse.Namespace, *, endpoint: server.Endpoint) -> None:
         self.metrics = metrics_mod.Metrics()
         self.health = httpserver.Health()
+        #: the node service's per-volume claims, shared with the trim schedule (see NodeVolumes)
+        self.claims = volumes.Claims()
         self._args = args
         self._endpoint = endpoint
         self._reg = registration.from_args(
@@ -134,7 +137,9 @@ class PoolProcess:
             stack.callback(self.health.set, "engine", lambda: "the pool engine is closed")
             self.metrics.attach_pool(cfg.name, eng)
             stack.callback(self.metrics.attach_pool, cfg.name, None)
-            trimmer = trim.Trimmer(engine=eng, pool=cfg.name, state_dir=cfg.state_dir)
+            trimmer = trim.Trimmer(
+                engine=eng, pool=cfg.name, state_dir=cfg.state_dir, claim=self.claims.claim
+            )
             self.metrics.attach_trim(cfg.name, trimmer.stats)
             stack.callback(self.metrics.attach_trim, cfg.name, None)
             if cfg.trim.enabled:
@@ -176,6 +181,7 @@ def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
                     driver_name=args.driver_name,
                     overprovision_ratio=args.overprovision_ratio,
                     max_volumes=args.max_volumes,
+                    claims=proc.claims,
                 )
             )
     except errors.CsiThinError as exc:

@@ -63,7 +63,7 @@ class Engine(Protocol):
 class Result:
     started_at: float
     finished_at: float
-    filesystems: int
+    filesystems: int  # trimmed (a volume staged or unstaged right then is left to the next run)
     trimmed_bytes: int
     reclaimed_bytes: int
     failures: tuple[str, ...]  # "<mount point>: <why>", one per filesystem fstrim refused
@@ -129,6 +129,7 @@ def _exclusive(state_dir: str, pool: str) -> Iterator[None]:
 
 @dataclasses.dataclass(frozen=True)
 class Staged:
+    volume: str
     mount_point: str
     device: str
 
@@ -149,8 +150,18 @@ def staged_filesystems(devices: list[model.Device], mounts: list[mountinfo.Mount
         except FileNotFoundError:
             continue  # deactivated meanwhile
         if rdev in by_dev:
-            found.append(Staged(mount_point=by_dev[rdev], device=d.path))
+            found.append(Staged(volume=d.name, mount_point=by_dev[rdev], device=d.path))
     return found
+
+
+def _still_mounted(fs: Staged) -> bool:
+    """The staged filesystem is still at its mount point (read again under the volume's claim)."""
+    try:
+        rdev = os.stat(fs.device).st_rdev
+    except FileNotFoundError:
+        return False
+    m = mountinfo.at(fs.mount_point)
+    return m is not None and m.dev == rdev and not m.read_only
 
 
 def _staged(engine: Engine) -> list[Staged]:
@@ -172,6 +183,8 @@ class Trimmer:
         fstrim: Callable[..., int] = filesystem.trim,
         filesystems: Callable[[Engine], list[Staged]] = _staged,
         now: Callable[[], float] = time.time,
+        claim: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
+        still_mounted: Callable[[Staged], bool] = _still_mounted,
     ) -> None:
         self._engine = engine
         self._pool = pool
@@ -179,6 +192,12 @@ class Trimmer:
         self._fstrim = fstrim
         self._filesystems = filesystems
         self._now = now
+        #: the node service's per-volume claim (csi_thin.node.volumes.Claims), in the process that
+        #: serves CSI: a volume is trimmed only while no stage or unstage runs on it, and the other
+        #: way round. A volume claimed meanwhile is skipped (its filesystem may be on its way out:
+        #: fstrim on an unmounted staging path would trim the filesystem under it instead).
+        self._claim = claim
+        self._still_mounted = still_mounted
 
     @property
     def state_dir(self) -> str:
@@ -226,13 +245,20 @@ class Trimmer:
     ) -> Result:
         before = self._engine.status(deadline=deadline).data_used_bytes
         mounts = self._filesystems(self._engine)
-        trimmed, failures = 0, []
+        done, trimmed, failures = 0, 0, []
         for fs in mounts:
             if stopping():
                 failures.append(f"{fs.mount_point}: not trimmed, the node is stopping")
                 continue
             try:
-                trimmed += self._fstrim(fs.mount_point, fs.device, deadline=deadline)
+                with self._claim(fs.volume) if self._claim else contextlib.nullcontext():
+                    if not self._still_mounted(fs):
+                        continue  # unstaged between the look and the claim
+                    trimmed += self._fstrim(fs.mount_point, fs.device, deadline=deadline)
+                    done += 1
+            except errors.OperationPending:
+                log.info("event=trim-skipped pool=%s volume=%s reason=busy", self._pool, fs.volume)
+                continue  # staged or unstaged right now: the next run has it
             except errors.CsiThinError as exc:
                 log.warning("event=trim-failed pool=%s mount=%s error=%s", self._pool, fs.mount_point, exc)
                 failures.append(f"{fs.mount_point}: {exc.message}")
@@ -240,7 +266,7 @@ class Trimmer:
         return Result(
             started_at=started,
             finished_at=self._now(),
-            filesystems=len(mounts),
+            filesystems=done,
             trimmed_bytes=trimmed,
             # other writers may fill the pool meanwhile: what is measured is a lower bound
             reclaimed_bytes=max(0, before - after),

@@ -7,12 +7,13 @@ import logging
 import pathlib
 import random
 import threading
+from collections.abc import Callable
 
 import pytest
 
 from csi_thin import config, errors, metrics, model
 from csi_thin import deadline as deadline_mod
-from csi_thin.node import mountinfo, trim
+from csi_thin.node import mountinfo, trim, volumes
 from tests.unit import fake_engine
 
 H = 3600.0
@@ -74,11 +75,20 @@ class FakeFs:
 
 
 def _staged(names: list[str]) -> object:
-    return lambda _engine: [trim.Staged(mount_point=f"/staging/{n}", device=f"/dev/fake-{n}") for n in names]
+    return lambda _engine: [
+        trim.Staged(volume=n, mount_point=f"/staging/{n}", device=f"/dev/fake-{n}") for n in names
+    ]
 
 
 def _trimmer(
-    tmp_path: pathlib.Path, engine: fake_engine.FakeEngine, fs: FakeFs, mounts: list[str], clock: FakeClock
+    tmp_path: pathlib.Path,
+    engine: fake_engine.FakeEngine,
+    fs: Callable[..., int],
+    mounts: list[str],
+    clock: FakeClock,
+    *,
+    gone: frozenset[str] = frozenset(),
+    claims: volumes.Claims | None = None,
 ) -> trim.Trimmer:
     return trim.Trimmer(
         engine=engine,
@@ -87,6 +97,8 @@ def _trimmer(
         fstrim=fs,
         filesystems=_staged(mounts),  # type: ignore[arg-type]
         now=clock.now,
+        still_mounted=lambda fs: fs.mount_point not in gone,
+        claim=claims.claim if claims else None,
     )
 
 
@@ -310,7 +322,7 @@ def test_staged_filesystems_one_read_write_mount_per_active_volume() -> None:
         _mount("8:1", "/other"),
     ]
     assert trim.staged_filesystems([dev, inactive, snap], mounts) == [
-        trim.Staged(mount_point="/staging/v1", device="/dev/null")
+        trim.Staged(volume="v1", mount_point="/staging/v1", device="/dev/null")
     ]
     assert trim.staged_filesystems([dev], [_mount("1:3", "/ro", "ro")]) == []
 
@@ -366,3 +378,30 @@ def test_unreadable_totals_are_reported(tmp_path: pathlib.Path) -> None:
     with pytest.raises(errors.Internal, match="not a version 1"):
         trim.read_stats(str(tmp_path))
     assert trim.read_stats(str(tmp_path / "none")) == model.TrimStats()
+
+
+def test_a_volume_being_staged_or_unstaged_is_left_to_the_next_run(
+    tmp_path: pathlib.Path, engine: fake_engine.FakeEngine
+) -> None:
+    """The node service's claim: a volume it works on is skipped (not a failure); a volume unstaged
+    between the look and the claim is not trimmed (fstrim there would trim the filesystem under the
+    empty staging directory); while a trim holds a volume, the node service's call is ABORTED."""
+    claims = volumes.Claims()
+    fs = FakeFs(engine)
+    inside: list[str] = []
+
+    def fstrim(mount_point: str, device: str, *, deadline: deadline_mod.Deadline) -> int:
+        with pytest.raises(errors.OperationPending), claims.claim(mount_point.rsplit("/", 1)[1]):
+            pass  # an unstage now is told to retry
+        inside.append(mount_point)
+        return fs(mount_point, device, deadline=deadline)
+
+    trimmer = _trimmer(
+        tmp_path, engine, fstrim, ["a", "b", "c"], FakeClock(), gone=frozenset({"/staging/c"}), claims=claims
+    )
+    with claims.claim("b"):  # an unstage of b runs
+        result = trimmer.run(deadline=deadline_mod.Deadline.after(5))
+    assert result.ok and result.filesystems == 1
+    assert inside == ["/staging/a"]
+    with claims.claim("a"):
+        pass  # let go after the trim
