@@ -72,6 +72,11 @@ def path(value: str, field: str) -> str:
     return value
 
 
+def optional_path(value: str, field: str) -> str:
+    """An OPTIONAL path ("" when not given); a given one is checked like `path`."""
+    return path(value, field) if value else ""
+
+
 def lookup_path(value: str, field: str) -> str:
     """A path that only names where a volume is (stats, expansion): anything but a clean absolute
     path cannot be where this driver put a volume, so it is NOT_FOUND (csi-sanity requires this for
