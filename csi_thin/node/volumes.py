@@ -51,6 +51,9 @@ class Capability:
     mount_flags: tuple[str, ...] = ()
     #: the access mode only allows reading (SINGLE_NODE_READER_ONLY)
     read_only: bool = False
+    #: the access mode allows one publish at a time (SINGLE_NODE_SINGLE_WRITER, Kubernetes'
+    #: ReadWriteOncePod)
+    single_writer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +243,15 @@ class NodeVolumes:
         if current is not None:
             self._check_published(device, current, target_path, read_only=read_only, view=view)
             return
+        if cap.single_writer:
+            # CSI: a SINGLE_NODE_SINGLE_WRITER volume published at another target path is
+            # FAILED_PRECONDITION (the staging mount is no publish)
+            others = [p for p in _mounted_elsewhere(device, target_path) if p != staging_path]
+            if others:
+                raise errors.FailedPrecondition(
+                    f"volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at "
+                    f"{', '.join(others)}"
+                )
         if cap.block:
             _make_file(target_path)
         else:
