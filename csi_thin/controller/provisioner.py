@@ -250,15 +250,23 @@ class Provisioner:
         return HealthPage(entries=[unhealthy[d.name] for d in page.devices], next_token=page.next_token)
 
     def _healths(self, devices: list[model.Device], *, deadline: deadline_mod.Deadline) -> list[VolumeHealth]:
-        """The health of each volume, reading each node's pool status and thresholds once."""
-        pools: dict[str | None, tuple[model.PoolStatus, model.Thresholds]] = {}
+        """The health of each volume, reading each node's pool status and thresholds once. A pool
+        whose status cannot be read is the answer (every volume on it inaccessible), not an error."""
+        pools: dict[str | None, tuple[model.PoolStatus, model.Thresholds] | health.Issue] = {}
         out: list[VolumeHealth] = []
         for d in devices:
             if d.node not in pools:
                 engine = self._on(d.node)
-                pools[d.node] = (engine.status(deadline=deadline), engine.space_thresholds(deadline=deadline))
-            status, thresholds = pools[d.node]
-            out.append(VolumeHealth(volume=d, issues=health.volume(d, status, thresholds)))
+                try:
+                    pools[d.node] = (
+                        engine.status(deadline=deadline),
+                        engine.space_thresholds(deadline=deadline),
+                    )
+                except errors.Unavailable as exc:
+                    pools[d.node] = health.unavailable(exc.message)
+            pool = pools[d.node]
+            issues = (pool,) if isinstance(pool, health.Issue) else health.volume(d, *pool)
+            out.append(VolumeHealth(volume=d, issues=issues))
         return out
 
     def capacity(self, *, node_id: str | None, deadline: deadline_mod.Deadline) -> Capacity:

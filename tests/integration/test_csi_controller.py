@@ -643,16 +643,17 @@ def test_health_of_a_lost_volume_and_of_a_pool_that_is_gone(d: h.Driver) -> None
     node = d.node.NodeGetVolumeHealth(csi_pb2.NodeGetVolumeHealthRequest(volume_id=a)).volume_health
     assert _entries(node.health_statuses) == [(csi_pb2.DATA_LOSS, "DeviceLost")]
     (backend,) = d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
-    assert (backend.status, backend.reason) == (
-        csi_pb2.STORAGE_DEGRADED,
-        "DevicesLost",
-    ) and a in backend.message
-    assert b not in backend.message
+    assert (backend.status, backend.reason) == (csi_pb2.STORAGE_DEGRADED, "DevicesLost")
+    assert a in backend.message and b not in backend.message
     # a pool whose status cannot be read at all: reported as unreachable, not an error
     assert isinstance(d.backend, fakes.FakeBackend)
     d.backend.set_condition(assembled=False)
     (backend,) = d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
     assert (backend.status, backend.reason) == (csi_pb2.STORAGE_UNREACHABLE, "PoolUnavailable")
+    got = c.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=b)).volume_health
+    assert _entries(got.health_statuses) == [(csi_pb2.INACCESSIBLE, "PoolUnavailable")]
+    node_b = d.node.NodeGetVolumeHealth(csi_pb2.NodeGetVolumeHealthRequest(volume_id=b)).volume_health
+    assert _entries(node_b.health_statuses) == [(csi_pb2.INACCESSIBLE, "PoolUnavailable")]
     unknown = csi_pb2.ControllerGetVolumeHealthRequest(volume_id="v-ghost")
     assert h.code_of(lambda: c.ControllerGetVolumeHealth(unknown)) == S.NOT_FOUND
     node_unknown = csi_pb2.NodeGetVolumeHealthRequest(volume_id="v-ghost")
