@@ -31,7 +31,7 @@ from csi_thin import app, config, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.node import control, trim
 from csi_thin.pool import engine as engine_mod
-from csi_thin.pool import modes, recovery
+from csi_thin.pool import health, modes, recovery
 
 Printer = Callable[[str], None]
 
@@ -74,6 +74,9 @@ def _report_json(r: recovery.RecoveryReport | None) -> dict[str, Any] | None:
 
 def _status_json(cfg: config.PoolConfig, eng: engine_mod.PoolEngine, st: model.PoolStatus) -> dict[str, Any]:
     devs = eng.list()
+    lost = sorted(d.name for d in devs if d.state == model.DeviceState.LOST)
+    # the same issues NodeGetStorageHealth reports (CSI 1.13), reason and message
+    issues = health.pool(st, cfg.thresholds, lost=lost)
     return {
         "pool": cfg.name,
         "backend": eng.backend.kind,
@@ -95,7 +98,8 @@ def _status_json(cfg: config.PoolConfig, eng: engine_mod.PoolEngine, st: model.P
         "volumes": sum(d.kind == model.DeviceKind.VOLUME for d in devs),
         "snapshots": sum(d.kind == model.DeviceKind.SNAPSHOT for d in devs),
         "active": sum(d.active for d in devs),
-        "lost": sorted(d.name for d in devs if d.state == model.DeviceState.LOST),
+        "lost": lost,
+        "issues": [{"severity": i.severity.value, "reason": i.reason, "message": i.message} for i in issues],
         "provisioned_bytes": eng.provisioned_bytes(),
         "open_intents": [f"{i.op} {i.name}" for i in eng.intents()],
         "orphans": eng.orphans(),
@@ -148,6 +152,7 @@ def _print_status(s: dict[str, Any], out: Printer) -> None:
             + f" mode={s['mode']} needs_check={s['needs_check']}",
         ),
         *([("condition", f"{s['condition']}: {s['hint']}")] if s["hint"] else []),
+        ("issues", ", ".join(f"{i['reason']} ({i['severity']})" for i in s["issues"]) or "none"),
         ("transaction id", f"pool {s['pool_transaction_id']}, store {s['store_transaction_id']}"),
         (
             "data",

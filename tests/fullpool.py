@@ -245,13 +245,26 @@ def _while_full(d: h.Driver, workdir: pathlib.Path, p: _Pool, *, shared_rw_mount
     assert d.identity.Probe(csi_pb2.ProbeRequest()).ready.value, "a full pool must not fail Probe"
     listed = {e.volume.volume_id for e in c.ListVolumes(csi_pb2.ListVolumesRequest()).entries}
     assert listed == {p.keep.volume_id, p.solo.volume_id, p.filler.volume_id}
-    got = c.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=src))
-    assert got.status.volume_condition.abnormal
-    assert "out_of_data_space" in got.status.volume_condition.message
+    # the health RPCs say it: the pool (node), each volume (controller and node), the list
+    got = c.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=src)).volume_health
+    full = [e for e in got.health_statuses if e.reason == "PoolOutOfDataSpace"]
+    assert len(full) == 1 and full[0].status == csi_pb2.DEGRADED, got
+    assert "out_of_data_space" in full[0].message
+    storage = d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    assert (csi_pb2.STORAGE_DEGRADED, "PoolOutOfDataSpace") in {(b.status, b.reason) for b in storage}
+    node = d.node.NodeGetVolumeHealth(
+        csi_pb2.NodeGetVolumeHealthRequest(
+            volume_id=p.filler.volume_id, staging_target_path=p.f_staging, volume_publish_path=p.f_target
+        )
+    ).volume_health
+    assert {e.reason for e in node.health_statuses} >= {"PoolOutOfDataSpace"}, node
+    assert not {"NotStaged", "NotPublished"} & {e.reason for e in node.health_statuses}, node
+    unhealthy = c.ControllerListVolumeHealth(csi_pb2.ControllerListVolumeHealthRequest()).entries
+    assert {e.volume_id for e in unhealthy} == listed
     stats = d.node.NodeGetVolumeStats(
         csi_pb2.NodeGetVolumeStatsRequest(volume_id=p.filler.volume_id, volume_path=p.f_target)
     )
-    assert stats.volume_condition.abnormal and stats.usage
+    assert stats.usage
 
     # existing volumes stage and read back byte-identical while the pool is full: read-write where
     # no snapshot shares the blocks (overwriting a mapped block needs no new one), read-only where
@@ -278,9 +291,10 @@ def _heal(d: h.Driver, workdir: pathlib.Path, p: _Pool) -> None:
     print(f"after the delete: pool {status}")
     assert status.mode == model.PoolMode.RW, status
     assert c.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity > 0
-    assert not c.ControllerGetVolume(
-        csi_pb2.ControllerGetVolumeRequest(volume_id=p.keep.volume_id)
-    ).status.volume_condition.abnormal
+    kept = csi_pb2.ControllerGetVolumeHealthRequest(volume_id=p.keep.volume_id)
+    assert not c.ControllerGetVolumeHealth(kept).volume_health.health_statuses
+    assert not d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    assert not c.ControllerListVolumeHealth(csi_pb2.ControllerListVolumeHealthRequest()).entries
 
     # and new volumes work again: create, stage, write, read back
     fresh = c.CreateVolume(h.create_req("pvc-fresh", 32 * MiB)).volume

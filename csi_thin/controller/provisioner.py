@@ -22,6 +22,7 @@ from typing import Protocol
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.controller import naming, paging
+from csi_thin.pool import health
 
 TiB = 1024 * model.GiB
 
@@ -112,14 +113,21 @@ class Capacity:
 
 
 @dataclasses.dataclass(frozen=True)
-class Condition:
-    abnormal: bool
-    message: str
+class VolumeHealth:
+    volume: model.Device
+    #: empty: no adverse condition is known
+    issues: tuple[health.Issue, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Page:
     devices: list[model.Device]
+    next_token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthPage:
+    entries: list[VolumeHealth]
     next_token: str
 
 
@@ -227,22 +235,38 @@ class Provisioner:
         self._check_overprovision(size - device.size_bytes, engine, deadline=deadline)
         return engine.grow(volume_id, size, deadline=deadline)
 
-    def condition(self, device: model.Device, *, deadline: deadline_mod.Deadline) -> Condition:
-        return self.conditions([device], deadline=deadline)[0]
+    def volume_health(self, volume_id: str, *, deadline: deadline_mod.Deadline) -> VolumeHealth:
+        """ControllerGetVolumeHealth: the volume's health as its record and its pool show it."""
+        return self._healths([self.get_volume(volume_id)], deadline=deadline)[0]
 
-    def conditions(self, devices: list[model.Device], *, deadline: deadline_mod.Deadline) -> list[Condition]:
-        """The volume condition of each device (one pool status read per node for all of them)."""
-        pools: dict[str | None, Condition] = {}
-        out: list[Condition] = []
+    def list_volume_health(
+        self, *, max_entries: int, token: str, deadline: deadline_mod.Deadline
+    ) -> HealthPage:
+        """ControllerListVolumeHealth: the volumes with an adverse condition (the spec lists only
+        those), paged like ListVolumes: by name, a token names the last one returned."""
+        healths = self._healths(self._engine.list(kind=model.DeviceKind.VOLUME), deadline=deadline)
+        unhealthy = {h.volume.name: h for h in healths if h.issues}
+        page = self._page([h.volume for h in unhealthy.values()], max_entries, token)
+        return HealthPage(entries=[unhealthy[d.name] for d in page.devices], next_token=page.next_token)
+
+    def _healths(self, devices: list[model.Device], *, deadline: deadline_mod.Deadline) -> list[VolumeHealth]:
+        """The health of each volume, reading each node's pool status and thresholds once. A pool
+        whose status cannot be read is the answer (every volume on it inaccessible), not an error."""
+        pools: dict[str | None, tuple[model.PoolStatus, model.Thresholds] | health.Issue] = {}
+        out: list[VolumeHealth] = []
         for d in devices:
-            if d.state != model.DeviceState.READY:
-                out.append(Condition(abnormal=True, message=f"device is {d.state.value}"))
-                continue
             if d.node not in pools:
                 engine = self._on(d.node)
-                status = engine.status(deadline=deadline)
-                pools[d.node] = pool_condition(status, engine.space_thresholds(deadline=deadline))
-            out.append(pools[d.node])
+                try:
+                    pools[d.node] = (
+                        engine.status(deadline=deadline),
+                        engine.space_thresholds(deadline=deadline),
+                    )
+                except errors.Unavailable as exc:
+                    pools[d.node] = health.unavailable(exc.message)
+            pool = pools[d.node]
+            issues = (pool,) if isinstance(pool, health.Issue) else health.volume(d, *pool)
+            out.append(VolumeHealth(volume=d, issues=issues))
         return out
 
     def capacity(self, *, node_id: str | None, deadline: deadline_mod.Deadline) -> Capacity:
@@ -403,18 +427,3 @@ def _ready(device: model.Device) -> model.Device:
     if device.state != model.DeviceState.READY:
         raise errors.OperationPending(f"{device.kind.value} {device.name!r} is {device.state.value}")
     return device
-
-
-def pool_condition(status: model.PoolStatus, thresholds: model.Thresholds) -> Condition:
-    """Whether the pool lets a volume work normally, and why not."""
-    if status.mode != model.PoolMode.RW:
-        return Condition(abnormal=True, message=f"thin pool is {status.mode.value}")
-    if status.needs_check:
-        return Condition(abnormal=True, message="thin pool needs a metadata check")
-    if status.data_used_ratio >= thresholds.data:
-        return Condition(
-            abnormal=True, message=f"thin pool data {status.data_used_ratio:.0%} used: writes may fail soon"
-        )
-    if status.metadata_used_ratio >= thresholds.metadata:
-        return Condition(abnormal=True, message=f"thin pool metadata {status.metadata_used_ratio:.0%} used")
-    return Condition(abnormal=False, message="")

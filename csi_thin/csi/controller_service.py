@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from csi_thin import errors, model
 from csi_thin.controller import naming, provisioner
-from csi_thin.csi import interceptor, validate
+from csi_thin.csi import health, interceptor, validate
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
 
 _RPC = csi_pb2.ControllerServiceCapability.RPC
@@ -23,11 +23,11 @@ CAPABILITIES = (
     _RPC.CLONE_VOLUME,
     _RPC.EXPAND_VOLUME,
     _RPC.GET_VOLUME,
-    _RPC.VOLUME_CONDITION,
+    _RPC.GET_SNAPSHOT,
+    _RPC.GET_VOLUME_HEALTH,
+    _RPC.LIST_VOLUME_HEALTH,
     _RPC.SINGLE_NODE_MULTI_WRITER,
 )
-#: GetSnapshot is served, but not advertised: csi-sanity v5.4 fails on the GET_SNAPSHOT capability
-#: (it predates CSI 1.12's addition); advertise it once the pinned csi-sanity knows it.
 
 
 class ControllerService(csi_pb2_grpc.ControllerServicer):
@@ -74,23 +74,40 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
     ) -> csi_pb2.ListVolumesResponse:
         limit = validate.max_entries(request.max_entries)
         page = self._prov.list_volumes(max_entries=limit, token=request.starting_token)
-        conditions = self._prov.conditions(page.devices, deadline=interceptor.rpc_deadline(context))
-        entries = [
-            csi_pb2.ListVolumesResponse.Entry(
-                volume=self._volume(d),
-                status=csi_pb2.ListVolumesResponse.VolumeStatus(volume_condition=_condition(c)),
-            )
-            for d, c in zip(page.devices, conditions, strict=True)
-        ]
+        # no status: it only carries published node ids (LIST_VOLUMES_PUBLISHED_NODES, not offered:
+        # nothing is attached); health has its own RPCs since CSI 1.13
+        entries = [csi_pb2.ListVolumesResponse.Entry(volume=self._volume(d)) for d in page.devices]
         return csi_pb2.ListVolumesResponse(entries=entries, next_token=page.next_token)
 
     def ControllerGetVolume(
         self, request: csi_pb2.ControllerGetVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ControllerGetVolumeResponse:
         device = self._prov.get_volume(validate.device_id(request.volume_id))
-        condition = self._prov.condition(device, deadline=interceptor.rpc_deadline(context))
-        status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus(volume_condition=_condition(condition))
+        # status is REQUIRED but has nothing to say (see ListVolumes): an empty one
+        status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus()
         return csi_pb2.ControllerGetVolumeResponse(volume=self._volume(device), status=status)
+
+    # -- volume health (alpha in CSI 1.13) -------------------------------------------------------
+
+    def ControllerGetVolumeHealth(
+        self, request: csi_pb2.ControllerGetVolumeHealthRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetVolumeHealthResponse:
+        volume_id = validate.device_id(request.volume_id)
+        vh = self._prov.volume_health(volume_id, deadline=interceptor.rpc_deadline(context))
+        return csi_pb2.ControllerGetVolumeHealthResponse(
+            volume_health=health.volume(vh.volume.name, vh.issues)
+        )
+
+    def ControllerListVolumeHealth(
+        self, request: csi_pb2.ControllerListVolumeHealthRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerListVolumeHealthResponse:
+        page = self._prov.list_volume_health(
+            max_entries=validate.max_entries(request.max_entries),
+            token=request.starting_token,
+            deadline=interceptor.rpc_deadline(context),
+        )
+        entries = [health.volume(vh.volume.name, vh.issues) for vh in page.entries]
+        return csi_pb2.ControllerListVolumeHealthResponse(entries=entries, next_token=page.next_token)
 
     def ControllerExpandVolume(
         self, request: csi_pb2.ControllerExpandVolumeRequest, context: grpc.ServicerContext
@@ -200,7 +217,3 @@ def _snapshot(device: model.Device) -> csi_pb2.Snapshot:
         creation_time=created,
         ready_to_use=device.state == model.DeviceState.READY,
     )
-
-
-def _condition(cond: provisioner.Condition) -> csi_pb2.VolumeCondition:
-    return csi_pb2.VolumeCondition(abnormal=cond.abnormal, message=cond.message)

@@ -40,6 +40,11 @@ QUIET_METHODS = frozenset(
         "/csi.v1.Node/NodeGetCapabilities",
         "/csi.v1.Node/NodeGetInfo",
         "/csi.v1.Node/NodeGetVolumeStats",
+        # CSI 1.13's health RPCs: a health monitor polls them like the stats
+        "/csi.v1.Controller/ControllerGetVolumeHealth",
+        "/csi.v1.Controller/ControllerListVolumeHealth",
+        "/csi.v1.Node/NodeGetVolumeHealth",
+        "/csi.v1.Node/NodeGetStorageHealth",
         "/grpc.health.v1.Health/Check",
     }
 )

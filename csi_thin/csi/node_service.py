@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import grpc
 
-from csi_thin.csi import interceptor, validate
+from csi_thin.csi import health, interceptor, validate
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
 from csi_thin.node import volumes
 
@@ -15,7 +15,8 @@ CAPABILITIES = (
     _RPC.STAGE_UNSTAGE_VOLUME,
     _RPC.GET_VOLUME_STATS,
     _RPC.EXPAND_VOLUME,
-    _RPC.VOLUME_CONDITION,
+    _RPC.GET_VOLUME_HEALTH,
+    _RPC.GET_STORAGE_HEALTH,
     _RPC.SINGLE_NODE_MULTI_WRITER,
 )
 _Unit = csi_pb2.VolumeUsage
@@ -82,6 +83,22 @@ class NodeService(csi_pb2_grpc.NodeServicer):
         stats = self._volumes.stats(volume_id, path, deadline=interceptor.rpc_deadline(context))
         return _stats(stats)
 
+    def NodeGetVolumeHealth(
+        self, request: csi_pb2.NodeGetVolumeHealthRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeHealthResponse:
+        volume_id = validate.device_id(request.volume_id)
+        staging = validate.optional_path(request.staging_target_path, "staging_target_path")
+        publish = validate.optional_path(request.volume_publish_path, "volume_publish_path")
+        issues = self._volumes.volume_health(
+            volume_id, staging_path=staging, publish_path=publish, deadline=interceptor.rpc_deadline(context)
+        )
+        return csi_pb2.NodeGetVolumeHealthResponse(volume_health=health.volume(volume_id, issues))
+
+    def NodeGetStorageHealth(
+        self, request: csi_pb2.NodeGetStorageHealthRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetStorageHealthResponse:
+        return health.storage(self._volumes.storage_health(deadline=interceptor.rpc_deadline(context)))
+
     def NodeExpandVolume(
         self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.NodeExpandVolumeResponse:
@@ -112,7 +129,6 @@ class NodeService(csi_pb2_grpc.NodeServicer):
 
 
 def _stats(stats: volumes.Stats) -> csi_pb2.NodeGetVolumeStatsResponse:
-    condition = csi_pb2.VolumeCondition(abnormal=stats.condition.abnormal, message=stats.condition.message)
     if stats.usage is None:
         usage = [csi_pb2.VolumeUsage(unit=_Unit.BYTES, total=stats.block_bytes)]
     else:
@@ -125,4 +141,4 @@ def _stats(stats: volumes.Stats) -> csi_pb2.NodeGetVolumeStatsResponse:
                 unit=_Unit.INODES, total=u.total_inodes, available=u.available_inodes, used=u.used_inodes
             ),
         ]
-    return csi_pb2.NodeGetVolumeStatsResponse(usage=usage, volume_condition=condition)
+    return csi_pb2.NodeGetVolumeStatsResponse(usage=usage)

@@ -72,6 +72,11 @@ def path(value: str, field: str) -> str:
     return value
 
 
+def optional_path(value: str, field: str) -> str:
+    """An OPTIONAL path ("" when not given); a given one is checked like `path`."""
+    return path(value, field) if value else ""
+
+
 def lookup_path(value: str, field: str) -> str:
     """A path that only names where a volume is (stats, expansion): anything but a clean absolute
     path cannot be where this driver put a volume, so it is NOT_FOUND (csi-sanity requires this for
@@ -102,6 +107,7 @@ def capability(cap: csi_pb2.VolumeCapability, context: Mapping[str, str] | None 
     if mode not in _SINGLE_NODE:
         raise errors.InvalidArgument(f"volume_capability: unknown or missing access mode {mode}")
     read_only = mode == _Mode.SINGLE_NODE_READER_ONLY
+    single_writer = mode == _Mode.SINGLE_NODE_SINGLE_WRITER
     which = cap.WhichOneof("access_type")
     recorded = (context or {}).get(CTX_ACCESS_TYPE)
     if which is None:
@@ -112,7 +118,7 @@ def capability(cap: csi_pb2.VolumeCapability, context: Mapping[str, str] | None 
             f"volume_capability: the volume was created for {recorded} access, not {which}"
         )
     if which == "block":
-        return volumes.Capability(block=True, fs_type="", read_only=read_only)
+        return volumes.Capability(block=True, fs_type="", read_only=read_only, single_writer=single_writer)
     recorded_fs = (context or {}).get(CTX_FS_TYPE)
     fs_type = cap.mount.fs_type or recorded_fs or DEFAULT_FS
     if fs_type not in filesystem.SUPPORTED:
@@ -125,7 +131,9 @@ def capability(cap: csi_pb2.VolumeCapability, context: Mapping[str, str] | None 
     flags = tuple(cap.mount.mount_flags)
     if len(flags) > MAX_MOUNT_FLAGS or not all(_MOUNT_FLAG.match(f) for f in flags):
         raise errors.InvalidArgument("mount_flags: at most 32 flags of [A-Za-z0-9_.=:/+-]")
-    return volumes.Capability(block=False, fs_type=fs_type, mount_flags=flags, read_only=read_only)
+    return volumes.Capability(
+        block=False, fs_type=fs_type, mount_flags=flags, read_only=read_only, single_writer=single_writer
+    )
 
 
 def capabilities(

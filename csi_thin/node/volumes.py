@@ -29,6 +29,7 @@ from typing import Protocol
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.node import blockview, filesystem, mountinfo
+from csi_thin.pool import health
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Engine(Protocol):
     def activate(self, name: str, *, deadline: deadline_mod.Deadline) -> model.Device: ...
     def deactivate(self, name: str, *, deadline: deadline_mod.Deadline) -> model.Device: ...
     def get(self, name: str) -> model.Device | None: ...
+    def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]: ...
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
 
 
@@ -49,19 +51,22 @@ class Capability:
     mount_flags: tuple[str, ...] = ()
     #: the access mode only allows reading (SINGLE_NODE_READER_ONLY)
     read_only: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Condition:
-    abnormal: bool
-    message: str
+    #: the access mode allows one publish at a time (SINGLE_NODE_SINGLE_WRITER, Kubernetes'
+    #: ReadWriteOncePod)
+    single_writer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Stats:
     usage: filesystem.Usage | None  # None for block volumes
     block_bytes: int  # block volumes: device size
-    condition: Condition
+
+
+#: this node's own reasons (the pool's are in csi_thin.pool.health)
+DEVICE_MISSING = "DeviceMissing"
+NOT_STAGED = "NotStaged"
+NOT_PUBLISHED = "NotPublished"
+FILESYSTEM_READ_ONLY = "FilesystemReadOnly"
 
 
 class Claims:
@@ -240,6 +245,15 @@ class NodeVolumes:
         if current is not None:
             self._check_published(device, current, target_path, read_only=read_only, view=view)
             return
+        if cap.single_writer:
+            # CSI: a SINGLE_NODE_SINGLE_WRITER volume published at another target path is
+            # FAILED_PRECONDITION (the staging mount is no publish)
+            others = [p for p in _mounted_elsewhere(device, target_path) if p != staging_path]
+            if others:
+                raise errors.FailedPrecondition(
+                    f"volume {volume_id} is SINGLE_NODE_SINGLE_WRITER and already published at "
+                    f"{', '.join(others)}"
+                )
         if cap.block:
             _make_file(target_path)
         else:
@@ -293,6 +307,85 @@ class NodeVolumes:
         blockview.close_view(view)
         _remove_made_target(target_path)
 
+    # -- health (CSI 1.13's NodeGetVolumeHealth, NodeGetStorageHealth) -----------------------------
+
+    def storage_health(self, *, deadline: deadline_mod.Deadline) -> tuple[health.Issue, ...]:
+        """The pool's health: its condition, its space against the thresholds, its lost devices."""
+        try:
+            status = self._engine.status(deadline=deadline)
+        except errors.Unavailable as exc:
+            return (health.unavailable(exc.message),)
+        lost = [d.name for d in self._engine.list() if d.state == model.DeviceState.LOST]
+        return health.pool(status, self._thresholds, lost=lost)
+
+    def volume_health(
+        self, volume_id: str, *, staging_path: str, publish_path: str, deadline: deadline_mod.Deadline
+    ) -> tuple[health.Issue, ...]:
+        """One volume's health from this node: its record (lost?), its device node, what the given
+        paths show (the CO passes where it staged or published, or tried to: a path without the
+        volume is INACCESSIBLE there, not an error), and its pool's issues. Like stats, takes no claim.
+        """
+        device = self._device(volume_id)
+        try:
+            status = self._engine.status(deadline=deadline)
+        except errors.Unavailable as exc:
+            return (health.unavailable(exc.message),)
+        pool_issues = health.volume(device, status, self._thresholds)
+        return (*self._device_issues(device, staging_path, publish_path), *pool_issues)
+
+    def _device_issues(
+        self, device: model.Device, staging_path: str, publish_path: str
+    ) -> list[health.Issue]:
+        issues: list[health.Issue] = []
+        if device.active and (not device.path or not os.path.exists(device.path)):
+            issues.append(
+                health.Issue(
+                    health.Severity.INACCESSIBLE,
+                    DEVICE_MISSING,
+                    f"{device.name} is active but its block device {device.path or ''} is missing",
+                )
+            )
+        block = dict(device.attributes).get(model.ATTR_ACCESS_TYPE) == "block"
+        # a block volume's staging only activates the device: nothing is at its staging path
+        paths = [(NOT_STAGED, "staged", "staging_target_path", staging_path)] if not block else []
+        paths.append((NOT_PUBLISHED, "published", "volume_publish_path", publish_path))
+        for reason, verb, field, given in paths:
+            if not given:
+                continue
+            path = _resolve(given, field)
+            shown, forced_ro = self._shown_at(device, path)
+            if not shown:
+                issues.append(
+                    health.Issue(
+                        health.Severity.INACCESSIBLE, reason, f"{device.name} is not {verb} at {path}"
+                    )
+                )
+            elif forced_ro and not any(i.reason == FILESYSTEM_READ_ONLY for i in issues):
+                issues.append(
+                    health.Issue(
+                        health.Severity.DEGRADED,
+                        FILESYSTEM_READ_ONLY,
+                        f"the filesystem of {device.name} turned read-only after an IO or corruption "
+                        f"error (at {path}): writes fail until it is unmounted, checked (fsck) and "
+                        "mounted again",
+                    )
+                )
+        return issues
+
+    def _shown_at(self, device: model.Device, path: str) -> tuple[bool, bool]:
+        """Whether `path` shows this device (its filesystem, or its block device node), and whether
+        that filesystem went read-only by itself."""
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False, False
+        if stat.S_ISBLK(st.st_mode):
+            return self._is_device_node(device, st), False
+        mount = mountinfo.at(path)
+        if mount is None or not self._is_device(device, mount, path):
+            return False, False
+        return True, _forced_read_only(mount)
+
     # -- stats and expansion ---------------------------------------------------------------------
 
     def stats(self, volume_id: str, volume_path: str, *, deadline: deadline_mod.Deadline) -> Stats:
@@ -302,19 +395,14 @@ class NodeVolumes:
             st = os.stat(volume_path)
         except FileNotFoundError as exc:
             raise errors.NotFound(f"volume path {volume_path} does not exist") from exc
-        condition = self._condition(device, deadline=deadline)
         if stat.S_ISBLK(st.st_mode):
             if not self._is_device_node(device, st):
                 raise errors.NotFound(f"{volume_path} is not the block device of volume {volume_id}")
-            return Stats(usage=None, block_bytes=filesystem.block_size_of(volume_path), condition=condition)
+            return Stats(usage=None, block_bytes=filesystem.block_size_of(volume_path))
         mount = mountinfo.at(volume_path)
         if mount is None or not self._is_device(device, mount, volume_path):
             raise errors.NotFound(f"volume {volume_id} is not mounted at {volume_path}")
-        if not condition.abnormal and _forced_read_only(mount):
-            condition = Condition(
-                abnormal=True, message=f"filesystem of {volume_id} turned read-only after an error"
-            )
-        return Stats(usage=filesystem.usage(volume_path), block_bytes=0, condition=condition)
+        return Stats(usage=filesystem.usage(volume_path), block_bytes=0)
 
     def expand(
         self, volume_id: str, volume_path: str, *, block: bool | None, deadline: deadline_mod.Deadline
@@ -403,22 +491,6 @@ class NodeVolumes:
         device = self._engine.get(volume_id)
         if device is None or not self._is_device(device, mount, path):
             raise errors.AlreadyExists(f"{path} already has another device mounted ({mount.source})")
-
-    def _condition(self, device: model.Device, *, deadline: deadline_mod.Deadline) -> Condition:
-        if not device.active or not device.path or not os.path.exists(device.path):
-            return Condition(abnormal=True, message=f"block device of {device.name} is missing")
-        status = self._engine.status(deadline=deadline)
-        # the same rules as the controller's volume condition (controller.provisioner.pool_condition);
-        # node and controller are sibling layers and share no code but the model
-        if status.mode != model.PoolMode.RW or status.needs_check:
-            return Condition(abnormal=True, message=f"thin pool is {status.mode.value}")
-        if status.data_used_ratio >= self._thresholds.data:
-            return Condition(abnormal=True, message=f"thin pool data {status.data_used_ratio:.0%} used")
-        if status.metadata_used_ratio >= self._thresholds.metadata:
-            return Condition(
-                abnormal=True, message=f"thin pool metadata {status.metadata_used_ratio:.0%} used"
-            )
-        return Condition(abnormal=False, message="")
 
 
 def _path(device: model.Device) -> str:

@@ -140,7 +140,9 @@ def test_every_controller_rpc_is_idempotent(d: h.Driver) -> None:
     assert c.ControllerExpandVolume(block_expand).node_expansion_required
 
     got = c.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=vol.volume_id))
-    assert got.volume.capacity_bytes == 30 * MiB and not got.status.volume_condition.abnormal
+    assert got.volume.capacity_bytes == 30 * MiB
+    health = c.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=vol.volume_id))
+    assert health.volume_health.volume_id == vol.volume_id and not health.volume_health.health_statuses
 
     validate = csi_pb2.ValidateVolumeCapabilitiesRequest(
         volume_id=vol.volume_id, volume_capabilities=[h.mount_cap()]
@@ -394,6 +396,34 @@ def _hostile() -> list[tuple[str, Callable[[h.Driver, str], object]]]:
         lambda d, v: d.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(volume_id=v)),
     )
     add(
+        "controller volume health: no id",
+        lambda d, v: d.controller.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest()),
+    )
+    add(
+        "controller volume health list: negative max_entries",
+        lambda d, v: d.controller.ControllerListVolumeHealth(
+            csi_pb2.ControllerListVolumeHealthRequest(max_entries=-1)
+        ),
+    )
+    add(
+        "node volume health: no id",
+        lambda d, v: d.node.NodeGetVolumeHealth(
+            csi_pb2.NodeGetVolumeHealthRequest(volume_publish_path="/tmp/t")
+        ),
+    )
+    add(
+        "node volume health: relative publish path",
+        lambda d, v: d.node.NodeGetVolumeHealth(
+            csi_pb2.NodeGetVolumeHealthRequest(volume_id=v, volume_publish_path="tmp/t")
+        ),
+    )
+    add(
+        "node volume health: staging path traversal",
+        lambda d, v: d.node.NodeGetVolumeHealth(
+            csi_pb2.NodeGetVolumeHealthRequest(volume_id=v, staging_target_path="/var/../etc")
+        ),
+    )
+    add(
         "expand node: no id",
         lambda d, v: d.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(volume_path="/tmp/t")),
     )
@@ -457,9 +487,7 @@ def test_list_volumes_pages_stay_stable(d: h.Driver) -> None:
     page3 = c.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=2, starting_token=page2.next_token))
     assert [e.volume.volume_id for e in page3.entries] == ids[4:] and not page3.next_token
     everything = c.ListVolumes(csi_pb2.ListVolumesRequest())
-    assert len(everything.entries) == 4 and all(
-        not e.status.volume_condition.abnormal for e in everything.entries
-    )
+    assert len(everything.entries) == 4
 
 
 def test_list_snapshots_filters(d: h.Driver) -> None:
@@ -532,6 +560,120 @@ def test_topology_pins_volumes_to_this_node(d: h.Driver) -> None:
     assert info.node_id == "node-1" and dict(info.accessible_topology.segments) == {key: "node-1"}
 
 
+# -- capabilities and health (CSI 1.13) -------------------------------------------------------------------
+
+
+def test_capabilities_advertise_get_snapshot_and_health(d: h.Driver) -> None:
+    C = csi_pb2.ControllerServiceCapability.RPC
+    N = csi_pb2.NodeServiceCapability.RPC
+    ctrl = {
+        c.rpc.type
+        for c in d.controller.ControllerGetCapabilities(
+            csi_pb2.ControllerGetCapabilitiesRequest()
+        ).capabilities
+    }
+    node = {c.rpc.type for c in d.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities}
+    assert {C.GET_SNAPSHOT, C.GET_VOLUME_HEALTH, C.LIST_VOLUME_HEALTH, C.GET_VOLUME} <= ctrl
+    assert {N.GET_VOLUME_HEALTH, N.GET_STORAGE_HEALTH, N.GET_VOLUME_STATS} <= node
+    assert C.LIST_VOLUMES_PUBLISHED_NODES not in ctrl  # ListVolumes has no status to give
+
+
+def _entries(statuses: object) -> list[tuple[int, str]]:
+    return [(e.status, e.reason) for e in statuses]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("condition", "volume_status", "storage_status", "reason"),
+    [
+        (
+            {"mode": "out_of_data_space", "data_used": 64 * GiB},
+            csi_pb2.DEGRADED,
+            csi_pb2.STORAGE_DEGRADED,
+            "PoolOutOfDataSpace",
+        ),
+        ({"mode": "ro"}, csi_pb2.DEGRADED, csi_pb2.STORAGE_DEGRADED, "PoolReadOnly"),
+        ({"needs_check": True}, csi_pb2.DEGRADED, csi_pb2.STORAGE_DEGRADED, "PoolNeedsCheck"),
+        ({"metadata_used_ratio": 0.9}, csi_pb2.DEGRADED, csi_pb2.STORAGE_DEGRADED, "MetadataAboveThreshold"),
+        ({"mode": "fail"}, csi_pb2.INACCESSIBLE, csi_pb2.STORAGE_UNREACHABLE, "PoolFailed"),
+    ],
+)
+def test_the_pools_health_reaches_every_health_rpc(
+    d: h.Driver, condition: dict[str, object], volume_status: int, storage_status: int, reason: str
+) -> None:
+    """NodeGetStorageHealth is the pool's health; every volume on the pool carries it in the
+    controller's and the node's volume health, and ListVolumeHealth lists them all, in pages."""
+    c = d.controller
+    ids = sorted(c.CreateVolume(h.create_req(f"pvc-{i}", MiB)).volume.volume_id for i in range(3))
+    assert not d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    healthy = c.ControllerListVolumeHealth(csi_pb2.ControllerListVolumeHealthRequest())
+    assert not healthy.entries and not healthy.next_token
+    assert isinstance(d.backend, fakes.FakeBackend)
+    d.backend.set_condition(**condition)
+
+    (backend,) = d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    assert (backend.status, backend.reason) == (storage_status, reason) and backend.message
+    for vid in ids:
+        got = c.ControllerGetVolumeHealth(
+            csi_pb2.ControllerGetVolumeHealthRequest(volume_id=vid)
+        ).volume_health
+        assert got.volume_id == vid and _entries(got.health_statuses) == [(volume_status, reason)]
+        node = d.node.NodeGetVolumeHealth(csi_pb2.NodeGetVolumeHealthRequest(volume_id=vid)).volume_health
+        assert node.volume_id == vid and _entries(node.health_statuses) == [(volume_status, reason)]
+    first = c.ControllerListVolumeHealth(csi_pb2.ControllerListVolumeHealthRequest(max_entries=2))
+    rest = c.ControllerListVolumeHealth(
+        csi_pb2.ControllerListVolumeHealthRequest(max_entries=2, starting_token=first.next_token)
+    )
+    assert [e.volume_id for e in first.entries] == ids[:2] and first.next_token
+    assert [e.volume_id for e in rest.entries] == ids[2:] and not rest.next_token
+    assert all(
+        _entries(e.health_statuses) == [(volume_status, reason)] for e in [*first.entries, *rest.entries]
+    )
+
+
+def test_health_of_a_lost_volume_and_of_a_pool_that_is_gone(d: h.Driver) -> None:
+    c = d.controller
+    a = c.CreateVolume(h.create_req("pvc-a", MiB)).volume.volume_id
+    b = c.CreateVolume(h.create_req("pvc-b", MiB)).volume.volume_id
+    # the pool loses a's device behind the driver's back; recovery finds and marks it
+    dl = deadline.default()
+    d.engine.backend.delete(d.engine.get(a).dev_id, deadline=dl)  # type: ignore[union-attr]
+    assert d.engine.recover(deadline=dl).lost == (a,)
+    (lost,) = c.ControllerListVolumeHealth(csi_pb2.ControllerListVolumeHealthRequest()).entries
+    assert lost.volume_id == a and _entries(lost.health_statuses) == [(csi_pb2.DATA_LOSS, "DeviceLost")]
+    node = d.node.NodeGetVolumeHealth(csi_pb2.NodeGetVolumeHealthRequest(volume_id=a)).volume_health
+    assert _entries(node.health_statuses) == [(csi_pb2.DATA_LOSS, "DeviceLost")]
+    (backend,) = d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    assert (backend.status, backend.reason) == (csi_pb2.STORAGE_DEGRADED, "DevicesLost")
+    assert a in backend.message and b not in backend.message
+    # a pool whose status cannot be read at all: reported as unreachable, not an error
+    assert isinstance(d.backend, fakes.FakeBackend)
+    d.backend.set_condition(assembled=False)
+    (backend,) = d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    assert (backend.status, backend.reason) == (csi_pb2.STORAGE_UNREACHABLE, "PoolUnavailable")
+    got = c.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=b)).volume_health
+    assert _entries(got.health_statuses) == [(csi_pb2.INACCESSIBLE, "PoolUnavailable")]
+    node_b = d.node.NodeGetVolumeHealth(csi_pb2.NodeGetVolumeHealthRequest(volume_id=b)).volume_health
+    assert _entries(node_b.health_statuses) == [(csi_pb2.INACCESSIBLE, "PoolUnavailable")]
+    unknown = csi_pb2.ControllerGetVolumeHealthRequest(volume_id="v-ghost")
+    assert h.code_of(lambda: c.ControllerGetVolumeHealth(unknown)) == S.NOT_FOUND
+    node_unknown = csi_pb2.NodeGetVolumeHealthRequest(volume_id="v-ghost")
+    assert h.code_of(lambda: d.node.NodeGetVolumeHealth(node_unknown)) == S.NOT_FOUND
+
+
+def test_get_snapshot(d: h.Driver) -> None:
+    c = d.controller
+    vol = c.CreateVolume(h.create_req("pvc-a", MiB)).volume
+    snap = c.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=vol.volume_id)).snapshot
+    got = c.GetSnapshot(csi_pb2.GetSnapshotRequest(snapshot_id=snap.snapshot_id)).snapshot
+    assert got == snap and got.ready_to_use and got.source_volume_id == vol.volume_id
+    for missing in (vol.volume_id, "sh-none", "none-exist-id"):
+        assert (
+            h.code_of(lambda m=missing: c.GetSnapshot(csi_pb2.GetSnapshotRequest(snapshot_id=m)))
+            == S.NOT_FOUND
+        )
+    assert h.code_of(lambda: c.GetSnapshot(csi_pb2.GetSnapshotRequest())) == S.INVALID_ARGUMENT
+
+
 def test_unoffered_rpcs_are_unimplemented(d: h.Driver) -> None:
     req = csi_pb2.ControllerPublishVolumeRequest(volume_id="v-a", node_id="node-1")
     assert h.code_of(lambda: d.controller.ControllerPublishVolume(req)) == S.UNIMPLEMENTED
@@ -555,8 +697,9 @@ def test_pool_above_threshold_refuses_new_devices_but_existing_ones_work(d: h.Dr
     assert pool_state(d) == before
     # existing: retried creates still answer, reads work and report the condition, deletes free space
     assert c.CreateVolume(h.create_req("pvc-a", 10 * MiB)).volume.volume_id == vol.volume_id
-    got = c.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=vol.volume_id))
-    assert got.status.volume_condition.abnormal and "97%" in got.status.volume_condition.message
+    got = c.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=vol.volume_id))
+    (entry,) = got.volume_health.health_statuses
+    assert (entry.status, entry.reason) == (csi_pb2.DEGRADED, "DataAboveThreshold") and "97%" in entry.message
     assert c.GetCapacity(csi_pb2.GetCapacityRequest()).available_capacity == 0
     d.engine.activate(vol.volume_id, deadline=deadline.default())
     d.engine.deactivate(vol.volume_id, deadline=deadline.default())

@@ -208,8 +208,14 @@ def test_vanished_device_is_lost_and_a_device_without_cr_is_an_orphan(cluster: C
     assert c.devices("a") == sorted([gone.volume_id, kept.volume_id])  # nothing deleted, nothing re-made
     status = c.pool("a")["status"]
     assert status["lost"] == [gone.volume_id] and status["orphans"] == [kept.volume_id]
-    got = ctl.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=gone.volume_id))
-    assert got.status.volume_condition.abnormal
+    got = ctl.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=gone.volume_id))
+    assert [(e.status, e.reason) for e in got.volume_health.health_statuses] == [
+        (csi_pb2.DATA_LOSS, "DeviceLost")
+    ]
+    # the node names it in its storage health (the kept volume's device is an orphan, not lost)
+    storage = c.node("a").node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    assert [b.reason for b in storage] == ["DevicesLost"] and gone.volume_id in storage[0].message
+    assert kept.volume_id not in storage[0].message
     # a Lost volume can still be deleted (its record goes; there is no device to delete)
     ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=gone.volume_id))
     assert c.cr("thinvolumes", gone.volume_id) is None

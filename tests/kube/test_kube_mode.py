@@ -172,7 +172,9 @@ def test_two_nodes_lifecycle(cluster: Cluster, tmp_path: pathlib.Path) -> None:
 
     # reads from the CRs: get, paginated lists
     got = ctl.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=va.volume_id))
-    assert got.volume.capacity_bytes == 256 * MiB and not got.status.volume_condition.abnormal
+    assert got.volume.capacity_bytes == 256 * MiB
+    health = ctl.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=va.volume_id))
+    assert health.volume_health.volume_id == va.volume_id and not health.volume_health.health_statuses
     ids: list[str] = []
     token = ""
     while True:

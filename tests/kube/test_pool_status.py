@@ -70,8 +70,9 @@ def test_the_thinpool_status_follows_a_create_promptly(cluster: Cluster) -> None
 
 def test_capacity_follows_each_nodes_own_thresholds(cluster: Cluster) -> None:
     """Node a configured with a data threshold of 50%: less capacity than the controller's default
-    (95%) would give. Node b configured below what its pool already uses: no capacity, creates there
-    refused, its volume's condition abnormal."""
+        (95%) would give. Node b configured below what its pool already uses: no capacity, creates there
+        refused, its volume's health degraded (the controller's view from the ThinPool CR and the node's
+    own agree)."""
     c = cluster
     a, b = c.nodes["a"].name, c.nodes["b"].name
     ctl = c.controller()
@@ -99,10 +100,20 @@ def test_capacity_follows_each_nodes_own_thresholds(cluster: Cluster) -> None:
         code_of(lambda: ctl.CreateVolume(create_req("pvc-b2", 64 * MiB, requisite=[b], preferred=[b])))
         == grpc.StatusCode.RESOURCE_EXHAUSTED
     )
-    got = ctl.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(volume_id=vb.volume_id))
-    # abnormal at a few percent used: only node b's own threshold says so
-    cond = got.status.volume_condition
-    assert cond.abnormal and "thin pool data" in cond.message and "writes may fail soon" in cond.message
+    got = ctl.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=vb.volume_id))
+    # degraded at a few percent used: only node b's own threshold says so
+    (entry,) = got.volume_health.health_statuses
+    assert (entry.status, entry.reason) == (csi_pb2.DEGRADED, "DataAboveThreshold")
+    assert "thin pool data" in entry.message and "writes may fail soon" in entry.message
+    assert "0% threshold" in entry.message  # 0.001 rounds to 0%: node b's, not the default 95%
+    node_b = c.node("b").node
+    (storage,) = node_b.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    assert (storage.status, storage.reason) == (csi_pb2.STORAGE_DEGRADED, "DataAboveThreshold")
+    node_view = node_b.NodeGetVolumeHealth(csi_pb2.NodeGetVolumeHealthRequest(volume_id=vb.volume_id))
+    assert [e.reason for e in node_view.volume_health.health_statuses] == ["DataAboveThreshold"]
+    assert not c.node("a").node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+    unhealthy = ctl.ControllerListVolumeHealth(csi_pb2.ControllerListVolumeHealthRequest()).entries
+    assert [e.volume_id for e in unhealthy] == [vb.volume_id]
     # deletes still run above the threshold
     ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vb.volume_id))
     assert c.devices("b") == []

@@ -92,6 +92,18 @@ class Node:
             csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=path)
         )
 
+    def health(
+        self, vol: csi_pb2.Volume, *, staging: str = "", target: str = ""
+    ) -> list[tuple[int, str, str]]:
+        """NodeGetVolumeHealth's entries as (status, reason, message)."""
+        got = self.d.node.NodeGetVolumeHealth(
+            csi_pb2.NodeGetVolumeHealthRequest(
+                volume_id=vol.volume_id, staging_target_path=staging, volume_publish_path=target
+            )
+        ).volume_health
+        assert got.volume_id == vol.volume_id
+        return [(e.status, e.reason, e.message) for e in got.health_statuses]
+
 
 def _cleanup_mounts(workdir: pathlib.Path, keep: str) -> None:
     """Unmount whatever a failed test left under workdir (deepest first), except the pool itself."""
@@ -146,7 +158,8 @@ def test_mount_volume_life_cycle_ext4(node: Node) -> None:
     assert 50 * MiB < by_unit[csi_pb2.VolumeUsage.BYTES].total <= 64 * MiB
     assert by_unit[csi_pb2.VolumeUsage.BYTES].used > 0
     assert by_unit[csi_pb2.VolumeUsage.INODES].used > 0
-    assert not st.volume_condition.abnormal
+    assert node.health(vol, staging=staging, target=target) == []
+    assert node.health(vol, staging=staging, target=ro) == []
 
     # a different read-only mode at a published target, another volume at a staging path: conflicts
     other = csi_pb2.NodePublishVolumeRequest(
@@ -165,7 +178,13 @@ def test_mount_volume_life_cycle_ext4(node: Node) -> None:
 
     node.unpublish(vol, ro)
     node.unpublish(vol, target)
+    # a path where the volume is no longer: inaccessible there (the CO asks where it published)
+    assert [r[:2] for r in node.health(vol, staging=staging, target=target)] == [
+        (csi_pb2.INACCESSIBLE, "NotPublished")
+    ]
     node.unstage(vol, staging)
+    assert [r[:2] for r in node.health(vol, staging=staging)] == [(csi_pb2.INACCESSIBLE, "NotStaged")]
+    assert node.health(vol) == []  # unstaged is no issue in itself
     # the data survives: staged again, nothing is reformatted
     staging = node.stage(vol, cap)
     assert pathlib.Path(f"{staging}/hello").read_text() == "world"
@@ -278,7 +297,10 @@ def test_block_volume_life_cycle(node: Node) -> None:
     with open(target, "r+b") as f:
         f.write(b"raw bytes")
     stats = node.stats(vol, target)
-    assert stats.usage[0].total == 64 * MiB and not stats.volume_condition.abnormal
+    assert stats.usage[0].total == 64 * MiB
+    # the target is a bind of the device node; a block volume's staging path holds nothing
+    assert node.health(vol, staging=staging, target=target) == []
+    assert [r[:2] for r in node.health(vol, target=staging)] == [(csi_pb2.INACCESSIBLE, "NotPublished")]
     grown = node.d.controller.ControllerExpandVolume(
         csi_pb2.ControllerExpandVolumeRequest(
             volume_id=vol.volume_id,
@@ -324,12 +346,50 @@ def test_missing_volume_and_unstaged_paths(node: Node) -> None:
         )
 
 
+@pytest.mark.parametrize("block", [False, True], ids=["mount", "block"])
+def test_a_single_writer_volume_is_published_at_one_target_at_a_time(node: Node, block: bool) -> None:
+    """CSI: SINGLE_NODE_SINGLE_WRITER (ReadWriteOncePod) is published once; a publish at another
+    target path is FAILED_PRECONDITION and changes nothing. A repeated publish at the same path
+    still succeeds, and once unpublished it can go elsewhere. SINGLE_NODE_WRITER has no such limit."""
+    cap = (h.block_cap if block else h.mount_cap)(mode=Mode.SINGLE_NODE_SINGLE_WRITER)
+    vol = node.create("pvc-once", 64 * MiB, cap)
+    staging = node.stage(vol, cap)
+    first = node.publish(vol, cap, staging, "pod-a/volume")  # publishes twice: idempotent
+    second = str(node.workdir / "pods" / "pod-b" / "volume")
+    again = csi_pb2.NodePublishVolumeRequest(
+        volume_id=vol.volume_id,
+        staging_target_path=staging,
+        target_path=second,
+        volume_capability=cap,
+        volume_context=vol.volume_context,
+    )
+    with pytest.raises(grpc.RpcError) as exc:
+        node.d.node.NodePublishVolume(again)
+    assert exc.value.code() == S.FAILED_PRECONDITION and first in (exc.value.details() or "")
+    assert mountinfo.at(second) is None and not os.path.exists(second)
+    node.unpublish(vol, first)
+    moved = node.publish(vol, cap, staging, "pod-b/volume")
+    assert moved == second
+    # the same volume as SINGLE_NODE_WRITER: a second publish is fine
+    shared = (h.block_cap if block else h.mount_cap)(mode=Mode.SINGLE_NODE_WRITER)
+    other = node.publish(vol, shared, staging, "pod-c/volume")
+    node.unpublish(vol, other)
+    node.unpublish(vol, moved)
+    node.unstage(vol, staging)
+
+
 def test_node_capabilities_and_info(node: Node) -> None:
     caps = {
         c.rpc.type for c in node.d.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest()).capabilities
     }
     rpc = csi_pb2.NodeServiceCapability.RPC
-    assert {rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.EXPAND_VOLUME, rpc.VOLUME_CONDITION} <= caps
+    assert {
+        rpc.STAGE_UNSTAGE_VOLUME,
+        rpc.GET_VOLUME_STATS,
+        rpc.EXPAND_VOLUME,
+        rpc.GET_VOLUME_HEALTH,
+        rpc.GET_STORAGE_HEALTH,
+    } <= caps
 
 
 def test_pool_above_threshold_existing_volumes_keep_working(tmp_path: pathlib.Path) -> None:
@@ -348,8 +408,11 @@ def test_pool_above_threshold_existing_volumes_keep_working(tmp_path: pathlib.Pa
             snap = csi_pb2.CreateSnapshotRequest(name="s", source_volume_id=vol.volume_id)
             assert h.code_of(lambda: d.controller.CreateSnapshot(snap)) == S.RESOURCE_EXHAUSTED
             _write(f"{target}/still", "writable")
-            stats = n.stats(vol, target)
-            assert stats.volume_condition.abnormal and "used" in stats.volume_condition.message
+            reasons = {r[1] for r in n.health(vol, staging=staging, target=target)}
+            assert "DataAboveThreshold" in reasons and "NotPublished" not in reasons
+            storage = d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
+            assert "DataAboveThreshold" in {b.reason for b in storage}
+            assert all(b.status == csi_pb2.STORAGE_DEGRADED for b in storage)
             n.unpublish(vol, target)
             n.unstage(vol, staging)
             staging = n.stage(vol, cap)  # staging an existing volume still works
@@ -474,7 +537,8 @@ def test_paths_under_a_symlinked_directory_stay_idempotent(node: Node) -> None:
     node.d.node.NodePublishVolume(publish)
     node.d.node.NodePublishVolume(publish)
     assert len([m for m in mountinfo.read() if m.mount_point == str(real / "pod" / "volume")]) == 1
-    assert not node.stats(vol, target).volume_condition.abnormal
+    # health resolves a symlinked parent as every other call does
+    assert node.health(vol, staging=staging, target=target) == []
     node.unpublish(vol, target)
     assert mountinfo.at(str(real / "pod" / "volume")) is None
     node.unstage(vol, staging)
@@ -552,18 +616,20 @@ def test_unstage_of_a_volume_still_published_is_refused(node: Node, block: bool)
     node.unstage(vol, staging)
 
 
-def test_a_filesystem_shut_down_by_an_error_is_an_abnormal_condition(node: Node) -> None:
-    """ext4 (errors=remount-ro) stops writing after an error; the volume condition must say so."""
+def test_a_filesystem_shut_down_by_an_error_is_degraded_health(node: Node) -> None:
+    """ext4 (errors=remount-ro) stops writing after an error; the volume's health must say so."""
     cap = h.mount_cap(flags=("errors=remount-ro",))
     vol = node.create("pvc-a", 64 * MiB, cap)
     staging = node.stage(vol, cap)
     target = node.publish(vol, cap, staging, "pod/volume")
-    assert not node.stats(vol, target).volume_condition.abnormal
+    assert node.health(vol, staging=staging, target=target) == []
     dev = node.d.engine.get(vol.volume_id)
     assert dev is not None and dev.path
     pathlib.Path(f"/sys/fs/ext4/{os.path.basename(dev.path)}/trigger_fs_error").write_text("1")
-    condition = node.stats(vol, target).volume_condition
-    assert condition.abnormal and "read-only" in condition.message
+    ((status, reason, message),) = node.health(vol, staging=staging, target=target)  # once, not per path
+    assert (status, reason) == (csi_pb2.DEGRADED, "FilesystemReadOnly") and "read-only" in message
+    # the pool is fine: only the volume is
+    assert not node.d.node.NodeGetStorageHealth(csi_pb2.NodeGetStorageHealthRequest()).backend_health
     node.unpublish(vol, target)
     node.unstage(vol, staging)
 

@@ -58,8 +58,13 @@ def test_restart_between_stage_and_publish(work: pathlib.Path, how: str) -> None
             stats = d.node.NodeGetVolumeStats(
                 csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=str(target))
             )
-            assert not stats.volume_condition.abnormal, stats.volume_condition.message
             assert any(u.total > 0 for u in stats.usage)
+            health = d.node.NodeGetVolumeHealth(
+                csi_pb2.NodeGetVolumeHealthRequest(
+                    volume_id=vol.volume_id, staging_target_path=str(stage), volume_publish_path=str(target)
+                )
+            ).volume_health
+            assert not health.health_statuses, health
             d.release(vol.volume_id, stage, target)
             assert not os.path.ismount(stage)
             d.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))

@@ -20,6 +20,7 @@ class FakeEngine:
         self.data_used = 0
         self.metadata_used = 1  # of 100
         self.mode = model.PoolMode.RW
+        self.needs_check = False
         self.thresholds = model.Thresholds()
         self.busy: set[str] = set()  # names with an operation "in flight"
         self._next_id = 1
@@ -126,5 +127,5 @@ class FakeEngine:
             metadata_used_bytes=self.metadata_used,
             metadata_total_bytes=100,
             mode=self.mode,
-            needs_check=False,
+            needs_check=self.needs_check,
         )

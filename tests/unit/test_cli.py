@@ -205,11 +205,14 @@ def test_gc_refuses_a_lost_stores_volumes_without_force(
 
 
 @pytest.mark.parametrize(
-    ("condition", "says"),
-    [({"mode": "out_of_data_space"}, "deletes still run"), ({"mode": "ro"}, "thin_repair")],
+    ("condition", "says", "reason"),
+    [
+        ({"mode": "out_of_data_space"}, "deletes still run", "PoolOutOfDataSpace"),
+        ({"mode": "ro"}, "thin_repair", "PoolReadOnly"),
+    ],
 )
 def test_pool_status_says_what_a_full_or_degraded_pool_still_does(
-    cfg_file: str, capsys: pytest.CaptureFixture[str], condition: dict[str, object], says: str
+    cfg_file: str, capsys: pytest.CaptureFixture[str], condition: dict[str, object], says: str, reason: str
 ) -> None:
     assert run(capsys, "pool", "create", "--config", cfg_file)[0] == 0
     cfg = config.load_pool(cfg_file)
@@ -217,10 +220,12 @@ def test_pool_status_says_what_a_full_or_degraded_pool_still_does(
         assert isinstance(eng.backend, fakes.FakeBackend)
         eng.backend.set_condition(**condition)
     code, out, _ = run(capsys, "pool", "status", "--config", cfg_file)
-    assert code == 1 and "UNHEALTHY" in out and says in out
+    assert code == 1 and "UNHEALTHY" in out and says in out and f"{reason} (degraded)" in out
     code, out, _ = run(capsys, "pool", "status", "--config", cfg_file, "--json")
     doc = json.loads(out)
     assert doc["condition"] in ("out_of_data_space", "read_only") and says in doc["hint"]
+    # the same reasons as NodeGetStorageHealth
+    assert [(i["severity"], i["reason"]) for i in doc["issues"]] == [("degraded", reason)]
 
 
 def test_pool_trim_and_status_over_a_pool_with_nothing_staged(

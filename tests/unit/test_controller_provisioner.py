@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from csi_thin import deadline, errors, model
 from csi_thin.controller import naming, paging, provisioner
+from csi_thin.pool import health
 from tests.unit import fake_engine
 
 MiB = model.MiB
@@ -272,34 +275,72 @@ def test_no_capacity_above_a_threshold() -> None:
     assert prov.capacity(node_id=None, deadline=DL).maximum_volume_bytes > 0
 
 
-def test_capacity_and_condition_use_the_pools_own_thresholds() -> None:
+def test_capacity_and_health_use_the_pools_own_thresholds() -> None:
     """In Kubernetes mode one controller serves nodes configured with different thresholds: the
-    capacity it reports (and the volume condition) must follow each pool's own, or a node with a
+    capacity it reports (and the volume health) must follow each pool's own, or a node with a
     lower threshold is offered volumes its engine then refuses."""
     prov, eng = make()
     a = prov.create_volume(req("pvc-a"), deadline=DL)
     eng.thresholds = model.Thresholds(data=0.5, metadata=0.8)
     eng.data_used = 6 * GiB  # 60%: below the default 95%, above this pool's 50%
     assert prov.capacity(node_id=None, deadline=DL) == provisioner.Capacity(0, 0)
-    assert prov.condition(a, deadline=DL).abnormal
+    got = prov.volume_health(a.name, deadline=DL)
+    assert [i.reason for i in got.issues] == [health.DATA_ABOVE_THRESHOLD] and got.volume == a
+    assert "50% threshold" in got.issues[0].message
     eng.data_used = 4 * GiB
     cap = prov.capacity(node_id=None, deadline=DL)
     assert cap.available_bytes == (int(10 * GiB * 0.5) - 4 * GiB) // BS * BS
-    assert not prov.condition(a, deadline=DL).abnormal
+    assert prov.volume_health(a.name, deadline=DL).issues == ()
 
 
 @pytest.mark.parametrize(
-    ("mode", "used", "abnormal"),
+    ("mode", "used", "needs_check", "reasons"),
     [
-        (model.PoolMode.RW, 0, False),
-        (model.PoolMode.RW, int(9.6 * GiB), True),
-        (model.PoolMode.RO, 0, True),
-        (model.PoolMode.OUT_OF_DATA_SPACE, 0, True),
+        (model.PoolMode.RW, 0, False, []),
+        (model.PoolMode.RW, int(9.6 * GiB), False, [health.DATA_ABOVE_THRESHOLD]),
+        (model.PoolMode.RO, 0, False, [health.READ_ONLY]),
+        (model.PoolMode.RW, 0, True, [health.NEEDS_CHECK]),
+        (model.PoolMode.OUT_OF_DATA_SPACE, 10 * GiB, False, [health.OUT_OF_DATA_SPACE]),
+        (model.PoolMode.FAIL, 0, False, [health.FAILED]),
     ],
 )
-def test_condition(mode: model.PoolMode, used: int, abnormal: bool) -> None:
+def test_volume_health(mode: model.PoolMode, used: int, needs_check: bool, reasons: list[str]) -> None:
     prov, eng = make()
     a = prov.create_volume(req("pvc-a"), deadline=DL)
-    eng.mode, eng.data_used = mode, used
-    cond = prov.condition(a, deadline=DL)
-    assert cond.abnormal == abnormal and (cond.message != "") == abnormal
+    eng.mode, eng.data_used, eng.needs_check = mode, used, needs_check
+    assert [i.reason for i in prov.volume_health(a.name, deadline=DL).issues] == reasons
+
+
+def test_volume_health_of_a_lost_or_unknown_volume() -> None:
+    prov, eng = make()
+    a = prov.create_volume(req("pvc-a"), deadline=DL)
+    eng.devices[a.name] = dataclasses.replace(a, state=model.DeviceState.LOST)
+    got = prov.volume_health(a.name, deadline=DL)
+    assert [(i.severity, i.reason) for i in got.issues] == [(health.Severity.DATA_LOSS, health.DEVICE_LOST)]
+    with pytest.raises(errors.NotFound):
+        prov.volume_health("v-ghost", deadline=DL)
+
+
+def test_list_volume_health_lists_the_unhealthy_in_pages() -> None:
+    """Only volumes with an issue are listed (the spec's "abnormal volume health entries"), paged by
+    name like ListVolumes, each entry with its own issues."""
+    prov, eng = make()
+    for n in "abcdef":
+        prov.create_volume(req(f"pvc-{n}"), deadline=DL)
+    assert prov.list_volume_health(max_entries=0, token="", deadline=DL) == provisioner.HealthPage([], "")
+    for n in "bdf":
+        eng.devices[f"v-pvc-{n}"] = dataclasses.replace(
+            eng.devices[f"v-pvc-{n}"], state=model.DeviceState.LOST
+        )
+    first = prov.list_volume_health(max_entries=2, token="", deadline=DL)
+    assert [h.volume.name for h in first.entries] == ["v-pvc-b", "v-pvc-d"] and first.next_token
+    second = prov.list_volume_health(max_entries=2, token=first.next_token, deadline=DL)
+    assert [h.volume.name for h in second.entries] == ["v-pvc-f"] and second.next_token == ""
+    assert all(h.issues[0].reason == health.DEVICE_LOST for h in first.entries + second.entries)
+    # a pool issue makes every volume unhealthy; the lost ones carry both
+    eng.mode = model.PoolMode.RO
+    every = prov.list_volume_health(max_entries=0, token="", deadline=DL)
+    assert [h.volume.name for h in every.entries] == [f"v-pvc-{n}" for n in "abcdef"]
+    assert [i.reason for i in every.entries[1].issues] == [health.DEVICE_LOST, health.READ_ONLY]
+    with pytest.raises(provisioner.InvalidToken):
+        prov.list_volume_health(max_entries=2, token="invalid-token", deadline=DL)

@@ -91,3 +91,12 @@ class _Ctx:
 def test_rpc_deadline(remaining: float | None, low: float, high: float) -> None:
     left = interceptor.rpc_deadline(_Ctx(remaining)).remaining()  # type: ignore[arg-type]
     assert low - 0.05 <= left <= high
+
+
+def test_quiet_methods_are_real_rpcs() -> None:
+    """A misspelt name would log a poll at INFO forever: every quiet method must exist."""
+    real = {
+        f"/{s.full_name}/{m.name}" for s in csi_pb2.DESCRIPTOR.services_by_name.values() for m in s.methods
+    }
+    assert interceptor.QUIET_METHODS - {"/grpc.health.v1.Health/Check"} <= real
+    assert "/csi.v1.Node/NodeGetStorageHealth" in interceptor.QUIET_METHODS

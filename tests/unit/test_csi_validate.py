@@ -90,21 +90,33 @@ def test_lookup_path_malformed_is_invalid(value: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cap", "block_", "fs", "ro"),
+    ("cap", "block_", "fs", "ro", "once"),
     [
-        (mount(), False, "ext4", False),
-        (mount("ext4"), False, "ext4", False),
-        (mount("xfs"), False, "xfs", False),
-        (mount(mode=Mode.SINGLE_NODE_READER_ONLY), False, "ext4", True),
-        (mount(mode=Mode.SINGLE_NODE_SINGLE_WRITER), False, "ext4", False),
-        (mount(mode=Mode.SINGLE_NODE_MULTI_WRITER), False, "ext4", False),
-        (block(), True, "", False),
-        (block(Mode.SINGLE_NODE_READER_ONLY), True, "", True),
+        (mount(), False, "ext4", False, False),
+        (mount("ext4"), False, "ext4", False, False),
+        (mount("xfs"), False, "xfs", False, False),
+        (mount(mode=Mode.SINGLE_NODE_READER_ONLY), False, "ext4", True, False),
+        (mount(mode=Mode.SINGLE_NODE_SINGLE_WRITER), False, "ext4", False, True),
+        (mount(mode=Mode.SINGLE_NODE_MULTI_WRITER), False, "ext4", False, False),
+        (block(), True, "", False, False),
+        (block(Mode.SINGLE_NODE_READER_ONLY), True, "", True, False),
+        (block(Mode.SINGLE_NODE_SINGLE_WRITER), True, "", False, True),
     ],
 )
-def test_capability_accepts(cap: csi_pb2.VolumeCapability, block_: bool, fs: str, ro: bool) -> None:
+def test_capability_accepts(
+    cap: csi_pb2.VolumeCapability, block_: bool, fs: str, ro: bool, once: bool
+) -> None:
     got = validate.capability(cap)
-    assert (got.block, got.fs_type, got.read_only) == (block_, fs, ro)
+    assert (got.block, got.fs_type, got.read_only, got.single_writer) == (block_, fs, ro, once)
+
+
+def test_optional_path() -> None:
+    """The health RPCs' paths are OPTIONAL: empty is fine, a given one is checked like any path."""
+    assert validate.optional_path("", "volume_publish_path") == ""
+    assert validate.optional_path("/var/lib/kubelet/x", "volume_publish_path") == "/var/lib/kubelet/x"
+    for bad in ("relative/x", "/a/../b", "/a/./b", "/"):
+        with pytest.raises(errors.InvalidArgument):
+            validate.optional_path(bad, "volume_publish_path")
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
 
 
 def test_spec_version_is_pinned() -> None:
-    assert pb.SPEC_VERSION == "v1.12.0"
+    assert pb.SPEC_VERSION == "v1.13.0"
 
 
 def test_all_services_present() -> None:
@@ -19,9 +19,17 @@ def test_all_services_present() -> None:
         assert hasattr(csi_pb2_grpc, f"add_{name}Servicer_to_server")
 
 
-def test_v1_12_messages() -> None:
-    # GetSnapshot arrived in spec v1.12.0
-    assert csi_pb2.DESCRIPTOR.services_by_name["Controller"].methods_by_name["GetSnapshot"]
+def test_v1_13_messages() -> None:
+    # GetSnapshot arrived in spec v1.12.0; the volume-health RPCs in v1.13.0, which removed
+    # VolumeCondition (and the VOLUME_CONDITION capabilities) from the messages that carried it
+    methods = {s: set(csi_pb2.DESCRIPTOR.services_by_name[s].methods_by_name) for s in ("Controller", "Node")}
+    assert {"GetSnapshot", "ControllerGetVolumeHealth", "ControllerListVolumeHealth"} <= methods["Controller"]
+    assert {"NodeGetVolumeHealth", "NodeGetStorageHealth"} <= methods["Node"]
+    assert "VolumeCondition" not in csi_pb2.DESCRIPTOR.message_types_by_name
+    for caps in (csi_pb2.ControllerServiceCapability, csi_pb2.NodeServiceCapability):
+        assert "VOLUME_CONDITION" not in caps.RPC.Type.DESCRIPTOR.values_by_name
+        assert "GET_VOLUME_HEALTH" in caps.RPC.Type.DESCRIPTOR.values_by_name
+    assert "volume_condition" not in csi_pb2.NodeGetVolumeStatsResponse.DESCRIPTOR.fields_by_name
     req = csi_pb2.CreateVolumeRequest(name="v", capacity_range=csi_pb2.CapacityRange(required_bytes=1))
     assert csi_pb2.CreateVolumeRequest.FromString(req.SerializeToString()) == req
 

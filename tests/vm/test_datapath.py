@@ -133,7 +133,13 @@ class Node:
         [total] = [u.total for u in stats.usage if u.unit == csi_pb2.VolumeUsage.BYTES]
         st = os.statvfs(p.target)
         assert total == st.f_blocks * st.f_frsize
-        assert not stats.volume_condition.abnormal, stats.volume_condition.message
+        health = self.d.node.NodeGetVolumeHealth(
+            csi_pb2.NodeGetVolumeHealthRequest(
+                volume_id=p.id, staging_target_path=str(p.staging), volume_publish_path=str(p.target)
+            ),
+            timeout=T,
+        ).volume_health
+        assert not health.health_statuses, health
         return int(total)
 
     def release(self, p: Published) -> None:
