@@ -5,6 +5,8 @@ SHELL := /bin/bash
 PY := $(CURDIR)/.venv/bin/python
 STAMPS := .stamps
 HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools dmsetup kmod
+# the e2e cluster: container runtime, loopback-only CNI, iptables for kubelet, busybox for test pods
+E2E_PKGS := containerd runc containernetworking-plugins iptables busybox-static
 LINT_DIRS := csi_thin tests $(wildcard bench)
 # Host tiers, one pytest run each (a folder of tests/ each); the vm tier runs in the VM.
 HOST_TIERS := unit integration root kube
@@ -22,7 +24,7 @@ setup: deps venv proto tools vm-setup
 
 deps: $(STAMPS)/deps
 $(STAMPS)/deps: Makefile scripts/apt-install.sh
-	scripts/apt-install.sh $(HOST_PKGS)
+	scripts/apt-install.sh $(HOST_PKGS) $(E2E_PKGS)
 	@mkdir -p $(STAMPS) && touch $@
 
 venv: $(STAMPS)/venv

@@ -18,7 +18,8 @@ modver() { (cd "$HERE/$1" && go list -m -f '{{.Version}}' "$2"); }
 # name module-dir main-package binary ldflags-fn
 build() {
   local name=$1 dir=$2 pkg=$3 ldflags=$4
-  local key; key=$(cat "$HERE/$dir/go.mod" "$HERE/$dir/go.sum" | sha256sum | cut -c1-16)
+  # a module of our own (pause) has no go.sum but sources: they are part of its key
+  local key; key=$(cd "$HERE/$dir" && cat go.mod $(ls go.sum ./*.go 2>/dev/null) | sha256sum | cut -c1-16)
   if [ -x "$BIN/$name" ] && [ "$(cat "$BIN/.$name.stamp" 2>/dev/null)" = "$key" ]; then
     echo "tools: $name up to date"; return
   fi
@@ -35,7 +36,8 @@ build() {
   echo "tools: built $name in $((SECONDS - t0))s"
 }
 
-want=${*:-csi-sanity etcd helm kube-apiserver promtool}
+# the e2e cluster: kubelet, kube-controller-manager, kube-scheduler, kubectl and the CSI sidecars
+want=${*:-csi-sanity etcd helm kube-apiserver promtool kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause snapshot-crds}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -46,11 +48,37 @@ for tool in $want; do
     helm)
       v=$(modver helm helm.sh/helm/v3)
       build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$v";;
-    kube-apiserver)
+    kube-apiserver|kubelet|kube-controller-manager|kube-scheduler|kubectl)
+      # all from one pinned k8s.io/kubernetes, so the e2e cluster's parts are one release
       v=$(modver kube k8s.io/kubernetes); mm=${v#v}; major=${mm%%.*}; rest=${mm#*.}; minor=${rest%%.*}
       P=k8s.io/component-base/version
-      build kube-apiserver kube k8s.io/kubernetes/cmd/kube-apiserver \
+      build "$tool" kube "k8s.io/kubernetes/cmd/$tool" \
         "-X $P.gitVersion=$v -X $P.gitMajor=$major -X $P.gitMinor=$minor -X $P.gitTreeState=clean -X $P.buildDate=1970-01-01T00:00:00Z";;
+    # the CSI sidecars of the e2e cluster (images under their upstream names); upstream stamps
+    # main.version, else --version prints "unknown"
+    csi-provisioner)
+      v=$(modver provisioner github.com/kubernetes-csi/external-provisioner/v6)
+      build csi-provisioner provisioner github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner "-X main.version=$v";;
+    csi-snapshotter|snapshot-controller)
+      v=$(modver snapshotter github.com/kubernetes-csi/external-snapshotter/v8)
+      build "$tool" snapshotter "github.com/kubernetes-csi/external-snapshotter/v8/cmd/$tool" "-X main.version=$v";;
+    csi-resizer)
+      v=$(modver resizer github.com/kubernetes-csi/external-resizer/v2)
+      build csi-resizer resizer github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer "-X main.version=$v";;
+    pause)
+      build pause pause csi-thin.io/tools/pause "-s -w";;
+    snapshot-crds)
+      # the VolumeSnapshot CRDs of the pinned snapshot-controller: they are in the nested module
+      # external-snapshotter/client/v8 (config/crd/), not in the main module's zip
+      key=$(cat "$HERE/snapshotter/go.mod" "$HERE/snapshotter/go.sum" | sha256sum | cut -c1-16)
+      out=$BIN/crds/snapshot
+      if [ "$(cat "$out/.stamp" 2>/dev/null)" = "$key" ]; then echo "tools: snapshot-crds up to date"; continue; fi
+      dir=$(cd "$HERE/snapshotter" && go mod download -json github.com/kubernetes-csi/external-snapshotter/client/v8 \
+        | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+      [ -d "$dir/config/crd" ] || { echo "tools: no config/crd in $dir" >&2; exit 1; }
+      rm -rf "$out" && mkdir -p "$out"
+      cp "$dir"/config/crd/snapshot.storage.k8s.io_*.yaml "$out/" && chmod 644 "$out"/*.yaml
+      echo "$key" > "$out/.stamp"; echo "tools: snapshot-crds from $(basename "$dir")";;
     promtool)
       # Prometheus' Go module is versioned v0.3XX.Y for release 3.XX.Y: print the release, and the
       # module version as the revision
