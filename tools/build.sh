@@ -37,7 +37,7 @@ build() {
 }
 
 # the e2e cluster: kubelet, kube-controller-manager, kube-scheduler, kubectl and the CSI sidecars
-want=${*:-csi-sanity etcd helm kube-apiserver promtool kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause snapshot-crds}
+want=${*:-csi-sanity etcd helm kube-apiserver promtool kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -67,18 +67,6 @@ for tool in $want; do
       build csi-resizer resizer github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer "-X main.version=$v";;
     pause)
       build pause pause csi-thin.io/tools/pause "-s -w";;
-    snapshot-crds)
-      # the VolumeSnapshot CRDs of the pinned snapshot-controller: they are in the nested module
-      # external-snapshotter/client/v8 (config/crd/), not in the main module's zip
-      key=$(cat "$HERE/snapshotter/go.mod" "$HERE/snapshotter/go.sum" | sha256sum | cut -c1-16)
-      out=$BIN/crds/snapshot
-      if [ "$(cat "$out/.stamp" 2>/dev/null)" = "$key" ]; then echo "tools: snapshot-crds up to date"; continue; fi
-      dir=$(cd "$HERE/snapshotter" && go mod download -json github.com/kubernetes-csi/external-snapshotter/client/v8 \
-        | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
-      [ -d "$dir/config/crd" ] || { echo "tools: no config/crd in $dir" >&2; exit 1; }
-      rm -rf "$out" && mkdir -p "$out"
-      cp "$dir"/config/crd/snapshot.storage.k8s.io_*.yaml "$out/" && chmod 644 "$out"/*.yaml
-      echo "$key" > "$out/.stamp"; echo "tools: snapshot-crds from $(basename "$dir")";;
     promtool)
       # Prometheus' Go module is versioned v0.3XX.Y for release 3.XX.Y: print the release, and the
       # module version as the revision
