@@ -16,7 +16,7 @@ HOST_TIERS := unit integration root kube
 BASETEMP := /tmp/ct-$(shell echo '$(CURDIR)' | cksum | cut -c1-6)
 TIMES := $(STAMPS)/times.tsv
 
-.PHONY: all setup deps venv proto tools vm-setup lint unit test test-host test-stress vm-test demo demo-reflink bench bench-native bench-kube clean
+.PHONY: all setup deps venv proto tools manifests vm-setup lint unit test test-host test-stress vm-test demo demo-reflink bench bench-native bench-kube clean
 
 all: test
 
@@ -40,6 +40,10 @@ csi_thin/csi/pb/__init__.py: tools/csi/go.mod tools/csi/go.sum tools/kubelet/go.
 
 tools:
 	tools/build.sh
+
+# deploy/: plain manifests rendered from the chart's defaults (a test fails when they are stale).
+manifests: tools
+	scripts/manifests.sh
 
 vm-setup: deps
 	vm/setup.sh

@@ -93,6 +93,17 @@ def fake_driver(workdir: pathlib.Path, **kwargs: object) -> Iterator[Driver]:
         yield d
 
 
+def exported_metric_names(workdir: pathlib.Path) -> set[str]:
+    """Every sample name a node process exports (a pool attached, a registration state, a call made):
+    what alert rules and dashboards may read."""
+    m = metrics_mod.Metrics()
+    with fake_driver(workdir, metrics=m) as d:
+        m.attach_pool("p", d.engine)
+        m.registration("failed")
+        d.controller.CreateVolume(create_req("pvc-1"))
+        return {s.name for fam in m.registry.collect() for s in fam.samples}
+
+
 def reflink_config(workdir: pathlib.Path, size: str = "2GiB") -> config.PoolConfig:
     return config.pool_from_dict(
         {

@@ -22,7 +22,7 @@ def _docs(path: pathlib.Path, **values: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
-def _established(ext: Any, name: str) -> None:
+def established(ext: Any, name: str) -> None:
     w = kubernetes.watch.Watch()
     for event in w.stream(
         ext.list_custom_resource_definition, field_selector=f"metadata.name={name}", timeout_seconds=60
@@ -46,7 +46,7 @@ def install(env: kubeenv.KubeEnv) -> None:
         except kubernetes.client.exceptions.ApiException as exc:
             if exc.status != 409:
                 raise
-        _established(ext, crd["metadata"]["name"])
+        established(ext, crd["metadata"]["name"])
     policy, binding = _docs(CHART / "crds" / "node-isolation.yaml")
     for create, body in (
         (adm.create_validating_admission_policy, policy),

@@ -36,8 +36,31 @@ build() {
   echo "tools: built $name in $((SECONDS - t0))s"
 }
 
-# the e2e cluster: kubelet, kube-controller-manager, kube-scheduler, kubectl and the CSI sidecars
-want=${*:-csi-sanity etcd helm kube-apiserver promtool kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause}
+# name module-dir module subdir files...: copy YAML files of a pinned module (verified against the
+# module dir's go.sum by `go mod download`) into bin/crds/<name>/, keyed and cached like a binary
+crds() {
+  local name=$1 dir=$2 module=$3 subdir=$4; shift 4
+  local out="$BIN/crds/$name"
+  local key; key=$(cat "$HERE/$dir/go.mod" "$HERE/$dir/go.sum" | sha256sum | cut -c1-16)
+  if [ "$(cat "$out/.stamp" 2>/dev/null)" = "$key" ]; then
+    echo "tools: $name CRDs up to date"; return
+  fi
+  rm -rf "$out" && mkdir -p "$out"
+  if [ -d "$CACHE/$key/crds-$name" ]; then
+    cp "$CACHE/$key/crds-$name"/*.yaml "$out/"; echo "$key" > "$out/.stamp"
+    echo "tools: $name CRDs from cache"; return
+  fi
+  local src; src=$(cd "$HERE/$dir" && go mod download -json "$module" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+  [ -d "$src/$subdir" ] || { echo "tools: $module has no $subdir" >&2; exit 1; }
+  local f
+  for f in "$@"; do install -m 0644 "$src/$subdir/$f" "$out/$f"; done
+  mkdir -p "$CACHE/$key/crds-$name" && cp "$out"/*.yaml "$CACHE/$key/crds-$name/"
+  echo "$key" > "$out/.stamp"
+  echo "tools: $name CRDs from $module $(modver "$dir" "$module")"
+}
+
+# the e2e cluster adds kubelet, kube-controller-manager, kube-scheduler, kubectl, the CSI sidecars and pause
+want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -74,6 +97,15 @@ for tool in $want; do
       rel=${mm:0:1}.$((10#${mm:1})).${v##*.}; P=github.com/prometheus/common/version
       build promtool promtool github.com/prometheus/prometheus/cmd/promtool \
         "-X $P.Version=$rel -X $P.Revision=$v -X $P.Branch=module -X $P.BuildUser=csi-thin -X $P.BuildDate=19700101-00:00:00";;
+    snapshot-crds)
+      # the VolumeSnapshot API (its groupsnapshot CRDs are alpha and left out)
+      crds snapshot snapshot-crds github.com/kubernetes-csi/external-snapshotter/client/v8 config/crd \
+        snapshot.storage.k8s.io_volumesnapshotclasses.yaml snapshot.storage.k8s.io_volumesnapshotcontents.yaml \
+        snapshot.storage.k8s.io_volumesnapshots.yaml;;
+    monitoring-crds)
+      # only the two kinds the chart renders
+      crds monitoring monitoring-crds github.com/prometheus-operator/prometheus-operator example/prometheus-operator-crd \
+        monitoring.coreos.com_servicemonitors.yaml monitoring.coreos.com_prometheusrules.yaml;;
     *) echo "tools: unknown tool $tool" >&2; exit 2;;
   esac
 done

@@ -1,0 +1,98 @@
+{{/* The CSI driver's name: the CSIDriver object, the provisioner of the classes, the plugin's
+registration. Fixed (csi_thin.csi.identity_service.DEFAULT_NAME): the topology key and the CRDs'
+group carry it too. */}}
+{{- define "csi-thin.driver" -}}csi-thin.io{{- end }}
+
+{{- define "csi-thin.labels" -}}
+app.kubernetes.io/name: csi-thin
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{/* Selector labels of one component (controller, node): stable across upgrades. */}}
+{{- define "csi-thin.selector" -}}
+app.kubernetes.io/name: csi-thin
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "csi-thin.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The environment every container gets: its pod's name, namespace and IP (the provisioner's
+CSIStorageCapacity owner, the HTTP endpoints' address), and the API server override. */}}
+{{- define "csi-thin.env" -}}
+- name: POD_NAME
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- name: NAMESPACE
+  valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+- name: POD_IP
+  valueFrom: {fieldRef: {fieldPath: status.podIP}}
+{{- with .Values.apiServer }}
+{{- if .host }}
+# the in-cluster client of every process (Python's and client-go's) reads these two
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .host | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .port | toString | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level networking: the node's namespace when hostNetwork is on (DNS then still resolves
+cluster names, with ClusterFirstWithHostNet). */}}
+{{- define "csi-thin.podNetwork" -}}
+{{- if .Values.hostNetwork }}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The pool's paths on the node: everything under <stateDir>/<pool name>/. */}}
+{{- define "csi-thin.poolDir" -}}
+{{ trimSuffix "/" .Values.pool.stateDir }}/{{ .Values.pool.name }}
+{{- end }}
+
+{{/* The node's pool config file (csi_thin.config.pool_from_dict), from .Values.pool. */}}
+{{- define "csi-thin.poolConfig" -}}
+{{- $p := .Values.pool -}}
+{{- $dir := include "csi-thin.poolDir" . -}}
+name: {{ $p.name }}
+backend: {{ $p.backend }}
+state_dir: {{ $dir }}/store
+{{- if eq $p.backend "dmthin" }}
+dmthin:
+  {{- if $p.dmthin.dataDevice }}
+  data_device: {{ $p.dmthin.dataDevice }}
+  metadata_device: {{ $p.dmthin.metadataDevice }}
+  {{- else }}
+  data_file: {{ $dir }}/data.img
+  data_size: {{ $p.dmthin.dataSize }}
+  metadata_file: {{ $dir }}/metadata.img
+  {{- with $p.dmthin.metadataSize }}
+  metadata_size: {{ . }}
+  {{- end }}
+  {{- end }}
+  block_size: {{ $p.dmthin.blockSize }}
+{{- else }}
+reflink:
+  {{- if $p.reflink.directory }}
+  directory: {{ $p.reflink.directory }}
+  {{- else }}
+  directory: {{ $dir }}/mnt
+  image_file: {{ $dir }}/pool.img
+  image_size: {{ $p.reflink.imageSize }}
+  fs_type: {{ $p.reflink.fsType }}
+  {{- end }}
+{{- end }}
+thresholds:
+  data: {{ $p.thresholds.data }}
+  metadata: {{ $p.thresholds.metadata }}
+{{- end }}
