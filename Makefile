@@ -9,7 +9,7 @@ HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools d
 E2E_PKGS := containerd runc containernetworking-plugins iptables busybox-static
 LINT_DIRS := csi_thin tests $(wildcard bench)
 # Host tiers, one pytest run each (a folder of tests/ each); the vm tier runs in the VM.
-HOST_TIERS := unit integration root kube
+HOST_TIERS := unit integration root kube e2e
 # Each tier's pytest gets its own base temp dir, keyed by this checkout: pytest prunes older numbered
 # dirs of the shared /tmp/pytest-of-<user>, and would pull pools and mounts out from under a run of
 # another checkout on the same host (short, for unix socket paths).
