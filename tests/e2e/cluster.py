@@ -187,6 +187,20 @@ class Cluster:
         path = self.root / "logs" / f"{name}.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
+    def diagnose(self, namespaces: tuple[str, ...]) -> str:
+        """What a user looks at when something is stuck: pods, claims, events, and the last lines of
+        every container's log in the given namespaces."""
+        out = [self.kubectl("get", "pods,pvc,pv,volumesnapshots", "-A", "-o", "wide", check=False)]
+        out.append(self.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False)[-6000:])
+        for ns in namespaces:
+            for pod in self.get("pods", "-n", ns)["items"]:
+                for container in pod["spec"]["containers"]:
+                    name = f"{ns}/{pod['metadata']['name']}/{container['name']}"
+                    log = self.kubectl("logs", "-n", ns, pod["metadata"]["name"], "-c", container["name"],
+                                       "--tail=40", check=False)  # fmt: skip
+                    out.append(f"--- {name}\n{log}")
+        return "\n".join(out)
+
     # start
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         with (self.root / "logs" / f"{name}.log").open("ab") as out:

@@ -7,9 +7,11 @@ import dataclasses
 import json
 import pathlib
 import shutil
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -76,17 +78,20 @@ class Driver:
 
 
 def _driver_image(c: cluster_mod.Cluster) -> tuple[str, str]:
-    """Import `make image`'s archive; its name as a pod must spell it. The archive's name is
-    host-less (csi-thin:<version>), which a pod's `image:` would expand to a registry's, so it is
-    tagged under localhost/ too and the chart's image.repository set to match."""
+    """Import `make image`'s archive under localhost/csi-thin:<version> (images.renamed_oci_archive
+    says why); the chart's image.repository is set to match."""
     if not DRIVER_ARCHIVE.exists():
         pytest.fail(f"{DRIVER_ARCHIVE} missing: run `make image`", pytrace=False)
-    before = set(c.ctr("images", "ls", "-q").split())
-    c.import_image(DRIVER_ARCHIVE)
-    (name,) = [n for n in set(c.ctr("images", "ls", "-q").split()) - before if not n.startswith("sha256:")]
-    tag = name.rsplit(":", 1)[1]
-    c.ctr("images", "tag", "--force", name, f"localhost/csi-thin:{tag}")
-    return "localhost/csi-thin", tag
+    with tarfile.open(DRIVER_ARCHIVE) as tar:
+        index = tar.extractfile("index.json")
+        assert index is not None, f"{DRIVER_ARCHIVE}: not an OCI archive"
+        (manifest,) = json.loads(index.read())["manifests"]
+    tag = manifest["annotations"]["org.opencontainers.image.ref.name"].rsplit(":", 1)[1]
+    repository = "localhost/csi-thin"
+    renamed = c.root / "images" / "csi-thin.tar"
+    c.import_image(images.renamed_oci_archive(DRIVER_ARCHIVE, renamed, ref=f"{repository}:{tag}"))
+    renamed.unlink()  # 200 MB the cluster's containerd now holds
+    return repository, tag
 
 
 def _sidecar_images(c: cluster_mod.Cluster) -> None:
@@ -136,26 +141,15 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
     values_file = c.root / "values.yaml"
     values_file.write_text(json.dumps(values))
     t0 = time.monotonic()
-    c.helm(
-        "install",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        DRIVER_NS,
-        "--create-namespace",
-        "--values",
-        str(values_file),
-        "--wait",
-        "--timeout",
-        "5m",
+    c.helm("install", RELEASE, str(CHART), "--namespace", DRIVER_NS, "--create-namespace",
+           "--values", str(values_file), "--wait", "--timeout", "5m", timeout=330)  # fmt: skip
+    # helm's --wait counts a DaemonSet of one node with maxUnavailable 1 as ready with no pod Ready:
+    # wait for the rollout and for every pod, as a user would
+    c.kubectl("rollout", "status", "-n", DRIVER_NS, "daemonset/csi-thin-node", "--timeout=180s", timeout=200)
+    c.kubectl(
+        "wait", "-n", DRIVER_NS, "--for=condition=Ready", "pods", "--all", "--timeout=180s", timeout=200
     )
     pods = c.get("pods", "-n", DRIVER_NS)["items"]
-    not_ready = [
-        p["metadata"]["name"]
-        for p in pods
-        if not any(x["type"] == "Ready" and x["status"] == "True" for x in p["status"].get("conditions", []))
-    ]
-    assert pods and not not_ready, f"pods not Ready after helm install: {not_ready}"
     conftest.report(
         f"e2e: helm install -> every pod Ready in {time.monotonic() - t0:.1f}s ({len(pods)} pods)"
     )
@@ -187,3 +181,13 @@ def _remove_workload(c: cluster_mod.Cluster) -> None:
         lambda: not c.get("pv")["items"] and not c.get("volumesnapshotcontents")["items"],
         timeout=120,
     )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed scenario's report carries the cluster's state (pods, claims, events, driver logs)."""
+    report = yield
+    driver = getattr(item, "funcargs", {}).get("driver")
+    if report.when == "call" and report.failed and isinstance(driver, Driver):
+        report.sections.append(("cluster state", driver.cluster.diagnose((DRIVER_NS, NS))))
+    return report
