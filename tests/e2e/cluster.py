@@ -366,12 +366,16 @@ class Cluster:
         node = self.get("node", NODE)
         return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
 
+    def shared_dir(self, path: pathlib.Path) -> None:
+        """Bidirectional mount propagation (the CSI node plugin's pod) needs a shared mount: the
+        directory on an rshared bind mount of itself, rather than making the host's / shared."""
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+        subprocess.run(["mount", "--make-rshared", str(path)], check=True)
+
     def _start_kubelet(self) -> None:
-        # Bidirectional mount propagation (the CSI node plugin's pod) needs a shared mount: the
-        # kubelet dir on an rshared bind mount of itself, rather than making the host's / shared
         kd = str(self.kubelet_dir)
-        subprocess.run(["mount", "--bind", kd, kd], check=True)
-        subprocess.run(["mount", "--make-rshared", kd], check=True)
+        self.shared_dir(self.kubelet_dir)
         self._start(
             "kubelet",
             [

@@ -114,6 +114,9 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
     repository, tag = _driver_image(c)
     _sidecar_images(c)
     state_dir = c.root / "csi-thin"
+    # the node plugin mounts its pool there with Bidirectional propagation, which needs a shared
+    # mount: on its own rshared bind mount, as the kubelet dir (a systemd host's / is shared anyway)
+    c.shared_dir(state_dir)
     values = {
         # the e2e cluster's network (tests/e2e/cluster.py): host networking, the API server on loopback
         "hostNetwork": True,
