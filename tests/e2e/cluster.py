@@ -84,13 +84,35 @@ def _mounts_under(root: pathlib.Path) -> list[str]:
 
 
 def loops_under(root: pathlib.Path) -> list[str]:
-    """Loop devices whose backing file lies under root (the pool's loop files)."""
-    out = []
-    for backing in pathlib.Path("/sys/block").glob("loop*/loop/backing_file"):
-        with contextlib.suppress(OSError):
-            if backing.read_text().strip().startswith(f"{root}/"):
-                out.append("/dev/" + backing.parts[3])
-    return out
+    """Loop devices of files under root, and of files on those loop devices (a reflink pool's
+    volumes live on its image's filesystem), deepest first.
+
+    Found by the backing file's device and inode, not its path: the kernel prints a backing file's
+    path as its opener's mount namespace saw it, and once a pod's namespace is gone that is a path
+    relative to a mount that no longer exists (`/pool/pool.img`)."""
+    out = subprocess.run(
+        ["losetup", "--list", "--json", "--output", "NAME,BACK-INO,BACK-MAJ:MIN"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    loops = json.loads(out)["loopdevices"] if out.strip() else []
+    top = root.stat().st_dev if root.exists() else -1
+    files: set[tuple[tuple[int, int], int]] = set()
+    for d, dirs, names in os.walk(root):
+        # only root's own filesystem: never into mounts (pod volumes, the pool's filesystem)
+        dirs[:] = [x for x in dirs if os.lstat(os.path.join(d, x)).st_dev == top]
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(d, name))
+                files.add(((os.major(st.st_dev), os.minor(st.st_dev)), st.st_ino))
+
+    def backing(loop: dict[str, Any]) -> tuple[tuple[int, int], int]:
+        major, minor = (int(x) for x in str(loop["back-maj:min"]).strip().split(":"))
+        return (major, minor), int(loop["back-ino"])
+
+    ours = [lo for lo in loops if backing(lo) in files]
+    ours_rdev = {(os.major(r), os.minor(r)) for r in (os.stat(lo["name"]).st_rdev for lo in ours)}
+    on_ours = [lo for lo in loops if lo not in ours and backing(lo)[0] in ours_rdev]
+    return [lo["name"] for lo in on_ours + ours]
 
 
 def _procs_naming(text: str) -> list[int]:
