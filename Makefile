@@ -4,9 +4,10 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 PY := $(CURDIR)/.venv/bin/python
 STAMPS := .stamps
-HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools dmsetup kmod
+HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools dmsetup kmod \
+  mmdebstrap buildah containerd
 # the e2e cluster: container runtime, loopback-only CNI, iptables for kubelet, busybox for test pods
-E2E_PKGS := containerd runc containernetworking-plugins iptables busybox-static
+E2E_PKGS := runc containernetworking-plugins iptables busybox-static
 LINT_DIRS := csi_thin tests $(wildcard bench)
 # Host tiers, one pytest run each (a folder of tests/ each); the vm tier runs in the VM.
 HOST_TIERS := unit integration root kube e2e
@@ -16,7 +17,7 @@ HOST_TIERS := unit integration root kube e2e
 BASETEMP := /tmp/ct-$(shell echo '$(CURDIR)' | cksum | cut -c1-6)
 TIMES := $(STAMPS)/times.tsv
 
-.PHONY: all setup deps venv proto tools manifests vm-setup lint unit test test-host test-stress vm-test demo demo-reflink bench bench-native bench-kube clean
+.PHONY: all setup deps venv proto tools manifests vm-setup image image-context lint unit test test-host test-stress vm-test demo demo-reflink bench bench-native bench-kube clean
 
 all: test
 
@@ -48,6 +49,17 @@ manifests: tools
 vm-setup: deps
 	vm/setup.sh
 
+# The container image (Containerfile) built here without a registry: the base from Debian packages
+# (mmdebstrap), buildah --pull=never, an OCI archive for `ctr images import` (scripts/image.sh).
+# Rebuilt only when its inputs change; the base is cached under ~/.cache/csi-thin/image.
+image: deps venv proto
+	scripts/image.sh
+
+# Only the build context (bin/image/context: the wheels), for docker or podman:
+#   docker build -f Containerfile -t csi-thin:VERSION bin/image/context
+image-context: venv proto
+	scripts/image.sh context
+
 lint: venv proto
 	$(PY) -m ruff check $(LINT_DIRS)
 	$(PY) -m ruff format --check $(LINT_DIRS)
@@ -59,7 +71,7 @@ unit: venv proto
 
 # Host tiers: unit, integration (with the tools-marked tests), root. The vm tier is deselected here
 # by marker and runs in the VM below; a vm test run on the host fails instead of skipping.
-test-host: setup lint
+test-host: setup lint image
 	for t in $(HOST_TIERS); do $(PY) -m pytest tests/$$t -m "not vm" -q --basetemp=$(BASETEMP)-$$t; done
 
 # The root tier beside a node's normal noise (tests/stress.py: loop devices of someone else's coming
@@ -89,6 +101,7 @@ test:
 	@scripts/check-tiers.sh $(HOST_TIERS) vm
 	scripts/timed.sh setup $(MAKE) --no-print-directory setup
 	scripts/timed.sh lint $(MAKE) --no-print-directory lint
+	scripts/timed.sh image $(MAKE) --no-print-directory image
 	for t in $(HOST_TIERS); do scripts/timed.sh $$t $(PY) -m pytest tests/$$t -m "not vm" -q --basetemp=$(BASETEMP)-$$t; done
 	scripts/timed.sh vm $(MAKE) --no-print-directory vm-test
 	@scripts/timing-table.sh

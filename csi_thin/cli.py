@@ -6,6 +6,9 @@ and later groups plug in the same way.
     csi-thin pool status  --config FILE     health, transaction ids, space, devices, journal, orphans
     csi-thin pool list    --config FILE     device records
     csi-thin pool gc      --config FILE --orphans   delete pool devices no record owns
+    csi-thin pool gc      --config FILE --orphans --node-id N [--grace 1h]
+                                            Kubernetes mode: the running node agent deletes devices
+                                            no CR owns, once orphans for the grace period
     csi-thin pool destroy --config FILE --yes       tear down and delete the pool and its store
 
 Every command takes --json for machine-readable output. Domain errors print one line to stderr and
@@ -24,6 +27,7 @@ from typing import Any
 
 from csi_thin import app, config, errors, model
 from csi_thin import deadline as deadline_mod
+from csi_thin.node import control
 from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import modes, recovery
 
@@ -198,6 +202,10 @@ def cmd_pool_list(args: argparse.Namespace, out: Printer = _out) -> int:
 def cmd_pool_gc(args: argparse.Namespace, out: Printer = _out) -> int:
     if not args.orphans:
         raise errors.InvalidArgument("say what to collect: --orphans")
+    if args.node_id:
+        return _gc_kubernetes(args, out)
+    if args.grace is not None:
+        raise errors.InvalidArgument("--grace is for Kubernetes mode (with --node-id)")
     cfg = config.load_pool(args.config)
     dl = _deadline(args)
     with app.open_engine(cfg, deadline=dl) as eng:  # recovery first: it finds (and reserves) orphans
@@ -211,6 +219,34 @@ def cmd_pool_gc(args: argparse.Namespace, out: Printer = _out) -> int:
             + (f"; still there (active): {left}" if left else "")
         )
     return 0
+
+
+def _gc_kubernetes(args: argparse.Namespace, out: Printer) -> int:
+    """Kubernetes mode: the node agent that owns the pool deletes what no CR owns (csi_thin.node.control).
+    Exit 0 when nothing failed (orphans still in their grace period are not a failure), else 1."""
+    if args.force:
+        raise errors.InvalidArgument(
+            "--force is for standalone mode: in Kubernetes mode the CRs say what is legitimate"
+        )
+    grace = control.DEFAULT_GRACE_SECONDS if args.grace is None else config.parse_duration(args.grace)
+    cfg = config.load_pool(args.config)
+    got = control.request_gc(
+        cfg.state_dir, node=args.node_id, grace_seconds=grace, timeout=float(args.timeout)
+    )
+    if args.json:
+        out(json.dumps(got))
+    else:
+        out(f"deleted {len(got['deleted'])} orphan(s): {', '.join(got['deleted']) or 'none'}")
+        for w in got["waiting"]:
+            out(
+                f"waiting: {w['name']} (an orphan for {w['orphan_seconds']:.0f}s of the {grace:.0f}s grace "
+                f"period; eligible in {w['eligible_in_seconds']:.0f}s)"
+            )
+        for k in got["kept"]:
+            out(f"kept: {k['name']}: {k['reason']}")
+        for f in got["failed"]:
+            out(f"failed: {f['name']}: {f['reason']}")
+    return 1 if got["failed"] else 0
 
 
 def cmd_pool_destroy(args: argparse.Namespace, out: Printer = _out) -> int:
@@ -246,6 +282,17 @@ def register(subparsers: Any) -> None:
         "--force",
         action="store_true",
         help="also when the store was rebuilt after a loss (the orphans are then its lost volumes)",
+    )
+    gc.add_argument(
+        "--node-id",
+        default="",
+        help="Kubernetes mode: ask this node's running agent, which deletes only what no CR owns",
+    )
+    gc.add_argument(
+        "--grace",
+        default=None,
+        help=f"Kubernetes mode: how long a device must have been an orphan (90s, 30m, 1h; "
+        f"default {control.DEFAULT_GRACE_SECONDS / 3600:.0f}h)",
     )
     add("destroy", cmd_pool_destroy, "tear down and delete the pool and its store").add_argument(
         "--yes", action="store_true", help="confirm: every volume and snapshot is lost"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import pathlib
+import posixpath
 import re
 from typing import Any
 
@@ -30,6 +31,23 @@ def parse_size(value: str | int) -> int:
         raise errors.InvalidArgument(f"not a size: {value!r} (examples: 1048576, 64KiB, 10GiB)")
     unit = (m.group(2) or "")[:1].upper()
     return int(m.group(1)) * _UNITS[unit]
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str) -> float:
+    """Seconds from '90', '90s', '30m' or '1h' (>= 0)."""
+    text = value.strip().lower()
+    scale = _DURATION_UNITS.get(text[-1:], 0.0)
+    number = text[:-1] if scale else text
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise errors.InvalidArgument(f"duration {value!r}: expected e.g. 90s, 30m or 1h") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise errors.InvalidArgument(f"duration {value!r} must be a finite number >= 0")
+    return seconds
 
 
 class BackendKind(enum.StrEnum):
@@ -68,6 +86,14 @@ class DmThinConfig:
             raise errors.InvalidArgument("dmthin pool: data_device and metadata_device go together")
         if files and (not self.data_file or self.data_size <= 0):
             raise errors.InvalidArgument("dmthin pool: data_file needs a positive data_size")
+        # the kernel takes one device as both and formats the metadata at its start, where the first
+        # data blocks land too: every volume's writes would then overwrite the pool's metadata
+        pairs = ((self.data_device, self.metadata_device), (self.data_file, self.metadata_file))
+        for data, meta in pairs:
+            if data and meta and posixpath.normpath(data) == posixpath.normpath(meta):
+                raise errors.InvalidArgument(
+                    f"dmthin pool: data and metadata must be different devices or files, both are {data}"
+                )
         bs = self.block_size
         if bs < 64 * model.KiB or bs > model.GiB or bs % (64 * model.KiB):
             raise errors.InvalidArgument(

@@ -56,6 +56,12 @@ class FailedPrecondition(CsiThinError):
     code = "FAILED_PRECONDITION"
 
 
+class PermissionDenied(CsiThinError):
+    """The caller may not ask this (the node agent's control socket: another uid)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class OutOfRange(CsiThinError):
     code = "OUT_OF_RANGE"
 

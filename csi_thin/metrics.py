@@ -9,7 +9,12 @@ Where the numbers come from:
   provisioned bytes, the journal (open intents) and the id map (orphans). Those passes are O(devices)
   today: the store keeps no counters. At 1,000 devices they are a few milliseconds of LMDB reads.
 - Kubelet registration state: set by csi_thin.csi.registration when kubelet notifies it.
-- Reconcile errors: incremented by the node agent (Kubernetes mode).
+- Reconcile errors, and the latency of the pool operations the node agent runs for CRs (Kubernetes
+  mode: creates, snapshots, grows and deletes reach the node's pool through CRs, not through its
+  gRPC edge): told by the node agent, by operation (a fixed set) and code.
+- CR wait time (the controller, Kubernetes mode): how long a CreateVolume, CreateSnapshot, Delete or
+  ControllerExpandVolume waited for the node agent's verdict on its CR, by operation and outcome;
+  told by csi_thin.kube.crengine.
 
 No label takes an unbounded value: no volume or snapshot names, only kinds, states, modes, method
 names and status codes. Names follow Prometheus conventions (`_bytes`, `_seconds`, `_total`).
@@ -42,6 +47,15 @@ STATUS_SECONDS = 5.0
 RECONCILE_RESOURCES = ("thinvolume", "thinsnapshot", "thinpool")
 #: kubelet plugin registration: not yet notified, registered, refused
 REGISTRATION_STATES = ("pending", "registered", "failed")
+#: pool operations the node agent runs for CRs (label values of pool_operation_duration_seconds)
+POOL_OPERATIONS = ("create_volume", "clone", "create_snapshot", "grow", "delete")
+#: what the controller waits on the node for, and how a wait ends (cr_wait_seconds): ok (the node
+#: did it), failed (the node reported an error), lost (the device is gone), deleted (the object went
+#: meanwhile), timeout (the RPC's deadline passed first), error (the API server failed the wait)
+CR_WAIT_OPERATIONS = ("create_volume", "create_snapshot", "delete", "expand")
+CR_WAIT_OUTCOMES = ("ok", "failed", "lost", "deleted", "timeout", "error")
+#: a wait is a watch event away (tens of ms) up to a big format or copy on the node
+CR_WAIT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class Pool(Protocol):
@@ -56,11 +70,20 @@ class Pool(Protocol):
 
     def intents(self) -> Sequence[object]: ...
 
-    def orphans(self) -> builtins.list[int]: ...
+    def orphans(self) -> Sequence[object]:
+        """Pool devices no owner claims: ids no record owns (standalone); in Kubernetes mode also the
+        records no CR owns (the node agent's view)."""
+        ...
 
 
 def _name(suffix: str) -> str:
     return f"{PREFIX}_{suffix}"
+
+
+def _check(what: str, label: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Label values come from fixed sets: anything else is a bug in the caller, not a new series."""
+    if value not in allowed:
+        raise errors.InvalidArgument(f"{what}: {label} {value!r} not in {allowed}")
 
 
 class PoolCollector:
@@ -160,7 +183,7 @@ class PoolCollector:
             ),
             gauge(
                 "pool_orphan_devices",
-                "pool devices no record owns (csi-thin pool gc --orphans)",
+                "pool devices no record (Kubernetes mode: no CR) owns (csi-thin pool gc --orphans)",
                 len(pool.orphans()),
             ),
             gauge("pool_lost_devices", "records whose pool device is gone (never re-created empty)", lost),
@@ -191,6 +214,20 @@ class Metrics:
         )
         for resource in RECONCILE_RESOURCES:
             self._reconcile_errors.labels(resource=resource)
+        self._pool_operations = prometheus_client.Histogram(
+            _name("pool_operation_duration_seconds"),
+            "pool operations the node agent ran for CRs (Kubernetes mode), by operation and status code",
+            labelnames=["operation", "grpc_code"],
+            buckets=RPC_BUCKETS,
+            registry=self.registry,
+        )
+        self._cr_wait = prometheus_client.Histogram(
+            _name("cr_wait_seconds"),
+            "how long the controller waited for the node agent's status on a CR, by operation and outcome",
+            labelnames=["operation", "outcome"],
+            buckets=CR_WAIT_BUCKETS,
+            registry=self.registry,
+        )
         self._registration: prometheus_client.Enum | None = None  # only where registration runs
         self._registration_lock = threading.Lock()
 
@@ -198,11 +235,19 @@ class Metrics:
         self._operations.labels(operation=operation, grpc_code=code).observe(seconds)
 
     def reconcile_error(self, resource: str) -> None:
-        if resource not in RECONCILE_RESOURCES:
-            raise errors.InvalidArgument(
-                f"reconcile_error: resource {resource!r} not in {RECONCILE_RESOURCES}"
-            )
+        _check("reconcile_error", "resource", resource, RECONCILE_RESOURCES)
         self._reconcile_errors.labels(resource=resource).inc()
+
+    def pool_operation(self, operation: str, code: str, seconds: float) -> None:
+        """A pool operation the node agent ran (code: the gRPC code name of its result, OK or not)."""
+        _check("pool_operation", "operation", operation, POOL_OPERATIONS)
+        self._pool_operations.labels(operation=operation, grpc_code=code).observe(seconds)
+
+    def cr_wait(self, operation: str, outcome: str, seconds: float) -> None:
+        """A wait of the controller for the node agent's verdict on a CR."""
+        _check("cr_wait", "operation", operation, CR_WAIT_OPERATIONS)
+        _check("cr_wait", "outcome", outcome, CR_WAIT_OUTCOMES)
+        self._cr_wait.labels(operation=operation, outcome=outcome).observe(seconds)
 
     def registration(self, state: str) -> None:
         """The kubelet registration state (the metric appears with the first call)."""

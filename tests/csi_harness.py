@@ -94,13 +94,16 @@ def fake_driver(workdir: pathlib.Path, **kwargs: object) -> Iterator[Driver]:
 
 
 def exported_metric_names(workdir: pathlib.Path) -> set[str]:
-    """Every sample name a node process exports (a pool attached, a registration state, a call made):
-    what alert rules and dashboards may read."""
+    """Every sample name a csi-thin process exports (a pool attached, a registration state, a call
+    made, a pool operation of the node agent, a CR wait of the controller): what alert rules and
+    dashboards may read."""
     m = metrics_mod.Metrics()
     with fake_driver(workdir, metrics=m) as d:
         m.attach_pool("p", d.engine)
         m.registration("failed")
         d.controller.CreateVolume(create_req("pvc-1"))
+        m.pool_operation("create_volume", "OK", 0.1)
+        m.cr_wait("create_volume", "ok", 0.1)
         return {s.name for fam in m.registry.collect() for s in fam.samples}
 
 

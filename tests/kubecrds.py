@@ -1,5 +1,5 @@
 """Install what the chart ships for Kubernetes mode (CRDs, the node-isolation policy, RBAC) into a
-test API server, the way `helm install` would: the same YAML files, applied as they are."""
+test API server, the way `helm install` would: the crds/ files as they are, the RBAC as helm renders it."""
 
 from __future__ import annotations
 
@@ -9,17 +9,14 @@ from typing import Any
 import kubernetes
 import yaml
 
-from tests import kubeenv
+from tests import helmchart, kubeenv
 
 CHART = pathlib.Path(__file__).resolve().parent.parent / "charts" / "csi-thin"
 CRDS = ("thinvolumes.yaml", "thinsnapshots.yaml", "thinpools.yaml")
 
 
-def _docs(path: pathlib.Path, **values: str) -> list[dict[str, Any]]:
-    text = path.read_text()
-    for key, value in values.items():
-        text = text.replace("{{ " + key + " }}", value)
-    return [d for d in yaml.safe_load_all(text) if d]
+def _docs(path: pathlib.Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def established(ext: Any, name: str) -> None:
@@ -59,8 +56,8 @@ def install(env: kubeenv.KubeEnv) -> None:
                 raise
 
 
-def install_rbac(env: kubeenv.KubeEnv, namespace: str = "csi-thin") -> None:
-    """The chart's RBAC (templates/rbac.yaml) with its namespace filled in."""
+def install_rbac(env: kubeenv.KubeEnv, workdir: pathlib.Path, namespace: str = "csi-thin") -> None:
+    """The chart's RBAC for its own processes (templates/rbac.yaml), rendered by the pinned helm."""
     api = env.api_client()
     core = kubernetes.client.CoreV1Api(api)
     try:
@@ -68,7 +65,9 @@ def install_rbac(env: kubeenv.KubeEnv, namespace: str = "csi-thin") -> None:
     except kubernetes.client.exceptions.ApiException as exc:
         if exc.status != 409:
             raise
-    for doc in _docs(CHART / "templates" / "rbac.yaml", **{".Release.Namespace": namespace}):
+    for doc in helmchart.render(
+        workdir, {}, (), "--namespace", namespace, "--show-only", "templates/rbac.yaml"
+    ):
         try:
             kubernetes.utils.create_from_dict(api, doc)
         except kubernetes.utils.FailToCreateError as exc:

@@ -166,6 +166,9 @@ def running(bin_dir: pathlib.Path, *, timeout: float = 120.0) -> Iterator[KubeEn
                 "--disable-admission-plugins",
                 "ServiceAccount",
                 "--enable-priority-and-fairness=false",
+                # as clusters run it (kubeadm's default): a CSI node plugin is a privileged pod, and
+                # without this the API server refuses its DaemonSet
+                "--allow-privileged=true",
             ]
 
             def start_apiserver() -> subprocess.Popen[bytes]:

@@ -2,11 +2,13 @@
 
 - controller (a Deployment, stateless, any number of replicas: the sidecars elect a leader): CSI
   Identity + Controller over the CR engine (csi_thin.kube.crengine). The provisioning logic is the
-  standalone one (csi_thin.controller.provisioner), in its many-nodes form.
+  standalone one (csi_thin.controller.provisioner), in its many-nodes form. With --http-endpoint it
+  serves /healthz (the CSI server serves) and /metrics (RPC latency and codes, CR wait time).
 - node (a DaemonSet): CSI Identity + Node over the node's pool engine, plus the node agent that
   reconciles this node's CRs through the same engine. Start-up order: load the pool config; take the
   pool's owner lock, assemble, recover (csi_thin.app.open_engine); start the agent (start-up
-  reconcile, including the rebuild of a lost LMDB from the CRs); then serve CSI.
+  reconcile, including the rebuild of a lost LMDB from the CRs); its private control socket in the
+  state dir (csi_thin.node.control: `pool gc --orphans --node-id N`); then serve CSI.
 
 The kubeconfig is a file (`--kubeconfig`) or, when absent, the pod's service account.
 """
@@ -19,16 +21,19 @@ import functools
 import logging
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from csi_thin import config, errors, httpserver, model
 from csi_thin import deadline as deadline_mod
+from csi_thin import metrics as metrics_mod
 from csi_thin.controller import provisioner
 from csi_thin.csi import controller_service, identity_service, node_service, registration, server, standalone
 from csi_thin.kube import client as client_mod
 from csi_thin.kube import crengine
 from csi_thin.node import agent as agent_mod
-from csi_thin.node import volumes
+from csi_thin.node import control, volumes
+from csi_thin.pool import engine
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,8 @@ def register(subparsers: Any, *, open_engine: standalone.EngineFactory) -> None:
     )
     _common(c)
     c.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="size granularity (bytes, 1MiB)")
+    # off by default: the controller pod's sidecars have ports of their own; the chart sets it
+    httpserver.add_flag(c, default="")
     c.set_defaults(func=controller_main)
 
     n: argparse.ArgumentParser = subparsers.add_parser(
@@ -87,8 +94,9 @@ def controller_services(
     block_size: int,
     driver_name: str = identity_service.DEFAULT_NAME,
     overprovision_ratio: float = provisioner.Settings.overprovision_ratio,
+    metrics: metrics_mod.Metrics | None = None,
 ) -> server.Services:
-    cr = crengine.CrEngine(api)
+    cr = crengine.CrEngine(api, on_wait=metrics.cr_wait) if metrics else crengine.CrEngine(api)
     settings = provisioner.Settings(
         node_id=None, block_size=block_size, overprovision_ratio=overprovision_ratio
     )
@@ -105,21 +113,53 @@ def controller_main(args: argparse.Namespace) -> int:
     try:
         endpoint = server.Endpoint.parse(args.endpoint)
         block_size = config.parse_size(args.block_size)
+        metrics = metrics_mod.Metrics()
         api = client_mod.connect(args.kubeconfig)
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(api.close)
             svc = controller_services(
                 api,
                 block_size=block_size,
                 driver_name=args.driver_name,
                 overprovision_ratio=args.overprovision_ratio,
+                metrics=metrics,
             )
-            server.Server(endpoint, svc).serve_until_signalled(args.grace)
-        finally:
-            api.close()
+            srv = server.Server(endpoint, svc, metrics=metrics)
+            if args.http_endpoint:
+                health = httpserver.Health()
+                health.set("csi", srv.problem)
+                http = httpserver.HttpServer(args.http_endpoint, health=health, metrics=metrics)
+                http.start()
+                stack.callback(http.stop)
+            srv.serve_until_signalled(args.grace)
     except errors.CsiThinError as exc:
         log.error("msg=%s code=%s error=%s", "controller failed", exc.code, exc.message)  # noqa: TRY400
         return 1
     return 0
+
+
+class _AgentPool:
+    """The pool as the metrics read it in Kubernetes mode: the engine's, with the agent's orphans."""
+
+    def __init__(self, eng: engine.PoolEngine, agent: agent_mod.Agent) -> None:
+        self._eng = eng
+        self._agent = agent
+
+    @property
+    def thresholds(self) -> model.Thresholds:
+        return self._eng.thresholds
+
+    def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+        return self._eng.status(deadline=deadline)
+
+    def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]:
+        return self._eng.list(kind=kind)
+
+    def intents(self) -> Sequence[object]:
+        return self._eng.intents()
+
+    def orphans(self) -> Sequence[object]:
+        return self._agent.orphans()
 
 
 def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory) -> int:
@@ -142,9 +182,15 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
                 overprovision_ratio=args.overprovision_ratio,
                 refresh_seconds=args.refresh_seconds,
                 on_error=proc.metrics.reconcile_error,
+                on_operation=proc.metrics.pool_operation,
             )
             agent.start(deadline=deadline_mod.default())
             stack.callback(agent.stop)
+            # orphans as the agent sees them (records no CR owns too), not only ids no record owns
+            proc.metrics.attach_pool(cfg.name, _AgentPool(eng, agent))
+            ctl = control.Server(cfg.state_dir, agent=agent, node=args.node_id)
+            ctl.start()  # `csi-thin pool gc --orphans --node-id N` asks here
+            stack.callback(ctl.stop)
             proc.serve(
                 server.Services(
                     identity=identity_service.IdentityService(

@@ -296,7 +296,12 @@ class Client:
         deadline: deadline_mod.Deadline,
     ) -> None:
         """Record an Event on a (cluster-scoped) object, in the default namespace. Best effort: an
-        event that cannot be written is logged, never a reason to fail the reconcile."""
+        event that cannot be written is logged, never a reason to fail the reconcile.
+
+        Why `default`: an Event is namespaced and a ThinVolume is not. client-go's recorder does the
+        same for cluster-scoped objects (an empty namespace becomes metav1.NamespaceDefault), so
+        `kubectl describe thinvolume X` and `kubectl get events -n default` find them where they find
+        the events of Nodes and PersistentVolumes."""
         body = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
@@ -346,6 +351,11 @@ class Client:
         if name is not None:
             selectors.append(f"metadata.name={name}")
         seconds = max(1, min(WATCH_SECONDS, int(deadline.remaining())))
+        # the server ends a watch in whole seconds (at least one): a deadline that is not a whole
+        # number of seconds away would be overrun by up to a second, and the RPC that waits would
+        # answer after its client gave up. The read timeout (the longest quiet spell on the stream)
+        # ends it at the deadline instead: a stream that times out just ends, like a server's end.
+        read = max(0.05, min(seconds + CONNECT_SECONDS, deadline.remaining()))
         kwargs: dict[str, Any] = {
             "watch": True,
             "allow_watch_bookmarks": True,
@@ -363,7 +373,7 @@ class Client:
                 resources.VERSION,
                 cls.kind.plural,
                 _preload_content=False,
-                _request_timeout=(t[0], seconds + CONNECT_SECONDS),
+                _request_timeout=(t[0], read),
                 **kwargs,
             ),
         )

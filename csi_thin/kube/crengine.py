@@ -17,6 +17,9 @@ writes a spec and waits, by watch, for the node agent's status:
 
 `CrEngine(api)` sees every node (get, list, delete, grow, snapshot and clone by name: each CR says
 its node); `on(node)` is the view of one node (create_volume, status and list of that node).
+
+Every wait for the node is told to `on_wait(operation, outcome, seconds)` (the controller's
+csi_thin.metrics.Metrics.cr_wait: operations and outcomes are the fixed sets named there).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import builtins
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from csi_thin import deadline as deadline_mod
@@ -37,6 +40,13 @@ from csi_thin.kube import watch
 log = logging.getLogger(__name__)
 
 W = TypeVar("W", res.ThinVolume, res.ThinSnapshot)
+#: (operation, outcome, seconds) of one wait for the node agent
+WaitObserver = Callable[[str, str, float], None]
+
+
+def _no_observer(operation: str, outcome: str, seconds: float) -> None:
+    pass
+
 
 _ERRORS: dict[str, type[errors.CsiThinError]] = {
     cls.code: cls
@@ -120,13 +130,59 @@ def _spec_from(
     )
 
 
+def _gone(obj: res.ThinVolume | res.ThinSnapshot | None) -> bool:
+    return obj is None
+
+
+def _ok(obj: res.ThinVolume | res.ThinSnapshot | None) -> str:
+    return "ok"
+
+
+def _settled_verdict(obj: res.ThinVolume | res.ThinSnapshot | None) -> str:
+    if obj is None or obj.meta.deleting:
+        return "deleted"
+    if obj.status.phase == res.Phase.FAILED:
+        return "failed"
+    if obj.status.phase == res.Phase.LOST:
+        return "lost"
+    return "ok"
+
+
 class CrEngine:
-    def __init__(self, api: client_mod.Client, *, node: str | None = None) -> None:
+    def __init__(
+        self, api: client_mod.Client, *, node: str | None = None, on_wait: WaitObserver = _no_observer
+    ) -> None:
         self._api = api
         self._node = node
+        self._on_wait = on_wait
 
     def on(self, node: str) -> CrEngine:
-        return CrEngine(self._api, node=node)
+        return CrEngine(self._api, node=node, on_wait=self._on_wait)
+
+    def _wait(
+        self,
+        operation: str,
+        cls: type[W],
+        name: str,
+        done: Callable[[W | None], bool],
+        verdict: Callable[[W | None], str],
+        *,
+        deadline: deadline_mod.Deadline,
+        what: str,
+    ) -> W | None:
+        """watch.wait_for, timed and told to on_wait with its outcome (`verdict` of what it returned:
+        ok, failed, lost or deleted; else timeout or error)."""
+        started = time.monotonic()
+        outcome = "error"
+        try:
+            got = watch.wait_for(self._api, cls, name, done, deadline=deadline, what=what)
+            outcome = verdict(got)
+        except errors.DeadlineExceeded:
+            outcome = "timeout"
+            raise
+        finally:
+            self._on_wait(operation, outcome, time.monotonic() - started)
+        return got
 
     # ---- creates -------------------------------------------------------------------------------
 
@@ -180,7 +236,7 @@ class CrEngine:
             obj = self._api.get(res.ThinSnapshot, name, deadline=deadline)
             if obj.spec.source_volume != source:
                 raise errors.AlreadyExists(f"snapshot {name!r} exists with another source volume") from None
-        done = self._settle(res.ThinSnapshot, obj, deadline=deadline)
+        done = self._settle("create_snapshot", res.ThinSnapshot, obj, deadline=deadline)
         return snapshot_device(done)
 
     def _create_volume(
@@ -195,18 +251,19 @@ class CrEngine:
                 raise errors.AlreadyExists(
                     f"volume {name!r} exists as {obj.spec}, incompatible with {spec}"
                 ) from None
-        return volume_device(self._settle(res.ThinVolume, obj, deadline=deadline))
+        return volume_device(self._settle("create_volume", res.ThinVolume, obj, deadline=deadline))
 
-    def _settle(self, cls: type[W], obj: W, *, deadline: deadline_mod.Deadline) -> W:
+    def _settle(self, operation: str, cls: type[W], obj: W, *, deadline: deadline_mod.Deadline) -> W:
         """Wait for the node's verdict on this generation: Ready is the device; Failed is the node's
         error (and the CR goes, so a retry starts afresh); deleted meanwhile is ABORTED."""
         if obj.meta.deleting:
             raise errors.OperationPending(f"{obj.name!r} is being deleted; retry later")
-        got = watch.wait_for(
-            self._api,
+        got = self._wait(
+            operation,
             cls,
             obj.name,
             lambda o: o is None or o.meta.deleting or o.settled,
+            _settled_verdict,
             deadline=deadline,
             what=f"waiting for node {obj.spec.node_name}",
         )
@@ -230,12 +287,10 @@ class CrEngine:
         what = "waiting for the node to delete the device"
         if name.startswith("s"):
             self._api.delete(res.ThinSnapshot, name, deadline=deadline)
-            watch.wait_for(
-                self._api, res.ThinSnapshot, name, lambda o: o is None, deadline=deadline, what=what
-            )
+            self._wait("delete", res.ThinSnapshot, name, _gone, _ok, deadline=deadline, what=what)
         else:
             self._api.delete(res.ThinVolume, name, deadline=deadline)
-            watch.wait_for(self._api, res.ThinVolume, name, lambda o: o is None, deadline=deadline, what=what)
+            self._wait("delete", res.ThinVolume, name, _gone, _ok, deadline=deadline, what=what)
 
     def grow(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device:
         obj = self._api.get(res.ThinVolume, name, deadline=deadline)
@@ -244,11 +299,18 @@ class CrEngine:
                 obj = self._api.patch_spec(obj, {"sizeBytes": size_bytes}, deadline=deadline)
             except client_mod.Conflict as exc:
                 raise errors.OperationPending(f"{name!r} changed meanwhile; retry") from exc
-        got = watch.wait_for(
-            self._api,
+        got = self._wait(
+            "expand",
             res.ThinVolume,
             name,
             lambda o: o is None or o.meta.deleting or o.status.observed_generation >= o.meta.generation,
+            lambda o: (
+                "deleted"
+                if o is None or o.meta.deleting
+                else "failed"
+                if o.status.size_bytes < size_bytes
+                else "ok"
+            ),
             deadline=deadline,
             what=f"waiting for node {obj.spec.node_name} to grow the device",
         )

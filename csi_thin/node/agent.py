@@ -19,7 +19,16 @@ over the pool (recovery marks it 'adopted' and reserves every pool id as an orph
 orphan id whose CR names it its record back (engine.adopt): the CRs say what is legitimate, nothing
 is deleted. Records no CR owns, and pool ids no record owns, are reported in the ThinPool status.
 
-The ThinPool status is refreshed after every batch of mutations and every `refresh_seconds`.
+The ThinPool status follows every mutation: each one marks it dirty, and one writer publishes the
+latest state at most once per `PUBLISH_INTERVAL` (so a burst of creates is a few writes, not one per
+create), never later than that after the mutation; and every `refresh_seconds` anyway (usage grows
+as volumes are written, with no mutation here).
+
+Orphans (devices no CR owns: a CR removed by force, an id no CR names after a lost store) are only
+reported, until the operator runs `csi-thin pool gc --orphans --node-id N` next to the agent (the
+private control socket, csi_thin.node.control): the agent deletes those that have been orphans for
+the whole grace period, each after a fresh read from the API server shows that still no CR names it.
+
 Transient failures (a busy name, the API server down, a status conflict) are retried with backoff;
 nothing polls: work comes from the watch, retries from a timer queue.
 """
@@ -48,6 +57,11 @@ log = logging.getLogger(__name__)
 #: how long one reconcile may take (a create or delete on a busy pool)
 RECONCILE_SECONDS = 60.0
 REFRESH_SECONDS = 30.0
+#: a mutation is in the ThinPool status at most this long after it (and the status is written at most
+#: this often): GetCapacity follows creates promptly without a write per create
+PUBLISH_INTERVAL = 0.25
+#: how an orphan pool id (no record owns it) is named in the ThinPool status and gc's report
+ID_PREFIX = "id:"
 RETRY_FIRST = 0.2
 RETRY_CAP = 30.0
 #: errors worth retrying as they are; every other domain error is the object's verdict
@@ -68,6 +82,88 @@ class StartReport:
 
 class _WaitForSource(Exception):
     """A restore or clone whose source is not ready yet: retry later, it is not a failure."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiting:
+    """An orphan not deleted yet: it has been one for `orphan_seconds` of the grace period."""
+
+    name: str
+    orphan_seconds: float
+    eligible_in_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Kept:
+    """An orphan that gc did not delete, and why (a CR names it after all; active; an error)."""
+
+    name: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GcReport:
+    deleted: tuple[str, ...]
+    waiting: tuple[Waiting, ...]
+    kept: tuple[Kept, ...]
+    failed: tuple[Kept, ...]  # the check or the delete failed (the API server down, a deadline)
+
+
+class Coalescer:
+    """Calls `publish` after `mark()`, at most once per `interval`, and every `period` regardless.
+
+    A mark made while a publish runs is published by the next one (the flag is cleared before the
+    publish reads anything), so the state published last is never older than the last mark, and a
+    mark waits at most `interval` (after a failed publish: a backoff up to RETRY_CAP, so an API
+    server that is down is not hammered). `publish` returns False when it failed.
+    """
+
+    def __init__(self, publish: Callable[[], bool], *, interval: float, period: float) -> None:
+        self._publish = publish
+        self._interval = interval
+        self._period = period
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def mark(self) -> None:
+        self._dirty.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="agent-status", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join(timeout=RECONCILE_SECONDS)
+
+    def _run(self) -> None:
+        last = time.monotonic()  # the start-up reconcile has just published
+        backoff = 0.0
+        while True:
+            self._dirty.wait(max(0.0, last + self._period - time.monotonic()))
+            pause = last + max(self._interval, backoff) - time.monotonic()
+            if self._stop.wait(pause) if pause > 0 else self._stop.is_set():
+                return
+            self._dirty.clear()
+            last = time.monotonic()
+            if self._publish_once():
+                backoff = 0.0
+            else:
+                self._dirty.set()
+                backoff = min(RETRY_CAP, max(RETRY_FIRST, backoff * 2))
+
+    def _publish_once(self) -> bool:
+        """One publish; an unexpected exception is a failed one (retried with backoff), never the
+        end of this thread: a dead writer would leave the ThinPool status, and so GetCapacity, stale
+        until the process restarts."""
+        try:
+            return self._publish()
+        except Exception:
+            log.exception("event=pool-status-crashed")
+            return False
 
 
 class _Queue:
@@ -124,15 +220,17 @@ class Agent:
         overprovision_ratio: float,
         refresh_seconds: float = REFRESH_SECONDS,
         on_error: Callable[[str], None] | None = None,
+        on_operation: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self._api = api
         #: told the resource ("thinvolume", "thinsnapshot", "thinpool") of every failed reconcile
         self._on_error = on_error
+        #: told (operation, gRPC code name, seconds) of every pool operation run for a CR
+        self._on_operation = on_operation
         self._engine = engine
         self._node = node
         self._pool = pool
         self._ratio = overprovision_ratio
-        self._refresh_seconds = refresh_seconds
         self._queue = _Queue()
         self._lock = threading.Lock()  # guards the caches below
         self._volumes: dict[str, res.ThinVolume] = {}
@@ -140,8 +238,19 @@ class Agent:
         self._retries: dict[Key, float] = {}
         #: orphan ids that more than one object names (after a lost store): adopted by none
         self._ambiguous: set[int] = set()
-        self._dirty = threading.Event()
-        self._stop = threading.Event()
+        self._status = Coalescer(self._refresh_quietly, interval=PUBLISH_INTERVAL, period=refresh_seconds)
+        #: orphan (as in the ThinPool status: a record name or "id:N") -> when this process first saw
+        #: it, continuously an orphan since (monotonic). In memory only: a restart restarts the clock
+        #: (see gc_orphans)
+        self._orphan_since: dict[str, float] = {}
+        #: record name -> device id, of the orphan records gc deleted: a CR of that name seen later (a
+        #: restore, spec only, made even while gc deleted) is Lost, not given a new empty device.
+        #: In memory: a restart forgets them
+        self._collected: dict[str, int] = {}
+        #: held by each reconcile and by gc around each fresh check and delete: the two never interleave
+        self._work_lock = threading.Lock()
+        #: set by stop: gc (on the control socket's threads) starts no check or delete after it
+        self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._vol_follower: watch.Follower[res.ThinVolume] = watch.Follower(
             api, res.ThinVolume, node=node, on_object=self._seen_volume, on_list=self._listed_volumes
@@ -194,20 +303,28 @@ class Agent:
         )
         self._vol_follower.start()
         self._snap_follower.start()
-        for target, name in ((self._work, "agent-worker"), (self._refresher, "agent-refresh")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        thread = threading.Thread(target=self._work, name="agent-worker", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        self._status.start()
         return report
 
     def stop(self) -> None:
+        """Stop, and return only when no reconcile or gc uses the engine any more (bounded by
+        RECONCILE_SECONDS each): the caller closes the engine and lets go of the pool next."""
+        self._stopping.set()
         self._vol_follower.stop()
         self._snap_follower.stop()
-        self._stop.set()
         self._queue.close()
-        self._dirty.set()
+        self._status.stop()
         for thread in self._threads:
             thread.join(timeout=RECONCILE_SECONDS)
+        # a gc in flight runs on a control socket thread, which nobody joins: wait for the orphan it
+        # has in hand (it takes no other once `_stopping` is set)
+        if self._work_lock.acquire(timeout=RECONCILE_SECONDS):
+            self._work_lock.release()
+        else:
+            log.error("event=agent-stop-timeout what=a gc or reconcile still holds the pool")
 
     # ---- watch callbacks -----------------------------------------------------------------------
 
@@ -217,7 +334,10 @@ class Agent:
                 self._volumes.pop(obj.name, None)
             else:
                 self._volumes[obj.name] = obj
-        if not deleted:
+                self._orphan_since.pop(obj.name, None)
+        if deleted:
+            self._status.mark()  # gone without our finalizer (removed by force): its device is an orphan
+        else:
             self._queue.put((res.Kind.VOLUME, obj.name))
 
     def _seen_snapshot(self, obj: res.ThinSnapshot, deleted: bool) -> None:
@@ -226,7 +346,10 @@ class Agent:
                 self._snapshots.pop(obj.name, None)
             else:
                 self._snapshots[obj.name] = obj
-        if not deleted:
+                self._orphan_since.pop(obj.name, None)
+        if deleted:
+            self._status.mark()  # gone without our finalizer (removed by force): its device is an orphan
+        else:
             self._queue.put((res.Kind.SNAPSHOT, obj.name))
 
     def _listed_volumes(self, items: list[res.ThinVolume]) -> None:
@@ -234,12 +357,14 @@ class Agent:
             self._volumes = {v.name: v for v in items}
         for v in items:
             self._queue.put((res.Kind.VOLUME, v.name))
+        self._status.mark()  # a relist after a gap: objects gone meanwhile leave orphans
 
     def _listed_snapshots(self, items: list[res.ThinSnapshot]) -> None:
         with self._lock:
             self._snapshots = {s.name: s for s in items}
         for s in items:
             self._queue.put((res.Kind.SNAPSHOT, s.name))
+        self._status.mark()  # a relist after a gap: objects gone meanwhile leave orphans
 
     # ---- workers -------------------------------------------------------------------------------
 
@@ -249,22 +374,21 @@ class Agent:
             if key is None:
                 return
             self._reconcile_key(key)
-            if self._queue.empty() and self._dirty.is_set():
-                self._refresh_quietly()
 
-    def _refresher(self) -> None:
-        while not self._stop.wait(self._refresh_seconds):
-            self._refresh_quietly()
-
-    def _refresh_quietly(self) -> None:
+    def _refresh_quietly(self) -> bool:
         try:
             self._refresh_pool(deadline=deadline_mod.Deadline.after(RECONCILE_SECONDS))
         except errors.CsiThinError as exc:
             log.warning("event=pool-status-failed error=%s", exc)
             self._count_error(res.Kind.POOL)
-            self._dirty.set()
+            return False
+        return True
 
     def _reconcile_key(self, key: Key) -> None:
+        with self._work_lock:
+            self._reconcile_key_locked(key)
+
+    def _reconcile_key_locked(self, key: Key) -> None:
         kind, name = key
         try:
             with self._lock:
@@ -296,6 +420,21 @@ class Agent:
             log.exception("event=reconcile-crashed kind=%s name=%s", kind.value, name)
             self._count_error(kind)
             self._retry(key, exc)
+
+    @contextlib.contextmanager
+    def _timed(self, operation: str) -> Iterator[None]:
+        """Tell on_operation how long a pool operation took and how it ended (its gRPC code)."""
+        started = time.monotonic()
+        code = "INTERNAL"  # anything that is not a domain error is one
+        try:
+            yield
+            code = "OK"
+        except errors.CsiThinError as exc:
+            code = exc.code
+            raise
+        finally:
+            if self._on_operation is not None:
+                self._on_operation(operation, code, time.monotonic() - started)
 
     def _count_error(self, kind: res.Kind) -> None:
         if self._on_error is not None:
@@ -348,6 +487,9 @@ class Agent:
             if tv.status.device_id or tv.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(tv, "its device is not in the pool (never re-created empty)", deadline=dl)
                 return
+            if tv.name in self._collected:
+                self._lost(tv, self._collected_why(tv.name), deadline=dl)
+                return
             if tv.status.phase == res.Phase.FAILED and tv.status.observed_generation >= tv.meta.generation:
                 return  # the controller reads the verdict and deletes the object
             tv = self._claim(tv, deadline=dl)
@@ -359,7 +501,7 @@ class Agent:
                 self._failed(tv, exc, deadline=dl)
                 return
             finally:
-                self._dirty.set()
+                self._status.mark()
         if dev.state == model.DeviceState.LOST:
             self._lost(tv, f"device {dev.dev_id} is not in the pool (never re-created empty)", deadline=dl)
             return
@@ -389,26 +531,31 @@ class Agent:
         if tv.spec.size_bytes <= dev.size_bytes:
             return dev, "", ""
         try:
-            return self._engine.grow(tv.name, tv.spec.size_bytes, deadline=deadline), "", ""
+            with self._timed("grow"):
+                return self._engine.grow(tv.name, tv.spec.size_bytes, deadline=deadline), "", ""
         except TRANSIENT:
             raise
         except errors.CsiThinError as exc:
             self._event(tv, "GrowFailed", exc.message, deadline=deadline)
             return dev, exc.code, exc.message
         finally:
-            self._dirty.set()
+            self._status.mark()
 
     def _create_volume(self, tv: res.ThinVolume, *, deadline: deadline_mod.Deadline) -> model.Device:
         attrs = {model.ATTR_ACCESS_TYPE: tv.spec.access_type.value}
         if tv.spec.fs_type:
             attrs[model.ATTR_FS_TYPE] = tv.spec.fs_type
         if tv.spec.source is None:
-            return self._engine.create_volume(
-                tv.name, tv.spec.size_bytes, deadline=deadline, attributes=attrs
-            )
+            with self._timed("create_volume"):
+                return self._engine.create_volume(
+                    tv.name, tv.spec.size_bytes, deadline=deadline, attributes=attrs
+                )
         source = tv.spec.source.name
         self._require_source(source, res.ThinSnapshot if tv.spec.source.snapshot else res.ThinVolume)
-        return self._engine.clone(tv.name, source, tv.spec.size_bytes, deadline=deadline, attributes=attrs)
+        with self._timed("clone"):
+            return self._engine.clone(
+                tv.name, source, tv.spec.size_bytes, deadline=deadline, attributes=attrs
+            )
 
     def _require_source(self, name: str, cls: type[res.ThinVolume] | type[res.ThinSnapshot]) -> None:
         dev = self._engine.get(name)
@@ -461,19 +608,23 @@ class Agent:
             if ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(ts, "its device is not in the pool", deadline=dl)
                 return
+            if ts.name in self._collected:
+                self._lost(ts, self._collected_why(ts.name), deadline=dl)
+                return
             if ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation:
                 return
             ts = self._claim(ts, deadline=dl)
             try:
                 self._require_source(ts.spec.source_volume, res.ThinVolume)
-                dev = self._engine.create_snapshot(ts.name, ts.spec.source_volume, deadline=dl)
+                with self._timed("create_snapshot"):
+                    dev = self._engine.create_snapshot(ts.name, ts.spec.source_volume, deadline=dl)
             except (_WaitForSource, *TRANSIENT):
                 raise
             except errors.CsiThinError as exc:
                 self._failed(ts, exc, deadline=dl)
                 return
             finally:
-                self._dirty.set()
+                self._status.mark()
         if dev.state == model.DeviceState.LOST:
             self._lost(ts, f"device {dev.dev_id} is not in the pool", deadline=dl)
             return
@@ -528,12 +679,13 @@ class Agent:
                 f"{obj.name}: the object being deleted is gone; reconcile the current one"
             )
         try:
-            self._engine.delete(obj.name, deadline=deadline)
+            with self._timed("delete"):
+                self._engine.delete(obj.name, deadline=deadline)
         except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged
             self._event(obj, "DeleteBlocked", exc.message, deadline=deadline)
             raise
         finally:
-            self._dirty.set()
+            self._status.mark()
         rest = tuple(f for f in obj.meta.finalizers if f != res.FINALIZER)
         self._api.set_finalizers(obj, rest, deadline=deadline)
         log.info("event=deleted kind=%s name=%s", obj.kind.value, obj.name)
@@ -594,7 +746,7 @@ class Agent:
                 observed_generation=obj.meta.generation,
             )
             self._store(self._api.put_status(obj, snap.to_dict(), deadline=deadline))
-        self._dirty.set()
+        self._status.mark()
 
     def _event(
         self, obj: res.Resource, reason: str, message: str, *, deadline: deadline_mod.Deadline
@@ -666,8 +818,138 @@ class Agent:
             log.warning("event=adopt-failed name=%s dev_id=%d error=%s", obj.name, dev_id, exc)
             return None
         log.info("event=adopted-late name=%s dev_id=%d", obj.name, dev_id)
-        self._dirty.set()
+        self._status.mark()
         return dev
+
+    # ---- orphans: `csi-thin pool gc --orphans --node-id N` ----------------------------------------
+
+    def gc_orphans(self, *, grace_seconds: float, deadline: deadline_mod.Deadline) -> GcReport:
+        """Delete what has been an orphan for `grace_seconds` or more, each one only after a fresh read
+        from the API server shows that no ThinVolume or ThinSnapshot names it (this agent's watch
+        cache may lag: a CR restored a moment ago must still save its device). Nothing a CR names is
+        ever deleted; an active device is kept. Idempotent: a second run finds nothing more to do.
+
+        The grace clock runs in this process (`_orphan_since`): a restart restarts it. A first-seen
+        time kept across restarts would count time that nobody watched (the agent down while, say,
+        CRs are being restored from a backup); restarting it only ever delays a deletion.
+
+        The fresh read cannot stop a CR being made right after it (a restore from a backup, spec only):
+        a record it deletes is remembered (`_collected`), and a CR of that name is then Lost, never
+        given a new empty device (a CR whose status names the device is Lost anyway).
+
+        No `--force` as standalone mode needs after a rebuilt store (where orphans may be the lost
+        store's volumes): here the CRs, read afresh, say what is legitimate.
+        """
+        if self._stopping.is_set():
+            raise errors.Unavailable("the node agent is stopping")
+        found = self._orphans()
+        now = time.monotonic()
+        with self._lock:
+            since = dict(self._orphan_since)
+        deleted: list[str] = []
+        waiting: list[Waiting] = []
+        kept: list[Kept] = []
+        failed: list[Kept] = []
+        for orphan in found:
+            if orphan not in since:
+                continue  # a CR for it arrived meanwhile
+            age = now - since[orphan]
+            if age < grace_seconds:
+                waiting.append(
+                    Waiting(
+                        name=orphan,
+                        orphan_seconds=round(age, 1),
+                        eligible_in_seconds=round(grace_seconds - age, 1),
+                    )
+                )
+                continue
+            # no reconcile in between: one could otherwise take up the device of a CR that appears
+            # after the fresh read, while it is being deleted
+            if not self._work_lock.acquire(timeout=max(0.0, deadline.remaining())):
+                failed.append(Kept(orphan, "DEADLINE_EXCEEDED: a reconcile held the pool meanwhile"))
+                continue
+            if self._stopping.is_set():  # the engine is about to close under us
+                self._work_lock.release()
+                failed.append(Kept(orphan, "UNAVAILABLE: the node agent is stopping"))
+                continue
+            try:
+                owner = self._owner(orphan, deadline=deadline)
+                if owner:
+                    with self._lock:
+                        self._orphan_since.pop(orphan, None)
+                    kept.append(Kept(orphan, f"{owner} names it (read afresh from the API server)"))
+                    continue
+                if self._stopping.is_set():  # stop gave up waiting during the read: the engine closes
+                    raise errors.Unavailable("the node agent is stopping")
+                refused = self._delete_orphan(orphan, deadline=deadline)
+            except errors.CsiThinError as exc:
+                failed.append(Kept(orphan, f"{exc.code}: {exc.message}"))
+                continue
+            finally:
+                self._work_lock.release()
+                self._status.mark()
+            if refused:
+                kept.append(Kept(orphan, refused))
+                continue
+            with self._lock:
+                self._orphan_since.pop(orphan, None)
+            deleted.append(orphan)
+            log.info("event=orphan-deleted name=%s orphan_seconds=%.0f", orphan, age)
+        return GcReport(
+            deleted=tuple(deleted), waiting=tuple(waiting), kept=tuple(kept), failed=tuple(failed)
+        )
+
+    def _owner(self, orphan: str, *, deadline: deadline_mod.Deadline) -> str:
+        """Which CR names this orphan, by name or by its status.deviceId; "" when none does. Read
+        from the API server now: a get and a list without a resourceVersion are consistent reads
+        (as fresh as etcd), not this agent's cache."""
+        if orphan.startswith(ID_PREFIX):
+            dev_id = int(orphan[len(ID_PREFIX) :])
+        else:
+            dev = self._engine.get(orphan)
+            if dev is None:
+                return ""
+            dev_id = dev.dev_id
+            vol = self._api.find(res.ThinVolume, orphan, deadline=deadline)
+            snap = self._api.find(res.ThinSnapshot, orphan, deadline=deadline)
+            for obj in (vol, snap):
+                if obj is not None:
+                    return f"{obj.kind.value} {orphan} (node {obj.spec.node_name})"
+        vols, _ = self._api.list(res.ThinVolume, deadline=deadline, node=self._node)
+        snaps, _ = self._api.list(res.ThinSnapshot, deadline=deadline, node=self._node)
+        named: list[res.ThinVolume | res.ThinSnapshot] = [*vols, *snaps]
+        for o in named:
+            if o.status.device_id == dev_id:
+                return f"{o.kind.value} {o.name} (its status.deviceId {dev_id})"
+        return ""
+
+    def _delete_orphan(self, orphan: str, *, deadline: deadline_mod.Deadline) -> str:
+        """Delete one orphan; "" when it is gone now, else why it stays (active; gone already)."""
+        if orphan.startswith(ID_PREFIX):
+            dev_id = int(orphan[len(ID_PREFIX) :])
+            if self._engine.delete_orphans([dev_id], deadline=deadline):
+                return ""
+            if dev_id in self._engine.orphans():
+                return "active: in use on this node"
+            return "no orphan any more: a record owns the id now"
+        dev = self._engine.get(orphan)
+        if dev is None:
+            return "gone already (another gc?)"
+        try:
+            self._engine.delete(orphan, deadline=deadline)
+        except errors.FailedPrecondition as exc:  # active (staged): deleted once unstaged
+            return exc.message
+        # before the work lock goes: a CR of this name made since the fresh read (a restore) waits
+        # for it, and its reconcile must find this
+        with self._lock:
+            self._collected[orphan] = dev.dev_id
+        return ""
+
+    def _collected_why(self, name: str) -> str:
+        return (
+            f"its device {self._collected[name]} was deleted by `csi-thin pool gc --orphans` (no CR named "
+            "it for the grace period); never re-created empty"
+        )
 
     # ---- ThinPool ------------------------------------------------------------------------------
 
@@ -679,14 +961,27 @@ class Agent:
         with contextlib.suppress(errors.AlreadyExists):
             self._api.create(want, deadline=deadline)
 
+    def orphans(self) -> tuple[str, ...]:
+        """What no CR owns, as the ThinPool status lists it (the metrics read it at scrape time)."""
+        return self._orphans()
+
     def _orphans(self) -> tuple[str, ...]:
+        """What no CR in this agent's cache owns: record names, then "id:N" for ids no record owns.
+        Each one's orphan clock starts here if it was not running (and stops for what is no orphan
+        any more)."""
         with self._lock:
             owned = set(self._volumes) | set(self._snapshots)
         unowned = sorted(d.name for d in self._engine.list() if d.name not in owned)
-        return (*unowned, *(f"id:{i}" for i in self._engine.orphans()))
+        found = (*unowned, *(f"{ID_PREFIX}{i}" for i in self._engine.orphans()))
+        now = time.monotonic()
+        with self._lock:
+            # again under the lock: a CR that arrived since `owned` was read has had its clock
+            # dropped by the watch callback, and must not get one again from the stale view
+            owned = set(self._volumes) | set(self._snapshots)
+            self._orphan_since = {o: self._orphan_since.get(o, now) for o in found if o not in owned}
+        return found
 
     def _refresh_pool(self, *, deadline: deadline_mod.Deadline) -> None:
-        self._dirty.clear()
         st = self._engine.status(deadline=deadline)
         devs = self._engine.list()
         status = res.PoolStatus(
@@ -709,7 +1004,13 @@ class Agent:
             store_transaction_id=self._engine.store.transaction_id(),
             last_updated=client_mod.now(),
         )
-        obj = self._api.get(res.ThinPool, self.pool_object_name, deadline=deadline)
+        obj = self._api.find(res.ThinPool, self.pool_object_name, deadline=deadline)
+        if obj is None:
+            # deleted under us (made only at start-up): a node with no ThinPool has no capacity for
+            # the controller, so make it again rather than fail every publish until a restart
+            log.warning("event=pool-object-recreated name=%s", self.pool_object_name)
+            self._ensure_pool_object(deadline=deadline)
+            obj = self._api.get(res.ThinPool, self.pool_object_name, deadline=deadline)
         self._api.put_status(obj, status.to_dict(), deadline=deadline)
 
 

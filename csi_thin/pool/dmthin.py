@@ -182,6 +182,7 @@ class DmThinBackend:
         if not self._file_mode():
             assert self._cfg.metadata_device is not None
             assert self._cfg.data_device is not None
+            self._refuse_one_device(self._cfg.metadata_device, self._cfg.data_device)
             return self._cfg.metadata_device, self._cfg.data_device
         assert self._cfg.data_file is not None
         out: list[str] = []
@@ -195,6 +196,20 @@ class DmThinBackend:
                 log.info("pool=%s attached loop=%s file=%s", self._pool, dev, path)
             out.append(dev)
         return out[0], out[1]
+
+    def _refuse_one_device(self, metadata_dev: str, data_dev: str) -> None:
+        """Two names of one disk (/dev/sdb, /dev/disk/by-id/...) pass the config's check: the kernel
+        would take it as both, format the metadata at its start, where the first data blocks land too,
+        and the first volume writes would overwrite the pool's metadata."""
+        try:
+            meta, data = os.stat(metadata_dev), os.stat(data_dev)
+        except OSError:
+            return  # a missing device fails where it is opened, with its own message
+        same_node = stat.S_ISBLK(meta.st_mode) and meta.st_rdev == data.st_rdev
+        if same_node or (meta.st_dev, meta.st_ino) == (data.st_dev, data.st_ino):
+            raise errors.InvalidArgument(
+                f"pool {self._pool}: metadata_device {metadata_dev} and data_device {data_dev} are one device"
+            )
 
     def _pool_table(self, metadata_dev: str, data_dev: str) -> ioctl.Target:
         bs = self._cfg.block_size

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, TypeVar
 
 from csi_thin import deadline as deadline_mod
@@ -748,17 +748,30 @@ class PoolEngine:
                 f"lost): its {len(self.orphans())} orphan device(s) are the lost store's volumes, not "
                 "garbage; pass --force to delete them anyway"
             )
+        return self.delete_orphans(self.orphans(), deadline=deadline)
+
+    def delete_orphans(self, ids: Collection[int], *, deadline: deadline_mod.Deadline) -> builtins.list[int]:
+        """Delete these orphan ids from the pool (each one a fenced transaction); return the deleted.
+
+        The caller has decided that they are garbage: `gc_orphans` (standalone: no record owns them,
+        and the store was not rebuilt) or the Kubernetes node agent (no CR names them, read afresh
+        from the API server). An id that is no orphan (any more) or is active is skipped. With no
+        orphan left, a rebuilt store's 'adopted' mark has nothing left to protect and is cleared.
+        """
         deleted: builtins.list[int] = []
         self._require_mode(modes.Op.GC, deadline)
         with self._fenced(deadline):
             active = self.backend.active_ids(deadline=deadline)
-            for dev_id in self.orphans():
+            orphans = set(self.orphans())
+            for dev_id in sorted(ids):
+                if dev_id not in orphans:
+                    continue
                 if dev_id in active:
                     log.warning("event=gc-skip dev_id=%d reason=active", dev_id)
                     continue
                 self._gc_one(dev_id, deadline)
                 deleted.append(dev_id)
-            if adopted is not None and not self.orphans():
+            if self.store.adopted() is not None and not self.orphans():
                 with self.store.write() as w:
                     w.clear_adopted()
         return deleted

@@ -11,87 +11,19 @@ import json
 import pathlib
 import re
 import subprocess
+import tomllib
 from typing import Any
 
 import pytest
 import yaml
 
-from csi_thin import config
+from csi_thin import cli, config, errors, httpserver
+from csi_thin.node import agent
 from tests import conftest
 from tests import csi_harness as h
+from tests import helmchart as hc
 
 pytestmark = pytest.mark.tools
-
-CHART = conftest.ROOT / "charts" / "csi-thin"
-SNAPSHOT_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
-MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
-NS = "csi-thin"
-MONITORING_ON = {
-    "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
-    "grafanaDashboard": {"enabled": True},
-}
-E2E = {
-    "hostNetwork": True,
-    "apiServer": {"host": "127.0.0.1", "port": 16443},
-    "kubeletDir": "/root/.cache/csi-thin/kube-e2e/var/lib/kubelet",
-    "pool": {"backend": "reflink", "reflink": {"imageSize": "2GiB"}},
-    "storageClass": {"fsType": "xfs"},
-}
-
-#: name -> (values, API versions the cluster serves)
-MATRIX: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
-    "defaults": ({}, ()),
-    "dmthin-devices": (
-        {"pool": {"dmthin": {"dataDevice": "/dev/vg0/thin-data", "metadataDevice": "/dev/vg0/thin-meta"}}},
-        (),
-    ),
-    "dmthin-loop-files": ({"pool": {"dmthin": {"dataSize": "100GiB", "metadataSize": "1GiB"}}}, ()),
-    "reflink-image": ({"pool": {"backend": "reflink"}}, ()),
-    "reflink-directory": ({"pool": {"backend": "reflink", "reflink": {"directory": "/srv/csi-thin"}}}, ()),
-    "snapshot-api": ({}, (SNAPSHOT_API,)),
-    "monitoring-on-api-absent": (MONITORING_ON, ()),
-    "monitoring-on-api-present": (MONITORING_ON, (SNAPSHOT_API, *MONITORING_APIS)),
-    "monitoring-off-api-present": ({}, MONITORING_APIS),
-    "e2e-cluster": (E2E, (SNAPSHOT_API,)),
-}
-
-
-def kube_version() -> str:
-    """The oldest Kubernetes the chart supports (Chart.yaml's kubeVersion), for `helm template`."""
-    m = re.search(r'^kubeVersion: ">=([0-9.]+)-0"$', (CHART / "Chart.yaml").read_text(), re.MULTILINE)
-    assert m, "Chart.yaml has no kubeVersion of the form >=X.Y.Z-0"
-    return m.group(1)
-
-
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(conftest.tool("helm")), *args], capture_output=True, text=True, timeout=120, check=False
-    )
-
-
-def render_text(
-    tmp_path: pathlib.Path, values: dict[str, Any], api_versions: tuple[str, ...] = (), *extra: str
-) -> subprocess.CompletedProcess[str]:
-    vfile = tmp_path / "values.yaml"
-    vfile.write_text(yaml.safe_dump(values))
-    args = ["template", "csi-thin", str(CHART), "--namespace", NS, "--kube-version", kube_version()]
-    for api in api_versions:
-        args += ["--api-versions", api]
-    return helm(*args, "-f", str(vfile), *extra)
-
-
-def render(
-    tmp_path: pathlib.Path, values: dict[str, Any], api_versions: tuple[str, ...] = (), *extra: str
-) -> list[dict[str, Any]]:
-    out = render_text(tmp_path, values, api_versions, *extra)
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
-
-
-def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind}/{name}: {len(found)} rendered"
-    return found[0]
 
 
 def containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,32 +41,35 @@ def _deep(base: dict[str, Any], path: str) -> Any:
     return base
 
 
-@pytest.mark.parametrize("case", list(MATRIX))
+@pytest.mark.parametrize("case", list(hc.MATRIX))
 def test_lint_strict(tmp_path: pathlib.Path, case: str) -> None:
-    values, _ = MATRIX[case]
+    values, _ = hc.MATRIX[case]
     vfile = tmp_path / "values.yaml"
     vfile.write_text(yaml.safe_dump(values))
-    out = helm("lint", "--strict", str(CHART), "--kube-version", kube_version(), "-f", str(vfile))
+    out = hc.helm("lint", "--strict", str(hc.CHART), "--kube-version", hc.kube_version(), "-f", str(vfile))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 chart(s) failed" in out.stdout, out.stdout
     assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout, out.stdout
 
 
-@pytest.mark.parametrize("case", list(MATRIX))
+@pytest.mark.parametrize("case", list(hc.MATRIX))
 def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
-    values, apis = MATRIX[case]
-    docs = render(tmp_path, values, apis)
+    values, apis = hc.MATRIX[case]
+    docs = hc.render(tmp_path, values, apis)
     kinds = sorted(d["kind"] for d in docs)
     monitoring = _deep(values, "monitoring.serviceMonitor.enabled") is True
     # optional objects appear exactly when asked for and when the cluster serves their API
-    assert kinds.count("VolumeSnapshotClass") == (SNAPSHOT_API in apis)
-    assert kinds.count("ServiceMonitor") == (monitoring and MONITORING_APIS[0] in apis)
-    assert kinds.count("PrometheusRule") == (monitoring and MONITORING_APIS[1] in apis)
+    assert kinds.count("VolumeSnapshotClass") == (hc.SNAPSHOT_API in apis)
+    assert kinds.count("ServiceMonitor") == (monitoring and hc.MONITORING_APIS[0] in apis)
+    assert kinds.count("PrometheusRule") == (monitoring and hc.MONITORING_APIS[1] in apis)
     assert kinds.count("ConfigMap") == 1 + (_deep(values, "grafanaDashboard.enabled") is True)
-    for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass", "Service", "Role", "RoleBinding"):
+    for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass", "Service"):
         assert kinds.count(kind) == 1, kinds
+    # the controller's in its namespace, the node's Events in `default`
+    for kind in ("Role", "RoleBinding"):
+        assert kinds.count(kind) == 2, kinds
     # the sidecars and the driver: every image pulled only when missing, every process pointed at
-    # the API server override when one is given, every pod on the node's network when asked
+    # the API server override when hc.one is given, every pod on the node's network when asked
     api = values.get("apiServer", {})
     for c in containers(docs):
         assert c["imagePullPolicy"] == "IfNotPresent", c["name"]
@@ -145,21 +80,27 @@ def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
         else:
             assert "KUBERNETES_SERVICE_HOST" not in env, c["name"]
     for kind, name in (("Deployment", "csi-thin-controller"), ("DaemonSet", "csi-thin-node")):
-        pod = one(docs, kind, name)["spec"]["template"]["spec"]
+        pod = hc.one(docs, kind, name)["spec"]["template"]["spec"]
         assert pod.get("hostNetwork", False) is values.get("hostNetwork", False), kind
+    # a rollout on the node's network cannot surge: the new pod would need the old one's ports
+    strategy = hc.one(docs, "Deployment", "csi-thin-controller")["spec"].get("strategy", {})
+    if values.get("hostNetwork"):
+        assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    else:
+        assert strategy == {}
 
 
-@pytest.mark.parametrize("case", list(MATRIX))
+@pytest.mark.parametrize("case", list(hc.MATRIX))
 def test_pool_config_is_one_the_driver_accepts(tmp_path: pathlib.Path, case: str) -> None:
     """The ConfigMap's pool.yaml goes through csi_thin.config, as `csi-thin node` will read it, and
     every file the pool makes lives in the state dir the DaemonSet mounts from the host."""
-    values, apis = MATRIX[case]
-    docs = render(tmp_path, values, apis)
-    raw = yaml.safe_load(one(docs, "ConfigMap", "csi-thin-pool")["data"]["pool.yaml"])
+    values, apis = hc.MATRIX[case]
+    docs = hc.render(tmp_path, values, apis)
+    raw = yaml.safe_load(hc.one(docs, "ConfigMap", "csi-thin-pool")["data"]["pool.yaml"])
     cfg = config.pool_from_dict(raw)
     pool = values.get("pool", {})
     assert cfg.backend.value == pool.get("backend", "dmthin")
-    ds = one(docs, "DaemonSet", "csi-thin-node")["spec"]["template"]["spec"]
+    ds = hc.one(docs, "DaemonSet", "csi-thin-node")["spec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in ds["containers"][0]["volumeMounts"]}
     state = "/var/lib/csi-thin"
     assert state in mounts
@@ -188,17 +129,17 @@ def test_pool_config_is_one_the_driver_accepts(tmp_path: pathlib.Path, case: str
 
 def test_node_plugin_pod(tmp_path: pathlib.Path) -> None:
     """What the issue asks of the node DaemonSet, in the e2e cluster's settings (a kubelet dir that is
-    not the default one, host networking, the API server on loopback)."""
-    docs = render(tmp_path, E2E, (SNAPSHOT_API,))
-    ds = one(docs, "DaemonSet", "csi-thin-node")
+    not the default hc.one, host networking, the API server on loopback)."""
+    docs = hc.render(tmp_path, hc.E2E, (hc.SNAPSHOT_API,))
+    ds = hc.one(docs, "DaemonSet", "csi-thin-node")
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
     pod = ds["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in pod["tolerations"]
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
-    (c,) = pod["containers"]  # one container: it registers with kubelet itself
+    (c,) = pod["containers"]  # hc.one container: it registers with kubelet itself
     assert c["securityContext"]["privileged"] is True
-    kubelet = E2E["kubeletDir"]
+    kubelet = hc.E2E["kubeletDir"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts[kubelet]["mountPropagation"] == "Bidirectional"
     assert "/dev" in mounts
@@ -212,20 +153,23 @@ def test_node_plugin_pod(tmp_path: pathlib.Path) -> None:
     env = {e["name"]: e for e in c["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    # kubelet waits longer than the process drains in-flight calls after SIGTERM
+    # kubelet waits longer than the process takes to stop after SIGTERM: it drains in-flight CSI
+    # calls within --grace, and then lets the agent finish the CR it is reconciling (a snapshot may
+    # hold its origin frozen or suspended meanwhile: a SIGKILL there leaves it so until the plugin
+    # starts again, after an uninstall never), which is bounded by the agent's reconcile deadline
     grace = next(int(a.split("=")[1]) for a in args if a.startswith("--grace="))
-    assert pod["terminationGracePeriodSeconds"] > grace
+    assert pod["terminationGracePeriodSeconds"] > grace + agent.RECONCILE_SECONDS
 
 
 def test_controller_pod(tmp_path: pathlib.Path) -> None:
-    docs = render(tmp_path, {})
-    pod = one(docs, "Deployment", "csi-thin-controller")["spec"]["template"]["spec"]
+    docs = hc.render(tmp_path, {})
+    pod = hc.one(docs, "Deployment", "csi-thin-controller")["spec"]["template"]["spec"]
     by_name = {c["name"]: c for c in pod["containers"]}
     assert set(by_name) == {"csi-thin", "csi-provisioner", "csi-snapshotter", "csi-resizer"}
     assert by_name["csi-thin"]["args"][:2] == ["controller", "--endpoint=unix:///csi/csi.sock"]
     assert (
         by_name["csi-thin"]["image"]
-        == f"csi-thin:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
+        == f"csi-thin:{yaml.safe_load((hc.CHART / 'Chart.yaml').read_text())['appVersion']}"
     )
     # the provisioner's flags, as issue 10 lists them
     assert {
@@ -253,31 +197,83 @@ def test_controller_pod(tmp_path: pathlib.Path) -> None:
     # the sidecar image names are the only registry host in the chart, and they are in values.yaml
     hosts = {i.split("/")[0] for i in images if "/" in i}
     assert hosts == {"registry.k8s.io"}
-    for path in CHART.rglob("*"):
+    for path in hc.CHART.rglob("*"):
         if path.is_file() and path.name != "values.yaml":
             assert "registry.k8s.io" not in path.read_text(), path
 
 
+@pytest.mark.parametrize("case", list(hc.MATRIX))
+def test_driver_args_are_ones_the_cli_accepts(tmp_path: pathlib.Path, case: str) -> None:
+    """The csi-thin containers' command lines go through csi-thin's own parser (a flag it does not
+    know ends the process at start), with kubelet's $(VAR) expansion of the pod's env done first."""
+    values, apis = hc.MATRIX[case]
+    docs = hc.render(tmp_path, values, apis)
+    env = {"NODE_NAME": "node-a", "POD_IP": "10.1.2.3", "POD_NAME": "p", "NAMESPACE": hc.NS}
+    seen = set()
+    for c in containers(docs):
+        if c["name"] != "csi-thin":
+            continue
+        assert c["command"] == ["csi-thin"]
+        argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
+        assert {e["name"] for e in c["env"]} >= {n for a in c["args"] for n in re.findall(r"\$\((\w+)\)", a)}
+        try:
+            args = cli.build_parser().parse_args(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"csi-thin refuses {argv}") from exc
+        seen.add(args.command)
+        if args.command == "node":
+            assert args.node_id == "node-a"
+            assert httpserver.parse_address(args.http_endpoint) == (
+                "10.1.2.3",
+                values.get("node", {}).get("httpPort", 9808),
+            )
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert pathlib.PurePath(args.pool_config).parent.as_posix() in mounts
+    assert seen == {"controller", "node"}
+
+
+def test_app_version_is_the_driver_version() -> None:
+    """The default image tag is the chart's appVersion, and `make image` tags the driver's version."""
+    chart = yaml.safe_load((hc.CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((conftest.ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
+
+
+def test_controller_http_endpoint_is_optional(tmp_path: pathlib.Path) -> None:
+    """Off by default (no probe, no port); on, the driver serves /healthz there and kubelet probes it."""
+    for port in (0, 9812):
+        docs = hc.render(tmp_path, {"controller": {"httpPort": port}})
+        pod = hc.one(docs, "Deployment", "csi-thin-controller")["spec"]["template"]["spec"]
+        c = next(c for c in pod["containers"] if c["name"] == "csi-thin")
+        flags = [a for a in c["args"] if a.startswith("--http-endpoint")]
+        if port:
+            assert flags == [f"--http-endpoint=$(POD_IP):{port}"]
+            assert c["ports"] == [{"name": "http", "containerPort": port}]
+            assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        else:
+            assert not flags and "livenessProbe" not in c and "ports" not in c
+
+
 def test_storage_and_snapshot_classes(tmp_path: pathlib.Path) -> None:
-    docs = render(tmp_path, {"storageClass": {"fsType": "xfs", "default": True}}, (SNAPSHOT_API,))
-    sc = one(docs, "StorageClass", "csi-thin")
+    docs = hc.render(tmp_path, {"storageClass": {"fsType": "xfs", "default": True}}, (hc.SNAPSHOT_API,))
+    sc = hc.one(docs, "StorageClass", "csi-thin")
     assert sc["provisioner"] == "csi-thin.io"
     assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
     assert sc["allowVolumeExpansion"] is True
     assert sc["parameters"] == {"csi.storage.k8s.io/fstype": "xfs"}
     assert sc["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
-    assert one(docs, "VolumeSnapshotClass", "csi-thin")["driver"] == "csi-thin.io"
-    drv = one(docs, "CSIDriver", "csi-thin.io")["spec"]
+    assert hc.one(docs, "VolumeSnapshotClass", "csi-thin")["driver"] == "csi-thin.io"
+    drv = hc.one(docs, "CSIDriver", "csi-thin.io")["spec"]
     assert drv["attachRequired"] is False and drv["storageCapacity"] is True
     assert drv["fsGroupPolicy"] == "File" and drv["volumeLifecycleModes"] == ["Persistent"]
 
 
 def test_prometheus_rule_is_the_alerts_file(tmp_path: pathlib.Path) -> None:
-    docs = render(tmp_path, MONITORING_ON, MONITORING_APIS)
-    rule = one(docs, "PrometheusRule", "csi-thin")
-    assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
-    sm = one(docs, "ServiceMonitor", "csi-thin-node")
-    svc = one(docs, "Service", "csi-thin-node")
+    docs = hc.render(tmp_path, hc.MONITORING_ON, hc.MONITORING_APIS)
+    rule = hc.one(docs, "PrometheusRule", "csi-thin")
+    assert rule["spec"] == yaml.safe_load((hc.CHART / "files" / "alerts.yaml").read_text())
+    sm = hc.one(docs, "ServiceMonitor", "csi-thin-node")
+    svc = hc.one(docs, "Service", "csi-thin-node")
     # the alerts expect the scrape job csi-thin-node: the ServiceMonitor's job is its Service's name
     assert "jobLabel" not in sm["spec"]
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
@@ -285,8 +281,8 @@ def test_prometheus_rule_is_the_alerts_file(tmp_path: pathlib.Path) -> None:
 
 
 def test_dashboard_reads_only_metrics_the_process_exports(tmp_path: pathlib.Path) -> None:
-    docs = render(tmp_path, {"grafanaDashboard": {"enabled": True}})
-    dash = json.loads(one(docs, "ConfigMap", "csi-thin-dashboard")["data"]["csi-thin.json"])
+    docs = hc.render(tmp_path, {"grafanaDashboard": {"enabled": True}})
+    dash = json.loads(hc.one(docs, "ConfigMap", "csi-thin-dashboard")["data"]["csi-thin.json"])
     exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
     used = {name for e in exprs for name in re.findall(r"\bcsi_thin_\w+", e)}
     for wanted in ("csi_thin_pool_data_used_bytes", "csi_thin_pool_metadata_capacity_bytes"):
@@ -324,16 +320,77 @@ def test_dashboard_reads_only_metrics_the_process_exports(tmp_path: pathlib.Path
     ],
 )
 def test_schema_refuses_bad_values(tmp_path: pathlib.Path, values: dict[str, Any], says: str) -> None:
-    out = render_text(tmp_path, values)
+    out = hc.render_text(tmp_path, values)
     assert out.returncode != 0, f"rendered with bad values {values}"
     assert "don't meet the specifications of the schema" in out.stderr, out.stderr
     assert says in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize(
+    "pool",
+    [
+        *({"dmthin": {"blockSize": bs}} for bs in ("64KiB", "192KiB", "0064KiB", "1MiB", "1G", "65536")),
+        *({"dmthin": {"blockSize": bs}} for bs in ("32KiB", "100KiB", "2GiB", "1T", "1048640K", "0")),
+        {"dmthin": {"dataSize": "0"}},
+        {"dmthin": {"dataSize": "0", "dataDevice": "/dev/sdb", "metadataDevice": "/dev/sdc"}},
+        {"backend": "reflink", "reflink": {"imageSize": "0"}},
+        {"backend": "reflink", "reflink": {"imageSize": "0", "directory": "/srv/csi-thin"}},
+    ],
+)
+def test_chart_refuses_the_pools_the_node_plugin_refuses(
+    tmp_path: pathlib.Path, pool: dict[str, Any]
+) -> None:
+    """A pool config csi_thin.config refuses stops the node plugin at start, on every node at once:
+    helm must refuse the same values (the schema checks their form, the template what a pattern
+    cannot: ranges, multiples, zero sizes), and render every one the driver takes."""
+    out = hc.render_text(tmp_path, {"pool": pool})
+    dm, rl = pool.get("dmthin", {}), pool.get("reflink", {})
+    if pool.get("backend") == "reflink":
+        section = {"directory": rl.get("directory") or "/s/mnt", "image_size": rl.get("imageSize", "1GiB")}
+        if not rl.get("directory"):
+            section["image_file"] = "/s/pool.img"
+        raw: dict[str, Any] = {"reflink": section}
+    elif dm.get("dataDevice"):
+        raw = {"dmthin": {"data_device": dm["dataDevice"], "metadata_device": dm["metadataDevice"]}}
+    else:
+        raw = {"dmthin": {"data_file": "/s/d", "data_size": dm.get("dataSize", "10GiB")}}
+    raw["dmthin" if "dmthin" in raw else "reflink"].setdefault("block_size", dm.get("blockSize", "64KiB"))
+    try:
+        cfg = config.pool_from_dict(
+            {"name": "pool", "backend": pool.get("backend", "dmthin"), "state_dir": "/s", **raw}
+        )
+        if cfg.reflink is not None and cfg.reflink.image_file and cfg.reflink.image_size == 0:
+            # what a fresh node does with it (csi_thin.pool.reflink: no image to make of size 0)
+            raise errors.InvalidArgument("reflink pool image is missing and image_size is 0")
+    except errors.InvalidArgument as exc:
+        assert out.returncode != 0, f"helm renders {pool}, which the node plugin refuses: {exc.message}"
+        assert "pool." in out.stderr, out.stderr
+    else:
+        assert out.returncode == 0, out.stderr
+
+
+def test_one_disk_as_data_and_metadata_is_refused(tmp_path: pathlib.Path) -> None:
+    """The schema cannot compare two values; the template does: one disk as both would have the
+    volumes' data overwrite the pool's metadata."""
+    devices = {"dataDevice": "/dev/sdb", "metadataDevice": "/dev/sdb"}
+    out = hc.render_text(tmp_path, {"pool": {"dmthin": devices}})
+    assert out.returncode != 0, "rendered with one disk as data and metadata"
+    assert "dataDevice and metadataDevice must be two devices" in out.stderr, out.stderr
+
+
+def test_set_on_the_command_line_passes_the_schema(tmp_path: pathlib.Path) -> None:
+    """helm's --set hands 0.9 over as a string: the schema takes it, and the pool config gets a number."""
+    docs = hc.render(tmp_path, {}, (), "--set", "pool.thresholds.data=0.9", "--set", "overprovisionRatio=2.5")
+    raw = yaml.safe_load(hc.one(docs, "ConfigMap", "csi-thin-pool")["data"]["pool.yaml"])
+    assert config.pool_from_dict(raw).thresholds.data == 0.9
+    out = hc.render_text(tmp_path, {}, (), "--set", "pool.thresholds.data=1.5")
+    assert out.returncode != 0 and "/pool/thresholds/data" in out.stderr, out.stderr
+
+
 def test_kube_version_below_the_chart_minimum_is_refused(tmp_path: pathlib.Path) -> None:
-    major, minor, _ = kube_version().split(".")
+    major, minor, _ = hc.kube_version().split(".")
     older = f"{major}.{int(minor) - 1}.0"
-    out = helm("template", "csi-thin", str(CHART), "--kube-version", older)
+    out = hc.helm("template", "csi-thin", str(hc.CHART), "--kube-version", older)
     assert out.returncode != 0 and "incompatible with Kubernetes" in out.stderr, out.stderr
 
 

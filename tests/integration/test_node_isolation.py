@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import kubernetes
@@ -21,8 +22,8 @@ NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 
 
 @pytest.fixture(scope="module")
-def env(crds: kubeenv.KubeEnv) -> kubeenv.KubeEnv:
-    kubecrds.install_rbac(crds, NS)
+def env(crds: kubeenv.KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> kubeenv.KubeEnv:
+    kubecrds.install_rbac(crds, tmp_path_factory.mktemp("rbac"), NS)
     return crds
 
 
@@ -159,3 +160,70 @@ def test_a_node_cannot_take_another_nodes_pool_name(env: kubeenv.KubeEnv) -> Non
     finally:
         with contextlib.suppress(kubernetes.client.exceptions.ApiException):
             _as(env).delete_cluster_custom_object(G, V, "thinpools", f"{b}.p")
+
+
+@contextlib.contextmanager
+def _pod_token(env: kubeenv.KubeEnv, account: str, node: str) -> Iterator[Any]:
+    """A client holding the token kubelet gives a pod of `account` running on `node`: a real
+    TokenRequest bound to a real Pod object (no impersonation). The API server puts the pod's node
+    into every such token (ServiceAccountTokenPodNodeInfo), whichever service account it is."""
+    admin = env.api_client()
+    core = kubernetes.client.CoreV1Api(admin)
+    pod = core.create_namespaced_pod(
+        NS,
+        {
+            "metadata": {"generateName": f"{account}-"},
+            "spec": {
+                "serviceAccountName": account,
+                "nodeName": node,
+                "containers": [{"name": "c", "image": "none"}],
+            },
+        },
+    )
+    try:
+        ref = {"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid}
+        token = core.create_namespaced_service_account_token(
+            account, NS, {"spec": {"audiences": [], "expirationSeconds": 600, "boundObjectRef": ref}}
+        ).status.token
+        review = kubernetes.client.AuthenticationV1Api(admin).create_token_review({"spec": {"token": token}})
+        assert review.status.user.extra[NODE_NAME_KEY] == [node], review.status.user
+        cfg = kubernetes.client.Configuration()
+        cfg.host, cfg.ssl_ca_cert = env.server, env.ca_file
+        cfg.api_key = {"authorization": f"Bearer {token}"}
+        yield kubernetes.client.CustomObjectsApi(kubernetes.client.ApiClient(cfg))
+    finally:
+        core.delete_namespaced_pod(pod.metadata.name, NS, grace_period_seconds=0)
+
+
+def test_the_controller_pod_token_names_its_node_and_still_writes_every_nodes_specs(
+    env: kubeenv.KubeEnv,
+) -> None:
+    """The controller runs in a pod too, and its token names the node it runs on. It must still
+    create, resize and delete the volumes of every other node: the policy confines the node plugin's
+    account, not every pod-bound identity."""
+    tag = uuid.uuid4().hex[:8]
+    name, other = f"v-ctl-pod-{tag}", f"ctl-other-{tag}"
+    with _pod_token(env, "csi-thin-controller", f"ctl-home-{tag}") as controller:
+        controller.create_cluster_custom_object(G, V, "thinvolumes", _volume(name, other))
+        controller.patch_cluster_custom_object(G, V, "thinvolumes", name, {"spec": {"sizeBytes": 1 << 27}})
+        assert _as(env).get_cluster_custom_object(G, V, "thinvolumes", name)["spec"]["sizeBytes"] == 1 << 27
+        controller.delete_cluster_custom_object(G, V, "thinvolumes", name)
+
+
+def test_the_node_pod_token_is_confined_to_its_node(env: kubeenv.KubeEnv) -> None:
+    """The same with the node plugin's real pod-bound token: its own volume's status, yes; another
+    node's, no; a spec, no."""
+    admin = _as(env)
+    tag = uuid.uuid4().hex[:8]
+    a, b = f"iso-pa-{tag}", f"iso-pb-{tag}"
+    va, vb = f"v-iso-{tag}-pa", f"v-iso-{tag}-pb"
+    admin.create_cluster_custom_object(G, V, "thinvolumes", _volume(va, a))
+    admin.create_cluster_custom_object(G, V, "thinvolumes", _volume(vb, b))
+    with _pod_token(env, "csi-thin-node", a) as node_a:
+        node_a.patch_cluster_custom_object_status(G, V, "thinvolumes", va, {"status": {"phase": "Ready"}})
+        _denied(
+            node_a.patch_cluster_custom_object_status, G, V, "thinvolumes", vb, {"status": {"phase": "Ready"}}
+        )
+        _denied(node_a.patch_cluster_custom_object, G, V, "thinvolumes", va, {"spec": {"sizeBytes": 1 << 27}})
+    for n in (va, vb):
+        admin.delete_cluster_custom_object(G, V, "thinvolumes", n)

@@ -224,6 +224,8 @@ def cluster(kube: kubeenv.KubeEnv, tmp_path: pathlib.Path) -> Iterator[Cluster]:
             str(kubeconfig),
             "--log-level",
             "INFO",
+            "--http-endpoint",
+            "127.0.0.1:0",
         ),
         csock,
         tmp_path / "controller.log",

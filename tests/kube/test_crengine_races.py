@@ -37,7 +37,7 @@ def test_a_failed_create_deletes_only_the_object_it_saw_fail(
     monkeypatch.setattr(crengine.watch, "wait_for", lambda *_a, **_k: failed)
     try:
         with pytest.raises(errors.ResourceExhausted):
-            crengine.CrEngine(api)._settle(res.ThinVolume, first, deadline=dl)
+            crengine.CrEngine(api)._settle("create_volume", res.ThinVolume, first, deadline=dl)
         still = api.find(res.ThinVolume, name, deadline=dl)
         assert still is not None and still.meta.uid == second.meta.uid and not still.meta.deleting
     finally:

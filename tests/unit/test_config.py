@@ -51,6 +51,12 @@ def test_loop_pool_defaults() -> None:
         (_dm(block_size="2GiB"), "block_size"),
         (_dm(data_size=0), "data_size"),
         (_dm(data_device="/dev/sdb"), "either"),
+        # one device (or file) for both: the pool's data writes would overwrite its metadata
+        (
+            {**_dm(), "dmthin": {"data_device": "/dev/sdb", "metadata_device": "/dev//sdb"}},
+            "different",
+        ),
+        (_dm(metadata_file="/var/lib/csi-thin/./data.img"), "different"),
         (_dm(bogus=1), "unknown"),
         ({**_dm(), "name": "Bad_Name"}, "pool name"),
         ({**_dm(), "state_dir": "relative/dir"}, "absolute"),

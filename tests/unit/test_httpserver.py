@@ -42,3 +42,15 @@ def test_reconcile_error_labels_are_a_closed_set() -> None:
     m.reconcile_error("thinsnapshot")
     with pytest.raises(errors.InvalidArgument, match="resource"):
         m.reconcile_error("pvc-123")  # a name would be an unbounded label value
+
+
+def test_cr_wait_and_pool_operation_labels_are_closed_sets() -> None:
+    m = metrics.Metrics()
+    m.cr_wait("create_volume", "ok", 0.1)
+    m.pool_operation("create_snapshot", "OK", 0.2)
+    with pytest.raises(errors.InvalidArgument, match="operation"):
+        m.cr_wait("v-pvc-123", "ok", 0.1)
+    with pytest.raises(errors.InvalidArgument, match="outcome"):
+        m.cr_wait("delete", "pvc-123 vanished", 0.1)
+    with pytest.raises(errors.InvalidArgument, match="operation"):
+        m.pool_operation("pvc-123", "OK", 0.1)

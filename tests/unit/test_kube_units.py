@@ -14,7 +14,7 @@ import kubernetes
 import pytest
 
 from csi_thin import deadline as deadline_mod
-from csi_thin import errors, model
+from csi_thin import errors, metrics, model
 from csi_thin.controller import provisioner
 from csi_thin.kube import client as client_mod
 from csi_thin.kube import crengine
@@ -59,6 +59,33 @@ def test_thin_volume_round_trip() -> None:
     back = res.ThinVolume.from_dict(json.loads(json.dumps(_api_dict(tv))))
     assert back == tv
     assert back.settled and back.spec.source is not None and back.spec.source.name == "s-x"
+
+
+@pytest.mark.parametrize(
+    ("phase", "deleting", "outcome"),
+    [
+        (res.Phase.READY, False, "ok"),
+        (res.Phase.FAILED, False, "failed"),
+        (res.Phase.LOST, False, "lost"),
+        (res.Phase.READY, True, "deleted"),
+        (None, False, "deleted"),  # gone while the controller waited
+    ],
+)
+def test_a_cr_wait_outcome_is_what_the_node_said(
+    phase: res.Phase | None, deleting: bool, outcome: str
+) -> None:
+    """cr_wait_seconds' outcome label, from the object the wait returned (a closed set)."""
+    tv = (
+        None
+        if phase is None
+        else res.ThinVolume(
+            meta=res.Meta(name="v-pvc-1", generation=1, deleting=deleting),
+            spec=res.VolumeSpec(node_name="n1", pool="p", size_bytes=64 * MiB),
+            status=res.VolumeStatus(phase=phase, observed_generation=1),
+        )
+    )
+    assert crengine._settled_verdict(tv) == outcome
+    assert outcome in metrics.CR_WAIT_OUTCOMES
 
 
 def test_thin_snapshot_and_pool_round_trip() -> None:

@@ -60,8 +60,38 @@ imagePullSecrets:
 {{ trimSuffix "/" .Values.pool.stateDir }}/{{ .Values.pool.name }}
 {{- end }}
 
+{{/* Bytes of a size as csi_thin.config.parse_size reads it (the schema has checked its form: digits,
+then an optional K/M/G/T, binary either way). Leading zeros are dropped: helm's int reads "0064" as
+octal. */}}
+{{- define "csi-thin.bytes" -}}
+{{- $s := toString . -}}
+{{- $digits := regexFind "^[0-9]+" $s -}}
+{{- $n := regexReplaceAll "^0+" $digits "" | default "0" | int64 -}}
+{{- $unit := upper (trimPrefix $digits $s | trunc 1) -}}
+{{- $scale := get (dict "" 1 "K" 1024 "M" 1048576 "G" 1073741824 "T" 1099511627776) $unit -}}
+{{- mul $n $scale -}}
+{{- end }}
+
+{{/* What the schema cannot say about the pool and the node plugin would refuse at start, on every
+node at once (csi_thin.config): refused here, at helm install/upgrade, instead. */}}
+{{- define "csi-thin.checkPool" -}}
+{{- $p := .Values.pool -}}
+{{- if eq $p.backend "dmthin" }}
+{{- $bs := include "csi-thin.bytes" $p.dmthin.blockSize | int64 -}}
+{{- if or (lt $bs 65536) (gt $bs 1073741824) (ne (mod $bs 65536) 0) }}
+{{- fail (printf "pool.dmthin.blockSize %s: must be 64KiB..1GiB in multiples of 64KiB" (toString $p.dmthin.blockSize)) }}
+{{- end }}
+{{- if and (not $p.dmthin.dataDevice) (eq (include "csi-thin.bytes" $p.dmthin.dataSize) "0") }}
+{{- fail "pool.dmthin.dataSize: the loop file of the pool's data must have a size above 0" }}
+{{- end }}
+{{- else if and (not $p.reflink.directory) (eq (include "csi-thin.bytes" $p.reflink.imageSize) "0") }}
+{{- fail "pool.reflink.imageSize: the pool's image file must have a size above 0" }}
+{{- end }}
+{{- end }}
+
 {{/* The node's pool config file (csi_thin.config.pool_from_dict), from .Values.pool. */}}
 {{- define "csi-thin.poolConfig" -}}
+{{- include "csi-thin.checkPool" . -}}
 {{- $p := .Values.pool -}}
 {{- $dir := include "csi-thin.poolDir" . -}}
 name: {{ $p.name }}
@@ -70,6 +100,10 @@ state_dir: {{ $dir }}/store
 {{- if eq $p.backend "dmthin" }}
 dmthin:
   {{- if $p.dmthin.dataDevice }}
+  {{- if eq (clean $p.dmthin.dataDevice) (clean $p.dmthin.metadataDevice) }}
+  {{- /* the schema cannot compare two values: one disk as both would have data overwrite metadata */}}
+  {{- fail (printf "pool.dmthin: dataDevice and metadataDevice must be two devices, both are %s" $p.dmthin.dataDevice) }}
+  {{- end }}
   data_device: {{ $p.dmthin.dataDevice }}
   metadata_device: {{ $p.dmthin.metadataDevice }}
   {{- else }}

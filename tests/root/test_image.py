@@ -1,0 +1,146 @@
+"""The image `make image` builds (bin/csi-thin-image.tar, an OCI archive), checked by the tools that
+will use it: a private containerd (its own root, state and socket in a temp dir, stopped and removed
+afterwards) imports it under the name the chart uses, and runc runs it: `csi-thin` is the entrypoint,
+its Kubernetes-mode commands start, and the binaries the node plugin calls are there."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests import conftest
+
+pytestmark = pytest.mark.image
+
+ARCHIVE = conftest.BIN / "csi-thin-image.tar"
+VERSION = tomllib.loads((conftest.ROOT / "pyproject.toml").read_text())["project"]["version"]
+NAME = f"csi-thin:{VERSION}"
+#: what the driver runs (csi_thin/node, csi_thin/pool, csi_thin/dm) and what an operator reaches for
+NODE_BINARIES = (
+    "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "e2fsck", "resize2fs", "dumpe2fs", "xfs_growfs", "xfs_repair",
+    "btrfs", "thin_check", "thin_ls", "losetup", "blkid", "mount", "umount", "modprobe",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def archive() -> pathlib.Path:
+    if not ARCHIVE.exists():
+        pytest.fail(f"{ARCHIVE} missing: run `make image`", pytrace=False)
+    return ARCHIVE
+
+
+def _blob(tar: tarfile.TarFile, digest: str) -> Any:
+    f = tar.extractfile("blobs/" + digest.replace(":", "/"))
+    assert f is not None, digest
+    return json.load(f)
+
+
+def test_the_archive_is_an_oci_image_named_without_a_registry(archive: pathlib.Path) -> None:
+    with tarfile.open(archive) as tar:
+        layout = json.load(tar.extractfile("oci-layout"))  # type: ignore[arg-type]
+        index = json.load(tar.extractfile("index.json"))  # type: ignore[arg-type]
+        (desc,) = index["manifests"]
+        assert desc["annotations"]["org.opencontainers.image.ref.name"] == NAME
+        manifest = _blob(tar, desc["digest"])
+        config = _blob(tar, manifest["config"]["digest"])
+    assert layout["imageLayoutVersion"] == "1.0.0"
+    assert (config["os"], config["architecture"]) == ("linux", "amd64")
+    assert config["config"]["Entrypoint"] == ["csi-thin"]
+    assert config["config"]["Labels"]["org.opencontainers.image.version"] == VERSION
+
+
+@contextlib.contextmanager
+def containerd() -> Iterator[list[str]]:
+    """A private containerd; yields the ctr argv prefix that talks to it. Everything it made (its
+    root, state, runc state, fifos, mounts) lives in one temp dir, gone afterwards."""
+    # short: unix socket paths hold 107 bytes
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+    run_containerd_existed = os.path.exists("/run/containerd")
+    sock = tmp / "c.sock"
+    (tmp / "config.toml").write_text(
+        "version = 2\n"
+        f'root = "{tmp}/root"\nstate = "{tmp}/state"\n'
+        # no Kubernetes here: the CRI plugin would set up networking it does not need
+        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
+    )
+    log = (tmp / "containerd.log").open("wb")
+    proc = subprocess.Popen(
+        ["containerd", "--config", str(tmp / "config.toml")], stdout=log, stderr=subprocess.STDOUT
+    )
+    ctr = ["ctr", "--address", str(sock), "--namespace", f"csi-thin-test-{uuid.uuid4().hex[:6]}"]
+    try:
+        end = time.monotonic() + 30
+        while subprocess.run([*ctr, "version"], check=False, capture_output=True).returncode != 0:
+            assert proc.poll() is None, (tmp / "containerd.log").read_text()
+            assert time.monotonic() < end, "containerd did not answer in 30 s"
+            time.sleep(0.1)  # process start-up: nothing to watch until its socket answers
+        yield ctr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            ours = [line.split()[4] for line in f if line.split()[4].startswith(str(tmp))]
+        for mountpoint in sorted(ours, reverse=True):
+            subprocess.run(["umount", mountpoint], check=True)
+        shutil.rmtree(tmp)
+        # containerd 1.6 keeps shim sockets in /run/containerd/s whatever its state dir: ours are
+        # gone with their shims; the directories go too unless someone else's containerd uses them
+        if not run_containerd_existed:
+            for d in ("/run/containerd/s", "/run/containerd/fifo", "/run/containerd"):
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    os.rmdir(d)
+        assert not ours, f"containerd left mounts behind: {ours}"
+
+
+def _run(ctr: list[str], tmp: pathlib.Path, *command: str) -> subprocess.CompletedProcess[str]:
+    """`ctr run` of the image (runc; no network: the container gets an empty network namespace)."""
+    argv = [*ctr, "run", "--rm", "--runc-root", str(tmp / "runc"), "--fifo-dir", str(tmp / "fifo")]
+    argv += [NAME, f"t-{uuid.uuid4().hex[:8]}", *command]
+    return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_containerd_imports_and_runs_the_image(archive: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    with containerd() as ctr:
+        imported = subprocess.run(
+            [*ctr, "images", "import", str(archive)], check=False, capture_output=True, text=True, timeout=300
+        )
+        assert imported.returncode == 0, imported.stderr
+        names = subprocess.run([*ctr, "images", "ls", "-q"], capture_output=True, text=True, check=True)
+        assert names.stdout.split() == [NAME]
+
+        # no command: the entrypoint (csi-thin) with the default arguments (--help)
+        default = _run(ctr, tmp_path)
+        assert default.returncode == 0, default.stderr
+        assert default.stdout.startswith("usage: csi-thin"), default.stdout
+        for sub in ("controller", "node"):
+            out = _run(ctr, tmp_path, "csi-thin", sub, "--help")
+            assert out.returncode == 0, out.stderr
+            assert "--endpoint" in out.stdout and "--http-endpoint" in out.stdout, out.stdout
+        # the generated stubs are in the wheel, and the driver's imports all resolve
+        stubs = _run(ctr, tmp_path, "python3", "-c", "import csi_thin.app, csi_thin.csi.pb.csi_pb2")
+        assert stubs.returncode == 0, stubs.stderr
+        found = _run(
+            ctr, tmp_path, "sh", "-c", 'for b in "$@"; do command -v "$b"; done', "sh", *NODE_BINARIES
+        )
+        assert [os.path.basename(p) for p in found.stdout.split()] == list(NODE_BINARIES), found.stdout
+        subprocess.run([*ctr, "images", "rm", NAME], capture_output=True, check=True)
