@@ -167,18 +167,21 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
     try:
         yield d
     finally:
-        _remove_workload(c)
-        if RELEASE in c.helm("list", "--namespace", DRIVER_NS, "--short"):
-            c.helm("uninstall", RELEASE, "--namespace", DRIVER_NS, "--wait", "--timeout", "2m")
+        try:
+            _remove_workload(c)
+        finally:  # the release goes even when a volume would not (the cluster's stop reports leftovers)
+            if RELEASE in c.helm("list", "--namespace", DRIVER_NS, "--short"):
+                c.helm(
+                    "uninstall", RELEASE, "--namespace", DRIVER_NS, "--wait", "--timeout", "2m", timeout=150
+                )
 
 
 def _remove_workload(c: cluster_mod.Cluster) -> None:
     """What a failed test may have left: pods first (unpublish, unstage), then claims and
     snapshots, waiting until the driver has deleted their volumes."""
-    c.kubectl("delete", "pods", "--all", "-n", NS, "--wait=true", "--timeout=120s", check=False)
-    c.kubectl(
-        "delete", "volumesnapshots,pvc", "--all", "-n", NS, "--wait=true", "--timeout=120s", check=False
-    )
+    wait = ("--wait=true", "--timeout=120s")
+    c.kubectl("delete", "pods", "--all", "-n", NS, *wait, check=False, timeout=150)
+    c.kubectl("delete", "volumesnapshots,pvc", "--all", "-n", NS, *wait, check=False, timeout=150)
     cluster_mod.wait_for(
         "the driver's PVs and VolumeSnapshotContents deleted",
         lambda: not c.get("pv")["items"] and not c.get("volumesnapshotcontents")["items"],
