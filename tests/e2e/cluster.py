@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -253,7 +252,8 @@ class Cluster:
     def start(self) -> None:
         self._t0 = time.monotonic()
         self._iptables_before = _iptables()
-        # kubelet's device-plugin socket dir, containerd 1.6's shim socket dir
+        # kubelet's device-plugin socket dir, containerd 1.6's shim socket dir: hard-coded, so
+        # removed at stop when this cluster made them
         for hard_coded in (pathlib.Path("/var/lib/kubelet"), pathlib.Path("/run/containerd")):
             if not hard_coded.exists():
                 self._created_host_dirs.append(hard_coded)
@@ -608,8 +608,18 @@ state = "{r}/run/containerd"
                     d.rmdir()
             with contextlib.suppress(OSError):
                 top.rmdir()
-        for d in self._created_host_dirs:
-            shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):  # kubelet's own, and kubelet is ours
+            pathlib.Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink()
+        for top in self._created_host_dirs:
+            # only what is empty now: another containerd on this host may have come to share
+            # /run/containerd since (its shim sockets live there too)
+            for d in sorted(
+                (p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+            ):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            with contextlib.suppress(OSError):
+                top.rmdir()
 
     def _leftovers(self) -> list[str]:
         problems = []
@@ -621,6 +631,9 @@ state = "{r}/run/containerd"
             problems.append(f"loop devices still attached: {loops}")
         if cgroups := [str(p) for p in pathlib.Path("/sys/fs/cgroup").glob("*/kubepods")]:
             problems.append(f"cgroups left: {cgroups}")
+        kubelet_dir = pathlib.Path("/var/lib/kubelet")
+        if kubelet_dir in self._created_host_dirs and kubelet_dir.exists():
+            problems.append(f"{kubelet_dir} left: {sorted(map(str, kubelet_dir.rglob('*')))}")
         if self._iptables_before is not None and _iptables() != self._iptables_before:
             problems.append("the host's iptables rules changed while the cluster ran")
         return problems
