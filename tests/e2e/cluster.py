@@ -105,6 +105,8 @@ def loops_under(root: pathlib.Path) -> list[str]:
                 files.add(((os.major(st.st_dev), os.minor(st.st_dev)), st.st_ino))
 
     def backing(loop: dict[str, Any]) -> tuple[tuple[int, int], int]:
+        if loop.get("back-ino") is None or not loop.get("back-maj:min"):
+            return (-1, -1), -1  # a loop device without a backing file (being set up or torn down)
         major, minor = (int(x) for x in str(loop["back-maj:min"]).strip().split(":"))
         return (major, minor), int(loop["back-ino"])
 

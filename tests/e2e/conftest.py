@@ -143,28 +143,30 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
     }
     values_file = c.root / "values.yaml"
     values_file.write_text(json.dumps(values))
-    t0 = time.monotonic()
-    c.helm("install", RELEASE, str(CHART), "--namespace", DRIVER_NS, "--create-namespace",
-           "--values", str(values_file), "--wait", "--timeout", "5m", timeout=330)  # fmt: skip
-    # helm's --wait counts a DaemonSet of one node with maxUnavailable 1 as ready with no pod Ready:
-    # wait for the rollout and for every pod, as a user would
-    c.kubectl("rollout", "status", "-n", DRIVER_NS, "daemonset/csi-thin-node", "--timeout=180s", timeout=200)
-    c.kubectl(
-        "wait", "-n", DRIVER_NS, "--for=condition=Ready", "pods", "--all", "--timeout=180s", timeout=200
-    )
-    pods = c.get("pods", "-n", DRIVER_NS)["items"]
-    conftest.report(
-        f"e2e: helm install -> every pod Ready in {time.monotonic() - t0:.1f}s ({len(pods)} pods)"
-    )
-    c.kubectl("create", "namespace", NS)
-    d = Driver(
-        cluster=c,
-        state_dir=state_dir,
-        storage_class="csi-thin",
-        snapshot_class="csi-thin",
-        pool_loops=cluster_mod.loops_under(state_dir),
-    )
     try:
+        t0 = time.monotonic()
+        c.helm("install", RELEASE, str(CHART), "--namespace", DRIVER_NS, "--create-namespace",
+               "--values", str(values_file), "--wait", "--timeout", "5m", timeout=330)  # fmt: skip
+        # helm's --wait counts a DaemonSet of one node with maxUnavailable 1 as ready with no pod Ready:
+        # wait for the rollout and for every pod, as a user would
+        c.kubectl(
+            "rollout", "status", "-n", DRIVER_NS, "daemonset/csi-thin-node", "--timeout=180s", timeout=200
+        )
+        c.kubectl(
+            "wait", "-n", DRIVER_NS, "--for=condition=Ready", "pods", "--all", "--timeout=180s", timeout=200
+        )
+        pods = c.get("pods", "-n", DRIVER_NS)["items"]
+        conftest.report(
+            f"e2e: helm install -> every pod Ready in {time.monotonic() - t0:.1f}s ({len(pods)} pods)"
+        )
+        c.kubectl("create", "namespace", NS)
+        d = Driver(
+            cluster=c,
+            state_dir=state_dir,
+            storage_class="csi-thin",
+            snapshot_class="csi-thin",
+            pool_loops=cluster_mod.loops_under(state_dir),
+        )
         yield d
     finally:
         try:
