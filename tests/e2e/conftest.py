@@ -20,8 +20,9 @@ from tests import conftest
 from tests.e2e import cluster as cluster_mod
 from tests.e2e import images
 
-#: the node's pool: a sparse image file, so only what is written takes space
-POOL_SIZE = "4GiB"
+#: the node's pool: a sparse image file, so only what is written takes space (room for scenarios 1-6
+#: and a filler of scenario 7 well above the smallest XFS)
+POOL_SIZE = "6GiB"
 
 TOOLS = (
     "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl", "helm",

@@ -286,11 +286,12 @@ def test_7_pool_exhaustion(driver: Driver) -> None:
     c.apply(_pvc("big", "800Mi", driver.storage_class))
     c.apply(_pod("bigger", "big"))
     # the scheduler finds no node with that much storage: the pod says so, the PVC waits
-    cluster_mod.wait_for(
+    (event, *_) = cluster_mod.wait_for(
         "the pod's FailedScheduling event naming storage",
         lambda: [e for e in _events(c, "Pod", "bigger") if "FailedScheduling" in e and "storage" in e],
         timeout=120,
     )
+    tiers.report(f"e2e: a PVC larger than what is left: {event}")
     assert c.get("pvc", "-n", NS, "big")["status"]["phase"] == "Pending"
     assert c.get("pod", "-n", NS, "bigger")["status"]["phase"] == "Pending"
     c.kubectl("delete", "pod", "-n", NS, "fill", "--wait=true", "--timeout=60s")
