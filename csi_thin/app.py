@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from csi_thin import config, errors
 from csi_thin import deadline as deadline_mod
+from csi_thin.node import trim
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from csi_thin.store import lmdb_store
@@ -126,7 +127,8 @@ def destroy(cfg: config.PoolConfig, *, deadline: deadline_mod.Deadline) -> None:
     """Tear down and remove the pool and its LMDB store. Irreversible."""
     with exclusive(cfg):
         make_backend(cfg).destroy(deadline=deadline)
-        for name in _LMDB_FILES:
+        # the store, and the trim totals and lock (csi_thin.node.trim): they describe this pool only
+        for name in (*_LMDB_FILES, trim.STATS_FILE, trim.LOCK_FILE):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(cfg.state_dir, name))
         # unlinked while held: a process that opened it meanwhile sees the lock taken, or (locking

@@ -9,6 +9,7 @@ and later groups plug in the same way.
     csi-thin pool gc      --config FILE --orphans --node-id N [--grace 1h]
                                             Kubernetes mode: the running node agent deletes devices
                                             no CR owns, once orphans for the grace period
+    csi-thin pool trim    --config FILE     trim the staged filesystems now (space back to the pool)
     csi-thin pool destroy --config FILE --yes       tear down and delete the pool and its store
 
 Every command takes --json for machine-readable output. Domain errors print one line to stderr and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import sys
@@ -27,7 +29,7 @@ from typing import Any
 
 from csi_thin import app, config, errors, model
 from csi_thin import deadline as deadline_mod
-from csi_thin.node import control
+from csi_thin.node import control, trim
 from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import modes, recovery
 
@@ -97,7 +99,44 @@ def _status_json(cfg: config.PoolConfig, eng: engine_mod.PoolEngine, st: model.P
         "provisioned_bytes": eng.provisioned_bytes(),
         "open_intents": [f"{i.op} {i.name}" for i in eng.intents()],
         "orphans": eng.orphans(),
+        "trim": _trim_json(cfg),
     }
+
+
+def _trim_json(cfg: config.PoolConfig) -> dict[str, Any]:
+    """The trim schedule and what the trims gave back so far (csi_thin.node.trim's totals)."""
+    out: dict[str, Any] = dataclasses.asdict(cfg.trim)
+    try:
+        out.update(dataclasses.asdict(trim.read_stats(cfg.state_dir)))
+    except errors.CsiThinError as exc:  # status still answers: the pool matters more than the totals
+        out["error"] = exc.message
+    return out
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _trim_line(t: dict[str, Any]) -> str:
+    if "error" in t:
+        return f"totals unreadable: {t['error']}"
+    plan = (
+        f"every {t['interval_seconds'] / 3600:g}h (+ up to {t['jitter_seconds'] / 60:g}m), "
+        f"next {_when(t['next_at']) if t['next_at'] else 'not planned (no driver runs)'}"
+        if t["enabled"]
+        else "schedule off"
+    )
+    if not t["runs"]:
+        return f"{plan}; no run yet"
+    last = (
+        f"last {_when(t['last_finished_at'])}: {t['last_filesystems']} filesystem(s), "
+        f"{_human(t['last_reclaimed_bytes'])} reclaimed"
+        + (f", FAILED: {t['last_error']}" if t["last_error"] else "")
+    )
+    total = f"{_human(t['reclaimed_bytes'])} reclaimed in {t['runs']} run(s), {t['failed_runs']} failed"
+    return f"{plan}; {last}; {total}"
 
 
 def _print_status(s: dict[str, Any], out: Printer) -> None:
@@ -125,6 +164,7 @@ def _print_status(s: dict[str, Any], out: Printer) -> None:
         ("lost", ", ".join(s["lost"]) or "none"),
         ("open intents", ", ".join(s["open_intents"]) or "none"),
         ("orphans", ", ".join(map(str, s["orphans"])) or "none"),
+        ("trim", _trim_line(s["trim"])),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -249,6 +289,26 @@ def _gc_kubernetes(args: argparse.Namespace, out: Printer) -> int:
     return 1 if got["failed"] else 0
 
 
+def cmd_pool_trim(args: argparse.Namespace, out: Printer = _out) -> int:
+    """Trim the staged filesystems now, next to a running driver (no owner lock: a trim changes no
+    record; the trim lock keeps it from running beside a scheduled one). Exit 1 when a filesystem
+    could not be trimmed."""
+    cfg = config.load_pool(args.config)
+    dl = _deadline(args)
+    with app.open_engine(cfg, assemble=False, recover=False, owner=False, deadline=dl) as eng:
+        result = trim.Trimmer(engine=eng, pool=cfg.name, state_dir=cfg.state_dir).run(deadline=dl)
+    if args.json:
+        out(json.dumps(dataclasses.asdict(result)))
+    else:
+        out(
+            f"trimmed {result.filesystems} filesystem(s): {_human(result.reclaimed_bytes)} given back to "
+            f"the pool ({_human(result.trimmed_bytes)} discarded)"
+        )
+        for failure in result.failures:
+            out(f"failed: {failure}")
+    return 0 if result.ok else 1
+
+
 def cmd_pool_destroy(args: argparse.Namespace, out: Printer = _out) -> int:
     if not args.yes:
         raise errors.InvalidArgument("destroying a pool deletes every volume and snapshot in it: pass --yes")
@@ -294,6 +354,7 @@ def register(subparsers: Any) -> None:
         help=f"Kubernetes mode: how long a device must have been an orphan (90s, 30m, 1h; "
         f"default {control.DEFAULT_GRACE_SECONDS / 3600:.0f}h)",
     )
+    add("trim", cmd_pool_trim, "trim the staged filesystems now: deleted files' space back to the pool")
     add("destroy", cmd_pool_destroy, "tear down and delete the pool and its store").add_argument(
         "--yes", action="store_true", help="confirm: every volume and snapshot is lost"
     )

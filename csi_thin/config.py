@@ -114,6 +114,51 @@ class ReflinkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrimConfig:
+    """When the node trims the filesystems staged from this pool (fstrim: deleted files' blocks go
+    back to the pool). A run starts `interval` after the last one finished (the first: after the
+    node's first start), plus a random share of `jitter` so that nodes started together do not all
+    trim at once. `enabled: false` turns it off; `csi-thin pool trim` still works."""
+
+    enabled: bool = True
+    interval_seconds: float = 24 * 3600.0
+    jitter_seconds: float = 3600.0
+
+    def validate(self) -> None:
+        if self.interval_seconds < 60:
+            raise errors.InvalidArgument(f"trim interval {self.interval_seconds:g}s: at least 60s")
+        if self.jitter_seconds > self.interval_seconds:
+            raise errors.InvalidArgument(
+                f"trim jitter {self.jitter_seconds:g}s must not exceed "
+                f"the interval {self.interval_seconds:g}s"
+            )
+
+
+def _trim_section(raw: Any) -> TrimConfig:
+    """`trim: {enabled: true, interval: 24h, jitter: 1h}` (every key optional)."""
+    if raw is None:
+        return TrimConfig()
+    if not isinstance(raw, dict):
+        raise errors.InvalidArgument("trim: expected a mapping, e.g. {interval: 24h, jitter: 1h}")
+    unknown = set(raw) - {"enabled", "interval", "jitter"}
+    if unknown:
+        raise errors.InvalidArgument(
+            f"unknown trim keys: {sorted(unknown)} (known: enabled, interval, jitter)"
+        )
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise errors.InvalidArgument(f"trim.enabled must be true or false, not {enabled!r}")
+    default = TrimConfig()
+    return TrimConfig(
+        enabled=enabled,
+        interval_seconds=parse_duration(str(raw["interval"]))
+        if "interval" in raw
+        else default.interval_seconds,
+        jitter_seconds=parse_duration(str(raw["jitter"])) if "jitter" in raw else default.jitter_seconds,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class PoolConfig:
     name: str
     backend: BackendKind
@@ -121,6 +166,7 @@ class PoolConfig:
     dmthin: DmThinConfig | None = None
     reflink: ReflinkConfig | None = None
     thresholds: model.Thresholds = dataclasses.field(default_factory=model.Thresholds)
+    trim: TrimConfig = dataclasses.field(default_factory=TrimConfig)
 
     def validate(self) -> None:
         if not _NAME.match(self.name):
@@ -132,6 +178,7 @@ class PoolConfig:
         for label, value in (("data", self.thresholds.data), ("metadata", self.thresholds.metadata)):
             if not 0.0 < value <= 1.0:
                 raise errors.InvalidArgument(f"{label} threshold {value} must be in (0, 1]")
+        self.trim.validate()
         if self.backend == BackendKind.DMTHIN:
             if self.dmthin is None:
                 raise errors.InvalidArgument("backend dmthin needs a 'dmthin' section")
@@ -163,7 +210,7 @@ def _section(cls: type[Any], raw: dict[str, Any] | None) -> Any:
 
 def pool_from_dict(raw: dict[str, Any]) -> PoolConfig:
     """Build and validate a PoolConfig from a parsed YAML/JSON mapping."""
-    known = {"name", "backend", "state_dir", "dmthin", "reflink", "thresholds"}
+    known = {"name", "backend", "state_dir", "dmthin", "reflink", "thresholds", "trim"}
     unknown = set(raw) - known
     if unknown:
         raise errors.InvalidArgument(f"unknown pool keys: {sorted(unknown)}")
@@ -178,6 +225,7 @@ def pool_from_dict(raw: dict[str, Any]) -> PoolConfig:
         dmthin=_section(DmThinConfig, raw.get("dmthin")),
         reflink=_section(ReflinkConfig, raw.get("reflink")),
         thresholds=_section(model.Thresholds, raw.get("thresholds")) or model.Thresholds(),
+        trim=_trim_section(raw.get("trim")),
     )
     cfg.validate()
     return cfg

@@ -12,6 +12,8 @@ Where the numbers come from:
 - Reconcile errors, and the latency of the pool operations the node agent runs for CRs (Kubernetes
   mode: creates, snapshots, grows and deletes reach the node's pool through CRs, not through its
   gRPC edge): told by the node agent, by operation (a fixed set) and code.
+- Trim totals (runs by result, bytes reclaimed and trimmed, the last run's time): read at scrape
+  time from the file csi_thin.node.trim keeps in the pool's state dir (counting manual runs too).
 - CR wait time (the controller, Kubernetes mode): how long a CreateVolume, CreateSnapshot, Delete or
   ControllerExpandVolume waited for the node agent's verdict on its CR, by operation and outcome;
   told by csi_thin.kube.crengine.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import builtins
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import prometheus_client
@@ -190,6 +192,62 @@ class PoolCollector:
         ]
 
 
+class TrimCollector:
+    """The trim totals (model.TrimStats, kept in the pool's state dir by csi_thin.node.trim), read at
+    scrape time: they count every run, scheduled or `csi-thin pool trim`, across restarts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._source: tuple[str, Callable[[], model.TrimStats]] | None = None
+
+    def attach(self, name: str, read: Callable[[], model.TrimStats] | None) -> None:
+        with self._lock:
+            self._source = None if read is None else (name, read)
+
+    def collect(self) -> Iterable[prom_core.Metric]:
+        with self._lock:
+            source = self._source
+        if source is None:
+            return []
+        name, read = source
+        try:
+            stats = read()
+        except errors.CsiThinError as exc:
+            log.warning("msg=%s pool=%s error=%s", "metrics: trim totals unreadable", name, exc)
+            return []
+
+        def counter(suffix: str, doc: str, value: float) -> prom_core.Metric:
+            c = prom_core.CounterMetricFamily(_name(suffix), doc, labels=["pool"])
+            c.add_metric([name], value)
+            return c
+
+        runs = prom_core.CounterMetricFamily(
+            _name("pool_trim_runs"), "trims of the staged filesystems, by result", labels=["pool", "result"]
+        )
+        runs.add_metric([name, "ok"], stats.runs - stats.failed_runs)
+        runs.add_metric([name, "failed"], stats.failed_runs)
+        last = prom_core.GaugeMetricFamily(
+            _name("pool_trim_last_run_timestamp_seconds"),
+            "when the last trim finished (0: never)",
+            labels=["pool"],
+        )
+        last.add_metric([name], stats.last_finished_at or 0.0)
+        return [
+            runs,
+            counter(
+                "pool_reclaimed_bytes",
+                "how far the pool's used data space fell across the trims: the space given back",
+                stats.reclaimed_bytes,
+            ),
+            counter(
+                "pool_trimmed_bytes",
+                "what the filesystems discarded (a first trim counts all their free space)",
+                stats.trimmed_bytes,
+            ),
+            last,
+        ]
+
+
 class Metrics:
     """The metrics of one process, in their own registry (tests and several servers never collide)."""
 
@@ -199,6 +257,8 @@ class Metrics:
         prometheus_client.PlatformCollector(registry=self.registry)
         self.pool = PoolCollector()
         self.registry.register(self.pool)
+        self.trim = TrimCollector()
+        self.registry.register(self.trim)
         self._operations = prometheus_client.Histogram(
             _name("operation_duration_seconds"),
             "gRPC calls served, by operation (method name) and status code",
@@ -264,6 +324,10 @@ class Metrics:
     def attach_pool(self, name: str, pool: Pool | None) -> None:
         """Scrapes read this pool from now on (None: stop reading, e.g. the engine is closing)."""
         self.pool.attach(name, pool)
+
+    def attach_trim(self, name: str, read: Callable[[], model.TrimStats] | None) -> None:
+        """Scrapes read this pool's trim totals from now on (None: stop)."""
+        self.trim.attach(name, read)
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         """The scrape body and its content type, negotiated from the Accept header."""

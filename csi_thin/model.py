@@ -118,3 +118,25 @@ class Thresholds:
 
     data: float = 0.95
     metadata: float = 0.80
+
+
+@dataclasses.dataclass(frozen=True)
+class TrimStats:
+    """What the node's trims of a pool's staged filesystems gave back, over all runs (scheduled and
+    `csi-thin pool trim`); kept in the pool's state dir, so it survives restarts.
+
+    `trimmed_bytes` is what the filesystems said they discarded (fstrim's count: the first trim of a
+    filesystem counts all its free space, blocks never written included); `reclaimed_bytes` is how
+    far the pool's used data space fell across each run: the space really given back.
+    """
+
+    runs: int = 0
+    failed_runs: int = 0
+    trimmed_bytes: int = 0
+    reclaimed_bytes: int = 0
+    last_started_at: float | None = None
+    last_finished_at: float | None = None
+    last_filesystems: int = 0
+    last_reclaimed_bytes: int = 0
+    last_error: str = ""  # "" when the last run trimmed every filesystem
+    next_at: float | None = None  # when the scheduler runs next (None: not scheduled)

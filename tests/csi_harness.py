@@ -94,12 +94,13 @@ def fake_driver(workdir: pathlib.Path, **kwargs: object) -> Iterator[Driver]:
 
 
 def exported_metric_names(workdir: pathlib.Path) -> set[str]:
-    """Every sample name a csi-thin process exports (a pool attached, a registration state, a call
-    made, a pool operation of the node agent, a CR wait of the controller): what alert rules and
-    dashboards may read."""
+    """Every sample name a csi-thin process exports (a pool and its trim totals attached, a
+    registration state, a call made, a pool operation of the node agent, a CR wait of the
+    controller): what alert rules and dashboards may read."""
     m = metrics_mod.Metrics()
     with fake_driver(workdir, metrics=m) as d:
         m.attach_pool("p", d.engine)
+        m.attach_trim("p", model.TrimStats)
         m.registration("failed")
         d.controller.CreateVolume(create_req("pvc-1"))
         m.pool_operation("create_volume", "OK", 0.1)
@@ -107,20 +108,23 @@ def exported_metric_names(workdir: pathlib.Path) -> set[str]:
         return {s.name for fam in m.registry.collect() for s in fam.samples}
 
 
+def reflink_raw(workdir: pathlib.Path, size: str = "2GiB") -> dict[str, object]:
+    """The pool config file's content for a reflink pool on an image under workdir."""
+    return {
+        "name": "test",
+        "backend": "reflink",
+        "state_dir": str(workdir / "state"),
+        "reflink": {
+            "directory": str(workdir / "pool"),
+            "image_file": str(workdir / "pool.img"),
+            "image_size": size,
+            "fs_type": "xfs",
+        },
+    }
+
+
 def reflink_config(workdir: pathlib.Path, size: str = "2GiB") -> config.PoolConfig:
-    return config.pool_from_dict(
-        {
-            "name": "test",
-            "backend": "reflink",
-            "state_dir": str(workdir / "state"),
-            "reflink": {
-                "directory": str(workdir / "pool"),
-                "image_file": str(workdir / "pool.img"),
-                "image_size": size,
-                "fs_type": "xfs",
-            },
-        }
-    )
+    return config.pool_from_dict(reflink_raw(workdir, size))
 
 
 def mount_cap(

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pathlib
+import subprocess
+import sys
 from collections.abc import Callable
 
 import grpc
 
+from csi_thin import deadline as deadline_mod
 from csi_thin.csi.pb import csi_pb2
 from csi_thin.node import blockview, mountinfo
 from tests import blockio
@@ -158,3 +162,70 @@ def loop_rdevs_under(workdir: pathlib.Path) -> set[int]:
         except OSError:
             continue
     return found
+
+
+TRIM_FILE_BYTES = 200 * MiB
+
+
+def trim_gives_space_back(
+    workdir: pathlib.Path, driver: DriverFactory, *, config_file: pathlib.Path, fs_type: str = "ext4"
+) -> None:
+    """Write 200 MiB into a staged volume's filesystem, sync, delete it: the pool still holds the
+    blocks. `csi-thin pool trim` (next to the running driver) gives at least 90% of them back, and
+    `pool status` and the totals say how much."""
+    cap = h.mount_cap(fs_type)
+    staging = str(workdir / "staging" / "trim")
+    with driver() as d:
+        vol = d.controller.CreateVolume(h.create_req("pvc-trim", 512 * MiB, cap=cap)).volume
+        d.node.NodeStageVolume(
+            csi_pb2.NodeStageVolumeRequest(
+                volume_id=vol.volume_id,
+                staging_target_path=staging,
+                volume_capability=cap,
+                volume_context=vol.volume_context,
+            )
+        )
+        try:
+            data = os.path.join(staging, "data")
+            chunk = os.urandom(MiB)  # incompressible, and not zeros a layer could skip
+            fd = os.open(data, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                for i in range(TRIM_FILE_BYTES // MiB):
+                    os.pwrite(fd, chunk, i * MiB)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.sync()
+            written = d.engine.status(deadline=deadline_mod.default()).data_used_bytes
+            os.unlink(data)
+            os.sync()
+            deleted = d.engine.status(deadline=deadline_mod.default()).data_used_bytes
+            # the premise: deleting a file gives nothing back to the pool by itself
+            assert written - deleted < TRIM_FILE_BYTES // 10, (written, deleted)
+            out = cli(config_file, "pool", "trim", "--json")
+            result = json.loads(out)
+            trimmed = d.engine.status(deadline=deadline_mod.default()).data_used_bytes
+            assert written - trimmed >= 0.9 * TRIM_FILE_BYTES, (written, deleted, trimmed, result)
+            assert result["filesystems"] == 1 and result["failures"] == [], result
+            assert result["reclaimed_bytes"] >= 0.9 * TRIM_FILE_BYTES, (written, deleted, trimmed, result)
+            status = json.loads(cli(config_file, "pool", "status", "--json"))["trim"]
+            assert status["runs"] == 1 and status["failed_runs"] == 0, status
+            assert status["reclaimed_bytes"] == result["reclaimed_bytes"], status
+        finally:
+            d.node.NodeUnstageVolume(
+                csi_pb2.NodeUnstageVolumeRequest(volume_id=vol.volume_id, staging_target_path=staging)
+            )
+            d.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+
+
+def cli(config_file: pathlib.Path, *args: str) -> str:
+    """`csi-thin <args> --config FILE` in a process of its own, as an operator runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "csi_thin.cli", *args, "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, (args, proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout

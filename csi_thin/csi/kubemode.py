@@ -199,7 +199,9 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
                         controller=False,
                     ),
                     node=node_service.NodeService(
-                        volumes=volumes.NodeVolumes(engine=eng, thresholds=cfg.thresholds),
+                        volumes=volumes.NodeVolumes(
+                            engine=eng, thresholds=cfg.thresholds, claims=proc.claims
+                        ),
                         node_id=args.node_id,
                         max_volumes=args.max_volumes,
                     ),

@@ -23,7 +23,7 @@ from csi_thin import deadline as deadline_mod
 from csi_thin import metrics as metrics_mod
 from csi_thin.controller import provisioner
 from csi_thin.csi import controller_service, identity_service, node_service, registration, server
-from csi_thin.node import volumes
+from csi_thin.node import trim, volumes
 from csi_thin.pool import engine
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def services(
     driver_name: str = identity_service.DEFAULT_NAME,
     overprovision_ratio: float = provisioner.Settings.overprovision_ratio,
     max_volumes: int = 0,
+    claims: volumes.Claims | None = None,
 ) -> server.Services:
     """The three CSI services of a standalone driver over one engine (the composition root)."""
 
@@ -94,7 +95,7 @@ def services(
             provisioner=provisioner.Provisioner(engine=eng, settings=settings)
         ),
         node=node_service.NodeService(
-            volumes=volumes.NodeVolumes(engine=eng, thresholds=thresholds),
+            volumes=volumes.NodeVolumes(engine=eng, thresholds=thresholds, claims=claims),
             node_id=node_id,
             max_volumes=max_volumes,
         ),
@@ -104,12 +105,14 @@ def services(
 class PoolProcess:
     """What every process that owns a pool (standalone, the Kubernetes node plugin) runs around its
     engine: the HTTP /healthz + /metrics server, up before the engine opens (assembly and recovery can
-    take a while), kubelet plugin registration when asked for, and the CSI server, each with its
-    /healthz check."""
+    take a while), the trim schedule of the staged filesystems (csi_thin.node.trim), kubelet plugin
+    registration when asked for, and the CSI server, each with its /healthz check."""
 
     def __init__(self, args: argparse.Namespace, *, endpoint: server.Endpoint) -> None:
         self.metrics = metrics_mod.Metrics()
         self.health = httpserver.Health()
+        #: the node service's per-volume claims, shared with the trim schedule (see NodeVolumes)
+        self.claims = volumes.Claims()
         self._args = args
         self._endpoint = endpoint
         self._reg = registration.from_args(
@@ -134,6 +137,15 @@ class PoolProcess:
             stack.callback(self.health.set, "engine", lambda: "the pool engine is closed")
             self.metrics.attach_pool(cfg.name, eng)
             stack.callback(self.metrics.attach_pool, cfg.name, None)
+            trimmer = trim.Trimmer(
+                engine=eng, pool=cfg.name, state_dir=cfg.state_dir, claim=self.claims.claim
+            )
+            self.metrics.attach_trim(cfg.name, trimmer.stats)
+            stack.callback(self.metrics.attach_trim, cfg.name, None)
+            if cfg.trim.enabled:
+                schedule = trim.Scheduler(trimmer, cfg.trim)
+                schedule.start()
+                stack.callback(schedule.stop)  # before the engine closes (the stack unwinds in reverse)
             yield eng
 
     def serve(self, svc: server.Services) -> None:
@@ -169,6 +181,7 @@ def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:
                     driver_name=args.driver_name,
                     overprovision_ratio=args.overprovision_ratio,
                     max_volumes=args.max_volumes,
+                    claims=proc.claims,
                 )
             )
     except errors.CsiThinError as exc:

@@ -64,8 +64,10 @@ class Stats:
     condition: Condition
 
 
-class _Claims:
-    """Non-blocking per-key claims: the loser of a race is told to retry, never queued."""
+class Claims:
+    """Non-blocking per-key claims: the loser of a race is told to retry, never queued. Shared with
+    the trim schedule (csi_thin.node.trim), which claims a volume around its fstrim: an unstage then
+    gets ABORTED (and is retried) instead of an unmount failing busy under fstrim."""
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
@@ -85,10 +87,10 @@ class _Claims:
 
 
 class NodeVolumes:
-    def __init__(self, *, engine: Engine, thresholds: model.Thresholds) -> None:
+    def __init__(self, *, engine: Engine, thresholds: model.Thresholds, claims: Claims | None = None) -> None:
         self._engine = engine
         self._thresholds = thresholds
-        self._claims = _Claims()
+        self._claims = claims or Claims()
 
     def recorded(self, volume_id: str) -> dict[str, str]:
         """What CreateVolume recorded of the volume (its access and filesystem type): the truth the

@@ -53,6 +53,11 @@ def test_a_node_exports_its_pool_and_the_operations_it_ran_for_crs(cluster: Clus
     assert scrape.value(fams, "csi_thin_pool_devices", pool=pool, kind="volume", state="ready") == 0
     for resource in ("thinvolume", "thinsnapshot", "thinpool"):
         assert scrape.value(fams, "csi_thin_reconcile_errors_total", resource=resource) == 0
+    # the node process runs the pool's trim schedule (planned at start, the first run a day away)
+    # and exports its totals
+    assert "event=trim-planned" in c.nodes["a"].proc.log.read_text(errors="replace")
+    assert scrape.value(fams, "csi_thin_pool_trim_runs_total", pool=pool, result="ok") == 0
+    assert scrape.value(fams, "csi_thin_pool_reclaimed_bytes_total", pool=pool) == 0
     labels = [s.labels for f in fams.values() for s in f.samples]
     assert not any(vol.volume_id in label.values() for label in labels), "no volume names as labels"
 

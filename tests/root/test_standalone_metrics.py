@@ -4,10 +4,13 @@ parses it, a kubelet-like client registers over the real registration socket, an
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -127,3 +130,41 @@ def test_metrics_healthz_and_registration_of_a_running_driver(
         assert proc.wait(timeout=60) == 0
     assert not reg_sock.exists(), "registration socket removed at shutdown (kubelet deregisters)"
     assert not sock.exists()
+
+
+def test_the_running_driver_trims_on_its_schedule(work: pathlib.Path) -> None:
+    """The trim schedule is wired into the real process: a plan left overdue by an earlier process
+    (the node was down when it was due) runs after its share of the jitter (0 here), the run shows
+    in /metrics and `pool status`, and SIGTERM stops the schedule with the driver."""
+    config = demo.pool_config(work, "reflink")
+    config.write_text(config.read_text() + "trim: {interval: 1h, jitter: 0s}\n")
+    (work / "state").mkdir(mode=0o700)
+    (work / "state" / "trim.json").write_text(json.dumps({"v": 1, "next_at": time.time() - 60}))
+    sock = work / "csi.sock"
+    with demo.driver(config, sock, extra_args=["--http-endpoint", "127.0.0.1:0"]) as proc:
+        address = _http_address(work / "driver.log", proc)
+        log = work / "driver.log"
+        end = time.monotonic() + 60
+        # the run, then the next plan (recorded before its log line): the order `step` keeps
+        while log.read_text(errors="replace").count("event=trim-planned") < 2:
+            assert time.monotonic() < end, f"no scheduled trim and next plan:\n{log.read_text()[-3000:]}"
+            assert proc.poll() is None, f"driver exited:\n{log.read_text()[-3000:]}"
+            time.sleep(0.1)
+        assert "event=trimmed" in log.read_text(errors="replace")
+        fams = scrape.metrics(address)
+        assert scrape.value(fams, "csi_thin_pool_trim_runs_total", pool="demo", result="ok") == 1
+        assert scrape.value(fams, "csi_thin_pool_trim_runs_total", pool="demo", result="failed") == 0
+        assert scrape.value(fams, "csi_thin_pool_trim_last_run_timestamp_seconds", pool="demo") > 0
+        status = subprocess.run(
+            [sys.executable, "-m", "csi_thin.cli", "pool", "status", "--json", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        trim = json.loads(status.stdout)["trim"]
+        assert trim["runs"] == 1 and trim["interval_seconds"] == 3600
+        # the next run is planned an interval after this one
+        assert trim["next_at"] == pytest.approx(trim["last_finished_at"] + 3600, abs=5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

@@ -221,3 +221,22 @@ def test_pool_status_says_what_a_full_or_degraded_pool_still_does(
     code, out, _ = run(capsys, "pool", "status", "--config", cfg_file, "--json")
     doc = json.loads(out)
     assert doc["condition"] in ("out_of_data_space", "read_only") and says in doc["hint"]
+
+
+def test_pool_trim_and_status_over_a_pool_with_nothing_staged(
+    cfg_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pool trim` runs next to nothing staged (zero filesystems, a run all the same), `pool status`
+    shows it, and `pool destroy` leaves no trim file behind (the state dir goes with the pool)."""
+    assert run(capsys, "pool", "create", "--config", cfg_file)[0] == 0
+    code, out, err = run(capsys, "pool", "trim", "--json", "--config", cfg_file)
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["filesystems"], result["failures"]) == (0, [])
+    code, out, _ = run(capsys, "pool", "status", "--config", cfg_file)
+    trim_line = next(line for line in out.splitlines() if line.startswith("trim"))
+    assert "every 24h (+ up to 60m), next not planned" in trim_line
+    assert "0 filesystem(s), 0B reclaimed; 0B reclaimed in 1 run(s), 0 failed" in trim_line
+    cfg = config.load_pool(cfg_file)
+    assert run(capsys, "pool", "destroy", "--yes", "--config", cfg_file)[0] == 0
+    assert not os.path.exists(cfg.state_dir)
