@@ -6,9 +6,11 @@ PY := $(CURDIR)/.venv/bin/python
 STAMPS := .stamps
 HOST_PKGS := e2fsprogs xfsprogs btrfs-progs util-linux thin-provisioning-tools dmsetup kmod \
   mmdebstrap buildah containerd
+# the e2e cluster: container runtime, loopback-only CNI, iptables for kubelet, busybox for test pods
+E2E_PKGS := runc containernetworking-plugins iptables busybox-static
 LINT_DIRS := csi_thin tests $(wildcard bench)
 # Host tiers, one pytest run each (a folder of tests/ each); the vm tier runs in the VM.
-HOST_TIERS := unit integration root kube
+HOST_TIERS := unit integration root kube e2e
 # Each tier's pytest gets its own base temp dir, keyed by this checkout: pytest prunes older numbered
 # dirs of the shared /tmp/pytest-of-<user>, and would pull pools and mounts out from under a run of
 # another checkout on the same host (short, for unix socket paths).
@@ -23,7 +25,7 @@ setup: deps venv proto tools vm-setup
 
 deps: $(STAMPS)/deps
 $(STAMPS)/deps: Makefile scripts/apt-install.sh
-	scripts/apt-install.sh $(HOST_PKGS)
+	scripts/apt-install.sh $(HOST_PKGS) $(E2E_PKGS)
 	@mkdir -p $(STAMPS) && touch $@
 
 venv: $(STAMPS)/venv

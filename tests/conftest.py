@@ -12,7 +12,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 
-_TIER_MARKERS = {"integration": "integration", "root": "root", "vm": "vm", "kube": "kube"}
+_TIER_MARKERS = {"integration": "integration", "root": "root", "vm": "vm", "kube": "kube", "e2e": "e2e"}
 _REPORT: list[str] = []
 
 
@@ -41,7 +41,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     names = {m.name for m in item.iter_markers()}
     if "vm" in names and not os.path.exists("/dev/mapper/control"):
         pytest.fail("vm test outside the VM: no /dev/mapper/control (run `make vm-test`)", pytrace=False)
-    if ("root" in names or "vm" in names or "kube" in names) and os.geteuid() != 0:
+    if ("root" in names or "vm" in names or "kube" in names or "e2e" in names) and os.geteuid() != 0:
         pytest.fail("this test needs root (real loop devices, mkfs, mount)", pytrace=False)
 
 

@@ -18,7 +18,8 @@ modver() { (cd "$HERE/$1" && go list -m -f '{{.Version}}' "$2"); }
 # name module-dir main-package binary ldflags-fn
 build() {
   local name=$1 dir=$2 pkg=$3 ldflags=$4
-  local key; key=$(cat "$HERE/$dir/go.mod" "$HERE/$dir/go.sum" | sha256sum | cut -c1-16)
+  # a module of our own (pause) has no go.sum but sources: they are part of its key
+  local key; key=$(cd "$HERE/$dir" && cat go.mod $(ls go.sum ./*.go 2>/dev/null) | sha256sum | cut -c1-16)
   if [ -x "$BIN/$name" ] && [ "$(cat "$BIN/.$name.stamp" 2>/dev/null)" = "$key" ]; then
     echo "tools: $name up to date"; return
   fi
@@ -58,7 +59,8 @@ crds() {
   echo "tools: $name CRDs from $module $(modver "$dir" "$module")"
 }
 
-want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds}
+# the e2e cluster adds kubelet, kube-controller-manager, kube-scheduler, kubectl, the CSI sidecars and pause
+want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -69,11 +71,25 @@ for tool in $want; do
     helm)
       v=$(modver helm helm.sh/helm/v3)
       build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$v";;
-    kube-apiserver)
+    kube-apiserver|kubelet|kube-controller-manager|kube-scheduler|kubectl)
+      # all from one pinned k8s.io/kubernetes, so the e2e cluster's parts are one release
       v=$(modver kube k8s.io/kubernetes); mm=${v#v}; major=${mm%%.*}; rest=${mm#*.}; minor=${rest%%.*}
       P=k8s.io/component-base/version
-      build kube-apiserver kube k8s.io/kubernetes/cmd/kube-apiserver \
+      build "$tool" kube "k8s.io/kubernetes/cmd/$tool" \
         "-X $P.gitVersion=$v -X $P.gitMajor=$major -X $P.gitMinor=$minor -X $P.gitTreeState=clean -X $P.buildDate=1970-01-01T00:00:00Z";;
+    # the CSI sidecars of the e2e cluster (images under their upstream names); upstream stamps
+    # main.version, else --version prints "unknown"
+    csi-provisioner)
+      v=$(modver provisioner github.com/kubernetes-csi/external-provisioner/v6)
+      build csi-provisioner provisioner github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner "-X main.version=$v";;
+    csi-snapshotter|snapshot-controller)
+      v=$(modver snapshotter github.com/kubernetes-csi/external-snapshotter/v8)
+      build "$tool" snapshotter "github.com/kubernetes-csi/external-snapshotter/v8/cmd/$tool" "-X main.version=$v";;
+    csi-resizer)
+      v=$(modver resizer github.com/kubernetes-csi/external-resizer/v2)
+      build csi-resizer resizer github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer "-X main.version=$v";;
+    pause)
+      build pause pause csi-thin.io/tools/pause "-s -w";;
     promtool)
       # Prometheus' Go module is versioned v0.3XX.Y for release 3.XX.Y: print the release, and the
       # module version as the revision

@@ -91,9 +91,10 @@ def test_a_node_cannot_modify_another_nodes_volume(env: kubeenv.KubeEnv) -> None
 
 def test_controller_writes_specs_but_no_status(env: kubeenv.KubeEnv) -> None:
     admin = _as(env)
-    controller = _as(env, CONTROLLER_SA)
     tag = uuid.uuid4().hex[:8]
     name, node = f"v-ctl-{tag}", f"ctl-{tag}"
+    # in a pod, the controller's token is node-bound too (to the node it runs on, not the volume's)
+    controller = _as(env, CONTROLLER_SA, node=f"elsewhere-{tag}")
     controller.create_cluster_custom_object(G, V, "thinvolumes", _volume(name, node))
     controller.patch_cluster_custom_object(G, V, "thinvolumes", name, {"spec": {"sizeBytes": 1 << 27}})
     _denied(
