@@ -91,6 +91,8 @@ def containerd() -> Iterator[list[str]]:
             time.sleep(0.1)  # process start-up: nothing to watch until its socket answers
         yield ctr
     finally:
+        if proc.poll() is None:
+            _remove_containers(ctr)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
@@ -98,6 +100,8 @@ def containerd() -> Iterator[list[str]]:
             proc.kill()
             proc.wait()
         log.close()
+        # a shim whose containerd could not remove its task (containerd died or hung): by force
+        _kill_shims(str(sock))
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             ours = [line.split()[4] for line in f if line.split()[4].startswith(str(tmp))]
         for mountpoint in sorted(ours, reverse=True):
@@ -110,6 +114,38 @@ def containerd() -> Iterator[list[str]]:
                 with contextlib.suppress(FileNotFoundError, OSError):
                     os.rmdir(d)
         assert not ours, f"containerd left mounts behind: {ours}"
+
+
+def _remove_containers(ctr: list[str]) -> None:
+    """Kill and delete every container in our namespace. Needed on a failure path (a `ctr run`
+    timed out, its `--rm` never ran): a shim and its container outlive their containerd by design,
+    and the task's rootfs stays mounted."""
+    listed = subprocess.run(
+        [*ctr, "containers", "ls", "-q"], capture_output=True, text=True, timeout=30, check=False
+    )
+    for cid in listed.stdout.split():
+        # --force: SIGKILL the task and wait for it, then delete it (its shim exits, its rootfs goes)
+        subprocess.run(
+            [*ctr, "tasks", "delete", "--force", cid], capture_output=True, timeout=60, check=False
+        )
+        subprocess.run([*ctr, "containers", "delete", cid], capture_output=True, timeout=60, check=False)
+
+
+def _kill_shims(address: str) -> None:
+    """SIGKILL the shims serving `address` (only ours: the address is in a temp dir of ours) and
+    their children (the containers' init processes, which would outlive their shim)."""
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if not argv[0].endswith(b"containerd-shim-runc-v2") or address.encode() not in argv:
+            continue
+        with contextlib.suppress(OSError):
+            for task in (proc / "task").iterdir():
+                for child in (task / "children").read_text().split():
+                    os.kill(int(child), signal.SIGKILL)
+            os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _run(ctr: list[str], tmp: pathlib.Path, *command: str) -> subprocess.CompletedProcess[str]:
@@ -144,3 +180,48 @@ def test_containerd_imports_and_runs_the_image(archive: pathlib.Path, tmp_path: 
         )
         assert [os.path.basename(p) for p in found.stdout.split()] == list(NODE_BINARIES), found.stdout
         subprocess.run([*ctr, "images", "rm", NAME], capture_output=True, check=True)
+
+
+def _processes_naming(text: str) -> list[str]:
+    """The processes whose command line holds `text` (pid: command line)."""
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_a_hung_container_goes_with_the_private_containerd(
+    archive: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """The failure path: a `ctr run` that never ends (a broken image's entrypoint hanging) times out.
+    Leaving containerd() still ends the container and its shim (a shim outlives its containerd by
+    design), so nothing of the test's keeps running on the machine."""
+    marker = f"csi-thin-hung-{uuid.uuid4().hex[:8]}"
+    with containerd() as ctr:
+        sock = ctr[ctr.index("--address") + 1]
+        imported = subprocess.run(
+            [*ctr, "images", "import", str(archive)], capture_output=True, timeout=300, check=False
+        )
+        assert imported.returncode == 0, imported.stderr
+        argv = [
+            *ctr,
+            "run",
+            "--rm",
+            "--runc-root",
+            str(tmp_path / "runc"),
+            "--fifo-dir",
+            str(tmp_path / "fifo"),
+        ]
+        argv += [NAME, f"t-{uuid.uuid4().hex[:8]}", "sh", "-c", f"sleep 600; : {marker}"]
+        with pytest.raises(subprocess.TimeoutExpired):
+            subprocess.run(argv, check=False, capture_output=True, timeout=5)
+        assert _processes_naming(marker), "the container runs (else this test tests nothing)"
+    left = _processes_naming(marker) + _processes_naming(sock)
+    assert not left, f"left running: {left}"
