@@ -125,16 +125,25 @@ if [ -s "$OUT" ] && [ "$(cat "$OUT.key" 2>/dev/null)" = "$key" ]; then
 fi
 t0=$SECONDS
 mkdir -p "$(dirname "$OUT")"
-old=$("${BUILDAH[@]}" images -q --no-trunc "$NAME" 2>/dev/null || true)
+# The storage is shared by every checkout on this machine: the image is handled by the ID this
+# build wrote, never by a name another checkout's build may tag meanwhile (the archive would hold
+# that checkout's code). The name is given only inside the archive, where ctr finds it.
+rm -f "$OUT.iid"
 # chroot isolation: no user namespace or cgroup set-up needed; the RUN steps share the host's
 # network (apt reaches the same Debian sources the host uses)
 "${BUILDAH[@]}" build -q --pull=never --layers --isolation chroot -f "$ROOT/Containerfile" \
-  --label "org.opencontainers.image.version=$VERSION" -t "$NAME" "$CTX"
+  --label "org.opencontainers.image.version=$VERSION" --iidfile "$OUT.iid" "$CTX" >/dev/null
+id=$(cat "$OUT.iid"); id=${id#sha256:}; rm "$OUT.iid"
+[ -n "$id" ] || { echo "image: buildah wrote no image ID" >&2; exit 1; }
 rm -f "$OUT.tmp"
-"${BUILDAH[@]}" push -q "$NAME" "oci-archive:$OUT.tmp:$NAME"
+"${BUILDAH[@]}" push -q "$id" "oci-archive:$OUT.tmp:$NAME"
 mv "$OUT.tmp" "$OUT"
 echo "$key" > "$OUT.key"
-# the previous build of this name (older code): its wheel layer only; the cached apt layer stays
-new=$("${BUILDAH[@]}" images -q --no-trunc "$NAME")
-if [ -n "$old" ] && [ "$old" != "$new" ]; then "${BUILDAH[@]}" rmi "$old" >/dev/null; fi
+# this checkout's previous image (older code): its wheel layer only; the cached apt layer stays.
+# Failing to remove it costs disk, not correctness (another checkout may hold the same ID).
+old=$(cat "$OUT.id" 2>/dev/null || true)
+echo "$id" > "$OUT.id"
+if [ -n "$old" ] && [ "$old" != "$id" ]; then
+  "${BUILDAH[@]}" rmi "$old" >/dev/null 2>&1 || echo "image: previous image $old not removed" >&2
+fi
 echo "image: $NAME -> $OUT ($(du -h "$OUT" | cut -f1)) in $((SECONDS - t0))s"

@@ -225,3 +225,69 @@ def test_a_hung_container_goes_with_the_private_containerd(
         assert _processes_naming(marker), "the container runs (else this test tests nothing)"
     left = _processes_naming(marker) + _processes_naming(sock)
     assert not left, f"left running: {left}"
+
+
+#: stands in for buildah in the test below: the image name is shared by every checkout on the machine
+#: (one containers-storage under ~/.cache), and another checkout's build re-tags it right after ours
+FAKE_BUILDAH = r"""#!/bin/bash
+set -euo pipefail
+state=$FAKE_STATE
+while [[ $1 == --* ]]; do shift 2; done  # --root, --runroot, --storage-driver
+cmd=$1; shift
+case $cmd in
+  inspect) exit 1;;
+  from) echo working-container;;
+  add|config|commit|rm|rmi|tag) ;;
+  images) cat "$state/name" 2>/dev/null || true;;
+  build)
+    while [ $# -gt 0 ]; do
+      case $1 in --iidfile) echo "sha256:ours" > "$2"; shift 2;; *) shift;; esac
+    done
+    echo ours > "$state/name"
+    echo theirs > "$state/name";;  # the other checkout's build, under the same name
+  push)
+    [ "$1" = -q ] && shift
+    src=$1; dest=${2#oci-archive:}; dest=${dest%%:*}
+    case $src in *:*) cat "$state/name" > "$dest";; *) echo "$src" > "$dest";; esac;;
+  *) echo "fake buildah: $cmd?" >&2; exit 2;;
+esac
+"""
+
+
+def test_the_archive_holds_the_image_this_build_made_not_what_the_shared_name_points_to(
+    archive: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """scripts/image.sh with buildah faked (and mmdebstrap: the base is not the point): when another
+    checkout tags the shared image name between this build and its push, the archive still holds
+    the image this build made, not the other checkout's code under our archive's name."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "buildah").write_text(FAKE_BUILDAH)
+    (fake / "mmdebstrap").write_text(
+        '#!/bin/bash\n[ "$1" = --version ] && { echo "mmdebstrap fake"; exit 0; }\n'
+        'for a; do out=$last; last=$a; done; echo base > "$out"\n'  # the output is the next-to-last
+    )
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "sources.list").write_text("deb file:/nonexistent bookworm main\n")
+    out = tmp_path / "image.tar"
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "FAKE_STATE": str(state),
+        "CSI_THIN_CACHE": str(tmp_path / "cache"),
+        "CSI_THIN_APT_SOURCES": str(tmp_path / "sources.list"),
+        "IMAGE_ARCHIVE": str(out),
+    }
+    built = subprocess.run(
+        [str(conftest.ROOT / "scripts" / "image.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    assert out.read_text().strip() == "ours", "the archive holds another build's image"
