@@ -6,6 +6,7 @@ its Kubernetes-mode commands start, and the binaries the node plugin calls are t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -148,6 +149,29 @@ def _kill_shims(address: str) -> None:
             os.kill(int(proc.name), signal.SIGKILL)
 
 
+#: the sha256 of each file of the installed csi_thin package (run in the image), as JSON
+_SOURCES = """
+import csi_thin, hashlib, json, pathlib
+top = pathlib.Path(csi_thin.__file__).parent
+print(json.dumps({
+    str(p.relative_to(top.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+}))
+"""
+
+
+def _tree_sources() -> dict[str, str]:
+    """What the wheel is built from (scripts/image.sh keys its context on the same files)."""
+    top = conftest.ROOT / "csi_thin"
+    return {
+        str(p.relative_to(conftest.ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in top.rglob("*")
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and (p.suffix in (".py", ".pyi") or p.name == "py.typed")
+    }
+
+
 def _run(ctr: list[str], tmp: pathlib.Path, *command: str) -> subprocess.CompletedProcess[str]:
     """`ctr run` of the image (runc; no network: the container gets an empty network namespace)."""
     argv = [*ctr, "run", "--rm", "--runc-root", str(tmp / "runc"), "--fifo-dir", str(tmp / "fifo")]
@@ -175,6 +199,11 @@ def test_containerd_imports_and_runs_the_image(archive: pathlib.Path, tmp_path: 
         # the generated stubs are in the wheel, and the driver's imports all resolve
         stubs = _run(ctr, tmp_path, "python3", "-c", "import csi_thin.app, csi_thin.csi.pb.csi_pb2")
         assert stubs.returncode == 0, stubs.stderr
+        # the code is this tree's, file for file: not a stale archive, not a wheel missing a package
+        # (no __init__.py) or shipping a module the tree no longer has
+        shipped = _run(ctr, tmp_path, "python3", "-c", _SOURCES)
+        assert shipped.returncode == 0, shipped.stderr
+        assert json.loads(shipped.stdout) == _tree_sources(), "the image's csi_thin is not this tree's"
         found = _run(
             ctr, tmp_path, "sh", "-c", 'for b in "$@"; do command -v "$b"; done', "sh", *NODE_BINARIES
         )
