@@ -120,16 +120,18 @@ def containerd() -> Iterator[list[str]]:
 def _remove_containers(ctr: list[str]) -> None:
     """Kill and delete every container in our namespace. Needed on a failure path (a `ctr run`
     timed out, its `--rm` never ran): a shim and its container outlive their containerd by design,
-    and the task's rootfs stays mounted."""
-    listed = subprocess.run(
-        [*ctr, "containers", "ls", "-q"], capture_output=True, text=True, timeout=30, check=False
-    )
-    for cid in listed.stdout.split():
-        # --force: SIGKILL the task and wait for it, then delete it (its shim exits, its rootfs goes)
-        subprocess.run(
-            [*ctr, "tasks", "delete", "--force", cid], capture_output=True, timeout=60, check=False
+    and the task's rootfs stays mounted. A containerd that does not answer is not waited for (this
+    runs before it is stopped): its shims are killed afterwards (_kill_shims)."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        listed = subprocess.run(
+            [*ctr, "containers", "ls", "-q"], capture_output=True, text=True, timeout=30, check=False
         )
-        subprocess.run([*ctr, "containers", "delete", cid], capture_output=True, timeout=60, check=False)
+        for cid in listed.stdout.split():
+            # --force: SIGKILL the task and wait for it, then delete it (its shim exits, its rootfs goes)
+            subprocess.run(
+                [*ctr, "tasks", "delete", "--force", cid], capture_output=True, timeout=60, check=False
+            )
+            subprocess.run([*ctr, "containers", "delete", cid], capture_output=True, timeout=60, check=False)
 
 
 def _kill_shims(address: str) -> None:
