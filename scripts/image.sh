@@ -15,7 +15,9 @@
 #    (`buildah tag x foo` is localhost/foo). Looking up a short name, buildah tries localhost/ among
 #    its candidates, so with --pull=never `FROM debian:bookworm-slim` resolves to the local image and
 #    no registry is ever asked. (Committed under the bare short name it would be normalized to a
-#    registry's name instead, docker-style.)
+#    registry's name instead, docker-style.) The storage is shared by every checkout on the machine,
+#    whose scripts may make other bases under that same name: the build itself names its base by
+#    key (localhost/csi-thin-base:<key>, buildah build --from), which nobody re-tags.
 # 3. buildah build --pull=never --layers: the apt layer is reused while the base and the Containerfile
 #    are unchanged; only the wheel layer is redone when the code changes.
 # 4. The archive is rebuilt only when its inputs change (stamp: hash of the Containerfile, this
@@ -96,17 +98,16 @@ base() {
     mv "$tar.$$.tmp" "$tar"
     echo "image: base made in $((SECONDS - t0))s" >&2
   fi
-  if [ "$(cat "$CACHE/storage-base.key" 2>/dev/null)" != "$key" ] \
-    || ! "${BUILDAH[@]}" inspect --type image "localhost/$FROM" >/dev/null 2>&1; then
+  if ! "${BUILDAH[@]}" inspect --type image "localhost/csi-thin-base:$key" >/dev/null 2>&1; then
     local c; c=$("${BUILDAH[@]}" from --pull=never scratch)
     # a failed step must not leave its working container in the storage
     trap '"${BUILDAH[@]}" rm "$c" >/dev/null 2>&1' ERR
     "${BUILDAH[@]}" add "$c" "$tar" / >/dev/null
     "${BUILDAH[@]}" config --cmd '["bash"]' --label "io.csi-thin.base-key=$key" "$c"
-    "${BUILDAH[@]}" commit -q --rm "$c" "localhost/$FROM" >/dev/null
+    "${BUILDAH[@]}" commit -q --rm "$c" "localhost/csi-thin-base:$key" >/dev/null
     trap - ERR
-    echo "$key" > "$CACHE/storage-base.key"
-    echo "image: base committed as localhost/$FROM" >&2
+    "${BUILDAH[@]}" tag "localhost/csi-thin-base:$key" "localhost/$FROM"
+    echo "image: base committed as localhost/csi-thin-base:$key and localhost/$FROM" >&2
   fi
   echo "$key"
 }
@@ -132,7 +133,8 @@ rm -f "$OUT.iid"
 # chroot isolation: no user namespace or cgroup set-up needed; the RUN steps share the host's
 # network (apt reaches the same Debian sources the host uses)
 "${BUILDAH[@]}" build -q --pull=never --layers --isolation chroot -f "$ROOT/Containerfile" \
-  --label "org.opencontainers.image.version=$VERSION" --iidfile "$OUT.iid" "$CTX" >/dev/null
+  --from "localhost/csi-thin-base:$base_key" --label "org.opencontainers.image.version=$VERSION" \
+  --iidfile "$OUT.iid" "$CTX" >/dev/null
 id=$(cat "$OUT.iid"); id=${id#sha256:}; rm "$OUT.iid"
 [ -n "$id" ] || { echo "image: buildah wrote no image ID" >&2; exit 1; }
 rm -f "$OUT.tmp"

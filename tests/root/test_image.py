@@ -258,39 +258,54 @@ def test_a_hung_container_goes_with_the_private_containerd(
     assert not left, f"left running: {left}"
 
 
-#: stands in for buildah in the test below: the image name is shared by every checkout on the machine
-#: (one containers-storage under ~/.cache), and another checkout's build re-tags it right after ours
+#: stands in for buildah in the test below. Its storage is shared by every checkout on the machine
+#: (one containers-storage under ~/.cache), and checkouts of other code, with another base (another
+#: version of scripts/image.sh), tag the same names meanwhile: the base's name just before our build
+#: starts, the image's name just after it ends. A tag is a file under $FAKE_STATE/tags holding what
+#: it points to; an image ID says what it was built on.
 FAKE_BUILDAH = r"""#!/bin/bash
 set -euo pipefail
-state=$FAKE_STATE
+tags=$FAKE_STATE/tags; mkdir -p "$tags"
+t() { echo "$tags/${1//[\/:]/_}"; }
 while [[ $1 == --* ]]; do shift 2; done  # --root, --runroot, --storage-driver
 cmd=$1; shift
 case $cmd in
-  inspect) exit 1;;
   from) echo working-container;;
-  add|config|commit|rm|rmi|tag) ;;
-  images) cat "$state/name" 2>/dev/null || true;;
+  config)
+    for a; do case $a in io.csi-thin.base-key=*) echo "base-${a#*=}" > "$FAKE_STATE/working";; esac; done;;
+  commit) cp "$FAKE_STATE/working" "$(t "${@: -1}")";;
+  tag) cp "$(t "$1")" "$(t "$2")";;
+  inspect) [ -f "$(t "${@: -1}")" ];;
+  images) cat "$(t "${@: -1}")" 2>/dev/null || true;;
+  add|rm|rmi) ;;
   build)
+    echo base-theirs > "$(t localhost/debian:bookworm-slim)"
+    base=$(cat "$(t localhost/debian:bookworm-slim)"); iid=""; name=""
     while [ $# -gt 0 ]; do
-      case $1 in --iidfile) echo "sha256:ours" > "$2"; shift 2;; *) shift;; esac
+      case $1 in
+        --from) base=$(cat "$(t "$2")"); shift 2;;
+        --iidfile) iid=$2; shift 2;;
+        -t) name=$2; shift 2;;
+        *) shift;;
+      esac
     done
-    echo ours > "$state/name"
-    echo theirs > "$state/name";;  # the other checkout's build, under the same name
+    [ -z "$iid" ] || echo "sha256:ours-on-$base" > "$iid"
+    [ -z "$name" ] || echo theirs > "$(t "$name")";;
   push)
     [ "$1" = -q ] && shift
-    src=$1; dest=${2#oci-archive:}; dest=${dest%%:*}
-    case $src in *:*) cat "$state/name" > "$dest";; *) echo "$src" > "$dest";; esac;;
+    dest=${2#oci-archive:}; dest=${dest%%:*}
+    if [ -f "$(t "$1")" ]; then cat "$(t "$1")"; else echo "$1"; fi > "$dest";;
   *) echo "fake buildah: $cmd?" >&2; exit 2;;
 esac
 """
 
 
-def test_the_archive_holds_the_image_this_build_made_not_what_the_shared_name_points_to(
+def test_the_archive_holds_the_image_this_build_made_not_what_the_shared_names_point_to(
     archive: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    """scripts/image.sh with buildah faked (and mmdebstrap: the base is not the point): when another
-    checkout tags the shared image name between this build and its push, the archive still holds
-    the image this build made, not the other checkout's code under our archive's name."""
+    """scripts/image.sh with buildah and mmdebstrap faked: when other checkouts tag the shared names
+    meanwhile, the archive still holds the image this build made (not another checkout's code under
+    our archive's name), built on the base of this build's key (not another script's base)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "buildah").write_text(FAKE_BUILDAH)
@@ -321,4 +336,7 @@ def test_the_archive_holds_the_image_this_build_made_not_what_the_shared_name_po
         check=False,
     )
     assert built.returncode == 0, built.stderr
-    assert out.read_text().strip() == "ours", "the archive holds another build's image"
+    shipped = out.read_text().strip()
+    assert shipped.startswith("ours-on-"), f"the archive holds another build's image: {shipped}"
+    assert shipped != "ours-on-base-theirs", "built on another checkout's base"
+    assert shipped.startswith("ours-on-base-"), shipped
