@@ -103,6 +103,11 @@ def containerd() -> Iterator[list[str]]:
         log.close()
         # a shim whose containerd could not remove its task (containerd died or hung): by force
         _kill_shims(str(sock))
+        # runc removes a container's cgroup, not the namespace's one above it
+        for cgroup in _cgroups_of(ctr[-1]):
+            for path, _dirs, _files in os.walk(cgroup, topdown=False):
+                with contextlib.suppress(OSError):  # busy: the assertion below names it
+                    os.rmdir(path)
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             ours = [line.split()[4] for line in f if line.split()[4].startswith(str(tmp))]
         for mountpoint in sorted(ours, reverse=True):
@@ -115,6 +120,7 @@ def containerd() -> Iterator[list[str]]:
                 with contextlib.suppress(FileNotFoundError, OSError):
                     os.rmdir(d)
         assert not ours, f"containerd left mounts behind: {ours}"
+        assert not _cgroups_of(ctr[-1]), f"cgroups left behind: {_cgroups_of(ctr[-1])}"
 
 
 def _remove_containers(ctr: list[str]) -> None:
@@ -211,6 +217,15 @@ def test_containerd_imports_and_runs_the_image(archive: pathlib.Path, tmp_path: 
         )
         assert [os.path.basename(p) for p in found.stdout.split()] == list(NODE_BINARIES), found.stdout
         subprocess.run([*ctr, "images", "rm", NAME], capture_output=True, check=True)
+    # runc made /<namespace>/<container> in every cgroup hierarchy for the containers it ran
+    # (containerd() asserts this too: here it is the point)
+    assert not _cgroups_of(ctr[-1]), f"cgroups left behind: {_cgroups_of(ctr[-1])}"
+
+
+def _cgroups_of(namespace: str) -> list[pathlib.Path]:
+    """The cgroup directories of a containerd namespace (cgroup v2, or each v1 hierarchy)."""
+    top = pathlib.Path("/sys/fs/cgroup")
+    return [d for d in (top / namespace, *top.glob(f"*/{namespace}")) if d.is_dir()]
 
 
 def _processes_naming(text: str) -> list[str]:
