@@ -33,7 +33,7 @@ NAME = f"csi-thin:{VERSION}"
 #: what the driver runs (csi_thin/node, csi_thin/pool, csi_thin/dm) and what an operator reaches for
 NODE_BINARIES = (
     "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "e2fsck", "resize2fs", "dumpe2fs", "xfs_growfs", "xfs_repair",
-    "btrfs", "thin_check", "thin_ls", "losetup", "blkid", "mount", "umount", "modprobe",
+    "btrfs", "thin_check", "thin_ls", "thin_metadata_size", "losetup", "blkid", "mount", "umount", "modprobe",
 )  # fmt: skip
 
 
