@@ -38,7 +38,8 @@ if [ -z "$SOURCES" ]; then
   done
 fi
 VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("'"$ROOT"'/pyproject.toml", "rb"))["project"]["version"])')
-NAME=csi-thin:$VERSION
+# localhost/: the name a node's runtime finds as given (values.yaml says why)
+NAME=localhost/csi-thin:$VERSION
 FROM=$(sed -n 's/^FROM[[:space:]]\+\([^[:space:]]\+\).*/\1/p' "$ROOT/Containerfile" | head -1)
 SUITE=${FROM#*:}; SUITE=${SUITE%-slim}
 # What a slim image leaves out; kept in dpkg's config, so the Containerfile's apt-get follows it too.

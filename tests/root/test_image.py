@@ -22,14 +22,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from tests import conftest
 
 pytestmark = pytest.mark.image
 
 ARCHIVE = conftest.BIN / "csi-thin-image.tar"
+CHART = conftest.ROOT / "charts" / "csi-thin"
 VERSION = tomllib.loads((conftest.ROOT / "pyproject.toml").read_text())["project"]["version"]
-NAME = f"csi-thin:{VERSION}"
+#: the chart's default image: the name the archive must carry (test_chart.py checks it is one a
+#: node's runtime finds as given)
+NAME = f"{yaml.safe_load((CHART / 'values.yaml').read_text())['image']['repository']}:{VERSION}"
 #: what the driver runs (csi_thin/node, csi_thin/pool, csi_thin/dm) and what an operator reaches for
 NODE_BINARIES = (
     "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "e2fsck", "resize2fs", "dumpe2fs", "xfs_growfs", "xfs_repair",
