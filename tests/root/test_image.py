@@ -79,8 +79,9 @@ def containerd() -> Iterator[list[str]]:
     (tmp / "config.toml").write_text(
         "version = 2\n"
         f'root = "{tmp}/root"\nstate = "{tmp}/state"\n'
-        # no Kubernetes here: the CRI plugin would set up networking it does not need
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        # no Kubernetes here: the CRI plugin would set up networking it does not need; the opt
+        # plugin would make /opt/containerd/{bin,lib} on the host (for binaries nobody installs)
+        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"]\n'
         f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
     )
     log = (tmp / "containerd.log").open("wb")
@@ -193,6 +194,12 @@ def _run(ctr: list[str], tmp: pathlib.Path, *command: str) -> subprocess.Complet
 
 def test_containerd_imports_and_runs_the_image(archive: pathlib.Path, tmp_path: pathlib.Path) -> None:
     with containerd() as ctr:
+        # nothing of it outside its temp dir: the opt plugin, loaded, makes /opt/containerd/{bin,lib}
+        plugins = subprocess.run([*ctr, "plugins", "ls"], capture_output=True, text=True, check=True)
+        rows = [line.split() for line in plugins.stdout.splitlines()]
+        loaded = {(row[0], row[1]) for row in rows if row and row[-1] == "ok"}
+        assert ("io.containerd.snapshotter.v1", "overlayfs") in loaded, plugins.stdout  # (it can see)
+        assert ("io.containerd.internal.v1", "opt") not in loaded, plugins.stdout
         imported = subprocess.run(
             [*ctr, "images", "import", str(archive)], check=False, capture_output=True, text=True, timeout=300
         )
