@@ -56,7 +56,7 @@ image: deps venv proto
 	scripts/image.sh
 
 # Only the build context (bin/image/context: the wheels), for docker or podman:
-#   docker build -f Containerfile -t csi-thin:VERSION bin/image/context
+#   docker build -f Containerfile -t localhost/csi-thin:VERSION bin/image/context
 image-context: venv proto
 	scripts/image.sh context
 

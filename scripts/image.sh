@@ -15,7 +15,9 @@
 #    (`buildah tag x foo` is localhost/foo). Looking up a short name, buildah tries localhost/ among
 #    its candidates, so with --pull=never `FROM debian:bookworm-slim` resolves to the local image and
 #    no registry is ever asked. (Committed under the bare short name it would be normalized to a
-#    registry's name instead, docker-style.)
+#    registry's name instead, docker-style.) The storage is shared by every checkout on the machine,
+#    whose scripts may make other bases under that same name: the build itself names its base by
+#    key (localhost/csi-thin-base:<key>, buildah build --from), which nobody re-tags.
 # 3. buildah build --pull=never --layers: the apt layer is reused while the base and the Containerfile
 #    are unchanged; only the wheel layer is redone when the code changes.
 # 4. The archive is rebuilt only when its inputs change (stamp: hash of the Containerfile, this
@@ -36,7 +38,8 @@ if [ -z "$SOURCES" ]; then
   done
 fi
 VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("'"$ROOT"'/pyproject.toml", "rb"))["project"]["version"])')
-NAME=csi-thin:$VERSION
+# localhost/: the name a node's runtime finds as given (values.yaml says why)
+NAME=localhost/csi-thin:$VERSION
 FROM=$(sed -n 's/^FROM[[:space:]]\+\([^[:space:]]\+\).*/\1/p' "$ROOT/Containerfile" | head -1)
 SUITE=${FROM#*:}; SUITE=${SUITE%-slim}
 # What a slim image leaves out; kept in dpkg's config, so the Containerfile's apt-get follows it too.
@@ -96,17 +99,16 @@ base() {
     mv "$tar.$$.tmp" "$tar"
     echo "image: base made in $((SECONDS - t0))s" >&2
   fi
-  if [ "$(cat "$CACHE/storage-base.key" 2>/dev/null)" != "$key" ] \
-    || ! "${BUILDAH[@]}" inspect --type image "localhost/$FROM" >/dev/null 2>&1; then
+  if ! "${BUILDAH[@]}" inspect --type image "localhost/csi-thin-base:$key" >/dev/null 2>&1; then
     local c; c=$("${BUILDAH[@]}" from --pull=never scratch)
     # a failed step must not leave its working container in the storage
     trap '"${BUILDAH[@]}" rm "$c" >/dev/null 2>&1' ERR
     "${BUILDAH[@]}" add "$c" "$tar" / >/dev/null
     "${BUILDAH[@]}" config --cmd '["bash"]' --label "io.csi-thin.base-key=$key" "$c"
-    "${BUILDAH[@]}" commit -q --rm "$c" "localhost/$FROM" >/dev/null
+    "${BUILDAH[@]}" commit -q --rm "$c" "localhost/csi-thin-base:$key" >/dev/null
     trap - ERR
-    echo "$key" > "$CACHE/storage-base.key"
-    echo "image: base committed as localhost/$FROM" >&2
+    "${BUILDAH[@]}" tag "localhost/csi-thin-base:$key" "localhost/$FROM"
+    echo "image: base committed as localhost/csi-thin-base:$key and localhost/$FROM" >&2
   fi
   echo "$key"
 }
@@ -125,16 +127,26 @@ if [ -s "$OUT" ] && [ "$(cat "$OUT.key" 2>/dev/null)" = "$key" ]; then
 fi
 t0=$SECONDS
 mkdir -p "$(dirname "$OUT")"
-old=$("${BUILDAH[@]}" images -q --no-trunc "$NAME" 2>/dev/null || true)
+# The storage is shared by every checkout on this machine: the image is handled by the ID this
+# build wrote, never by a name another checkout's build may tag meanwhile (the archive would hold
+# that checkout's code). The name is given only inside the archive, where ctr finds it.
+rm -f "$OUT.iid"
 # chroot isolation: no user namespace or cgroup set-up needed; the RUN steps share the host's
 # network (apt reaches the same Debian sources the host uses)
 "${BUILDAH[@]}" build -q --pull=never --layers --isolation chroot -f "$ROOT/Containerfile" \
-  --label "org.opencontainers.image.version=$VERSION" -t "$NAME" "$CTX"
+  --from "localhost/csi-thin-base:$base_key" --label "org.opencontainers.image.version=$VERSION" \
+  --iidfile "$OUT.iid" "$CTX" >/dev/null
+id=$(cat "$OUT.iid"); id=${id#sha256:}; rm "$OUT.iid"
+[ -n "$id" ] || { echo "image: buildah wrote no image ID" >&2; exit 1; }
 rm -f "$OUT.tmp"
-"${BUILDAH[@]}" push -q "$NAME" "oci-archive:$OUT.tmp:$NAME"
+"${BUILDAH[@]}" push -q "$id" "oci-archive:$OUT.tmp:$NAME"
 mv "$OUT.tmp" "$OUT"
 echo "$key" > "$OUT.key"
-# the previous build of this name (older code): its wheel layer only; the cached apt layer stays
-new=$("${BUILDAH[@]}" images -q --no-trunc "$NAME")
-if [ -n "$old" ] && [ "$old" != "$new" ]; then "${BUILDAH[@]}" rmi "$old" >/dev/null; fi
+# this checkout's previous image (older code): its wheel layer only; the cached apt layer stays.
+# Failing to remove it costs disk, not correctness (another checkout may hold the same ID).
+old=$(cat "$OUT.id" 2>/dev/null || true)
+echo "$id" > "$OUT.id"
+if [ -n "$old" ] && [ "$old" != "$id" ]; then
+  "${BUILDAH[@]}" rmi "$old" >/dev/null 2>&1 || echo "image: previous image $old not removed" >&2
+fi
 echo "image: $NAME -> $OUT ($(du -h "$OUT" | cut -f1)) in $((SECONDS - t0))s"

@@ -169,7 +169,7 @@ def test_controller_pod(tmp_path: pathlib.Path) -> None:
     assert by_name["csi-thin"]["args"][:2] == ["controller", "--endpoint=unix:///csi/csi.sock"]
     assert (
         by_name["csi-thin"]["image"]
-        == f"csi-thin:{yaml.safe_load((hc.CHART / 'Chart.yaml').read_text())['appVersion']}"
+        == f"localhost/csi-thin:{yaml.safe_load((hc.CHART / 'Chart.yaml').read_text())['appVersion']}"
     )
     # the provisioner's flags, as issue 10 lists them
     assert {
@@ -195,8 +195,9 @@ def test_controller_pod(tmp_path: pathlib.Path) -> None:
         assert {"POD_NAME", "NAMESPACE"} <= env  # CSIStorageCapacity's owner, leader election
     images = {c["image"] for c in pod["containers"]}
     # the sidecar image names are the only registry host in the chart, and they are in values.yaml
+    # (the driver's is localhost/: no registry, see test_the_default_driver_image_is_found...)
     hosts = {i.split("/")[0] for i in images if "/" in i}
-    assert hosts == {"registry.k8s.io"}
+    assert hosts == {"registry.k8s.io", "localhost"}
     for path in hc.CHART.rglob("*"):
         if path.is_file() and path.name != "values.yaml":
             assert "registry.k8s.io" not in path.read_text(), path
@@ -237,6 +238,21 @@ def test_app_version_is_the_driver_version() -> None:
     chart = yaml.safe_load((hc.CHART / "Chart.yaml").read_text())
     project = tomllib.loads((conftest.ROOT / "pyproject.toml").read_text())["project"]
     assert chart["appVersion"] == project["version"]
+
+
+def test_the_default_driver_image_is_found_where_it_was_imported(tmp_path: pathlib.Path) -> None:
+    """A container runtime normalizes a pod's image name before it looks it up (containerd's CRI,
+    like docker, by distribution/reference): a first path component that is no host (no "." or
+    ":", not "localhost") makes it a public registry's library image. The archive of `make image`,
+    imported into a node's runtime, keeps its name as given, so an unqualified default
+    (csi-thin:<version>) is never found there and kubelet tries to pull it. `localhost/` is the
+    qualification that names no registry."""
+    docs = hc.render(tmp_path, {})
+    for kind, name in (("Deployment", "csi-thin-controller"), ("DaemonSet", "csi-thin-node")):
+        pod = hc.one(docs, kind, name)["spec"]["template"]["spec"]
+        image = next(c["image"] for c in pod["containers"] if c["name"] == "csi-thin")
+        first, _, rest = image.partition("/")
+        assert rest and (first == "localhost" or "." in first or ":" in first), image
 
 
 def test_controller_http_endpoint_is_optional(tmp_path: pathlib.Path) -> None:

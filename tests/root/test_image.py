@@ -6,6 +6,7 @@ its Kubernetes-mode commands start, and the binaries the node plugin calls are t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
@@ -21,18 +22,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from tests import conftest
 
 pytestmark = pytest.mark.image
 
 ARCHIVE = conftest.BIN / "csi-thin-image.tar"
+CHART = conftest.ROOT / "charts" / "csi-thin"
 VERSION = tomllib.loads((conftest.ROOT / "pyproject.toml").read_text())["project"]["version"]
-NAME = f"csi-thin:{VERSION}"
+#: the chart's default image: the name the archive must carry (test_chart.py checks it is one a
+#: node's runtime finds as given)
+NAME = f"{yaml.safe_load((CHART / 'values.yaml').read_text())['image']['repository']}:{VERSION}"
 #: what the driver runs (csi_thin/node, csi_thin/pool, csi_thin/dm) and what an operator reaches for
 NODE_BINARIES = (
     "mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "e2fsck", "resize2fs", "dumpe2fs", "xfs_growfs", "xfs_repair",
-    "btrfs", "thin_check", "thin_ls", "losetup", "blkid", "mount", "umount", "modprobe",
+    "btrfs", "thin_check", "thin_ls", "thin_metadata_size", "losetup", "blkid", "mount", "umount", "modprobe",
 )  # fmt: skip
 
 
@@ -74,8 +79,9 @@ def containerd() -> Iterator[list[str]]:
     (tmp / "config.toml").write_text(
         "version = 2\n"
         f'root = "{tmp}/root"\nstate = "{tmp}/state"\n'
-        # no Kubernetes here: the CRI plugin would set up networking it does not need
-        'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+        # no Kubernetes here: the CRI plugin would set up networking it does not need; the opt
+        # plugin would make /opt/containerd/{bin,lib} on the host (for binaries nobody installs)
+        'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"]\n'
         f'[grpc]\n  address = "{sock}"\n[ttrpc]\n  address = "{sock}.ttrpc"\n'
     )
     log = (tmp / "containerd.log").open("wb")
@@ -91,6 +97,8 @@ def containerd() -> Iterator[list[str]]:
             time.sleep(0.1)  # process start-up: nothing to watch until its socket answers
         yield ctr
     finally:
+        if proc.poll() is None:
+            _remove_containers(ctr)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
@@ -98,6 +106,13 @@ def containerd() -> Iterator[list[str]]:
             proc.kill()
             proc.wait()
         log.close()
+        # a shim whose containerd could not remove its task (containerd died or hung): by force
+        _kill_shims(str(sock))
+        # runc removes a container's cgroup, not the namespace's one above it
+        for cgroup in _cgroups_of(ctr[-1]):
+            for path, _dirs, _files in os.walk(cgroup, topdown=False):
+                with contextlib.suppress(OSError):  # busy: the assertion below names it
+                    os.rmdir(path)
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
             ours = [line.split()[4] for line in f if line.split()[4].startswith(str(tmp))]
         for mountpoint in sorted(ours, reverse=True):
@@ -110,6 +125,64 @@ def containerd() -> Iterator[list[str]]:
                 with contextlib.suppress(FileNotFoundError, OSError):
                     os.rmdir(d)
         assert not ours, f"containerd left mounts behind: {ours}"
+        assert not _cgroups_of(ctr[-1]), f"cgroups left behind: {_cgroups_of(ctr[-1])}"
+
+
+def _remove_containers(ctr: list[str]) -> None:
+    """Kill and delete every container in our namespace. Needed on a failure path (a `ctr run`
+    timed out, its `--rm` never ran): a shim and its container outlive their containerd by design,
+    and the task's rootfs stays mounted. A containerd that does not answer is not waited for (this
+    runs before it is stopped): its shims are killed afterwards (_kill_shims)."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        listed = subprocess.run(
+            [*ctr, "containers", "ls", "-q"], capture_output=True, text=True, timeout=30, check=False
+        )
+        for cid in listed.stdout.split():
+            # --force: SIGKILL the task and wait for it, then delete it (its shim exits, its rootfs goes)
+            subprocess.run(
+                [*ctr, "tasks", "delete", "--force", cid], capture_output=True, timeout=60, check=False
+            )
+            subprocess.run([*ctr, "containers", "delete", cid], capture_output=True, timeout=60, check=False)
+
+
+def _kill_shims(address: str) -> None:
+    """SIGKILL the shims serving `address` (only ours: the address is in a temp dir of ours) and
+    their children (the containers' init processes, which would outlive their shim)."""
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if not argv[0].endswith(b"containerd-shim-runc-v2") or address.encode() not in argv:
+            continue
+        with contextlib.suppress(OSError):
+            for task in (proc / "task").iterdir():
+                for child in (task / "children").read_text().split():
+                    os.kill(int(child), signal.SIGKILL)
+            os.kill(int(proc.name), signal.SIGKILL)
+
+
+#: the sha256 of each file of the installed csi_thin package (run in the image), as JSON
+_SOURCES = """
+import csi_thin, hashlib, json, pathlib
+top = pathlib.Path(csi_thin.__file__).parent
+print(json.dumps({
+    str(p.relative_to(top.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+}))
+"""
+
+
+def _tree_sources() -> dict[str, str]:
+    """What the wheel is built from (scripts/image.sh keys its context on the same files)."""
+    top = conftest.ROOT / "csi_thin"
+    return {
+        str(p.relative_to(conftest.ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in top.rglob("*")
+        if p.is_file()
+        and "__pycache__" not in p.parts
+        and (p.suffix in (".py", ".pyi") or p.name == "py.typed")
+    }
 
 
 def _run(ctr: list[str], tmp: pathlib.Path, *command: str) -> subprocess.CompletedProcess[str]:
@@ -121,6 +194,12 @@ def _run(ctr: list[str], tmp: pathlib.Path, *command: str) -> subprocess.Complet
 
 def test_containerd_imports_and_runs_the_image(archive: pathlib.Path, tmp_path: pathlib.Path) -> None:
     with containerd() as ctr:
+        # nothing of it outside its temp dir: the opt plugin, loaded, makes /opt/containerd/{bin,lib}
+        plugins = subprocess.run([*ctr, "plugins", "ls"], capture_output=True, text=True, check=True)
+        rows = [line.split() for line in plugins.stdout.splitlines()]
+        loaded = {(row[0], row[1]) for row in rows if row and row[-1] == "ok"}
+        assert ("io.containerd.snapshotter.v1", "overlayfs") in loaded, plugins.stdout  # (it can see)
+        assert ("io.containerd.internal.v1", "opt") not in loaded, plugins.stdout
         imported = subprocess.run(
             [*ctr, "images", "import", str(archive)], check=False, capture_output=True, text=True, timeout=300
         )
@@ -139,8 +218,151 @@ def test_containerd_imports_and_runs_the_image(archive: pathlib.Path, tmp_path: 
         # the generated stubs are in the wheel, and the driver's imports all resolve
         stubs = _run(ctr, tmp_path, "python3", "-c", "import csi_thin.app, csi_thin.csi.pb.csi_pb2")
         assert stubs.returncode == 0, stubs.stderr
+        # the code is this tree's, file for file: not a stale archive, not a wheel missing a package
+        # (no __init__.py) or shipping a module the tree no longer has
+        shipped = _run(ctr, tmp_path, "python3", "-c", _SOURCES)
+        assert shipped.returncode == 0, shipped.stderr
+        assert json.loads(shipped.stdout) == _tree_sources(), "the image's csi_thin is not this tree's"
         found = _run(
             ctr, tmp_path, "sh", "-c", 'for b in "$@"; do command -v "$b"; done', "sh", *NODE_BINARIES
         )
         assert [os.path.basename(p) for p in found.stdout.split()] == list(NODE_BINARIES), found.stdout
         subprocess.run([*ctr, "images", "rm", NAME], capture_output=True, check=True)
+    # runc made /<namespace>/<container> in every cgroup hierarchy for the containers it ran
+    # (containerd() asserts this too: here it is the point)
+    assert not _cgroups_of(ctr[-1]), f"cgroups left behind: {_cgroups_of(ctr[-1])}"
+
+
+def _cgroups_of(namespace: str) -> list[pathlib.Path]:
+    """The cgroup directories of a containerd namespace (cgroup v2, or each v1 hierarchy)."""
+    top = pathlib.Path("/sys/fs/cgroup")
+    return [d for d in (top / namespace, *top.glob(f"*/{namespace}")) if d.is_dir()]
+
+
+def _processes_naming(text: str) -> list[str]:
+    """The processes whose command line holds `text` (pid: command line)."""
+    found = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_a_hung_container_goes_with_the_private_containerd(
+    archive: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """The failure path: a `ctr run` that never ends (a broken image's entrypoint hanging) times out.
+    Leaving containerd() still ends the container and its shim (a shim outlives its containerd by
+    design), so nothing of the test's keeps running on the machine."""
+    marker = f"csi-thin-hung-{uuid.uuid4().hex[:8]}"
+    with containerd() as ctr:
+        sock = ctr[ctr.index("--address") + 1]
+        imported = subprocess.run(
+            [*ctr, "images", "import", str(archive)], capture_output=True, timeout=300, check=False
+        )
+        assert imported.returncode == 0, imported.stderr
+        argv = [
+            *ctr,
+            "run",
+            "--rm",
+            "--runc-root",
+            str(tmp_path / "runc"),
+            "--fifo-dir",
+            str(tmp_path / "fifo"),
+        ]
+        argv += [NAME, f"t-{uuid.uuid4().hex[:8]}", "sh", "-c", f"sleep 600; : {marker}"]
+        with pytest.raises(subprocess.TimeoutExpired):
+            subprocess.run(argv, check=False, capture_output=True, timeout=5)
+        assert _processes_naming(marker), "the container runs (else this test tests nothing)"
+    left = _processes_naming(marker) + _processes_naming(sock)
+    assert not left, f"left running: {left}"
+
+
+#: stands in for buildah in the test below. Its storage is shared by every checkout on the machine
+#: (one containers-storage under ~/.cache), and checkouts of other code, with another base (another
+#: version of scripts/image.sh), tag the same names meanwhile: the base's name just before our build
+#: starts, the image's name just after it ends. A tag is a file under $FAKE_STATE/tags holding what
+#: it points to; an image ID says what it was built on.
+FAKE_BUILDAH = r"""#!/bin/bash
+set -euo pipefail
+tags=$FAKE_STATE/tags; mkdir -p "$tags"
+t() { echo "$tags/${1//[\/:]/_}"; }
+while [[ $1 == --* ]]; do shift 2; done  # --root, --runroot, --storage-driver
+cmd=$1; shift
+case $cmd in
+  from) echo working-container;;
+  config)
+    for a; do case $a in io.csi-thin.base-key=*) echo "base-${a#*=}" > "$FAKE_STATE/working";; esac; done;;
+  commit) cp "$FAKE_STATE/working" "$(t "${@: -1}")";;
+  tag) cp "$(t "$1")" "$(t "$2")";;
+  inspect) [ -f "$(t "${@: -1}")" ];;
+  images) cat "$(t "${@: -1}")" 2>/dev/null || true;;
+  add|rm|rmi) ;;
+  build)
+    echo base-theirs > "$(t localhost/debian:bookworm-slim)"
+    base=$(cat "$(t localhost/debian:bookworm-slim)"); iid=""; name=""
+    while [ $# -gt 0 ]; do
+      case $1 in
+        --from) base=$(cat "$(t "$2")"); shift 2;;
+        --iidfile) iid=$2; shift 2;;
+        -t) name=$2; shift 2;;
+        *) shift;;
+      esac
+    done
+    [ -z "$iid" ] || echo "sha256:ours-on-$base" > "$iid"
+    [ -z "$name" ] || echo theirs > "$(t "$name")";;
+  push)
+    [ "$1" = -q ] && shift
+    dest=${2#oci-archive:}; dest=${dest%%:*}
+    if [ -f "$(t "$1")" ]; then cat "$(t "$1")"; else echo "$1"; fi > "$dest";;
+  *) echo "fake buildah: $cmd?" >&2; exit 2;;
+esac
+"""
+
+
+def test_the_archive_holds_the_image_this_build_made_not_what_the_shared_names_point_to(
+    archive: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """scripts/image.sh with buildah and mmdebstrap faked: when other checkouts tag the shared names
+    meanwhile, the archive still holds the image this build made (not another checkout's code under
+    our archive's name), built on the base of this build's key (not another script's base)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "buildah").write_text(FAKE_BUILDAH)
+    (fake / "mmdebstrap").write_text(
+        '#!/bin/bash\n[ "$1" = --version ] && { echo "mmdebstrap fake"; exit 0; }\n'
+        'for a; do out=$last; last=$a; done; echo base > "$out"\n'  # the output is the next-to-last
+    )
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    state = tmp_path / "state"
+    state.mkdir()
+    (tmp_path / "sources.list").write_text("deb file:/nonexistent bookworm main\n")
+    out = tmp_path / "image.tar"
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "FAKE_STATE": str(state),
+        "CSI_THIN_CACHE": str(tmp_path / "cache"),
+        "CSI_THIN_APT_SOURCES": str(tmp_path / "sources.list"),
+        "IMAGE_ARCHIVE": str(out),
+    }
+    built = subprocess.run(
+        [str(conftest.ROOT / "scripts" / "image.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    shipped = out.read_text().strip()
+    assert shipped.startswith("ours-on-"), f"the archive holds another build's image: {shipped}"
+    assert shipped != "ours-on-base-theirs", "built on another checkout's base"
+    assert shipped.startswith("ours-on-base-"), shipped
