@@ -56,7 +56,7 @@ NS = "e2e"
 RELEASE = "csi-thin"
 DRIVER_NS = "csi-thin"
 CHART = conftest.ROOT / "charts" / "csi-thin"
-#: `make image`'s output: csi-thin:<version>, an OCI archive
+#: `make image`'s output: an OCI archive of localhost/csi-thin:<version> (the chart's default)
 DRIVER_ARCHIVE = conftest.BIN / "csi-thin-image.tar"
 #: the sidecar images: (the chart's values key, the binary in bin/ that is that image)
 SIDECARS = (
@@ -79,19 +79,18 @@ class Driver:
 
 
 def _driver_image(c: cluster_mod.Cluster) -> tuple[str, str]:
-    """Import `make image`'s archive under localhost/csi-thin:<version> (images.renamed_oci_archive
-    says why); the chart's image.repository is set to match."""
+    """Import `make image`'s archive as built: its image must carry the chart's default name (a
+    cluster that imports it needs no image value set), and is returned as (repository, tag)."""
     if not DRIVER_ARCHIVE.exists():
         pytest.fail(f"{DRIVER_ARCHIVE} missing: run `make image`", pytrace=False)
     with tarfile.open(DRIVER_ARCHIVE) as tar:
         index = tar.extractfile("index.json")
         assert index is not None, f"{DRIVER_ARCHIVE}: not an OCI archive"
         (manifest,) = json.loads(index.read())["manifests"]
-    tag = manifest["annotations"]["org.opencontainers.image.ref.name"].rsplit(":", 1)[1]
-    repository = "localhost/csi-thin"
-    renamed = c.root / "images" / "csi-thin.tar"
-    c.import_image(images.renamed_oci_archive(DRIVER_ARCHIVE, renamed, ref=f"{repository}:{tag}"))
-    renamed.unlink()  # 200 MB the cluster's containerd now holds
+    repository, tag = manifest["annotations"]["org.opencontainers.image.ref.name"].rsplit(":", 1)
+    default = yaml.safe_load((CHART / "values.yaml").read_text())["image"]["repository"]
+    assert repository == default, f"make image names {repository}, the chart's default is {default}"
+    c.import_image(DRIVER_ARCHIVE)
     return repository, tag
 
 
@@ -112,7 +111,10 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
     c = cluster
     for _, binary in SIDECARS:
         conftest.tool(binary)
-    repository, tag = _driver_image(c)
+    # the chart installs with its default image: the one `make image` made, imported as built
+    _, tag = _driver_image(c)
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert tag == app_version, f"make image tags {tag}, the chart's default tag is {app_version}"
     _sidecar_images(c)
     state_dir = c.root / "csi-thin"
     # the node plugin mounts its pool there with Bidirectional propagation, which needs a shared
@@ -123,7 +125,6 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
         "hostNetwork": True,
         "apiServer": {"host": "127.0.0.1", "port": str(c.api_port)},
         "kubeletDir": str(c.kubelet_dir),
-        "image": {"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"},
         # host networking: the HTTP ports are the host's, so free ones
         "sidecars": {
             "provisioner": {"httpPort": cluster_mod.free_port(), "capacityPollInterval": "2s"},

@@ -102,24 +102,3 @@ def busybox_image(out: pathlib.Path, *, ref: str, busybox: pathlib.Path) -> path
     entries = [*_base_dirs(), Entry("bin"), Entry("bin/busybox", source=busybox)]
     entries += [Entry(f"bin/{applet}", link="busybox", mode=0o777) for applet in BUSYBOX_APPLETS]
     return write_archive(out, ref=ref, entries=entries, entrypoint=["/bin/sh"])
-
-
-def renamed_oci_archive(src: pathlib.Path, out: pathlib.Path, *, ref: str) -> pathlib.Path:
-    """A copy of an OCI archive whose (single) image is named `ref`. `make image` names its image
-    without a host (csi-thin:<version>); containerd would keep that name as given, but kubelet's
-    image lookup expands it to a registry's and then finds no such image: the cluster must only
-    ever see the name a pod uses."""
-    with tarfile.open(src) as tin, tarfile.open(out, "w") as tout:
-        for member in tin:
-            data = tin.extractfile(member) if member.isfile() else None
-            if member.name in ("index.json", "./index.json"):
-                assert data is not None
-                index = json.loads(data.read())
-                (manifest,) = index["manifests"]
-                manifest.setdefault("annotations", {})["org.opencontainers.image.ref.name"] = ref
-                body = json.dumps(index).encode()
-                member.size = len(body)
-                tout.addfile(member, io.BytesIO(body))
-            else:
-                tout.addfile(member, data)
-    return out
