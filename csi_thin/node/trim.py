@@ -8,7 +8,8 @@ data device when `discard_passdown` is on), a loop device punches holes in its s
 
 Which filesystems: this pool's active volumes (engine records) whose device is mounted read-write
 (/proc/self/mountinfo), one mount point each (a publish is a bind of the staged mount: the same
-filesystem). Block volumes are the workload's to trim; read-only mounts have nothing deleted.
+filesystem). Block volumes are the workload's to trim; read-only mounts have nothing deleted; a
+filesystem gone read-only after an error (only its superblock says so) is fsck's, not fstrim's.
 
 Never two at once on one pool: a run holds an flock on `<state_dir>/trim.lock` (across processes,
 so `csi-thin pool trim` and the node's schedule exclude each other; flocks on two opens exclude each
@@ -139,7 +140,9 @@ def staged_filesystems(devices: list[model.Device], mounts: list[mountinfo.Mount
     mountinfo: the staging mount, publishes are binds of it)."""
     by_dev: dict[int, str] = {}
     for m in mounts:
-        if not m.read_only:
+        # a filesystem that went read-only by itself reported an error: its free-space bitmaps are
+        # fsck's to judge, and fstrim would still discard by them (ext4 does)
+        if m.writable:
             by_dev.setdefault(m.dev, m.mount_point)
     found: list[Staged] = []
     for d in devices:
@@ -161,7 +164,7 @@ def _still_mounted(fs: Staged) -> bool:
     except FileNotFoundError:
         return False
     m = mountinfo.at(fs.mount_point)
-    return m is not None and m.dev == rdev and not m.read_only
+    return m is not None and m.dev == rdev and m.writable
 
 
 def _staged(engine: Engine) -> list[Staged]:

@@ -327,6 +327,29 @@ def test_staged_filesystems_one_read_write_mount_per_active_volume() -> None:
     assert trim.staged_filesystems([dev], [_mount("1:3", "/ro", "ro")]) == []
 
 
+@pytest.mark.parametrize("super_options", ["ro,errors=remount-ro", "rw,errors=remount-ro,emergency_ro"])
+def test_a_filesystem_that_went_read_only_by_itself_is_not_trimmed(super_options: str) -> None:
+    """ext4 with errors=remount-ro that hit an error keeps its mount "rw" and marks only its
+    superblock read-only (6.18: `emergency_ro`); fstrim still discards there (seen: 181.9 MiB
+    trimmed after /sys/fs/ext4/<dev>/trigger_fs_error), guided by the block bitmaps of a filesystem
+    that has just reported itself corrupt. Its blocks are fsck's to judge, not discard's."""
+    dev = model.Device(
+        name="v1",
+        dev_id=1,
+        kind=model.DeviceKind.VOLUME,
+        state=model.DeviceState.READY,
+        size_bytes=MiB,
+        origin=None,
+        created_at=0.0,
+        active=True,
+        path="/dev/null",
+    )
+    broken = mountinfo.parse_line(
+        f"36 25 1:3 / /staging/v1 rw,relatime shared:1 - ext4 /dev/x {super_options}"
+    )
+    assert trim.staged_filesystems([dev], [broken]) == []
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
