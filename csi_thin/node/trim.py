@@ -276,11 +276,31 @@ class Trimmer:
             failures=tuple(failures),
         )
 
+    def _totals(self) -> model.TrimStats:
+        """The totals to add to (the caller holds the trim lock). A record this version cannot read
+        (a newer driver's, a damaged one) starts again from zero, logged: the count is lost, not the
+        trims (raising here stopped the schedule for good)."""
+        try:
+            return read_stats(self._state_dir)
+        except errors.CsiThinError as exc:
+            log.warning("event=trim-totals-restart pool=%s error=%s", self._pool, exc)
+            return model.TrimStats()
+
+    def _save(self, stats: model.TrimStats) -> None:
+        """Write the totals (the caller holds the trim lock). A state dir that cannot take them (full:
+        on reflink it may be the pool's own filesystem, which this very trim relieves) costs the
+        count, not the run; the scheduler remembers its own last run meanwhile."""
+        try:
+            _write_stats(self._state_dir, stats)
+        except OSError as exc:
+            log.warning(
+                "event=trim-totals-unwritten pool=%s error=%s", self._pool, os.strerror(exc.errno or 0)
+            )
+
     def _record(self, result: Result, *, scheduled: bool) -> None:
         """Add a run to the totals (the caller holds the trim lock)."""
-        old = read_stats(self._state_dir)
-        _write_stats(
-            self._state_dir,
+        old = self._totals()
+        self._save(
             dataclasses.replace(
                 old,
                 runs=old.runs + 1,
@@ -301,7 +321,7 @@ class Trimmer:
         """Record when the next scheduled run is due (for `pool status`); skipped while a run holds
         the lock: that run's totals must not be overwritten, and the plan is made again after it."""
         with contextlib.suppress(errors.OperationPending), _exclusive(self._state_dir, self._pool):
-            _write_stats(self._state_dir, dataclasses.replace(read_stats(self._state_dir), next_at=at))
+            self._save(dataclasses.replace(self._totals(), next_at=at))
 
 
 # ---- the schedule ----------------------------------------------------------------------------------
@@ -350,6 +370,8 @@ class Scheduler:
         self._uniform = uniform
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        #: when this scheduler's last run ended: the totals may not have recorded it (see Trimmer._save)
+        self._ran_at: float | None = None
 
     def next_at(self, stats: model.TrimStats) -> float:
         """When the next run starts. A plan an earlier process recorded stands (a restart does not
@@ -366,16 +388,21 @@ class Scheduler:
         """Plan the next run, wait for it, run it. None when stopped first, or when the run found a
         trim of this pool already running (`csi-thin pool trim`): its result is the one that counts."""
         try:
-            due = self.next_at(self._trimmer.stats())
+            stats = self._trimmer.stats()
         except errors.CsiThinError as exc:  # unreadable totals: plan as if no run had been made
             log.warning("event=trim-stats-unreadable error=%s", exc)
-            due = self.next_at(model.TrimStats())
+            stats = model.TrimStats()
+        if self._ran_at is not None and (stats.last_finished_at or 0.0) < self._ran_at:
+            # the totals missed this scheduler's own last run (not written): its plan is stale and
+            # overdue, and would start the run again at once
+            stats = dataclasses.replace(stats, last_finished_at=self._ran_at, next_at=None)
+        due = self.next_at(stats)
         self._trimmer.plan(due)
         log.info("event=trim-planned at=%.0f in_seconds=%.0f", due, due - self._clock.now())
         if self._clock.wait(due - self._clock.now()):
             return None
         try:
-            return self._trimmer.run(
+            result = self._trimmer.run(
                 deadline=deadline_mod.Deadline.after(RUN_SECONDS),
                 stopping=self._stopping.is_set,
                 scheduled=True,
@@ -385,7 +412,10 @@ class Scheduler:
             return None
         except errors.CsiThinError as exc:  # counted as a failed run; the next comes at the usual time
             log.warning("event=trim-run-failed error=%s", exc)
+            self._ran_at = self._clock.now()
             return None
+        self._ran_at = result.finished_at
+        return result
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="trim", daemon=True)

@@ -428,3 +428,43 @@ def test_a_volume_being_staged_or_unstaged_is_left_to_the_next_run(
     assert inside == ["/staging/a"]
     with claims.claim("a"):
         pass  # let go after the trim
+
+
+def test_unreadable_totals_do_not_stop_the_schedule(
+    tmp_path: pathlib.Path, engine: fake_engine.FakeEngine
+) -> None:
+    """A trim.json this version cannot read (a newer driver's, a damaged one) is reported by `pool
+    status`, but the pool's space matters more than the count: the run still comes at its time,
+    and the totals start again from this run."""
+    clock = FakeClock()
+    fs = FakeFs(engine)
+    trimmer = _trimmer(tmp_path, engine, fs, ["a"], clock)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / trim.STATS_FILE).write_text('{"v": 99}')
+    sched = trim.Scheduler(trimmer, CFG, clock=clock, uniform=lambda lo, hi: lo)
+    result = sched.step()
+    assert result is not None and fs.calls == ["/staging/a"]
+    stats = trimmer.stats()
+    assert stats.runs == 1 and stats.reclaimed_bytes == 50 * MiB
+
+
+def test_totals_that_cannot_be_written_neither_stop_the_schedule_nor_repeat_the_run(
+    tmp_path: pathlib.Path, engine: fake_engine.FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state dir's filesystem is full (on reflink it may be the pool's own, which a trim would
+    relieve): the run still trims, its result is returned, and the next run comes an interval
+    later, not at once: what the schedule did is kept in memory when it cannot be written."""
+
+    def full(state_dir: str, stats: model.TrimStats) -> None:
+        raise OSError(28, "No space left on device")
+
+    clock = FakeClock()
+    fs = FakeFs(engine)
+    trimmer = _trimmer(tmp_path, engine, fs, ["a"], clock)
+    monkeypatch.setattr(trim, "_write_stats", full)
+    sched = trim.Scheduler(trimmer, CFG, clock=clock, uniform=lambda lo, hi: lo)
+    first = sched.step()
+    assert first is not None and fs.calls == ["/staging/a"]
+    second = sched.step()
+    assert second is not None and second.started_at == first.finished_at + 24 * H
+    assert clock.waits[-1] == 24 * H
