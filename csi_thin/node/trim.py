@@ -103,7 +103,11 @@ def _write_stats(state_dir: str, stats: model.TrimStats) -> None:
     body: dict[str, Any] = {"v": _STATS_VERSION, **dataclasses.asdict(stats)}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, json.dumps(body, sort_keys=True).encode())
+        # a regular file's write(2) may write part and return its count (nearly full): the rest is
+        # written too, and fails with ENOSPC, rather than a torn record renamed into place
+        rest = memoryview(json.dumps(body, sort_keys=True).encode())
+        while rest:
+            rest = rest[os.write(fd, rest) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -4,6 +4,7 @@ jitter bounds, the next run, never two at once, a failure logged and counted in 
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import random
 import threading
@@ -468,3 +469,27 @@ def test_totals_that_cannot_be_written_neither_stop_the_schedule_nor_repeat_the_
     second = sched.step()
     assert second is not None and second.started_at == first.finished_at + 24 * H
     assert clock.waits[-1] == 24 * H
+
+
+def test_a_short_write_of_the_totals_leaves_the_old_record(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a nearly full filesystem write(2) writes part of the body and returns its count, without
+    an error: the rest must be written (and fail with ENOSPC), never renamed into place torn."""
+    state = str(tmp_path)
+    trim._write_stats(state, model.TrimStats(runs=3))
+    real_write = os.write
+    calls = 0
+
+    def nearly_full(fd: int, data: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, bytes(data)[: len(data) // 2])
+
+    monkeypatch.setattr(os, "write", nearly_full)
+    with pytest.raises(OSError):
+        trim._write_stats(state, model.TrimStats(runs=4))
+    monkeypatch.undo()
+    assert trim.read_stats(state).runs == 3
