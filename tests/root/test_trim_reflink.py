@@ -5,11 +5,13 @@ file, and the pool filesystem's used space falls by what the deleted file held."
 from __future__ import annotations
 
 import pathlib
+import subprocess
 
 import pytest
 import yaml
 
-from csi_thin import deadline
+from csi_thin import deadline, errors
+from csi_thin.node import filesystem
 from csi_thin.pool import reflink
 from tests import csi_harness as h
 from tests import node_scenarios
@@ -29,3 +31,29 @@ def test_trim_gives_deleted_space_back(tmp_path: pathlib.Path, fs_type: str) -> 
     finally:
         base._cleanup_mounts(tmp_path, keep=str(tmp_path / "pool"))
         reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
+
+
+def test_an_unmounted_staging_path_is_not_trimmed(tmp_path: pathlib.Path) -> None:
+    """`csi-thin pool trim` runs in a process of its own, without the driver's per-volume claim: an
+    unstage may unmount the staging path between the trim's look at mountinfo and its fstrim.
+    fstrim by path then trims whatever filesystem holds the emptied directory (here the host's
+    root filesystem, under /tmp). The trim pins the directory, checks it is the device's
+    filesystem, and trims through that handle; a path that no longer holds it is left to the next
+    run, like a volume being unstaged."""
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    try:
+        subprocess.run(["mount", loop, str(staging)], check=True)
+        subprocess.run(["umount", str(staging)], check=True)  # the unstage, just after the look
+        with pytest.raises(errors.OperationPending, match="no longer holds"):
+            filesystem.trim(str(staging), loop, deadline=deadline.default())
+    finally:
+        subprocess.run(["umount", str(staging)], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", loop], check=True)
