@@ -152,6 +152,8 @@ def staged_filesystems(devices: list[model.Device], mounts: list[mountinfo.Mount
     for d in devices:
         if d.kind != model.DeviceKind.VOLUME or not d.active or not d.path:
             continue
+        if dict(d.attributes).get(model.ATTR_ACCESS_TYPE) == "block":
+            continue  # a filesystem on it is the workload's, wherever it is mounted
         try:
             rdev = os.stat(d.path).st_rdev
         except FileNotFoundError:

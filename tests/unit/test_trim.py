@@ -493,3 +493,22 @@ def test_a_short_write_of_the_totals_leaves_the_old_record(
         trim._write_stats(state, model.TrimStats(runs=4))
     monkeypatch.undo()
     assert trim.read_stats(state).runs == 3
+
+
+def test_a_block_volume_is_the_workloads_to_trim() -> None:
+    """A raw block volume whose filesystem the workload made and mounted where the node plugin
+    sees it (a privileged pod's mount propagated to the host, an operator looking into it): not
+    the driver's to fstrim, nor to hold busy while it does."""
+    dev = model.Device(
+        name="v1",
+        dev_id=1,
+        kind=model.DeviceKind.VOLUME,
+        state=model.DeviceState.READY,
+        size_bytes=MiB,
+        origin=None,
+        created_at=0.0,
+        active=True,
+        path="/dev/null",
+        attributes=model.attributes({model.ATTR_ACCESS_TYPE: "block"}),
+    )
+    assert trim.staged_filesystems([dev], [_mount("1:3", "/var/lib/kubelet/pods/p/mnt")]) == []
