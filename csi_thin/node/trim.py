@@ -103,15 +103,21 @@ def _write_stats(state_dir: str, stats: model.TrimStats) -> None:
     body: dict[str, Any] = {"v": _STATS_VERSION, **dataclasses.asdict(stats)}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        # a regular file's write(2) may write part and return its count (nearly full): the rest is
-        # written too, and fails with ENOSPC, rather than a torn record renamed into place
-        rest = memoryview(json.dumps(body, sort_keys=True).encode())
-        while rest:
-            rest = rest[os.write(fd, rest) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            # a regular file's write(2) may write part and return its count (nearly full): the
+            # rest is written too, and fails with ENOSPC, rather than a torn record renamed in
+            rest = memoryview(json.dumps(body, sort_keys=True).encode())
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        # no half record left behind (`pool destroy` removes the state dir only when it is empty)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager

@@ -493,6 +493,8 @@ def test_a_short_write_of_the_totals_leaves_the_old_record(
         trim._write_stats(state, model.TrimStats(runs=4))
     monkeypatch.undo()
     assert trim.read_stats(state).runs == 3
+    # and nothing half-written stays behind (`pool destroy` removes the state dir only when empty)
+    assert sorted(os.listdir(state)) == [trim.STATS_FILE]
 
 
 def test_a_block_volume_is_the_workloads_to_trim() -> None:
