@@ -4,14 +4,15 @@ file, and the pool filesystem's used space falls by what the deleted file held."
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 
 import pytest
 import yaml
 
-from csi_thin import deadline, errors
-from csi_thin.node import filesystem
+from csi_thin import deadline, errors, model
+from csi_thin.node import filesystem, mountinfo, trim
 from csi_thin.pool import reflink
 from tests import csi_harness as h
 from tests import node_scenarios
@@ -54,6 +55,42 @@ def test_an_unmounted_staging_path_is_not_trimmed(tmp_path: pathlib.Path) -> Non
         subprocess.run(["umount", str(staging)], check=True)  # the unstage, just after the look
         with pytest.raises(errors.OperationPending, match="no longer holds"):
             filesystem.trim(str(staging), loop, deadline=deadline.default())
+    finally:
+        subprocess.run(["umount", str(staging)], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_a_filesystem_gone_read_only_after_an_error_is_not_trimmed(tmp_path: pathlib.Path) -> None:
+    """ext4 mounted errors=remount-ro hits an error (the kernel's own trigger): its mount still
+    reads "rw" in mountinfo, only the superblock turns read-only, and fstrim would still discard
+    by the bitmaps of a filesystem that just reported itself corrupt. The trim leaves it to fsck."""
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    volume = model.Device(
+        name="v1",
+        dev_id=1,
+        kind=model.DeviceKind.VOLUME,
+        state=model.DeviceState.READY,
+        size_bytes=64 * model.MiB,
+        origin=None,
+        created_at=0.0,
+        active=True,
+        path=loop,
+    )
+    try:
+        subprocess.run(["mount", "-o", "errors=remount-ro", loop, str(staging)], check=True)
+        assert [s.mount_point for s in trim.staged_filesystems([volume], mountinfo.read())] == [str(staging)]
+        pathlib.Path(f"/sys/fs/ext4/{os.path.basename(loop)}/trigger_fs_error").write_text("1")
+        broken = mountinfo.at(str(staging))
+        assert broken is not None and not broken.read_only  # the mount still says rw
+        assert trim.staged_filesystems([volume], mountinfo.read()) == []
     finally:
         subprocess.run(["umount", str(staging)], check=False, capture_output=True)
         subprocess.run(["losetup", "-d", loop], check=True)
