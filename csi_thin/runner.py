@@ -33,11 +33,12 @@ def run(
     deadline: deadline_mod.Deadline,
     check: bool = True,
     input_text: str | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> Result:
     """Run argv to completion within the deadline.
 
     Raises CommandTimeout when the deadline passes (the child is killed), CommandFailed on a non-zero
-    exit when `check` is set.
+    exit when `check` is set. `pass_fds` stay open in the child, at the same numbers.
     """
     timeout = deadline.remaining()
     if timeout <= 0:
@@ -51,6 +52,7 @@ def run(
             env=_ENV,
             timeout=timeout,
             check=False,
+            pass_fds=pass_fds,
         )
     except subprocess.TimeoutExpired as exc:
         raise errors.CommandTimeout(argv, timeout) from exc

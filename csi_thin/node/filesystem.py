@@ -196,8 +196,29 @@ def trim(mount_point: str, device: str, *, deadline: deadline_mod.Deadline) -> i
     XFS returns from FITRIM with its discards still in flight (measured on 6.18: the pool's space
     came back up to a second later), so the device is flushed after it: a flush is queued behind
     the discards submitted before it, and when it completes, the space is back.
+
+    The directory is pinned first: `csi-thin pool trim` holds no claim of the driver's, and an
+    unstage may unmount `mount_point` right after the caller looked. fstrim by path would then trim
+    whatever filesystem holds the emptied directory (the kubelet's); through the open directory,
+    checked to be on `device`, it trims this filesystem or none. OperationPending when the path no
+    longer holds it: the next run has it.
     """
-    res = runner.run(["fstrim", "-v", mount_point], deadline=deadline)
+    try:
+        dir_fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise errors.OperationPending(f"{mount_point} is gone (unstaged meanwhile)") from None
+    try:
+        try:
+            rdev = os.stat(device).st_rdev
+        except FileNotFoundError:
+            raise errors.OperationPending(f"{device} is gone (deactivated meanwhile)") from None
+        if os.fstat(dir_fd).st_dev != rdev:
+            raise errors.OperationPending(
+                f"{mount_point} no longer holds the filesystem of {device} (unstaged meanwhile)"
+            )
+        res = runner.run(["fstrim", "-v", f"/proc/self/fd/{dir_fd}"], deadline=deadline, pass_fds=(dir_fd,))
+    finally:
+        os.close(dir_fd)
     found = _TRIMMED.search(res.stdout)
     if found is None:
         raise errors.Internal(f"fstrim {mount_point}: unexpected output {res.stdout.strip()!r}")

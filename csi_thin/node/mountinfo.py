@@ -35,6 +35,13 @@ class Mount:
     def read_only(self) -> bool:
         return "ro" in self.options
 
+    @property
+    def writable(self) -> bool:
+        """Writes reach the filesystem here: this mount is rw and so is its superblock (ext4 with
+        errors=remount-ro that hit an error keeps its mounts "rw" and marks only the superblock
+        `ro`, or `emergency_ro` on newer kernels)."""
+        return not self.read_only and not self.super_options & {"ro", "emergency_ro"}
+
 
 def unescape(field: str) -> str:
     return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)

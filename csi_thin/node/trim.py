@@ -8,7 +8,8 @@ data device when `discard_passdown` is on), a loop device punches holes in its s
 
 Which filesystems: this pool's active volumes (engine records) whose device is mounted read-write
 (/proc/self/mountinfo), one mount point each (a publish is a bind of the staged mount: the same
-filesystem). Block volumes are the workload's to trim; read-only mounts have nothing deleted.
+filesystem). Block volumes are the workload's to trim; read-only mounts have nothing deleted; a
+filesystem gone read-only after an error (only its superblock says so) is fsck's, not fstrim's.
 
 Never two at once on one pool: a run holds an flock on `<state_dir>/trim.lock` (across processes,
 so `csi-thin pool trim` and the node's schedule exclude each other; flocks on two opens exclude each
@@ -102,11 +103,21 @@ def _write_stats(state_dir: str, stats: model.TrimStats) -> None:
     body: dict[str, Any] = {"v": _STATS_VERSION, **dataclasses.asdict(stats)}
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, json.dumps(body, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            # a regular file's write(2) may write part and return its count (nearly full): the
+            # rest is written too, and fails with ENOSPC, rather than a torn record renamed in
+            rest = memoryview(json.dumps(body, sort_keys=True).encode())
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        # no half record left behind (`pool destroy` removes the state dir only when it is empty)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -139,12 +150,16 @@ def staged_filesystems(devices: list[model.Device], mounts: list[mountinfo.Mount
     mountinfo: the staging mount, publishes are binds of it)."""
     by_dev: dict[int, str] = {}
     for m in mounts:
-        if not m.read_only:
+        # a filesystem that went read-only by itself reported an error: its free-space bitmaps are
+        # fsck's to judge, and fstrim would still discard by them (ext4 does)
+        if m.writable:
             by_dev.setdefault(m.dev, m.mount_point)
     found: list[Staged] = []
     for d in devices:
         if d.kind != model.DeviceKind.VOLUME or not d.active or not d.path:
             continue
+        if dict(d.attributes).get(model.ATTR_ACCESS_TYPE) == "block":
+            continue  # a filesystem on it is the workload's, wherever it is mounted
         try:
             rdev = os.stat(d.path).st_rdev
         except FileNotFoundError:
@@ -161,7 +176,7 @@ def _still_mounted(fs: Staged) -> bool:
     except FileNotFoundError:
         return False
     m = mountinfo.at(fs.mount_point)
-    return m is not None and m.dev == rdev and not m.read_only
+    return m is not None and m.dev == rdev and m.writable
 
 
 def _staged(engine: Engine) -> list[Staged]:
@@ -273,11 +288,31 @@ class Trimmer:
             failures=tuple(failures),
         )
 
+    def _totals(self) -> model.TrimStats:
+        """The totals to add to (the caller holds the trim lock). A record this version cannot read
+        (a newer driver's, a damaged one) starts again from zero, logged: the count is lost, not the
+        trims (raising here stopped the schedule for good)."""
+        try:
+            return read_stats(self._state_dir)
+        except errors.CsiThinError as exc:
+            log.warning("event=trim-totals-restart pool=%s error=%s", self._pool, exc)
+            return model.TrimStats()
+
+    def _save(self, stats: model.TrimStats) -> None:
+        """Write the totals (the caller holds the trim lock). A state dir that cannot take them (full:
+        on reflink it may be the pool's own filesystem, which this very trim relieves) costs the
+        count, not the run; the scheduler remembers its own last run meanwhile."""
+        try:
+            _write_stats(self._state_dir, stats)
+        except OSError as exc:
+            log.warning(
+                "event=trim-totals-unwritten pool=%s error=%s", self._pool, os.strerror(exc.errno or 0)
+            )
+
     def _record(self, result: Result, *, scheduled: bool) -> None:
         """Add a run to the totals (the caller holds the trim lock)."""
-        old = read_stats(self._state_dir)
-        _write_stats(
-            self._state_dir,
+        old = self._totals()
+        self._save(
             dataclasses.replace(
                 old,
                 runs=old.runs + 1,
@@ -298,7 +333,7 @@ class Trimmer:
         """Record when the next scheduled run is due (for `pool status`); skipped while a run holds
         the lock: that run's totals must not be overwritten, and the plan is made again after it."""
         with contextlib.suppress(errors.OperationPending), _exclusive(self._state_dir, self._pool):
-            _write_stats(self._state_dir, dataclasses.replace(read_stats(self._state_dir), next_at=at))
+            self._save(dataclasses.replace(self._totals(), next_at=at))
 
 
 # ---- the schedule ----------------------------------------------------------------------------------
@@ -347,6 +382,8 @@ class Scheduler:
         self._uniform = uniform
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        #: when this scheduler's last run ended: the totals may not have recorded it (see Trimmer._save)
+        self._ran_at: float | None = None
 
     def next_at(self, stats: model.TrimStats) -> float:
         """When the next run starts. A plan an earlier process recorded stands (a restart does not
@@ -363,16 +400,21 @@ class Scheduler:
         """Plan the next run, wait for it, run it. None when stopped first, or when the run found a
         trim of this pool already running (`csi-thin pool trim`): its result is the one that counts."""
         try:
-            due = self.next_at(self._trimmer.stats())
+            stats = self._trimmer.stats()
         except errors.CsiThinError as exc:  # unreadable totals: plan as if no run had been made
             log.warning("event=trim-stats-unreadable error=%s", exc)
-            due = self.next_at(model.TrimStats())
+            stats = model.TrimStats()
+        if self._ran_at is not None and (stats.last_finished_at or 0.0) < self._ran_at:
+            # the totals missed this scheduler's own last run (not written): its plan is stale and
+            # overdue, and would start the run again at once
+            stats = dataclasses.replace(stats, last_finished_at=self._ran_at, next_at=None)
+        due = self.next_at(stats)
         self._trimmer.plan(due)
         log.info("event=trim-planned at=%.0f in_seconds=%.0f", due, due - self._clock.now())
         if self._clock.wait(due - self._clock.now()):
             return None
         try:
-            return self._trimmer.run(
+            result = self._trimmer.run(
                 deadline=deadline_mod.Deadline.after(RUN_SECONDS),
                 stopping=self._stopping.is_set,
                 scheduled=True,
@@ -382,7 +424,10 @@ class Scheduler:
             return None
         except errors.CsiThinError as exc:  # counted as a failed run; the next comes at the usual time
             log.warning("event=trim-run-failed error=%s", exc)
+            self._ran_at = self._clock.now()
             return None
+        self._ran_at = result.finished_at
+        return result
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="trim", daemon=True)

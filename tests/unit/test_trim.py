@@ -4,6 +4,7 @@ jitter bounds, the next run, never two at once, a failure logged and counted in 
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import random
 import threading
@@ -327,6 +328,29 @@ def test_staged_filesystems_one_read_write_mount_per_active_volume() -> None:
     assert trim.staged_filesystems([dev], [_mount("1:3", "/ro", "ro")]) == []
 
 
+@pytest.mark.parametrize("super_options", ["ro,errors=remount-ro", "rw,errors=remount-ro,emergency_ro"])
+def test_a_filesystem_that_went_read_only_by_itself_is_not_trimmed(super_options: str) -> None:
+    """ext4 with errors=remount-ro that hit an error keeps its mount "rw" and marks only its
+    superblock read-only (6.18: `emergency_ro`); fstrim still discards there (seen: 181.9 MiB
+    trimmed after /sys/fs/ext4/<dev>/trigger_fs_error), guided by the block bitmaps of a filesystem
+    that has just reported itself corrupt. Its blocks are fsck's to judge, not discard's."""
+    dev = model.Device(
+        name="v1",
+        dev_id=1,
+        kind=model.DeviceKind.VOLUME,
+        state=model.DeviceState.READY,
+        size_bytes=MiB,
+        origin=None,
+        created_at=0.0,
+        active=True,
+        path="/dev/null",
+    )
+    broken = mountinfo.parse_line(
+        f"36 25 1:3 / /staging/v1 rw,relatime shared:1 - ext4 /dev/x {super_options}"
+    )
+    assert trim.staged_filesystems([dev], [broken]) == []
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
@@ -405,3 +429,88 @@ def test_a_volume_being_staged_or_unstaged_is_left_to_the_next_run(
     assert inside == ["/staging/a"]
     with claims.claim("a"):
         pass  # let go after the trim
+
+
+def test_unreadable_totals_do_not_stop_the_schedule(
+    tmp_path: pathlib.Path, engine: fake_engine.FakeEngine
+) -> None:
+    """A trim.json this version cannot read (a newer driver's, a damaged one) is reported by `pool
+    status`, but the pool's space matters more than the count: the run still comes at its time,
+    and the totals start again from this run."""
+    clock = FakeClock()
+    fs = FakeFs(engine)
+    trimmer = _trimmer(tmp_path, engine, fs, ["a"], clock)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / trim.STATS_FILE).write_text('{"v": 99}')
+    sched = trim.Scheduler(trimmer, CFG, clock=clock, uniform=lambda lo, hi: lo)
+    result = sched.step()
+    assert result is not None and fs.calls == ["/staging/a"]
+    stats = trimmer.stats()
+    assert stats.runs == 1 and stats.reclaimed_bytes == 50 * MiB
+
+
+def test_totals_that_cannot_be_written_neither_stop_the_schedule_nor_repeat_the_run(
+    tmp_path: pathlib.Path, engine: fake_engine.FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state dir's filesystem is full (on reflink it may be the pool's own, which a trim would
+    relieve): the run still trims, its result is returned, and the next run comes an interval
+    later, not at once: what the schedule did is kept in memory when it cannot be written."""
+
+    def full(state_dir: str, stats: model.TrimStats) -> None:
+        raise OSError(28, "No space left on device")
+
+    clock = FakeClock()
+    fs = FakeFs(engine)
+    trimmer = _trimmer(tmp_path, engine, fs, ["a"], clock)
+    monkeypatch.setattr(trim, "_write_stats", full)
+    sched = trim.Scheduler(trimmer, CFG, clock=clock, uniform=lambda lo, hi: lo)
+    first = sched.step()
+    assert first is not None and fs.calls == ["/staging/a"]
+    second = sched.step()
+    assert second is not None and second.started_at == first.finished_at + 24 * H
+    assert clock.waits[-1] == 24 * H
+
+
+def test_a_short_write_of_the_totals_leaves_the_old_record(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a nearly full filesystem write(2) writes part of the body and returns its count, without
+    an error: the rest must be written (and fail with ENOSPC), never renamed into place torn."""
+    state = str(tmp_path)
+    trim._write_stats(state, model.TrimStats(runs=3))
+    real_write = os.write
+    calls = 0
+
+    def nearly_full(fd: int, data: bytes) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, bytes(data)[: len(data) // 2])
+
+    monkeypatch.setattr(os, "write", nearly_full)
+    with pytest.raises(OSError):
+        trim._write_stats(state, model.TrimStats(runs=4))
+    monkeypatch.undo()
+    assert trim.read_stats(state).runs == 3
+    # and nothing half-written stays behind (`pool destroy` removes the state dir only when empty)
+    assert sorted(os.listdir(state)) == [trim.STATS_FILE]
+
+
+def test_a_block_volume_is_the_workloads_to_trim() -> None:
+    """A raw block volume whose filesystem the workload made and mounted where the node plugin
+    sees it (a privileged pod's mount propagated to the host, an operator looking into it): not
+    the driver's to fstrim, nor to hold busy while it does."""
+    dev = model.Device(
+        name="v1",
+        dev_id=1,
+        kind=model.DeviceKind.VOLUME,
+        state=model.DeviceState.READY,
+        size_bytes=MiB,
+        origin=None,
+        created_at=0.0,
+        active=True,
+        path="/dev/null",
+        attributes=model.attributes({model.ATTR_ACCESS_TYPE: "block"}),
+    )
+    assert trim.staged_filesystems([dev], [_mount("1:3", "/var/lib/kubelet/pods/p/mnt")]) == []
