@@ -137,7 +137,7 @@ def test_csi_strings_keep_to_the_specs_size_limit() -> None:
         *health.pool(status(mode=model.PoolMode.RO, needs_check=True), T),
         *health.pool(status(mode=model.PoolMode.FAIL), T),
         *health.pool(status(data=0.97), T),
-        health.unavailable("reflink pool p at /var/lib/csi-thin/p/a/rather/long/state/directory is not assembled"),
+        health.unavailable("reflink pool p at /var/lib/csi-thin/p/a/long/state/directory is not assembled"),
         health.Issue(S.INACCESSIBLE, "NotPublished", "ü" * 200),  # multi-byte: never cut inside one
     ]
     assert len(issues) == 9 and any(len(i.message.encode()) > 128 for i in issues)
