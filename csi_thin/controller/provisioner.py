@@ -251,7 +251,8 @@ class Provisioner:
 
     def _healths(self, devices: list[model.Device], *, deadline: deadline_mod.Deadline) -> list[VolumeHealth]:
         """The health of each volume, reading each node's pool status and thresholds once. A pool
-        whose status cannot be read is the answer (every volume on it inaccessible), not an error."""
+        whose status cannot be read is the answer (every volume on it inaccessible), not an error;
+        except in Kubernetes mode, where what cannot be read is the API server (see below)."""
         pools: dict[str | None, tuple[model.PoolStatus, model.Thresholds] | health.Issue] = {}
         out: list[VolumeHealth] = []
         for d in devices:
@@ -263,6 +264,11 @@ class Provisioner:
                         engine.space_thresholds(deadline=deadline),
                     )
                 except errors.Unavailable as exc:
+                    if self._nodes is not None:
+                        # Kubernetes mode reads the pool from its ThinPool object: UNAVAILABLE is
+                        # the API server not answering, which says nothing about the volumes (the
+                        # RPC fails and the CO asks again; the node reports a pool it cannot read)
+                        raise
                     pools[d.node] = health.unavailable(exc.message)
             pool = pools[d.node]
             issues = (pool,) if isinstance(pool, health.Issue) else health.volume(d, *pool)

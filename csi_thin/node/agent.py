@@ -982,7 +982,19 @@ class Agent:
         return found
 
     def _refresh_pool(self, *, deadline: deadline_mod.Deadline) -> None:
-        st = self._engine.status(deadline=deadline)
+        try:
+            st = self._engine.status(deadline=deadline)
+        except errors.Unavailable:
+            # the pool cannot be read (not assembled, gone): publish it failed (no capacity, its
+            # volumes inaccessible), then fail the refresh as before. Left at its last status, the
+            # controller would go on placing volumes here and calling them healthy.
+            self._publish_pool(
+                model.PoolStatus(0, 0, 0, 0, 0, 0, model.PoolMode.FAIL, needs_check=False), deadline=deadline
+            )
+            raise
+        self._publish_pool(st, deadline=deadline)
+
+    def _publish_pool(self, st: model.PoolStatus, *, deadline: deadline_mod.Deadline) -> None:
         devs = self._engine.list()
         status = res.PoolStatus(
             healthy=st.healthy,

@@ -11,12 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_thin import app, config, demo, errors
+from csi_thin import app, config, demo, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.kube import client as client_mod
+from csi_thin.kube import crengine
 from csi_thin.kube import resources as res
 from csi_thin.node import agent as agent_mod
 from csi_thin.pool import engine as engine_mod
+from csi_thin.pool import health
 from tests import kubeenv
 from tests.kube.conftest import _pool_yaml
 
@@ -139,3 +141,34 @@ def test_a_long_failure_message_still_settles_the_object(
         assert got.status.message.startswith("dmsetup: x")
     finally:
         api.delete(res.ThinVolume, name, deadline=dl)
+
+
+def test_a_pool_the_node_cannot_read_does_not_stay_healthy_in_its_thinpool(
+    kube: kubeenv.KubeEnv, engine: engine_mod.PoolEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller judges a node's pool (capacity, placement, volume health) by its ThinPool
+    status. A pool the node can no longer read (not assembled, gone) must show there as failed: left
+    at its last healthy status, the controller would go on offering its capacity and reporting its
+    volumes healthy while the node's own NodeGetStorageHealth says PoolUnavailable."""
+    api = client_mod.Client(kube.api_client())
+    node = f"nu-{uuid.uuid4().hex[:6]}"
+    dl = deadline_mod.Deadline.after(60)
+    agent = agent_mod.Agent(api=api, engine=engine, node=node, pool="p", overprovision_ratio=10.0)
+    controller_view = crengine.CrEngine(api).on(node)
+    try:
+        agent._ensure_pool_object(deadline=dl)
+        assert agent._refresh_quietly()
+        assert controller_view.status(deadline=dl).healthy
+
+        def gone(*, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+            raise errors.Unavailable("reflink pool p is not assembled")
+
+        monkeypatch.setattr(engine, "status", gone)
+        assert not agent._refresh_quietly()  # still a failed refresh: logged and counted
+        st = controller_view.status(deadline=dl)
+        assert st.mode == model.PoolMode.FAIL and not st.healthy
+        issues = health.pool(st, controller_view.space_thresholds(deadline=dl))
+        assert [(i.severity, i.reason) for i in issues] == [(health.Severity.INACCESSIBLE, health.FAILED)]
+        assert controller_view.space_thresholds(deadline=dl) == engine.thresholds  # still the node's own
+    finally:
+        api.delete(res.ThinPool, agent.pool_object_name, deadline=dl)

@@ -294,3 +294,24 @@ def test_provisioner_needs_one_node_or_many() -> None:
         provisioner.Provisioner(
             engine=FakeEngine(), settings=provisioner.Settings(node_id=None, block_size=4096)
         )
+
+
+def test_volume_health_does_not_blame_volumes_for_an_api_server_that_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In Kubernetes mode the controller reads a node's pool from its ThinPool object: UNAVAILABLE
+    there is the API server not answering (the client's translation of a refused connection or a
+    5xx), which says nothing about the volumes. Reported as their health, every volume on the node
+    would be INACCESSIBLE ("PoolUnavailable") to a health monitor for the length of an API blip."""
+    prov, cluster = _prov(a=model.GiB, b=model.GiB)
+    on_a = prov.create_volume(_req("one", MiB, allowed_nodes=frozenset({"a"})), deadline=dl())
+    prov.create_volume(_req("two", MiB, allowed_nodes=frozenset({"b"})), deadline=dl())
+
+    def unanswered(*, deadline: deadline_mod.Deadline) -> model.PoolStatus:
+        raise errors.Unavailable("list ThinPool: connection refused")
+
+    monkeypatch.setattr(cluster.nodes["a"], "status", unanswered)
+    with pytest.raises(errors.Unavailable):
+        prov.volume_health(on_a.name, deadline=dl())
+    with pytest.raises(errors.Unavailable):
+        prov.list_volume_health(max_entries=0, token="", deadline=dl())

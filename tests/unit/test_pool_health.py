@@ -125,3 +125,27 @@ def test_csi_messages() -> None:
     ]
     assert not any(b.HasField("volume_capability") for b in st.backend_health)
     assert csi_health.volume("v-a", []).health_statuses == []
+
+
+def test_csi_strings_keep_to_the_specs_size_limit() -> None:
+    """CSI's general size limit (spec "Size Limits": 128 bytes for a string field, which the health
+    messages do not override) holds for every reason and message a health RPC sends; a longer
+    message is cut at a character boundary and says so. `pool status` keeps the full text."""
+    lost = [f"v-{'x' * 60}-{i:02}" for i in range(12)]
+    issues = [
+        *health.pool(status(mode=model.PoolMode.OUT_OF_DATA_SPACE, data=1.0, metadata=0.9), T, lost=lost),
+        *health.pool(status(mode=model.PoolMode.RO, needs_check=True), T),
+        *health.pool(status(mode=model.PoolMode.FAIL), T),
+        *health.pool(status(data=0.97), T),
+        health.unavailable("reflink pool p at /var/lib/csi-thin/p/a/long/state/directory is not assembled"),
+        health.Issue(S.INACCESSIBLE, "NotPublished", "ü" * 200),  # multi-byte: never cut inside one
+    ]
+    assert len(issues) == 9 and any(len(i.message.encode()) > 128 for i in issues)
+    sent = [(e.reason, e.message) for e in csi_health.volume("v-a", issues).health_statuses]
+    sent += [(b.reason, b.message) for b in csi_health.storage(issues).backend_health]
+    assert len(sent) == 2 * len(issues)
+    by_reason = {i.reason: i.message for i in issues}
+    for reason, message in sent:
+        assert len(reason.encode()) <= 128 and 0 < len(message.encode()) <= 128, message
+        full = by_reason[reason]
+        assert message == full or (message.endswith("…") and full.startswith(message[:-1])), message
