@@ -18,8 +18,9 @@ modver() { (cd "$HERE/$1" && go list -m -f '{{.Version}}' "$2"); }
 # name module-dir main-package binary ldflags-fn
 build() {
   local name=$1 dir=$2 pkg=$3 ldflags=$4
-  # a module of our own (pause) has no go.sum but sources: they are part of its key
-  local key; key=$(cd "$HERE/$dir" && cat go.mod $(ls go.sum ./*.go 2>/dev/null) | sha256sum | cut -c1-16)
+  # a module of our own (pause) has no go.sum but sources: they are part of its key; so are the
+  # ldflags (a version stamp changed here must not be served the binary stamped before)
+  local key; key=$( (cd "$HERE/$dir" && cat go.mod $(ls go.sum ./*.go 2>/dev/null); echo "$pkg $ldflags") | sha256sum | cut -c1-16)
   if [ -x "$BIN/$name" ] && [ "$(cat "$BIN/.$name.stamp" 2>/dev/null)" = "$key" ]; then
     echo "tools: $name up to date"; return
   fi
@@ -69,8 +70,13 @@ for tool in $want; do
     etcd)
       build etcd etcd go.etcd.io/etcd/server/v3 "";;
     helm)
-      v=$(modver helm helm.sh/helm/v3)
-      build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$v";;
+      # and the Kubernetes version helm assumes without a cluster (template, lint), as helm's own
+      # Makefile stamps it: one minor above its client-go's (v0.37 -> 1.37); unstamped it is 1.20
+      v=$(modver helm helm.sh/helm/v3); cg=$(modver helm k8s.io/client-go); cg=${cg#v0.}; kminor=${cg%%.*}
+      H=helm.sh/helm/v3/pkg
+      build helm helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$v \
+-X $H/chartutil.k8sVersionMajor=1 -X $H/chartutil.k8sVersionMinor=$kminor \
+-X $H/lint/rules.k8sVersionMajor=1 -X $H/lint/rules.k8sVersionMinor=$kminor";;
     kube-apiserver|kubelet|kube-controller-manager|kube-scheduler|kubectl)
       # all from one pinned k8s.io/kubernetes, so the e2e cluster's parts are one release
       v=$(modver kube k8s.io/kubernetes); mm=${v#v}; major=${mm%%.*}; rest=${mm#*.}; minor=${rest%%.*}
