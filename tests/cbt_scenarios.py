@@ -10,10 +10,10 @@ deactivated again.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import pathlib
 import random
-import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -54,7 +54,7 @@ def check_stream(responses: Iterator[object], *, max_results: int = 0, starting_
         ranges.extend(page)
     assert kinds == {csi_pb2.VARIABLE_LENGTH}, kinds
     assert len(capacities) == 1, capacities
-    for (a_off, a_len), (b_off, _) in zip(ranges, ranges[1:], strict=False):
+    for (a_off, a_len), (b_off, _) in itertools.pairwise(ranges):
         assert a_off + a_len <= b_off, f"ranges overlap or go backwards: {(a_off, a_len)} then {b_off}"
     assert all(size > 0 for _, size in ranges)
     if ranges:
@@ -124,7 +124,7 @@ def overlaps(ranges: list[tuple[int, int]], lo: int, hi: int) -> bool:
 def backup_and_restore(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, workdir: pathlib.Path) -> None:
     """Full backup from GetMetadataAllocated, then an incremental one from GetMetadataDelta: both
     rebuild their snapshot byte for byte, and neither names much more than was written."""
-    rnd = random.Random(12)  # noqa: S311 - test data
+    rnd = random.Random(12)
     vol = d.controller.CreateVolume(h.create_req("cbt-vol", VOLUME, h.block_cap())).volume.volume_id
     first = [(0, 1 * MiB), (8 * MiB, 192 * KiB), (40 * MiB, 64 * KiB)]
     write(d, vol, [(off, rnd.randbytes(n)) for off, n in first])
@@ -221,7 +221,9 @@ def errors_and_streaming(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub) -
     )
     first = next(call)
     d.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id=sb), timeout=30)
-    d.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="cbt-ed", source_volume_id=vol), timeout=30)
+    d.controller.CreateSnapshot(
+        csi_pb2.CreateSnapshotRequest(name="cbt-ed", source_volume_id=vol), timeout=30
+    )
     rest = [(m.byte_offset, m.size_bytes) for r in call for m in r.block_metadata]
     assert [(m.byte_offset, m.size_bytes) for m in first.block_metadata] + rest == whole
     assert code(dlt(base_snapshot_id=sa, target_snapshot_id=sb)) == S.NOT_FOUND  # deleted now
