@@ -561,7 +561,13 @@ class DmThinBackend:
                 f"pool {self._pool} is {mode.value}: {what} can only be read with the pool "
                 "torn down (thin_ls / thin_check offline)"
             )
-        with self._metadata_snap:
+        # another reader's snapshot (a changed-block delta of a big device, say) is waited for within
+        # the caller's deadline only
+        if not self._metadata_snap.acquire(timeout=max(deadline.remaining(), 0.001)):
+            raise errors.DeadlineExceeded(
+                f"pool {self._pool}: deadline exceeded waiting for the metadata snapshot"
+            )
+        try:
             deadline.check("reserve_metadata_snap")
             try:
                 self._message("reserve_metadata_snap")
@@ -577,6 +583,8 @@ class DmThinBackend:
                 faults.reach("dmthin:metadata_snap/read")
             finally:
                 self._message("release_metadata_snap")
+        finally:
+            self._metadata_snap.release()
 
     def _live_metadata_dev(self, *, deadline: deadline_mod.Deadline) -> str:
         devices = self._devices(attach=False, attached=[], deadline=deadline)
