@@ -10,8 +10,9 @@ import time
 from collections.abc import Iterator
 
 import grpc
+import pytest
 
-from csi_thin import deadline, model
+from csi_thin import config, deadline, model
 from csi_thin import metrics as metrics_mod
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
 from csi_thin.pool import reflink
@@ -24,19 +25,25 @@ MiB = model.MiB
 
 @contextlib.contextmanager
 def _driver(
-    workdir: pathlib.Path, **kw: object
+    workdir: pathlib.Path, fs_type: str = "xfs", **kw: object
 ) -> Iterator[tuple[h.Driver, csi_pb2_grpc.SnapshotMetadataStub]]:
-    cfg = h.reflink_config(workdir)
+    raw = h.reflink_raw(workdir)
+    raw["reflink"]["fs_type"] = fs_type  # type: ignore[index]
+    cfg = config.pool_from_dict(raw)
     try:
-        with base.reflink_driver(workdir, **kw) as d, grpc.insecure_channel(f"unix://{d.socket}") as ch:
+        with (
+            h.serve(workdir, reflink.ReflinkBackend(cfg), **kw) as d,  # type: ignore[arg-type]
+            grpc.insecure_channel(f"unix://{d.socket}") as ch,
+        ):
             yield d, csi_pb2_grpc.SnapshotMetadataStub(ch)
     finally:
         base._cleanup_mounts(workdir, keep=str(workdir / "pool"))
         reflink.ReflinkBackend(cfg).destroy(deadline=deadline.default())
 
 
-def test_backup_and_restore_from_ranges(tmp_path: pathlib.Path) -> None:
-    with _driver(tmp_path) as (d, stub):
+@pytest.mark.parametrize("fs_type", ["xfs", "btrfs"])
+def test_backup_and_restore_from_ranges(tmp_path: pathlib.Path, fs_type: str) -> None:
+    with _driver(tmp_path, fs_type) as (d, stub):
         cbt_scenarios.backup_and_restore(d, stub, tmp_path)
 
 
