@@ -28,6 +28,7 @@ MiB = model.MiB
 KiB = model.KiB
 S = grpc.StatusCode
 VOLUME = 64 * MiB
+GROWN = 96 * MiB
 
 
 def dl() -> deadline_mod.Deadline:
@@ -130,8 +131,19 @@ def backup_and_restore(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, wor
     write(d, vol, [(off, rnd.randbytes(n)) for off, n in first])
     s1 = d.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="cbt-s1", source_volume_id=vol))
     s1_id = s1.snapshot.snapshot_id
-    # overwrite inside the first writes, write new places, one at the very end
-    second = [(8 * MiB + 64 * KiB, 64 * KiB), (20 * MiB, 128 * KiB), (VOLUME - 1 * MiB, 1 * MiB)]
+    # the volume grows between the snapshots: the delta's capacity is the target's
+    d.controller.ControllerExpandVolume(
+        csi_pb2.ControllerExpandVolumeRequest(
+            volume_id=vol, capacity_range=csi_pb2.CapacityRange(required_bytes=GROWN)
+        )
+    )
+    # overwrite inside the first writes, write new places, one at the old end, one in the new room
+    second = [
+        (8 * MiB + 64 * KiB, 64 * KiB),
+        (20 * MiB, 128 * KiB),
+        (VOLUME - 1 * MiB, 1 * MiB),
+        (VOLUME + 8 * MiB, 64 * KiB),
+    ]
     write(d, vol, [(off, rnd.randbytes(n)) for off, n in second])
     s2_id = d.controller.CreateSnapshot(
         csi_pb2.CreateSnapshotRequest(name="cbt-s2", source_volume_id=vol)
@@ -153,7 +165,7 @@ def backup_and_restore(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, wor
 
     # incremental: s2's changed ranges onto a copy of s1
     inc = delta(stub, s1_id, s2_id)
-    assert inc.capacity == VOLUME
+    assert inc.capacity == GROWN
     changed = total([(0, n) for _, n in second])
     assert changed <= total(inc.ranges) <= changed + 2 * MiB, inc.ranges
     assert not overlaps(inc.ranges, 0, 1 * MiB), "an unchanged region is in the delta"
@@ -166,11 +178,12 @@ def backup_and_restore(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, wor
     assert delta(stub, s2_id, s2_id).ranges == []
 
     # resuming an interrupted stream: every range that ends after starting_offset, no other
-    for start in (0, inc.ranges[0][0] + 1, 20 * MiB, VOLUME - 1, VOLUME):
+    for start in (0, inc.ranges[0][0] + 1, 20 * MiB, VOLUME - 1, VOLUME, GROWN):
         want = [r for r in inc.ranges if r[0] + r[1] > start]
         assert delta(stub, s1_id, s2_id, starting_offset=start).ranges == want
-        want = [r for r in full.ranges if r[0] + r[1] > start]
-        assert allocated(stub, s1_id, starting_offset=start, max_results=1).ranges == want
+        if start <= VOLUME:
+            want = [r for r in full.ranges if r[0] + r[1] > start]
+            assert allocated(stub, s1_id, starting_offset=start, max_results=1).ranges == want
 
 
 def errors_and_streaming(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub) -> None:
