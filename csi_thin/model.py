@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 #: dm-thin device ids are 24 bits wide.
 MAX_DEVICE_ID = (1 << 24) - 1
@@ -140,3 +140,44 @@ class TrimStats:
     last_reclaimed_bytes: int = 0
     last_error: str = ""  # "" when the last run trimmed every filesystem
     next_at: float | None = None  # when the scheduler runs next (None: not scheduled)
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    """A byte range of a device: [offset, offset + length), length > 0."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMap:
+    """Changed-block tracking's answer about one snapshot: the ranges that hold data (allocated) or
+    may differ from an older snapshot of the same volume (delta), ascending and disjoint, and the
+    snapshot's size. A delta may name ranges whose bytes turn out equal (a superset), never fewer:
+    copying exactly these ranges of the target onto a copy of the base rebuilds the target."""
+
+    capacity_bytes: int
+    extents: tuple[Extent, ...]
+
+
+def merge_extents(ranges: Iterable[tuple[int, int]], *, limit: int) -> tuple[Extent, ...]:
+    """(offset, length) pairs, ascending by offset, as disjoint Extents: touching or overlapping
+    ranges joined, everything clipped to [0, limit), empty ranges dropped."""
+    out: list[Extent] = []
+    for offset, length in ranges:
+        start, end = max(0, offset), min(limit, offset + length)
+        if end <= start:
+            continue
+        if out and start < out[-1].offset:
+            raise ValueError(f"ranges not ascending: {start} after {out[-1].offset}")
+        if out and start <= out[-1].end:
+            if end > out[-1].end:
+                out[-1] = Extent(out[-1].offset, end - out[-1].offset)
+            continue
+        out.append(Extent(start, end - start))
+    return tuple(out)

@@ -24,12 +24,15 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         ready: Callable[[deadline_mod.Deadline], bool],
         name: str = DEFAULT_NAME,
         controller: bool = True,
+        snapshot_metadata: bool = False,
     ) -> None:
         """`ready` answers Probe: false only while the plugin is still starting up; it raises when
-        the plugin cannot serve at all. Pool health is no part of it (see Probe)."""
+        the plugin cannot serve at all. Pool health is no part of it (see Probe). `snapshot_metadata`:
+        the SnapshotMetadata service is served on this endpoint."""
         self._ready = ready
         self._name = name
         self._controller = controller
+        self._snapshot_metadata = snapshot_metadata
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -42,6 +45,8 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         services = [_Service.VOLUME_ACCESSIBILITY_CONSTRAINTS] + (
             [_Service.CONTROLLER_SERVICE] if self._controller else []
         )
+        if self._snapshot_metadata:
+            services.append(_Service.SNAPSHOT_METADATA_SERVICE)
         caps = [csi_pb2.PluginCapability(service=_Service(type=s)) for s in services]
         caps.append(csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf import json_format, message
@@ -118,9 +118,15 @@ class EdgeInterceptor(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> _Handler | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming (health Watch): nothing of ours to translate
         method: str = handler_call_details.method
+        if handler is not None and handler.unary_stream is not None and method.startswith("/csi."):
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler is None or handler.unary_unary is None:
+            return handler  # other streams (health Watch): nothing of ours to translate
         inner = handler.unary_unary
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Any:
@@ -128,31 +134,8 @@ class EdgeInterceptor(_Interceptor):
             try:
                 response = inner(request, context)
             except Exception as exc:  # the one place errors become statuses
-                code, text = status_of(exc)
-                seconds = time.monotonic() - started
-                self._observe(method, code, seconds)
-                ms = seconds * 1000
-                level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-                log.log(
-                    level,
-                    "rpc=%s code=%s ms=%.1f error=%s request=%s",
-                    method,
-                    code.name,
-                    ms,
-                    json.dumps(text),
-                    _fields(request),
-                    exc_info=not isinstance(exc, errors.CsiThinError),
-                )
-                context.abort(code, text)
-            seconds = time.monotonic() - started
-            self._observe(method, grpc.StatusCode.OK, seconds)
-            log.log(
-                logging.DEBUG if method in QUIET_METHODS else logging.INFO,
-                "rpc=%s code=OK ms=%.1f request=%s",
-                method,
-                seconds * 1000,
-                _fields(request),
-            )
+                self._abort(method, request, exc, started, context)
+            self._ok(method, request, started)
             return response
 
         return grpc.unary_unary_rpc_method_handler(
@@ -160,3 +143,80 @@ class EdgeInterceptor(_Interceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    def _streaming(
+        self, method: str, inner: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+    ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        """A server-streaming CSI method (SnapshotMetadata): errors of the call and of each message
+        become statuses here too; one log line when the stream ends, however it ends."""
+
+        def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.monotonic()
+            sent = 0
+            try:
+                for response in inner(request, context):
+                    yield response
+                    sent += 1
+            except GeneratorExit:
+                # grpc drops the iterator when the client cancelled or its deadline passed: the
+                # stream ends here, with nothing of the pool held (see snapshot_metadata_service)
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if _expired(context) else grpc.StatusCode.CANCELLED
+                seconds = time.monotonic() - started
+                self._observe(method, code, seconds)
+                log.info(
+                    "rpc=%s code=%s ms=%.1f messages=%d error=%s request=%s",
+                    method,
+                    code.name,
+                    seconds * 1000,
+                    sent,
+                    json.dumps("the client stopped reading the stream"),
+                    _fields(request),
+                )
+                raise
+            except Exception as exc:  # the one place errors become statuses
+                self._abort(method, request, exc, started, context)
+            self._ok(method, request, started, messages=sent)
+
+        return behavior
+
+    def _ok(self, method: str, request: Any, started: float, *, messages: int | None = None) -> None:
+        seconds = time.monotonic() - started
+        self._observe(method, grpc.StatusCode.OK, seconds)
+        log.log(
+            logging.DEBUG if method in QUIET_METHODS else logging.INFO,
+            "rpc=%s code=OK ms=%.1f%s request=%s",
+            method,
+            seconds * 1000,
+            "" if messages is None else f" messages={messages}",
+            _fields(request),
+        )
+
+    def _abort(
+        self, method: str, request: Any, exc: Exception, started: float, context: grpc.ServicerContext
+    ) -> NoReturn:
+        code, text = status_of(exc)
+        seconds = time.monotonic() - started
+        self._observe(method, code, seconds)
+        level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+        log.log(
+            level,
+            "rpc=%s code=%s ms=%.1f error=%s request=%s",
+            method,
+            code.name,
+            seconds * 1000,
+            json.dumps(text),
+            _fields(request),
+            exc_info=not isinstance(exc, errors.CsiThinError),
+        )
+        context.abort(code, text)
+
+
+#: how close to its deadline a stream the client dropped counts as one that ran out of time: the
+#: client's clock started before the request travelled, so its deadline (and the RST_STREAM it sends
+#: then) usually comes a little before the server's own timer fires
+_DEADLINE_SLACK_SECONDS = 0.25
+
+
+def _expired(context: grpc.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= _DEADLINE_SLACK_SECONDS

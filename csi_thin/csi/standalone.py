@@ -22,7 +22,14 @@ from csi_thin import config, errors, httpserver, model
 from csi_thin import deadline as deadline_mod
 from csi_thin import metrics as metrics_mod
 from csi_thin.controller import provisioner
-from csi_thin.csi import controller_service, identity_service, node_service, registration, server
+from csi_thin.csi import (
+    controller_service,
+    identity_service,
+    node_service,
+    registration,
+    server,
+    snapshot_metadata_service,
+)
 from csi_thin.node import trim, volumes
 from csi_thin.pool import engine
 
@@ -84,13 +91,15 @@ def services(
     max_volumes: int = 0,
     claims: volumes.Claims | None = None,
 ) -> server.Services:
-    """The three CSI services of a standalone driver over one engine (the composition root)."""
+    """The CSI services of a standalone driver over one engine (the composition root)."""
 
     settings = provisioner.Settings(
         node_id=node_id, block_size=block_size, overprovision_ratio=overprovision_ratio
     )
     return server.Services(
-        identity=identity_service.IdentityService(ready=functools.partial(probe, eng), name=driver_name),
+        identity=identity_service.IdentityService(
+            ready=functools.partial(probe, eng), name=driver_name, snapshot_metadata=True
+        ),
         controller=controller_service.ControllerService(
             provisioner=provisioner.Provisioner(engine=eng, settings=settings)
         ),
@@ -99,6 +108,8 @@ def services(
             node_id=node_id,
             max_volumes=max_volumes,
         ),
+        # the engine is here, in this process: changed-block tracking reads the pool directly
+        snapshot_metadata=snapshot_metadata_service.SnapshotMetadataService(reader=eng),
     )
 
 

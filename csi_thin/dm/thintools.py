@@ -1,13 +1,18 @@
-"""Wrappers of thin-provisioning-tools: thin_check, thin_ls, thin_metadata_size.
+"""Wrappers of thin-provisioning-tools: thin_check, thin_ls, thin_dump, thin_delta, thin_metadata_size.
 
 Used by the dm-thin backend to check metadata before assembling an inactive pool, to list the
-pool's devices from a metadata snapshot (the pool's own truth, for recovery against LMDB), and to
-size a new metadata device. Every call goes through csi_thin.runner with the caller's deadline.
+pool's devices from a metadata snapshot (the pool's own truth, for recovery against LMDB), to read
+one device's mappings (thin_dump) and two devices' differences (thin_delta) from a metadata snapshot
+for changed-block tracking, and to size a new metadata device. Every call goes through
+csi_thin.runner with the caller's deadline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import re
+import xml.etree.ElementTree as ET  # the output of our own pinned tool, not untrusted input
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, runner
@@ -59,6 +64,104 @@ def parse_ls(text: str) -> dict[int, int]:
             raise dm_errors.DmError(f"thin_ls: unexpected line {line!r}")
         out[int(fields[0])] = int(fields[1])
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRuns:
+    """Runs of a thin device's virtual blocks, as (first block, number of blocks), ascending."""
+
+    block_bytes: int  # the pool's data block size
+    runs: tuple[tuple[int, int], ...]
+
+
+#: thin_delta's complaint about a device id the metadata does not hold
+_NO_DEVICE = re.compile(r"Unable to find mapping tree for snap[12] \((\d+)\)")
+
+
+def _tool(argv: list[str], *, deadline: deadline_mod.Deadline) -> ET.Element:
+    try:
+        result = runner.run(argv, deadline=deadline)
+    except errors.CommandFailed as exc:
+        missing = _NO_DEVICE.search(exc.stderr)
+        if missing:
+            raise dm_errors.DeviceNotFound(
+                f"the pool's metadata has no thin device {missing.group(1)}", errno=errno.ENODATA
+            ) from exc
+        raise dm_errors.DmError(f"{argv[0]} {argv[-1]}: {exc.stderr.strip()}") from exc
+    try:
+        return ET.fromstring(result.stdout)  # noqa: S314
+    except ET.ParseError as exc:
+        raise dm_errors.DmError(f"{argv[0]}: unreadable output ({exc}): {result.stdout[:200]!r}") from exc
+
+
+def _block_bytes(superblock: ET.Element) -> int:
+    sectors = int(superblock.get("data_block_size", "0"))
+    if superblock.tag != "superblock" or sectors <= 0:
+        raise dm_errors.DmError(f"thin tool output: no superblock with a data_block_size ({superblock.tag})")
+    return sectors * 512
+
+
+def _snap_flag(metadata_snap: bool) -> list[str]:
+    return ["--metadata-snap"] if metadata_snap else []
+
+
+def mappings(
+    metadata_dev: str, dev_id: int, *, deadline: deadline_mod.Deadline, metadata_snap: bool = True
+) -> BlockRuns:
+    """The mapped virtual blocks of thin device `dev_id`; DeviceNotFound when there is no such device.
+
+    With `metadata_snap` (a live pool) the caller holds a metadata snapshot for the whole call."""
+    root = _tool(
+        ["thin_dump", *_snap_flag(metadata_snap), "--dev-id", str(dev_id), metadata_dev], deadline=deadline
+    )
+    device = next((d for d in root.iter("device") if d.get("dev_id") == str(dev_id)), None)
+    if device is None:
+        raise dm_errors.DeviceNotFound(
+            f"the pool's metadata has no thin device {dev_id}", errno=errno.ENODATA
+        )
+    runs: list[tuple[int, int]] = []
+    for m in device:
+        if m.tag == "range_mapping":
+            runs.append((int(m.get("origin_begin", "")), int(m.get("length", ""))))
+        elif m.tag == "single_mapping":
+            runs.append((int(m.get("origin_block", "")), 1))
+    return BlockRuns(block_bytes=_block_bytes(root), runs=tuple(sorted(runs)))
+
+
+#: thin_delta's elements for blocks that may differ (it prints `same` runs too)
+_DIFFERENT = frozenset({"different", "left_only", "right_only"})
+
+
+def delta(
+    metadata_dev: str,
+    base_id: int,
+    target_id: int,
+    *,
+    deadline: deadline_mod.Deadline,
+    metadata_snap: bool = True,
+) -> BlockRuns:
+    """The virtual blocks whose mapping differs between two thin devices (mapped in one only, or to
+    other data blocks); DeviceNotFound when either is missing. With `metadata_snap` (a live pool)
+    the caller holds a metadata snapshot for the whole call."""
+    root = _tool(
+        [
+            "thin_delta",
+            *_snap_flag(metadata_snap),
+            "--snap1",
+            str(base_id),
+            "--snap2",
+            str(target_id),
+            metadata_dev,
+        ],
+        deadline=deadline,
+    )
+    runs = [
+        (int(e.get("begin", "")), int(e.get("length", "")))
+        for diff in root.iter("diff")
+        for e in diff
+        if e.tag in _DIFFERENT
+    ]
+    return BlockRuns(block_bytes=_block_bytes(root), runs=tuple(sorted(runs)))
 
 
 def metadata_size(*, data_size: int, block_size: int, max_thins: int, deadline: deadline_mod.Deadline) -> int:

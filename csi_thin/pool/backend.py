@@ -94,3 +94,20 @@ class Backend(Protocol):
     def mapped_bytes(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int:
         """Allocated bytes of one device (active: live status; inactive: pool metadata)."""
         ...
+
+    def allocated(
+        self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Extent, ...]:
+        """The byte ranges of the device that hold data, ascending and disjoint, within size_bytes.
+
+        Read-only and from one consistent view (dm-thin: a metadata snapshot; reflink: the extent map
+        of the open file); nothing is held when it returns. NotFound if the device is absent."""
+        ...
+
+    def delta(
+        self, base_id: int, target_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Extent, ...]:
+        """The byte ranges where `target_id` may hold other bytes than `base_id`, ascending and
+        disjoint, within size_bytes: a superset of the real differences, never fewer (copying them
+        from the target onto a copy of the base rebuilds the target). As `allocated` otherwise."""
+        ...

@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from csi_thin import config as config_mod
@@ -98,6 +99,11 @@ def _first_block(path: str) -> bytes:
         return buf[:n]
     finally:
         buf.close()
+
+
+def _byte_extents(runs: thintools.BlockRuns, size_bytes: int) -> tuple[model.Extent, ...]:
+    bs = runs.block_bytes
+    return model.merge_extents(((first * bs, n * bs) for first, n in runs.runs), limit=size_bytes)
 
 
 class DmThinBackend:
@@ -534,15 +540,34 @@ class DmThinBackend:
         if self._ctl.info(self.pool_name) is None:
             # inactive pool: nobody writes the metadata, read it directly
             return thintools.ls_mapped_bytes(metadata_dev, deadline=deadline, metadata_snap=False)
+        with self._held_metadata_snap(metadata_dev, "its device ids", deadline=deadline):
+            return thintools.ls_mapped_bytes(metadata_dev, deadline=deadline, metadata_snap=True)
+
+    @contextlib.contextmanager
+    def _held_metadata_snap(
+        self, metadata_dev: str, what: str, *, deadline: deadline_mod.Deadline
+    ) -> Iterator[None]:
+        """Hold a metadata snapshot of the live pool for the block only, released on every path.
+
+        One at a time (the pool holds at most one). It blocks no pool message: mutations go on
+        beside it; it only pins the metadata blocks of that moment until it is released. A crash
+        while it is held leaves it held: the next holder finds the reserve busy and starts afresh.
+        """
         mode = self._pool_mode()
         if mode in (model.PoolMode.RO, model.PoolMode.FAIL):
             # the kernel takes no messages in these modes (EOPNOTSUPP: no reserve_metadata_snap), and
-            # thin_ls refuses live metadata without one
+            # the thin tools refuse live metadata without one
             raise errors.Unavailable(
-                f"pool {self._pool} is {mode.value}: its device ids can only be read with the pool "
+                f"pool {self._pool} is {mode.value}: {what} can only be read with the pool "
                 "torn down (thin_ls / thin_check offline)"
             )
-        with self._metadata_snap:
+        # another reader's snapshot (a changed-block delta of a big device, say) is waited for within
+        # the caller's deadline only
+        if not self._metadata_snap.acquire(timeout=max(deadline.remaining(), 0.001)):
+            raise errors.DeadlineExceeded(
+                f"pool {self._pool}: deadline exceeded waiting for the metadata snapshot"
+            )
+        try:
             deadline.check("reserve_metadata_snap")
             try:
                 self._message("reserve_metadata_snap")
@@ -551,14 +576,42 @@ class DmThinBackend:
                 self._message("release_metadata_snap")
                 self._message("reserve_metadata_snap")
             try:
-                faults.reach("dmthin:device_ids/reserved")
+                faults.reach("dmthin:metadata_snap/reserved")
                 # a status without noflush commits, writing the superblock that names the snapshot
                 self._ctl.status(self.pool_name)
-                ids = thintools.ls_mapped_bytes(metadata_dev, deadline=deadline, metadata_snap=True)
-                faults.reach("dmthin:device_ids/read")
-                return ids
+                yield
+                faults.reach("dmthin:metadata_snap/read")
             finally:
                 self._message("release_metadata_snap")
+        finally:
+            self._metadata_snap.release()
+
+    def _live_metadata_dev(self, *, deadline: deadline_mod.Deadline) -> str:
+        devices = self._devices(attach=False, attached=[], deadline=deadline)
+        if devices is None or self._ctl.info(self.pool_name) is None:
+            raise errors.Unavailable(f"pool {self._pool} is not assembled")
+        return devices[0]
+
+    # -- changed-block tracking (read-only: one metadata snapshot, released before returning) ------
+
+    def allocated(
+        self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Extent, ...]:
+        self._thin_name(dev_id)
+        metadata_dev = self._live_metadata_dev(deadline=deadline)
+        with self._held_metadata_snap(metadata_dev, f"the blocks of {dev_id}", deadline=deadline):
+            runs = thintools.mappings(metadata_dev, dev_id, deadline=deadline)
+        return _byte_extents(runs, size_bytes)
+
+    def delta(
+        self, base_id: int, target_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Extent, ...]:
+        self._thin_name(base_id)
+        self._thin_name(target_id)
+        metadata_dev = self._live_metadata_dev(deadline=deadline)
+        with self._held_metadata_snap(metadata_dev, f"the delta {base_id}..{target_id}", deadline=deadline):
+            runs = thintools.delta(metadata_dev, base_id, target_id, deadline=deadline)
+        return _byte_extents(runs, size_bytes)
 
     def mapped_bytes(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> int:
         name = self._thin_name(dev_id)

@@ -91,6 +91,17 @@ def _round_up(size: int, block: int) -> int:
     return -(-size // block) * block
 
 
+def _check_offset(starting_offset: int, size: int) -> None:
+    if not 0 <= starting_offset <= size:
+        raise errors.OutOfRange(
+            f"starting_offset {starting_offset} is outside the snapshot's 0..{size} bytes"
+        )
+
+
+def _block_map(size: int, extents: Collection[model.Extent], starting_offset: int) -> model.BlockMap:
+    return model.BlockMap(capacity_bytes=size, extents=tuple(e for e in extents if e.end > starting_offset))
+
+
 def _validate_name(name: str, what: str = "name") -> None:
     if not name or len(name) > MAX_NAME_LEN:
         raise errors.InvalidArgument(f"{what} must be 1..{MAX_NAME_LEN} characters, got {len(name)}")
@@ -728,6 +739,54 @@ class PoolEngine:
 
     def intents(self) -> builtins.list[lmdb_store.Intent]:
         return self.store.intents()
+
+    # ---- changed-block tracking (read-only) ----------------------------------------------------------
+
+    def allocated(
+        self, name: str, *, starting_offset: int, deadline: deadline_mod.Deadline
+    ) -> model.BlockMap:
+        """The ranges of snapshot `name` that hold data, from `starting_offset` on (every range that
+        ends after it).
+
+        Read-only, so no claim and no pool lock: a mutation may run beside it. The backend reads one
+        consistent view (and releases it before returning); the record is read again afterwards, so
+        a snapshot deleted (or replaced) meanwhile is NotFound instead of someone else's blocks."""
+        snap = self._snapshot(name, "snapshot")
+        _check_offset(starting_offset, snap.size_bytes)
+        extents = self.backend.allocated(snap.dev_id, snap.size_bytes, deadline=deadline)
+        self._still_there(snap)
+        return _block_map(snap.size_bytes, extents, starting_offset)
+
+    def delta(
+        self, base: str, target: str, *, starting_offset: int, deadline: deadline_mod.Deadline
+    ) -> model.BlockMap:
+        """The ranges where snapshot `target` may differ from snapshot `base` of the same volume, from
+        `starting_offset` on; the capacity is the target's (a volume may have grown in between).
+        Read-only, like `allocated`."""
+        b = self._snapshot(base, "base snapshot")
+        t = self._snapshot(target, "target snapshot")
+        if b.origin != t.origin:
+            raise errors.InvalidArgument(
+                f"base snapshot {base!r} is of volume {b.origin!r}, target snapshot {target!r} of "
+                f"{t.origin!r}: a delta is between two snapshots of the same volume"
+            )
+        _check_offset(starting_offset, t.size_bytes)
+        extents = self.backend.delta(b.dev_id, t.dev_id, t.size_bytes, deadline=deadline)
+        self._still_there(b)
+        self._still_there(t)
+        return _block_map(t.size_bytes, extents, starting_offset)
+
+    def _snapshot(self, name: str, what: str) -> model.Device:
+        _validate_name(name, what)
+        dev = self.store.get(name)
+        if dev is None or dev.kind != model.DeviceKind.SNAPSHOT:
+            raise errors.NotFound(f"{what} {name!r} not found")
+        return self._ready(name, what)
+
+    def _still_there(self, dev: model.Device) -> None:
+        now = self.store.get(dev.name)
+        if now is None or (now.dev_id, now.created_at, now.state) != (dev.dev_id, dev.created_at, dev.state):
+            raise errors.NotFound(f"snapshot {dev.name!r} was deleted while its blocks were read")
 
     # ---- orphans ---------------------------------------------------------------------------------
 

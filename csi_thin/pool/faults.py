@@ -70,8 +70,10 @@ DMTHIN = frozenset(
         "dmthin:activate/created",  # device made, no table
         "dmthin:activate/loaded",  # table loaded (inactive), not resumed
         "dmthin:resize/loaded",  # bigger table loaded beside the live one, not resumed
-        "dmthin:device_ids/reserved",  # metadata snapshot held, not read yet
-        "dmthin:device_ids/read",  # metadata snapshot read, still held
+        # every reader of a metadata snapshot (device ids; changed-block tracking) holds it through
+        # one context manager, so these two points cover them all
+        "dmthin:metadata_snap/reserved",  # metadata snapshot held, not read yet
+        "dmthin:metadata_snap/read",  # metadata snapshot read, still held
         "dmthin:assemble/repair",  # a leftover of a killed step found, before it is repaired
     }
 )

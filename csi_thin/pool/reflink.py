@@ -39,7 +39,7 @@ from csi_thin import config, errors, model, runner
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import holders, loop
-from csi_thin.pool import faults
+from csi_thin.pool import faults, fiemap
 
 log = logging.getLogger(__name__)
 
@@ -1149,3 +1149,33 @@ class ReflinkBackend:
             return os.stat(path).st_blocks * model.SECTOR
         except FileNotFoundError as exc:
             raise errors.NotFound(f"pool {self._name} has no device {dev_id}") from exc
+
+    # --- changed-block tracking (read-only: no lock, nothing held after return) ------------------
+
+    def _extent_map(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> list[fiemap.FileExtent]:
+        path = self._require_device(dev_id)
+        try:
+            # an open file keeps its extents even if the device is deleted meanwhile: one consistent map
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise errors.NotFound(f"pool {self._name} has no device {dev_id}") from exc
+        except OSError as exc:
+            raise _oserror(f"open device {dev_id}", exc) from exc
+        try:
+            return fiemap.extents(fd, deadline=deadline)
+        except OSError as exc:
+            raise _oserror(f"extent map (FIEMAP) of device {dev_id}", exc) from exc
+        finally:
+            os.close(fd)
+
+    def allocated(
+        self, dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Extent, ...]:
+        return fiemap.allocated(self._extent_map(dev_id, deadline=deadline), size=size_bytes)
+
+    def delta(
+        self, base_id: int, target_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Extent, ...]:
+        base = self._extent_map(base_id, deadline=deadline)
+        target = self._extent_map(target_id, deadline=deadline)
+        return fiemap.changed(base, target, size=size_bytes)

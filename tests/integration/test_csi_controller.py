@@ -58,6 +58,8 @@ def test_identity(d: h.Driver) -> None:
     assert services == {
         csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE,
         csi_pb2.PluginCapability.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
+        # standalone serves changed-block tracking on the same socket (tests/cbt_scenarios.py)
+        csi_pb2.PluginCapability.Service.SNAPSHOT_METADATA_SERVICE,
     }
     expansion = [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")]
     assert expansion == [csi_pb2.PluginCapability.VolumeExpansion.ONLINE]

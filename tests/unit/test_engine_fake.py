@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from tests import enginesuite, fakes
@@ -70,3 +72,49 @@ def test_grow_below_what_the_kernel_already_has_finishes_without_shrinking(
     e = harness.reboot(e)  # and a start-up has nothing left to trip on
     after = e.store.get("vol")
     assert after is not None and after.size_bytes == 8 * enginesuite.MiB
+
+
+def test_changed_block_reads_hold_no_claim_and_notice_a_delete_meanwhile(
+    harness: enginesuite.Harness,
+) -> None:
+    """The engine's changed-block reads take no claim and no pool lock: a delete of the very snapshot
+    runs while the backend reads it (and succeeds), and the read then answers NotFound rather than
+    ranges of a device that is gone (or whose id a new device may reuse)."""
+    e = harness.open()
+    dl = enginesuite.dl
+    e.create_volume("vol", 4 * enginesuite.MiB, deadline=dl())
+    e.create_volume("other", 4 * enginesuite.MiB, deadline=dl())
+    e.create_snapshot("s1", "vol", deadline=dl())
+    e.create_snapshot("s2", "vol", deadline=dl())
+    e.create_snapshot("o1", "other", deadline=dl())
+    calls: list[tuple[int, ...]] = []
+
+    def allocated(
+        dev_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Extent, ...]:
+        calls.append((dev_id,))
+        return (model.Extent(0, 4096), model.Extent(1 * enginesuite.MiB, 4096))
+
+    def delta_deleting(
+        base_id: int, target_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+    ) -> tuple[model.Extent, ...]:
+        calls.append((base_id, target_id))
+        e.delete("s2", deadline=dl())  # no claim of the reader's is in the way
+        return (model.Extent(0, 4096),)
+
+    e.backend.allocated = allocated  # type: ignore[method-assign]
+    e.backend.delta = delta_deleting  # type: ignore[method-assign]
+    got = e.allocated("s1", starting_offset=4096, deadline=dl())
+    assert got == model.BlockMap(4 * enginesuite.MiB, (model.Extent(1 * enginesuite.MiB, 4096),))
+    with pytest.raises(errors.NotFound, match="deleted while its blocks were read"):
+        e.delta("s1", "s2", starting_offset=0, deadline=dl())
+    assert e.get("s2") is None
+    # refused before the backend is asked: not a snapshot, another volume's, offset out of range
+    n = len(calls)
+    with pytest.raises(errors.NotFound):
+        e.allocated("vol", starting_offset=0, deadline=dl())
+    with pytest.raises(errors.InvalidArgument, match="same volume"):
+        e.delta("s1", "o1", starting_offset=0, deadline=dl())
+    with pytest.raises(errors.OutOfRange):
+        e.allocated("s1", starting_offset=4 * enginesuite.MiB + 1, deadline=dl())
+    assert len(calls) == n
