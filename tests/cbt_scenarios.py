@@ -206,7 +206,9 @@ def backup_and_restore(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, wor
             assert allocated(stub, s1_id, starting_offset=start, max_results=1).ranges == want
 
 
-def zeroed_since_the_base(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, workdir: pathlib.Path) -> None:
+def zeroed_since_the_base(
+    d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, workdir: pathlib.Path
+) -> None:
     """Blocks that read zeros again after the base snapshot (discarded: unmapped or a hole now;
     zeroed out: unwritten extents on reflink) changed too: a delta that left them out would restore
     the base's old bytes there."""
