@@ -10,10 +10,12 @@ deactivated again.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import itertools
 import os
 import pathlib
 import random
+import struct
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -81,6 +83,24 @@ def write(d: h.Driver, volume: str, writes: list[tuple[int, bytes]]) -> None:
     try:
         for offset, data in writes:
             blockio.write_at(dev.path, offset, data)
+    finally:
+        d.engine.deactivate(volume, deadline=dl())
+
+
+BLKDISCARD = 0x1277  # _IO(0x12, 119): the range reads zeros after (dm-thin unmaps it, loop punches a hole)
+BLKZEROOUT = 0x127F  # _IO(0x12, 127): write zeros (loop: FALLOC_FL_ZERO_RANGE, unwritten extents)
+
+
+def block_ioctl(d: h.Driver, volume: str, request: int, ranges: list[tuple[int, int]]) -> None:
+    dev = d.engine.activate(volume, deadline=dl())
+    assert dev.path
+    try:
+        fd = os.open(dev.path, os.O_WRONLY)
+        try:
+            for offset, size in ranges:
+                fcntl.ioctl(fd, request, struct.pack("=QQ", offset, size))
+        finally:
+            os.close(fd)
     finally:
         d.engine.deactivate(volume, deadline=dl())
 
@@ -184,6 +204,39 @@ def backup_and_restore(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, wor
         if start <= VOLUME:
             want = [r for r in full.ranges if r[0] + r[1] > start]
             assert allocated(stub, s1_id, starting_offset=start, max_results=1).ranges == want
+
+
+def zeroed_since_the_base(
+    d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub, workdir: pathlib.Path
+) -> None:
+    """Blocks that read zeros again after the base snapshot (discarded: unmapped or a hole now;
+    zeroed out: unwritten extents on reflink) changed too: a delta that left them out would restore
+    the base's old bytes there."""
+    rnd = random.Random(7)
+    vol = d.controller.CreateVolume(h.create_req("cbt-z", VOLUME, h.block_cap())).volume.volume_id
+    write(d, vol, [(0, rnd.randbytes(4 * MiB)), (16 * MiB, rnd.randbytes(4 * MiB))])
+    s1 = d.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="cbt-z1", source_volume_id=vol))
+    block_ioctl(d, vol, BLKDISCARD, [(1 * MiB, 1 * MiB)])
+    block_ioctl(d, vol, BLKZEROOUT, [(17 * MiB, 1 * MiB)])
+    s2 = d.controller.CreateSnapshot(csi_pb2.CreateSnapshotRequest(name="cbt-z2", source_volume_id=vol))
+    s1_id, s2_id = s1.snapshot.snapshot_id, s2.snapshot.snapshot_id
+
+    s1_bytes = image(d, s1_id, workdir / "z1.img")
+    s2_bytes = image(d, s2_id, workdir / "z2.img")
+    zeros = bytes(1 * MiB)
+    assert s1_bytes[1 * MiB : 2 * MiB] != zeros and s1_bytes[17 * MiB : 18 * MiB] != zeros
+    assert s2_bytes[1 * MiB : 2 * MiB] == zeros and s2_bytes[17 * MiB : 18 * MiB] == zeros
+
+    inc = delta(stub, s1_id, s2_id)
+    assert overlaps(inc.ranges, 1 * MiB, 2 * MiB), inc.ranges
+    assert overlaps(inc.ranges, 17 * MiB, 18 * MiB), inc.ranges
+    copy = workdir / "z-incremental.img"
+    copy.write_bytes(s1_bytes)
+    assert apply(d, s2_id, inc.ranges, copy, inc.capacity) == s2_bytes
+    full = allocated(stub, s2_id)
+    empty = workdir / "z-full.img"
+    empty.write_bytes(b"")
+    assert apply(d, s2_id, full.ranges, empty, full.capacity) == s2_bytes
 
 
 def errors_and_streaming(d: h.Driver, stub: csi_pb2_grpc.SnapshotMetadataStub) -> None:

@@ -125,11 +125,19 @@ def mappings(
             runs.append((int(m.get("origin_begin", "")), int(m.get("length", ""))))
         elif m.tag == "single_mapping":
             runs.append((int(m.get("origin_block", "")), 1))
+        else:
+            # anything else may name mapped blocks (thin_dump 1.x's <ref> to a shared <def>):
+            # skipping it would leave data out of a full backup
+            raise dm_errors.DmError(
+                f"thin_dump: <{m.tag}> in device {dev_id} is not read by csi-thin (only range_mapping "
+                "and single_mapping): refusing rather than leaving its blocks out"
+            )
     return BlockRuns(block_bytes=_block_bytes(root), runs=tuple(sorted(runs)))
 
 
 #: thin_delta's elements for blocks that may differ (it prints `same` runs too)
 _DIFFERENT = frozenset({"different", "left_only", "right_only"})
+_SAME = "same"
 
 
 def delta(
@@ -155,12 +163,17 @@ def delta(
         ],
         deadline=deadline,
     )
-    runs = [
-        (int(e.get("begin", "")), int(e.get("length", "")))
-        for diff in root.iter("diff")
-        for e in diff
-        if e.tag in _DIFFERENT
-    ]
+    runs: list[tuple[int, int]] = []
+    for diff in root.iter("diff"):
+        for e in diff:
+            if e.tag in _DIFFERENT:
+                runs.append((int(e.get("begin", "")), int(e.get("length", ""))))
+            elif e.tag != _SAME:
+                # an unknown kind of run may hold changed blocks: a delta must never name too few
+                raise dm_errors.DmError(
+                    f"thin_delta: <{e.tag}> in the delta {base_id}..{target_id} is not read by csi-thin "
+                    f"(only {_SAME}, {', '.join(sorted(_DIFFERENT))}): refusing rather than leaving it out"
+                )
     return BlockRuns(block_bytes=_block_bytes(root), runs=tuple(sorted(runs)))
 
 

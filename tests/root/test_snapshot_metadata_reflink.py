@@ -47,6 +47,12 @@ def test_backup_and_restore_from_ranges(tmp_path: pathlib.Path, fs_type: str) ->
         cbt_scenarios.backup_and_restore(d, stub, tmp_path)
 
 
+@pytest.mark.parametrize("fs_type", ["xfs", "btrfs"])
+def test_blocks_zeroed_since_the_base_are_in_the_delta(tmp_path: pathlib.Path, fs_type: str) -> None:
+    with _driver(tmp_path, fs_type) as (d, stub):
+        cbt_scenarios.zeroed_since_the_base(d, stub, tmp_path)
+
+
 def test_errors_and_streaming(tmp_path: pathlib.Path) -> None:
     with _driver(tmp_path) as (d, stub):
         cbt_scenarios.errors_and_streaming(d, stub)

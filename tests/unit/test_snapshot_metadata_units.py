@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from csi_thin import errors, model
+from csi_thin import deadline, errors, model, runner
 from csi_thin.csi import snapshot_metadata_service as sms
+from csi_thin.dm import errors as dm_errors
+from csi_thin.dm import thintools
 from csi_thin.pool import fiemap
 
 E = model.Extent
@@ -81,3 +83,38 @@ def test_argument_checks() -> None:
         sms._max_results(-1)
     with pytest.raises(errors.OutOfRange):
         sms._offset(-1)
+
+
+# --- thin tool output the parser does not know: refused, never read as "no blocks here" ----------
+
+
+def _tool_prints(monkeypatch: pytest.MonkeyPatch, stdout: str) -> None:
+    def run(argv: list[str], **_: object) -> runner.Result:
+        return runner.Result(argv=argv, returncode=0, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(thintools.runner, "run", run)
+
+
+def test_mappings_refuse_elements_they_do_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # thin_dump of thin-provisioning-tools 1.x (Debian after bookworm) writes leaves shared between
+    # devices once, as a <def>, and names them in each device with <ref>: skipping the <ref> would
+    # leave the snapshot's shared blocks out of GetMetadataAllocated (a full backup missing data)
+    _tool_prints(
+        monkeypatch,
+        '<superblock data_block_size="128"><def name="7"><range_mapping origin_begin="0" '
+        'data_begin="0" length="10" time="0"/></def><device dev_id="1"><ref name="7"/>'
+        '<single_mapping origin_block="20" data_block="30" time="0"/></device></superblock>',
+    )
+    with pytest.raises(dm_errors.DmError, match="ref"):
+        thintools.mappings("/dev/null", 1, deadline=deadline.default())
+
+
+def test_delta_refuses_elements_it_does_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a run of a kind this parser was not written for may hold changed blocks: refuse, do not skip
+    _tool_prints(
+        monkeypatch,
+        '<superblock data_block_size="128"><diff left="1" right="2"><same begin="0" length="4"/>'
+        '<changed begin="4" length="2"/></diff></superblock>',
+    )
+    with pytest.raises(dm_errors.DmError, match="changed"):
+        thintools.delta("/dev/null", 1, 2, deadline=deadline.default())

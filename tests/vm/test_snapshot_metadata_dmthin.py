@@ -61,6 +61,12 @@ def test_backup_and_restore_from_ranges(workdir: pathlib.Path) -> None:
         assert _held_root(d.backend) == "-"  # type: ignore[arg-type]
 
 
+def test_blocks_zeroed_since_the_base_are_in_the_delta(workdir: pathlib.Path) -> None:
+    with _driver(workdir) as (d, stub):
+        cbt_scenarios.zeroed_since_the_base(d, stub, workdir)
+        assert _held_root(d.backend) == "-"  # type: ignore[arg-type]
+
+
 def test_errors_and_streaming(workdir: pathlib.Path) -> None:
     with _driver(workdir) as (d, stub):
         cbt_scenarios.errors_and_streaming(d, stub)
