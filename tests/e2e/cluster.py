@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -558,14 +559,34 @@ state = "{r}/run/containerd"
     def stop(self) -> list[str]:
         """Undo start(): pods first (kubelet unpublishes and unstages their volumes while the node
         plugin still runs), then the processes, containers, mounts, loop devices and cgroups. Returns
-        what was left behind (empty when clean)."""
+        what was left behind (empty when clean).
+
+        Every step runs whatever the one before did: a step that fails or times out (a hung
+        apiserver, containerd gone) or a Ctrl-C during the slow, gentle part must not leave kubelet,
+        containerd and the mounts behind. A KeyboardInterrupt is raised again once all is undone."""
+        problems: list[str] = []
+        interrupted: KeyboardInterrupt | None = None
+
+        def step(what: str, undo: Callable[[], object]) -> None:
+            nonlocal interrupted
+            try:
+                undo()
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
+                problems.append(f"{what}: interrupted")
+            except Exception as exc:
+                problems.append(f"{what} failed: {exc!r}")
+
         if "apiserver" in self.procs and self.procs["apiserver"].poll() is None:
-            self.kubectl(
-                "delete", "pods", "--all", "--all-namespaces", "--grace-period=1", "--wait=true",
-                "--timeout=90s", check=False, timeout=120,
+            step(
+                "deleting the pods",
+                lambda: self.kubectl(
+                    "delete", "pods", "--all", "--all-namespaces", "--grace-period=1", "--wait=true",
+                    "--timeout=90s", check=False, timeout=120,
+                ),
             )  # fmt: skip
-        self._stop("kubelet")
-        self._remove_containers()
+        step("stopping kubelet", lambda: self._stop("kubelet"))
+        step("removing the containers", self._remove_containers)
         for name in (
             "snapshot-controller",
             "containerd",
@@ -574,9 +595,13 @@ state = "{r}/run/containerd"
             "apiserver",
             "etcd",
         ):
-            self._stop(name)
-        self._release_host()
-        return self._leftovers()
+            step(f"stopping {name}", functools.partial(self._stop, name))
+        for what, undo in self._host_steps():
+            step(what, undo)
+        step("listing what is left", lambda: problems.extend(self._leftovers()))
+        if interrupted is not None:
+            raise interrupted
+        return problems
 
     def _remove_containers(self) -> None:
         """The containers kubelet left: deleting their tasks makes the runc shims exit."""
@@ -589,8 +614,16 @@ state = "{r}/run/containerd"
         for container in self.ctr("containers", "ls", "-q", check=False).split():
             self.ctr("containers", "delete", container, check=False)
 
-    def _release_host(self) -> None:
-        """Processes, mounts, loop devices and cgroups the cluster leaves on the host."""
+    def _host_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        """Processes, mounts, loop devices and cgroups the cluster leaves on the host, in order."""
+        return [
+            ("killing what names the state dir", self._kill_procs),
+            ("unmounting", self._unmount),
+            ("detaching loop devices", self._detach_loops),
+            ("removing cgroups and host dirs", self._release_host),
+        ]
+
+    def _kill_procs(self) -> None:
         # shims and any container process left name the state dir in their command line
         for pid in _procs_naming(f"{self.root}/"):
             with contextlib.suppress(ProcessLookupError):
@@ -599,10 +632,17 @@ state = "{r}/run/containerd"
             wait_for(
                 "no process naming the state dir", lambda: not _procs_naming(f"{self.root}/"), timeout=10
             )
+
+    def _unmount(self) -> None:
         for point in sorted(_mounts_under(self.root), reverse=True):  # deepest first
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+    def _detach_loops(self) -> None:
         for loop in loops_under(self.root):
             subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
+
+    def _release_host(self) -> None:
+        """kubelet's cgroups and the host dirs the cluster made."""
         for top in pathlib.Path("/sys/fs/cgroup").glob("*/kubepods"):
             # kubelet's pod cgroups, deepest first (rmdir of a cgroup removes its control files)
             for d in sorted(top.rglob("*/"), key=lambda p: len(p.parts), reverse=True):
