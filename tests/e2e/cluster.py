@@ -170,9 +170,23 @@ class Cluster:
         return f"https://127.0.0.1:{self.api_port}"
 
     # clients
+    @property
+    def client_env(self) -> dict[str, str]:
+        """kubectl's and helm's environment: their API discovery cache under the state dir, not a
+        new ~/.kube/cache/discovery/127.0.0.1_<port> left in $HOME by every run."""
+        return {**os.environ, "KUBECACHEDIR": str(self.root / "kube-cache")}
+
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120) -> str:
         argv = [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
-        res = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+        res = subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.client_env,
+            check=False,
+        )
         if check and res.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
         return res.stdout
@@ -187,7 +201,7 @@ class Cluster:
     def helm(self, *args: str, timeout: float = 300) -> str:
         argv = [str(self.bin / "helm"), "--kubeconfig", str(self.kubeconfig), *args]
         env = {
-            **os.environ,
+            **self.client_env,
             "HELM_CACHE_HOME": str(self.root / "helm" / "cache"),
             "HELM_CONFIG_HOME": str(self.root / "helm" / "config"),
             "HELM_DATA_HOME": str(self.root / "helm" / "data"),
