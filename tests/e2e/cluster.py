@@ -131,6 +131,20 @@ def _procs_naming(text: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
+def _kubepods() -> list[pathlib.Path]:
+    """kubelet's top pod cgroup in each cgroup v1 hierarchy (cgroupfs driver, default cgroup root)."""
+    return sorted(pathlib.Path("/sys/fs/cgroup").glob("*/kubepods"))
+
+
+def _kubepods_pids() -> set[int]:
+    pids: set[int] = set()
+    for top in _kubepods():
+        for procs in top.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                pids.update(int(x) for x in procs.read_text().split())
+    return pids
+
+
 def _iptables() -> str:
     """The host's iptables and ip6tables rules, without counters and comments (compared at stop)."""
     out = []
@@ -151,6 +165,8 @@ class Cluster:
     _iptables_before: str | None = None
     #: paths outside the state dir that kubelet and containerd hard-code, and which we created
     _created_host_dirs: list[pathlib.Path] = dataclasses.field(default_factory=list)
+    #: kubelet's cgroups (/sys/fs/cgroup/*/kubepods) are ours to empty and remove: none existed at start
+    _owns_kubepods: bool = False
 
     # paths
     @property
@@ -268,6 +284,14 @@ class Cluster:
 
     def start(self) -> None:
         self._t0 = time.monotonic()
+        # kubelet's pod cgroups are at a fixed place: another kubelet's there would be taken over (its
+        # pods, unknown to ours, removed as orphans), and stop() would remove them
+        if others := _kubepods():
+            raise RuntimeError(
+                f"kubelet's cgroups exist already ({', '.join(map(str, others))}): another kubelet runs "
+                "on this host, or one left them; the e2e cluster's kubelet would take them over"
+            )
+        self._owns_kubepods = True
         self._iptables_before = _iptables()
         # kubelet's device-plugin socket dir, containerd 1.6's shim socket dir: hard-coded, so
         # removed at stop when this cluster made them
@@ -657,15 +681,22 @@ state = "{r}/run/containerd"
 
     def _release_host(self) -> None:
         """kubelet's cgroups and the host dirs the cluster made."""
-        for top in pathlib.Path("/sys/fs/cgroup").glob("*/kubepods"):
-            # kubelet's pod cgroups, deepest first (rmdir of a cgroup removes its control files)
-            for d in sorted(top.rglob("*/"), key=lambda p: len(p.parts), reverse=True):
+        if self._owns_kubepods:
+            # a container whose shim is gone (containerd died) still runs in its pod's cgroup
+            for pid in _kubepods_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                wait_for("no process in kubelet's cgroups", lambda: not _kubepods_pids(), timeout=10)
+            for top in _kubepods():
+                # kubelet's pod cgroups, deepest first (rmdir of a cgroup removes its control files)
+                for d in sorted(top.rglob("*/"), key=lambda p: len(p.parts), reverse=True):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
                 with contextlib.suppress(OSError):
-                    d.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
-        with contextlib.suppress(FileNotFoundError):  # kubelet's own, and kubelet is ours
-            pathlib.Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink()
+                    top.rmdir()
+            with contextlib.suppress(FileNotFoundError):  # kubelet's own, and kubelet was ours
+                pathlib.Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink()
         for top in self._created_host_dirs:
             # only what is empty now: another containerd on this host may have come to share
             # /run/containerd since (its shim sockets live there too)
@@ -685,7 +716,7 @@ state = "{r}/run/containerd"
             problems.append(f"still mounted: {mounts}")
         if loops := loops_under(self.root):
             problems.append(f"loop devices still attached: {loops}")
-        if cgroups := [str(p) for p in pathlib.Path("/sys/fs/cgroup").glob("*/kubepods")]:
+        if self._owns_kubepods and (cgroups := [str(p) for p in _kubepods()]):
             problems.append(f"cgroups left: {cgroups}")
         kubelet_dir = pathlib.Path("/var/lib/kubelet")
         if kubelet_dir in self._created_host_dirs and kubelet_dir.exists():

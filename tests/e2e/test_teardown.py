@@ -34,3 +34,22 @@ def test_a_second_ctrl_c_during_teardown_still_stops_every_daemon(tmp_path: path
         for proc in c.procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_another_kubelets_cgroups_are_refused_and_left_alone(tmp_path: pathlib.Path) -> None:
+    """kubelet's pod cgroups exist already (another kubelet on this host): the cluster does not
+    start, and its teardown removes none of them."""
+    made = []
+    if not cluster_mod._kubepods():  # else this session's own cluster runs: its cgroups stand in
+        made.append(pathlib.Path("/sys/fs/cgroup/pids/kubepods"))
+        made[0].mkdir()
+    try:
+        before = cluster_mod._kubepods()
+        c = cluster_mod.Cluster(root=tmp_path / "root", bin=tmp_path / "bin")
+        with pytest.raises(RuntimeError, match="another kubelet"):
+            c.start()
+        assert c.stop() == []
+        assert cluster_mod._kubepods() == before, "the teardown removed kubelet cgroups it did not make"
+    finally:
+        for d in made:
+            d.rmdir()
