@@ -738,6 +738,18 @@ state = "{r}/run/containerd"
 
 
 @contextlib.contextmanager
+def stopped_on_interrupt(cluster: Cluster) -> Iterator[None]:
+    """For the teardown of a fixture that uses the cluster: pytest runs no other fixture's teardown
+    once one raises KeyboardInterrupt (a Ctrl-C during the minutes a driver's uninstall may take),
+    so the cluster fixture's stop() would never come; it runs here then, and the interrupt goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        cluster.stop()
+        raise
+
+
+@contextlib.contextmanager
 def running(root: pathlib.Path, bin_dir: pathlib.Path) -> Iterator[Cluster]:
     cluster = Cluster(root=root, bin=bin_dir)
     try:

@@ -171,13 +171,21 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
         )
         yield d
     finally:
-        try:
-            _remove_workload(c)
-        finally:  # the release goes even when a volume would not (the cluster's stop reports leftovers)
-            if RELEASE in c.helm("list", "--namespace", DRIVER_NS, "--short"):
-                c.helm(
-                    "uninstall", RELEASE, "--namespace", DRIVER_NS, "--wait", "--timeout", "2m", timeout=150
-                )
+        with cluster_mod.stopped_on_interrupt(c):
+            try:
+                _remove_workload(c)
+            finally:  # the release goes even when a volume would not (the cluster's stop reports leftovers)
+                if RELEASE in c.helm("list", "--namespace", DRIVER_NS, "--short"):
+                    c.helm(
+                        "uninstall",
+                        RELEASE,
+                        "--namespace",
+                        DRIVER_NS,
+                        "--wait",
+                        "--timeout",
+                        "2m",
+                        timeout=150,
+                    )
 
 
 def _remove_workload(c: cluster_mod.Cluster) -> None:

@@ -3,10 +3,17 @@ whatever goes wrong in its gentle part, the daemons are stopped."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
+from tests import conftest
 from tests.e2e import cluster as cluster_mod
 
 DAEMONS = ("etcd", "apiserver", "containerd", "kubelet")
@@ -53,3 +60,64 @@ def test_another_kubelets_cgroups_are_refused_and_left_alone(tmp_path: pathlib.P
     finally:
         for d in made:
             d.rmdir()
+
+
+#: a session like the tier's: a cluster fixture (stand-in daemons) and a driver fixture using it,
+#: whose teardown the user interrupts with Ctrl-C
+INTERRUPTED_SESSION = """
+import os, pathlib, signal, time
+import pytest
+from tests.e2e import cluster as cluster_mod
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    (root / "logs").mkdir()
+    c = cluster_mod.Cluster(root=root, bin=root / "bin")
+    for name in ("etcd", "apiserver", "containerd", "kubelet"):
+        c._start(name, ["sleep", "600"])
+    pathlib.Path(os.environ["PIDS"]).write_text(" ".join(str(p.pid) for p in c.procs.values()))
+    yield c
+    c.stop()
+
+@pytest.fixture(scope="session")
+def driver(cluster):
+    yield
+    with cluster_mod.stopped_on_interrupt(cluster):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the (slow) uninstall
+        time.sleep(5)
+
+def test_uses_the_driver(driver):
+    pass
+"""
+
+
+def test_ctrl_c_during_the_drivers_teardown_still_stops_the_cluster(tmp_path: pathlib.Path) -> None:
+    """pytest runs no further fixture teardown after a KeyboardInterrupt in one: an interrupted
+    driver teardown would skip the cluster's, leaving every daemon running."""
+    (tmp_path / "test_session.py").write_text(textwrap.dedent(INTERRUPTED_SESSION))
+    pids_file = tmp_path / "pids"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
+         str(tmp_path / "test_session.py")],
+        cwd=conftest.ROOT, env={**os.environ, "PIDS": str(pids_file), "PYTHONPATH": str(conftest.ROOT)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    pids = [int(p) for p in pids_file.read_text().split()]
+    try:
+        assert len(pids) == 4, res.stdout + res.stderr
+        assert "KeyboardInterrupt" in res.stdout + res.stderr, res.stdout + res.stderr
+        running = [pid for pid in pids if _running(pid)]
+        assert not running, f"daemons still running after the interrupted session: {running}"
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
