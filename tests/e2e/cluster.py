@@ -737,6 +737,23 @@ state = "{r}/run/containerd"
             proc.wait(timeout=20)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """For the cluster fixture's whole life: its daemons run in sessions of their own (a Ctrl-C at
+    the terminal reaches pytest alone, which then tears down in order), so a SIGTERM that ended
+    pytest outright (a cancelled CI job, `timeout`) would leave every one of them running. Here it
+    interrupts like a Ctrl-C, and the teardown runs."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def stopped_on_interrupt(cluster: Cluster) -> Iterator[None]:
     """For the teardown of a fixture that uses the cluster: pytest runs no other fixture's teardown

@@ -40,14 +40,15 @@ def cluster() -> Iterator[cluster_mod.Cluster]:
     root = pathlib.Path(tempfile.mkdtemp(prefix="e2e-", dir="/tmp"))
     c = cluster_mod.Cluster(root=root, bin=conftest.BIN)
     problems: list[str] = []
-    try:
-        c.start()
-        conftest.report("e2e cluster: " + ", ".join(f"{what} {t:.1f}s" for what, t in c.timings.items()))
-        yield c
-    finally:
-        problems = c.stop()
-        if not problems:
-            shutil.rmtree(root, ignore_errors=True)
+    with cluster_mod.sigterm_interrupts():
+        try:
+            c.start()
+            conftest.report("e2e cluster: " + ", ".join(f"{what} {t:.1f}s" for what, t in c.timings.items()))
+            yield c
+        finally:
+            problems = c.stop()
+            if not problems:
+                shutil.rmtree(root, ignore_errors=True)
     assert not problems, f"the e2e cluster left things behind (state in {root}): {problems}"
 
 
