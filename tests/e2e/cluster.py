@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -130,6 +131,20 @@ def _procs_naming(text: str) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
+def _kubepods() -> list[pathlib.Path]:
+    """kubelet's top pod cgroup in each cgroup v1 hierarchy (cgroupfs driver, default cgroup root)."""
+    return sorted(pathlib.Path("/sys/fs/cgroup").glob("*/kubepods"))
+
+
+def _kubepods_pids() -> set[int]:
+    pids: set[int] = set()
+    for top in _kubepods():
+        for procs in top.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                pids.update(int(x) for x in procs.read_text().split())
+    return pids
+
+
 def _iptables() -> str:
     """The host's iptables and ip6tables rules, without counters and comments (compared at stop)."""
     out = []
@@ -150,6 +165,8 @@ class Cluster:
     _iptables_before: str | None = None
     #: paths outside the state dir that kubelet and containerd hard-code, and which we created
     _created_host_dirs: list[pathlib.Path] = dataclasses.field(default_factory=list)
+    #: kubelet's cgroups (/sys/fs/cgroup/*/kubepods) are ours to empty and remove: none existed at start
+    _owns_kubepods: bool = False
 
     # paths
     @property
@@ -169,9 +186,23 @@ class Cluster:
         return f"https://127.0.0.1:{self.api_port}"
 
     # clients
+    @property
+    def client_env(self) -> dict[str, str]:
+        """kubectl's and helm's environment: their API discovery cache under the state dir, not a
+        new ~/.kube/cache/discovery/127.0.0.1_<port> left in $HOME by every run."""
+        return {**os.environ, "KUBECACHEDIR": str(self.root / "kube-cache")}
+
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120) -> str:
         argv = [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
-        res = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+        res = subprocess.run(
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.client_env,
+            check=False,
+        )
         if check and res.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()}")
         return res.stdout
@@ -186,7 +217,7 @@ class Cluster:
     def helm(self, *args: str, timeout: float = 300) -> str:
         argv = [str(self.bin / "helm"), "--kubeconfig", str(self.kubeconfig), *args]
         env = {
-            **os.environ,
+            **self.client_env,
             "HELM_CACHE_HOME": str(self.root / "helm" / "cache"),
             "HELM_CONFIG_HOME": str(self.root / "helm" / "config"),
             "HELM_DATA_HOME": str(self.root / "helm" / "data"),
@@ -253,6 +284,14 @@ class Cluster:
 
     def start(self) -> None:
         self._t0 = time.monotonic()
+        # kubelet's pod cgroups are at a fixed place: another kubelet's there would be taken over (its
+        # pods, unknown to ours, removed as orphans), and stop() would remove them
+        if others := _kubepods():
+            raise RuntimeError(
+                f"kubelet's cgroups exist already ({', '.join(map(str, others))}): another kubelet runs "
+                "on this host, or one left them; the e2e cluster's kubelet would take them over"
+            )
+        self._owns_kubepods = True
         self._iptables_before = _iptables()
         # kubelet's device-plugin socket dir, containerd 1.6's shim socket dir: hard-coded, so
         # removed at stop when this cluster made them
@@ -558,14 +597,34 @@ state = "{r}/run/containerd"
     def stop(self) -> list[str]:
         """Undo start(): pods first (kubelet unpublishes and unstages their volumes while the node
         plugin still runs), then the processes, containers, mounts, loop devices and cgroups. Returns
-        what was left behind (empty when clean)."""
+        what was left behind (empty when clean).
+
+        Every step runs whatever the one before did: a step that fails or times out (a hung
+        apiserver, containerd gone) or a Ctrl-C during the slow, gentle part must not leave kubelet,
+        containerd and the mounts behind. A KeyboardInterrupt is raised again once all is undone."""
+        problems: list[str] = []
+        interrupted: KeyboardInterrupt | None = None
+
+        def step(what: str, undo: Callable[[], object]) -> None:
+            nonlocal interrupted
+            try:
+                undo()
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
+                problems.append(f"{what}: interrupted")
+            except Exception as exc:
+                problems.append(f"{what} failed: {exc!r}")
+
         if "apiserver" in self.procs and self.procs["apiserver"].poll() is None:
-            self.kubectl(
-                "delete", "pods", "--all", "--all-namespaces", "--grace-period=1", "--wait=true",
-                "--timeout=90s", check=False, timeout=120,
+            step(
+                "deleting the pods",
+                lambda: self.kubectl(
+                    "delete", "pods", "--all", "--all-namespaces", "--grace-period=1", "--wait=true",
+                    "--timeout=90s", check=False, timeout=120,
+                ),
             )  # fmt: skip
-        self._stop("kubelet")
-        self._remove_containers()
+        step("stopping kubelet", lambda: self._stop("kubelet"))
+        step("removing the containers", self._remove_containers)
         for name in (
             "snapshot-controller",
             "containerd",
@@ -574,9 +633,13 @@ state = "{r}/run/containerd"
             "apiserver",
             "etcd",
         ):
-            self._stop(name)
-        self._release_host()
-        return self._leftovers()
+            step(f"stopping {name}", functools.partial(self._stop, name))
+        for what, undo in self._host_steps():
+            step(what, undo)
+        step("listing what is left", lambda: problems.extend(self._leftovers()))
+        if interrupted is not None:
+            raise interrupted
+        return problems
 
     def _remove_containers(self) -> None:
         """The containers kubelet left: deleting their tasks makes the runc shims exit."""
@@ -589,8 +652,16 @@ state = "{r}/run/containerd"
         for container in self.ctr("containers", "ls", "-q", check=False).split():
             self.ctr("containers", "delete", container, check=False)
 
-    def _release_host(self) -> None:
-        """Processes, mounts, loop devices and cgroups the cluster leaves on the host."""
+    def _host_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        """Processes, mounts, loop devices and cgroups the cluster leaves on the host, in order."""
+        return [
+            ("killing what names the state dir", self._kill_procs),
+            ("unmounting", self._unmount),
+            ("detaching loop devices", self._detach_loops),
+            ("removing cgroups and host dirs", self._release_host),
+        ]
+
+    def _kill_procs(self) -> None:
         # shims and any container process left name the state dir in their command line
         for pid in _procs_naming(f"{self.root}/"):
             with contextlib.suppress(ProcessLookupError):
@@ -599,19 +670,33 @@ state = "{r}/run/containerd"
             wait_for(
                 "no process naming the state dir", lambda: not _procs_naming(f"{self.root}/"), timeout=10
             )
+
+    def _unmount(self) -> None:
         for point in sorted(_mounts_under(self.root), reverse=True):  # deepest first
             subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+    def _detach_loops(self) -> None:
         for loop in loops_under(self.root):
             subprocess.run(["losetup", "-d", loop], capture_output=True, check=False)
-        for top in pathlib.Path("/sys/fs/cgroup").glob("*/kubepods"):
-            # kubelet's pod cgroups, deepest first (rmdir of a cgroup removes its control files)
-            for d in sorted(top.rglob("*/"), key=lambda p: len(p.parts), reverse=True):
+
+    def _release_host(self) -> None:
+        """kubelet's cgroups and the host dirs the cluster made."""
+        if self._owns_kubepods:
+            # a container whose shim is gone (containerd died) still runs in its pod's cgroup
+            for pid in _kubepods_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                wait_for("no process in kubelet's cgroups", lambda: not _kubepods_pids(), timeout=10)
+            for top in _kubepods():
+                # kubelet's pod cgroups, deepest first (rmdir of a cgroup removes its control files)
+                for d in sorted(top.rglob("*/"), key=lambda p: len(p.parts), reverse=True):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
                 with contextlib.suppress(OSError):
-                    d.rmdir()
-            with contextlib.suppress(OSError):
-                top.rmdir()
-        with contextlib.suppress(FileNotFoundError):  # kubelet's own, and kubelet is ours
-            pathlib.Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink()
+                    top.rmdir()
+            with contextlib.suppress(FileNotFoundError):  # kubelet's own, and kubelet was ours
+                pathlib.Path("/var/lib/kubelet/device-plugins/kubelet.sock").unlink()
         for top in self._created_host_dirs:
             # only what is empty now: another containerd on this host may have come to share
             # /run/containerd since (its shim sockets live there too)
@@ -631,7 +716,7 @@ state = "{r}/run/containerd"
             problems.append(f"still mounted: {mounts}")
         if loops := loops_under(self.root):
             problems.append(f"loop devices still attached: {loops}")
-        if cgroups := [str(p) for p in pathlib.Path("/sys/fs/cgroup").glob("*/kubepods")]:
+        if self._owns_kubepods and (cgroups := [str(p) for p in _kubepods()]):
             problems.append(f"cgroups left: {cgroups}")
         kubelet_dir = pathlib.Path("/var/lib/kubelet")
         if kubelet_dir in self._created_host_dirs and kubelet_dir.exists():
@@ -650,6 +735,35 @@ state = "{r}/run/containerd"
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=20)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """For the cluster fixture's whole life: its daemons run in sessions of their own (a Ctrl-C at
+    the terminal reaches pytest alone, which then tears down in order), so a SIGTERM that ended
+    pytest outright (a cancelled CI job, `timeout`) would leave every one of them running. Here it
+    interrupts like a Ctrl-C, and the teardown runs."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stopped_on_interrupt(cluster: Cluster) -> Iterator[None]:
+    """For the teardown of a fixture that uses the cluster: pytest runs no other fixture's teardown
+    once one raises KeyboardInterrupt (a Ctrl-C during the minutes a driver's uninstall may take),
+    so the cluster fixture's stop() would never come; it runs here then, and the interrupt goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        cluster.stop()
+        raise
 
 
 @contextlib.contextmanager

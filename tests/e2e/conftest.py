@@ -40,14 +40,15 @@ def cluster() -> Iterator[cluster_mod.Cluster]:
     root = pathlib.Path(tempfile.mkdtemp(prefix="e2e-", dir="/tmp"))
     c = cluster_mod.Cluster(root=root, bin=conftest.BIN)
     problems: list[str] = []
-    try:
-        c.start()
-        conftest.report("e2e cluster: " + ", ".join(f"{what} {t:.1f}s" for what, t in c.timings.items()))
-        yield c
-    finally:
-        problems = c.stop()
-        if not problems:
-            shutil.rmtree(root, ignore_errors=True)
+    with cluster_mod.sigterm_interrupts():
+        try:
+            c.start()
+            conftest.report("e2e cluster: " + ", ".join(f"{what} {t:.1f}s" for what, t in c.timings.items()))
+            yield c
+        finally:
+            problems = c.stop()
+            if not problems:
+                shutil.rmtree(root, ignore_errors=True)
     assert not problems, f"the e2e cluster left things behind (state in {root}): {problems}"
 
 
@@ -171,13 +172,21 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
         )
         yield d
     finally:
-        try:
-            _remove_workload(c)
-        finally:  # the release goes even when a volume would not (the cluster's stop reports leftovers)
-            if RELEASE in c.helm("list", "--namespace", DRIVER_NS, "--short"):
-                c.helm(
-                    "uninstall", RELEASE, "--namespace", DRIVER_NS, "--wait", "--timeout", "2m", timeout=150
-                )
+        with cluster_mod.stopped_on_interrupt(c):
+            try:
+                _remove_workload(c)
+            finally:  # the release goes even when a volume would not (the cluster's stop reports leftovers)
+                if RELEASE in c.helm("list", "--namespace", DRIVER_NS, "--short"):
+                    c.helm(
+                        "uninstall",
+                        RELEASE,
+                        "--namespace",
+                        DRIVER_NS,
+                        "--wait",
+                        "--timeout",
+                        "2m",
+                        timeout=150,
+                    )
 
 
 def _remove_workload(c: cluster_mod.Cluster) -> None:

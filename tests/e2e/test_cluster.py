@@ -3,6 +3,8 @@ networking only."""
 
 from __future__ import annotations
 
+import pathlib
+
 from tests.e2e import cluster as cluster_mod
 
 POD = """
@@ -34,3 +36,11 @@ def test_a_pod_runs_with_logs_and_exec(cluster: cluster_mod.Cluster) -> None:
         ]
     finally:
         cluster.kubectl("delete", "pod", "hello", "--wait=true", "--timeout=60s")
+
+
+def test_clients_leave_no_cache_in_home(cluster: cluster_mod.Cluster) -> None:
+    """kubectl and helm keep their discovery cache under the state dir: nothing per run in $HOME."""
+    cluster.get("node", cluster_mod.NODE)
+    cluster.helm("list", "--all-namespaces")
+    home_cache = pathlib.Path.home() / ".kube" / "cache" / "discovery" / f"127.0.0.1_{cluster.api_port}"
+    assert not home_cache.exists(), f"{home_cache} left in $HOME"

@@ -4,6 +4,7 @@ waits are measured and printed (PVC created -> pod Running, snapshot -> readyToU
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import re
@@ -145,6 +146,17 @@ def _csi_mounts(c: cluster_mod.Cluster) -> list[str]:
         ):
             out.append(point)
     return out
+
+
+def _volume_mounts(c: cluster_mod.Cluster, pv: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """kubelet's mounts of one PV: where pods have it (a dir named after the PV) and where the node
+    stages it (kubelet names that dir by the SHA-256 of the volume handle)."""
+    handle = hashlib.sha256(pv["spec"]["csi"]["volumeHandle"].encode()).hexdigest()
+    mounts = _csi_mounts(c)
+    return (
+        [m for m in mounts if f"/kubernetes.io~csi/{pv['metadata']['name']}/" in m],
+        [m for m in mounts if f"/{handle}/globalmount" in m],
+    )
 
 
 # -- the scenarios -----------------------------------------------------------------------------------
@@ -322,11 +334,15 @@ def test_8_node_plugin_restarted(driver: Driver) -> None:
     assert _exec(c, "writer", "cat /data/file").strip() == "hello-e2e"
     _exec(c, "writer", "echo after-restart > /data/file2 && sync")
     assert _exec(c, "writer", "cat /data/file2").strip() == "after-restart"
-    # unpublish and unstage through the new plugin: the pod goes, and so do kubelet's mounts of it
-    pv = c.get("pvc", "-n", NS, "data")["spec"]["volumeName"]
-    assert [m for m in _csi_mounts(c) if pv in m], "the writer's volume is not mounted"
+    # unpublish and unstage through the new plugin: the pod goes, and so do kubelet's mounts of it,
+    # the pod's (publish) at once, the node's (stage) once kubelet's reconciler sees it unused
+    pv = c.get("pv", c.get("pvc", "-n", NS, "data")["spec"]["volumeName"])
+    publish, stage = _volume_mounts(c, pv)
+    assert publish and stage, f"the writer's volume is not published and staged: {_csi_mounts(c)}"
     c.kubectl("delete", "pod", "-n", NS, "writer", "--wait=true", "--timeout=120s")
-    assert not [m for m in _csi_mounts(c) if pv in m], f"{pv} still mounted: {_csi_mounts(c)}"
+    cluster_mod.wait_for(
+        "the writer's volume unpublished and unstaged", lambda: _volume_mounts(c, pv) == ([], []), timeout=60
+    )
 
 
 def test_9_everything_deleted(driver: Driver) -> None:
@@ -339,9 +355,14 @@ def test_9_everything_deleted(driver: Driver) -> None:
     cluster_mod.wait_for(
         f"no {', '.join(kinds)} left", lambda: not any(c.get(k)["items"] for k in kinds), timeout=120
     )
-    assert not _csi_mounts(c), _csi_mounts(c)
+    # kubelet unstages after the pods are gone, on its own time (a PV's deletion does not wait for it)
+    cluster_mod.wait_for("no CSI mount left", lambda: not _csi_mounts(c), timeout=60)
     # the pool's own loop device stays while the node plugin runs; no volume's is left
-    assert cluster_mod.loops_under(driver.state_dir) == driver.pool_loops
+    cluster_mod.wait_for(
+        "only the pool's own loop devices left",
+        lambda: cluster_mod.loops_under(driver.state_dir) == driver.pool_loops,
+        timeout=60,
+    )
     pool_files = sorted(p.relative_to(driver.state_dir) for p in driver.state_dir.rglob("*") if p.is_file())
     assert pool_files, f"no pool state under {driver.state_dir}"
     c.helm("uninstall", "csi-thin", "--namespace", DRIVER_NS, "--wait", "--timeout", "2m")
