@@ -32,6 +32,8 @@ class Helm:
         self.env = {
             **os.environ,
             **{f"HELM_{k}_HOME": str(work / k.lower()) for k in ("CACHE", "CONFIG", "DATA")},
+            # and client-go's discovery cache (else ~/.kube/cache/discovery/127.0.0.1_<port> per run)
+            "KUBECACHEDIR": str(work / "kube-cache"),
         }
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
