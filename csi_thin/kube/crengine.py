@@ -16,8 +16,9 @@ writes a spec and waits, by watch, for the node agent's status:
 - status() is the ThinPool status of the node (a node without a ThinPool has no capacity). A status
   the node has not refreshed within `stale_after` of it (its agent is down) is `errors.NodeSilent`:
   GetCapacity 0, creates on that node refused at once (RESOURCE_EXHAUSTED, before any CR is made),
-  its volumes' health PoolUnavailable. Deletes are untouched: the CR goes, its finalizer waits for
-  the node as ever.
+  its volumes' health PoolUnavailable. A CR that an earlier attempt of the refused create left
+  there, and the agent never took up, is withdrawn (see _withdraw). Deletes are untouched: the CR
+  goes, its finalizer waits for the node as ever.
 
 `CrEngine(api)` sees every node (get, list, delete, grow, snapshot and clone by name: each CR says
 its node); `on(node)` is the view of one node (create_volume, status and list of that node).
@@ -237,7 +238,11 @@ class CrEngine:
         attributes: Mapping[str, str] | None = None,
     ) -> model.Device:
         node = self._bound("create_volume")
-        pool = self._fresh_pool(node, deadline=deadline).spec.pool
+        try:
+            pool = self._fresh_pool(node, deadline=deadline).spec.pool
+        except errors.NodeSilent:
+            self._withdraw(name, deadline=deadline)
+            raise
         spec = _spec_from(node=node, pool=pool, size_bytes=size_bytes, attributes=attributes, source=None)
         return self._create_volume(name, spec, deadline=deadline)
 
@@ -295,6 +300,26 @@ class CrEngine:
                     f"volume {name!r} exists as {obj.spec}, incompatible with {spec}"
                 ) from None
         return volume_device(self._settle("create_volume", res.ThinVolume, obj, deadline=deadline))
+
+    def _withdraw(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        """A create refused because its node is silent may be the retry of one whose CR is there
+        already (made just before the node went silent). Unless its agent has taken it up (the
+        finalizer, added before any device is made), delete exactly that version of it: the retry,
+        which the external-provisioner may now send to another node, then starts afresh there,
+        instead of finding this CR and being sent back to the silent node every time. A CR the agent
+        has taken up, or one it touches meanwhile (Conflict), stays for the node to finish."""
+        obj = self._api.find(res.ThinVolume, name, deadline=deadline)
+        if obj is None or obj.meta.finalizers or obj.meta.deleting:
+            return
+        with contextlib.suppress(client_mod.Conflict):
+            self._api.delete(
+                res.ThinVolume,
+                name,
+                deadline=deadline,
+                uid=obj.meta.uid,
+                resource_version=obj.meta.resource_version,
+            )
+            log.info("event=create-withdrawn name=%s node=%s reason=node-silent", name, obj.spec.node_name)
 
     def _settle(self, operation: str, cls: type[W], obj: W, *, deadline: deadline_mod.Deadline) -> W:
         """Wait for the node's verdict on this generation: Ready is the device; Failed is the node's

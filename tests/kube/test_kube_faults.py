@@ -18,7 +18,10 @@ import time
 import grpc
 import pytest
 
+from csi_thin import deadline as deadline_mod
 from csi_thin.csi.pb import csi_pb2
+from csi_thin.kube import client as client_mod
+from csi_thin.kube import resources as res
 from tests.kube.conftest import Cluster, MiB
 from tests.kube.test_kube_mode import _read, _write, capacity, code_of, create_req, node_of
 
@@ -227,8 +230,9 @@ def test_vanished_device_is_lost_and_a_device_without_cr_is_an_orphan(cluster: C
 def test_a_node_whose_agent_stays_down_gets_no_new_volumes(cluster: Cluster) -> None:
     """Node a reports every 1 s and the controller allows 4 s of clock skew: once a's status is older
     than 3 x 1 + 4 = 7 s, its capacity is 0, a create there fails at once (RESOURCE_EXHAUSTED naming
-    the node: the external-provisioner reschedules) and its volumes are PoolUnavailable; node b is
-    untouched. When the agent is back, so is everything."""
+    the node: the external-provisioner reschedules, and a CR its earlier attempt left there is
+    withdrawn so the claim can go to b) and its volumes are PoolUnavailable; node b is untouched.
+    When the agent is back, so is everything."""
     c = cluster
     a, b = c.nodes["a"].name, c.nodes["b"].name
     bound = 3 * 1.0 + 4.0
@@ -267,12 +271,22 @@ def test_a_node_whose_agent_stays_down_gets_no_new_volumes(cluster: Cluster) -> 
     assert c.cr("thinvolumes", "v-pvc-after") is None  # nothing was left for a dead node to do
     ((reason, message),) = health(vol.volume_id)
     assert reason == "PoolUnavailable" and "has not reported for" in message
+    # the CR of an attempt made just before the node went silent, never taken up by its agent: the
+    # retry withdraws it, so that the rescheduled attempt can go to another node
+    api = client_mod.Client(c.env.api_client())
+    spec = res.VolumeSpec(node_name=a, pool="p", size_bytes=64 * MiB, fs_type="ext4")
+    api.create(res.ThinVolume(meta=res.Meta(name="v-pvc-early"), spec=spec), deadline=deadline_mod.default())
+    early = create_req("pvc-early", 64 * MiB, requisite=[a], preferred=[a])
+    assert code_of(lambda: ctl.CreateVolume(early, timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert c.cr("thinvolumes", "v-pvc-early") is None
+    moved = ctl.CreateVolume(create_req("pvc-early", 64 * MiB, requisite=[a, b], preferred=[b])).volume
+    assert node_of(moved) == b
 
     c.nodes["a"].proc.start()  # its start-up publishes the status before it serves
     assert capacity(c, a).available_capacity > 0
     assert health(vol.volume_id) == []
     after = ctl.CreateVolume(create_req("pvc-after", 64 * MiB, requisite=[a], preferred=[a])).volume
     assert node_of(after) == a
-    for v in (vol, after):
+    for v in (vol, after, moved):
         ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id))
-    assert c.devices("a") == []
+    assert c.devices("a") == [] and c.devices("b") == []

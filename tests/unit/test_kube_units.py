@@ -359,22 +359,29 @@ def test_a_status_never_written_is_not_silence() -> None:
 
 
 class _OneNodeApi:
-    """What CrEngine reads of one node (its ThinPool, one Ready ThinVolume on it); every write
-    fails the test: nothing may be made on a silent node."""
+    """What CrEngine reads of one node (its ThinPool, its ThinVolumes), and the deletes it asks for;
+    a create fails the test: nothing may be made on a silent node."""
 
-    def __init__(self, pool: res.ThinPool, volume: res.ThinVolume) -> None:
+    def __init__(self, pool: res.ThinPool, *volumes: res.ThinVolume) -> None:
         self.pool = pool
-        self.volume = volume
+        self.volumes = {v.name: v for v in volumes}
+        self.deleted: list[tuple[str, str, str]] = []
 
     def list(self, cls: type[Any], *, deadline: deadline_mod.Deadline, node: str | None = None) -> Any:
-        objs = {res.ThinPool: [self.pool], res.ThinVolume: [self.volume]}.get(cls, [])
+        objs = {res.ThinPool: [self.pool], res.ThinVolume: list(self.volumes.values())}.get(cls, [])
         return [o for o in objs if node in (None, o.spec.node_name)], ""
 
     def find(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline) -> Any:
-        return self.volume if cls is res.ThinVolume and name == self.volume.name else None
+        return self.volumes.get(name) if cls is res.ThinVolume else None
 
     def create(self, obj: Any, *, deadline: deadline_mod.Deadline) -> Any:
         raise AssertionError(f"{obj.name} was created on a silent node")
+
+    def delete(
+        self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline, uid: str, resource_version: str
+    ) -> None:
+        self.deleted.append((name, uid, resource_version))
+        del self.volumes[name]
 
 
 def test_a_silent_node_has_no_capacity_refuses_creates_and_its_volumes_are_unavailable() -> None:
@@ -391,14 +398,20 @@ def test_a_silent_node_has_no_capacity_refuses_creates_and_its_volumes_are_unava
         ),
     )
     vol = res.ThinVolume(
-        meta=res.Meta(name="v-pvc-old", generation=1),
+        meta=res.Meta(name="v-pvc-old", generation=1, finalizers=(res.FINALIZER,)),
         spec=res.VolumeSpec(node_name="n1", pool="p", size_bytes=64 * MiB),
         status=res.VolumeStatus(
             phase=res.Phase.READY, size_bytes=64 * MiB, device_id=1, observed_generation=1
         ),
     )
     now = [T0_UNIX + 24.0]  # 3 x 5 + 10 = 25 s: still fresh
-    cr = crengine.CrEngine(_OneNodeApi(pool, vol), skew_seconds=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    # made by a create just before the node went silent; its agent never took it up (no finalizer)
+    pending = res.ThinVolume(
+        meta=res.Meta(name="v-pvc-pending", generation=1, uid="u1", resource_version="42"),
+        spec=res.VolumeSpec(node_name="n1", pool="p", size_bytes=MiB),
+    )
+    api = _OneNodeApi(pool, vol, pending)
+    cr = crengine.CrEngine(api, skew_seconds=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
     prov = provisioner.Provisioner(
         engine=cr, settings=provisioner.Settings(node_id=None, block_size=64 * 1024), nodes=cr.on
     )
@@ -411,9 +424,13 @@ def test_a_silent_node_has_no_capacity_refuses_creates_and_its_volumes_are_unava
         prov.create_volume(_req("new", MiB, allowed_nodes=frozenset({"n1"})), deadline=dl())
     assert exc.value.code == "RESOURCE_EXHAUSTED"
     assert "'n1'" in exc.value.message and "not reported for 26 s" in exc.value.message
-    # the retry of a create whose CR exists already (made before the node went silent) fails fast too
-    with pytest.raises(errors.NodeSilent):
-        cr.on("n1").create_volume("v-pvc-old", 64 * MiB, deadline=dl())
+    # the retry of a create whose CR is there already fails fast too; a CR the agent has taken up
+    # stays for it, one it never took up is withdrawn (that version only), so the next retry may go
+    # to another node
+    for name in ("v-pvc-old", "v-pvc-pending"):
+        with pytest.raises(errors.NodeSilent):
+            cr.on("n1").create_volume(name, MiB, deadline=dl())
+    assert api.deleted == [("v-pvc-pending", "u1", "42")]
     (issue,) = prov.volume_health(vol.name, deadline=dl()).issues
     assert issue.reason == "PoolUnavailable" and "not reported for 26 s" in issue.message
     listed = prov.list_volume_health(max_entries=0, token="", deadline=dl())
