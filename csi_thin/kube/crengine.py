@@ -464,10 +464,11 @@ class CrEngine:
     def _check_fresh(self, node: str, status: res.PoolStatus) -> None:
         age = silence(status, now=self._clock(), skew_seconds=self._skew)
         if age is not None:
+            # what matters first: health messages are cut to CSI's 128 bytes (csi_thin.csi.health)
             raise errors.NodeSilent(
-                f"node {node!r}: its csi-thin node agent has not reported for {age:.0f} s (it reports "
-                f"every {status.period:g} s; silent after "
-                f"{stale_after(status, skew_seconds=self._skew):g} s): no volumes go there until it does"
+                f"node agent has not reported for {age:.0f} s on node {node!r} (bound "
+                f"{stale_after(status, skew_seconds=self._skew):g} s: 3 x its {status.period:g} s period "
+                f"+ {self._skew:g} s skew): no new volumes go there until it does"
             )
 
     def _pool(self, node: str, *, deadline: deadline_mod.Deadline) -> res.ThinPool:
