@@ -426,6 +426,8 @@ def test_a_silent_node_has_no_capacity_refuses_creates_and_its_volumes_are_unava
     assert exc.value.message.startswith(
         "node agent has not reported for 26 s on node 'n1' (bound 25 s: 3 x its 5 s period + 10 s skew)"
     )
+    with pytest.raises(errors.NodeSilent):  # a grow there too
+        prov.expand_volume(vol.name, provisioner.CapacityRange(128 * MiB), deadline=dl())
     # the retry of a create whose CR is there already fails fast too; a CR the agent has taken up
     # stays for it, one it never took up is withdrawn (that version only), so the next retry may go
     # to another node
