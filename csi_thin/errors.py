@@ -52,6 +52,13 @@ class PoolFull(ResourceExhausted):
     """The pool's data space is full (out_of_data_space): what would allocate is refused, deletes run."""
 
 
+class NodeSilent(ResourceExhausted):
+    """Kubernetes mode: a node's agent has not reported its pool for longer than it said it would (a
+    node down, a plugin crash-looping). Nothing new goes there: RESOURCE_EXHAUSTED, because nothing
+    was made, so the external-provisioner may reschedule the claim to another node (UNAVAILABLE
+    would keep retrying this one). Its capacity is 0 and its volumes' health PoolUnavailable."""
+
+
 class FailedPrecondition(CsiThinError):
     code = "FAILED_PRECONDITION"
 

@@ -263,6 +263,8 @@ class Provisioner:
                         engine.status(deadline=deadline),
                         engine.space_thresholds(deadline=deadline),
                     )
+                except errors.NodeSilent as exc:
+                    pools[d.node] = health.unreported(exc.message)
                 except errors.Unavailable as exc:
                     if self._nodes is not None:
                         # Kubernetes mode reads the pool from its ThinPool object: UNAVAILABLE is
@@ -287,7 +289,11 @@ class Provisioner:
             # segment); a volume cannot span nodes, so no single number describes "anywhere"
             return Capacity(available_bytes=0, maximum_volume_bytes=0)
         engine = self._on(node_id)
-        status = engine.status(deadline=deadline)
+        try:
+            status = engine.status(deadline=deadline)
+        except errors.NodeSilent:
+            # its agent is down: no capacity, so the scheduler sends no new claims to it
+            return Capacity(available_bytes=0, maximum_volume_bytes=0)
         thresholds = engine.space_thresholds(deadline=deadline)
         # above a threshold the engine refuses every new device; maximum_volume_size must say so too,
         # as the Kubernetes scheduler prefers it to available_capacity when both are set

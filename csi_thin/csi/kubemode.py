@@ -60,6 +60,12 @@ def register(subparsers: Any, *, open_engine: standalone.EngineFactory) -> None:
     )
     _common(c)
     c.add_argument("--block-size", default=str(DEFAULT_BLOCK_SIZE), help="size granularity (bytes, 1MiB)")
+    c.add_argument(
+        "--status-skew-seconds",
+        type=float,
+        default=crengine.SKEW_SECONDS,
+        help="a node whose ThinPool status is older than 3 x its refresh period + this is down",
+    )
     # off by default: the controller pod's sidecars have ports of their own; the chart sets it
     httpserver.add_flag(c, default="")
     c.set_defaults(func=controller_main)
@@ -95,8 +101,11 @@ def controller_services(
     driver_name: str = identity_service.DEFAULT_NAME,
     overprovision_ratio: float = provisioner.Settings.overprovision_ratio,
     metrics: metrics_mod.Metrics | None = None,
+    skew_seconds: float = crengine.SKEW_SECONDS,
 ) -> server.Services:
-    cr = crengine.CrEngine(api, on_wait=metrics.cr_wait) if metrics else crengine.CrEngine(api)
+    cr = crengine.CrEngine(
+        api, on_wait=metrics.cr_wait if metrics else crengine.no_observer, skew_seconds=skew_seconds
+    )
     settings = provisioner.Settings(
         node_id=None, block_size=block_size, overprovision_ratio=overprovision_ratio
     )
@@ -123,6 +132,7 @@ def controller_main(args: argparse.Namespace) -> int:
                 driver_name=args.driver_name,
                 overprovision_ratio=args.overprovision_ratio,
                 metrics=metrics,
+                skew_seconds=args.status_skew_seconds,
             )
             srv = server.Server(endpoint, svc, metrics=metrics)
             if args.http_endpoint:

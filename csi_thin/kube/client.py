@@ -266,13 +266,24 @@ class Client:
         )
         return type(obj).from_dict(raw)
 
-    def delete(self, cls: type[R], name: str, *, deadline: deadline_mod.Deadline, uid: str = "") -> None:
+    def delete(
+        self,
+        cls: type[R],
+        name: str,
+        *,
+        deadline: deadline_mod.Deadline,
+        uid: str = "",
+        resource_version: str = "",
+    ) -> None:
         """Ask for deletion (finalizers may hold the object); absent is done. With `uid`, only that
-        object: another one made under the same name meanwhile is left alone (Conflict)."""
+        object: another one made under the same name meanwhile is left alone (Conflict); with
+        `resource_version` also, only that version of it: one changed since is left alone (Conflict)."""
         kwargs: dict[str, Any] = {}
-        if uid:
+        if uid or resource_version:
             kwargs["body"] = kubernetes.client.V1DeleteOptions(
-                preconditions=kubernetes.client.V1Preconditions(uid=uid)
+                preconditions=kubernetes.client.V1Preconditions(
+                    uid=uid or None, resource_version=resource_version or None
+                )
             )
         try:
             self._call(

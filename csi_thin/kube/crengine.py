@@ -13,7 +13,12 @@ writes a spec and waits, by watch, for the node agent's status:
 - a delete deletes the CR and waits until it is gone (the node deletes the device, then drops its
   finalizer); absent is done.
 - a grow raises spec.sizeBytes and waits until the node reports that generation.
-- status() is the ThinPool status of the node (a node without a ThinPool has no capacity).
+- status() is the ThinPool status of the node (a node without a ThinPool has no capacity). A status
+  the node has not refreshed within `stale_after` of it (its agent is down) is `errors.NodeSilent`:
+  GetCapacity 0, creates on that node refused at once (RESOURCE_EXHAUSTED, before any CR is made),
+  its volumes' health PoolUnavailable. A CR that an earlier attempt of the refused create left
+  there, and the agent never took up, is withdrawn (see _withdraw). Deletes are untouched: the CR
+  goes, its finalizer waits for the node as ever.
 
 `CrEngine(api)` sees every node (get, list, delete, grow, snapshot and clone by name: each CR says
 its node); `on(node)` is the view of one node (create_volume, status and list of that node).
@@ -44,7 +49,34 @@ W = TypeVar("W", res.ThinVolume, res.ThinSnapshot)
 WaitObserver = Callable[[str, str, float], None]
 
 
-def _no_observer(operation: str, outcome: str, seconds: float) -> None:
+#: a node is silent once its status is older than this many of its own refresh periods ...
+MISSED_PERIODS = 3
+#: ... plus this margin. Three periods, not one: the agent's writer can be late by a publish that
+#: failed and was retried with backoff, or by a slow API server, and a healthy node must not lose its
+#: capacity (and so the scheduler's trust) to one hiccup; a node silent for three periods has missed
+#: three chances in a row, which a live agent does not. The margin is for what the period does not
+#: cover: lastUpdated is the node's clock read by the controller's clock (NTP keeps nodes within far
+#: less than this; a node whose clock runs this far behind looks silent, which its operator should
+#: hear about anyway), and lastUpdated has whole seconds (up to 1 s older than it is).
+SKEW_SECONDS = 10.0
+
+
+def stale_after(status: res.PoolStatus, *, skew_seconds: float = SKEW_SECONDS) -> float:
+    """How old (seconds) a node's ThinPool status may be before the node counts as silent."""
+    return MISSED_PERIODS * status.period + skew_seconds
+
+
+def silence(status: res.PoolStatus, *, now: float, skew_seconds: float = SKEW_SECONDS) -> float | None:
+    """The age of a status past its bound (seconds, at `now`, unix), or None while the node is fresh.
+    A status never written is not silence: such a pool has no capacity anyway (see CrEngine.status)."""
+    updated = status.updated_at()
+    if updated is None:
+        return None
+    age = now - updated
+    return age if age > stale_after(status, skew_seconds=skew_seconds) else None
+
+
+def no_observer(operation: str, outcome: str, seconds: float) -> None:
     pass
 
 
@@ -150,14 +182,25 @@ def _settled_verdict(obj: res.ThinVolume | res.ThinSnapshot | None) -> str:
 
 class CrEngine:
     def __init__(
-        self, api: client_mod.Client, *, node: str | None = None, on_wait: WaitObserver = _no_observer
+        self,
+        api: client_mod.Client,
+        *,
+        node: str | None = None,
+        on_wait: WaitObserver = no_observer,
+        skew_seconds: float = SKEW_SECONDS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._api = api
         self._node = node
         self._on_wait = on_wait
+        self._skew = skew_seconds
+        #: wall clock (unix seconds): it is compared with the nodes' lastUpdated
+        self._clock = clock
 
     def on(self, node: str) -> CrEngine:
-        return CrEngine(self._api, node=node, on_wait=self._on_wait)
+        return CrEngine(
+            self._api, node=node, on_wait=self._on_wait, skew_seconds=self._skew, clock=self._clock
+        )
 
     def _wait(
         self,
@@ -195,7 +238,11 @@ class CrEngine:
         attributes: Mapping[str, str] | None = None,
     ) -> model.Device:
         node = self._bound("create_volume")
-        pool = self._pool(node, deadline=deadline).spec.pool
+        try:
+            pool = self._fresh_pool(node, deadline=deadline).spec.pool
+        except errors.NodeSilent:
+            self._withdraw(name, deadline=deadline)
+            raise
         spec = _spec_from(node=node, pool=pool, size_bytes=size_bytes, attributes=attributes, source=None)
         return self._create_volume(name, spec, deadline=deadline)
 
@@ -217,6 +264,7 @@ class CrEngine:
         else:
             src_obj = self._api.get(res.ThinVolume, source, deadline=deadline)
             ref = res.Source(volume=source)
+        self._fresh_pool(src_obj.spec.node_name, deadline=deadline)
         spec = _spec_from(
             node=src_obj.spec.node_name,
             pool=src_obj.spec.pool,
@@ -252,6 +300,26 @@ class CrEngine:
                     f"volume {name!r} exists as {obj.spec}, incompatible with {spec}"
                 ) from None
         return volume_device(self._settle("create_volume", res.ThinVolume, obj, deadline=deadline))
+
+    def _withdraw(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        """A create refused because its node is silent may be the retry of one whose CR is there
+        already (made just before the node went silent). Unless its agent has taken it up (the
+        finalizer, added before any device is made), delete exactly that version of it: the retry,
+        which the external-provisioner may now send to another node, then starts afresh there,
+        instead of finding this CR and being sent back to the silent node every time. A CR the agent
+        has taken up, or one it touches meanwhile (Conflict), stays for the node to finish."""
+        obj = self._api.find(res.ThinVolume, name, deadline=deadline)
+        if obj is None or obj.meta.finalizers or obj.meta.deleting:
+            return
+        with contextlib.suppress(client_mod.Conflict):
+            self._api.delete(
+                res.ThinVolume,
+                name,
+                deadline=deadline,
+                uid=obj.meta.uid,
+                resource_version=obj.meta.resource_version,
+            )
+            log.info("event=create-withdrawn name=%s node=%s reason=node-silent", name, obj.spec.node_name)
 
     def _settle(self, operation: str, cls: type[W], obj: W, *, deadline: deadline_mod.Deadline) -> W:
         """Wait for the node's verdict on this generation: Ready is the device; Failed is the node's
@@ -351,6 +419,7 @@ class CrEngine:
             st = self._pool(node, deadline=deadline).status
         except errors.ResourceExhausted:
             return model.PoolStatus(0, 0, 0, 0, 0, 0, model.PoolMode.FAIL, needs_check=False)
+        self._check_fresh(node, st)
         try:
             mode = model.PoolMode(st.mode)
         except ValueError:
@@ -385,6 +454,22 @@ class CrEngine:
         if self._node is None:
             raise errors.Internal(f"{what} needs the engine of one node (CrEngine.on(node))")
         return self._node
+
+    def _fresh_pool(self, node: str, *, deadline: deadline_mod.Deadline) -> res.ThinPool:
+        """The node's ThinPool, if its agent is alive enough to have a device made there."""
+        tp = self._pool(node, deadline=deadline)
+        self._check_fresh(node, tp.status)
+        return tp
+
+    def _check_fresh(self, node: str, status: res.PoolStatus) -> None:
+        age = silence(status, now=self._clock(), skew_seconds=self._skew)
+        if age is not None:
+            # what matters first: health messages are cut to CSI's 128 bytes (csi_thin.csi.health)
+            raise errors.NodeSilent(
+                f"node agent has not reported for {age:.0f} s on node {node!r} (bound "
+                f"{stale_after(status, skew_seconds=self._skew):g} s: 3 x its {status.period:g} s period "
+                f"+ {self._skew:g} s skew): no new volumes go there until it does"
+            )
 
     def _pool(self, node: str, *, deadline: deadline_mod.Deadline) -> res.ThinPool:
         pools, _ = self._api.list(res.ThinPool, deadline=deadline, node=node)

@@ -11,8 +11,10 @@ ids this driver hands out are already DNS labels, so the mapping is the identity
 
 from __future__ import annotations
 
+import calendar
 import dataclasses
 import enum
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +76,15 @@ def _int(raw: Mapping[str, Any], key: str, what: str, default: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise errors.Internal(f"{what}.{key}: expected an integer")
     return value
+
+
+def _float(raw: Mapping[str, Any], key: str, what: str) -> float:
+    value = raw.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise errors.Internal(f"{what}.{key}: expected a number")
+    return float(value)
 
 
 #: the CRDs bound every status message to this many bytes (a longer one is refused with 422)
@@ -392,6 +403,10 @@ class ThinSnapshot:
 # ---- ThinPool ------------------------------------------------------------------------------------
 
 
+#: the period of the agents that published no refreshSeconds (csi_thin.node.agent.REFRESH_SECONDS then)
+LEGACY_REFRESH_SECONDS = 30.0
+
+
 def pool_object_name(node: str, pool: str) -> str:
     """One ThinPool per node and pool."""
     return f"{node}.{pool}"
@@ -430,7 +445,24 @@ class PoolStatus:
     orphans: tuple[str, ...] = ()  # record names without a CR, and "id:N" for ids without a record
     pool_transaction_id: int = 0
     store_transaction_id: int = 0
-    last_updated: str = ""
+    last_updated: str = ""  # RFC 3339, whole seconds (csi_thin.kube.client.now), the node's clock
+    #: the agent's promise: it rewrites this status at least this often (seconds). 0: not said (an
+    #: agent from before the field, which published every 30 s; see `period`)
+    refresh_seconds: float = 0.0
+
+    @property
+    def period(self) -> float:
+        """How often the node promised to report (the old agents' fixed 30 s when it did not say)."""
+        return self.refresh_seconds or LEGACY_REFRESH_SECONDS
+
+    def updated_at(self) -> float | None:
+        """lastUpdated as unix seconds; None when the node never wrote it."""
+        if not self.last_updated:
+            return None
+        try:
+            return float(calendar.timegm(time.strptime(self.last_updated, "%Y-%m-%dT%H:%M:%SZ")))
+        except ValueError as exc:
+            raise errors.Internal(f"status.lastUpdated: {exc}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -451,6 +483,7 @@ class PoolStatus:
             "poolTransactionId": self.pool_transaction_id,
             "storeTransactionId": self.store_transaction_id,
             "lastUpdated": self.last_updated,
+            "refreshSeconds": self.refresh_seconds,
         }
 
     @classmethod
@@ -476,6 +509,7 @@ class PoolStatus:
             pool_transaction_id=_int(s, "poolTransactionId", "status"),
             store_transaction_id=_int(s, "storeTransactionId", "status"),
             last_updated=_str(s, "lastUpdated", "status"),
+            refresh_seconds=_float(s, "refreshSeconds", "status"),
         )
 
 

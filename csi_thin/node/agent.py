@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 #: how long one reconcile may take (a create or delete on a busy pool)
 RECONCILE_SECONDS = 60.0
-REFRESH_SECONDS = 30.0
+REFRESH_SECONDS = res.LEGACY_REFRESH_SECONDS
 #: a mutation is in the ThinPool status at most this long after it (and the status is written at most
 #: this often): GetCapacity follows creates promptly without a write per create
 PUBLISH_INTERVAL = 0.25
@@ -231,6 +231,7 @@ class Agent:
         self._node = node
         self._pool = pool
         self._ratio = overprovision_ratio
+        self._refresh_seconds = refresh_seconds
         self._queue = _Queue()
         self._lock = threading.Lock()  # guards the caches below
         self._volumes: dict[str, res.ThinVolume] = {}
@@ -1015,6 +1016,9 @@ class Agent:
             pool_transaction_id=st.transaction_id,
             store_transaction_id=self._engine.store.transaction_id(),
             last_updated=client_mod.now(),
+            # the promise the controller holds this node to: a status older than a few of these is
+            # a node that is down (csi_thin.kube.crengine.silence)
+            refresh_seconds=self._refresh_seconds,
         )
         obj = self._api.find(res.ThinPool, self.pool_object_name, deadline=deadline)
         if obj is None:

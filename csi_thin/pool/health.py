@@ -132,5 +132,11 @@ def unavailable(message: str) -> Issue:
     return Issue(Severity.INACCESSIBLE, UNAVAILABLE, f"the pool's status cannot be read: {message}")
 
 
+def unreported(message: str) -> Issue:
+    """The pool's status is too old to trust (its node stopped reporting): nothing on it can be used,
+    as far as anyone can tell. `message` says for how long."""
+    return Issue(Severity.INACCESSIBLE, UNAVAILABLE, message)
+
+
 def _bytes(used: int, total: int) -> str:
     return f"{used} of {total} bytes"

@@ -1,12 +1,14 @@
 """Kubernetes mode under faults, with the real processes: a node agent SIGKILLed in the middle of a
 create, snapshot or delete and restarted; the API server restarted under load; the node's LMDB
-deleted and rebuilt from the CRs; a volume deleted while its node agent is down.
+deleted and rebuilt from the CRs; a volume deleted while its node agent is down; a node agent that
+stays down (its ThinPool status goes stale: no capacity, creates refused at once).
 
 After each: the CRs and the pool agree exactly (no device leaked, none lost, none twice), and the
 CSI calls the sidecars retry succeed."""
 
 from __future__ import annotations
 
+import calendar
 import concurrent.futures
 import os
 import pathlib
@@ -16,9 +18,12 @@ import time
 import grpc
 import pytest
 
+from csi_thin import deadline as deadline_mod
 from csi_thin.csi.pb import csi_pb2
+from csi_thin.kube import client as client_mod
+from csi_thin.kube import resources as res
 from tests.kube.conftest import Cluster, MiB
-from tests.kube.test_kube_mode import _read, _write, code_of, create_req, node_of
+from tests.kube.test_kube_mode import _read, _write, capacity, code_of, create_req, node_of
 
 
 def _restart(c: Cluster, key: str, *, kill_at: str = "") -> None:
@@ -220,3 +225,68 @@ def test_vanished_device_is_lost_and_a_device_without_cr_is_an_orphan(cluster: C
     ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=gone.volume_id))
     assert c.cr("thinvolumes", gone.volume_id) is None
     assert c.devices("a") == [kept.volume_id]
+
+
+def test_a_node_whose_agent_stays_down_gets_no_new_volumes(cluster: Cluster) -> None:
+    """Node a reports every 1 s and the controller allows 4 s of clock skew: once a's status is older
+    than 3 x 1 + 4 = 7 s, its capacity is 0, a create there fails at once (RESOURCE_EXHAUSTED naming
+    the node: the external-provisioner reschedules, and a CR its earlier attempt left there is
+    withdrawn so the claim can go to b) and its volumes are PoolUnavailable; node b is untouched.
+    When the agent is back, so is everything."""
+    c = cluster
+    a, b = c.nodes["a"].name, c.nodes["b"].name
+    bound = 3 * 1.0 + 4.0
+    c.controller_proc.argv += ["--status-skew-seconds", "4"]
+    c.controller_proc.stop()
+    c.controller_proc.start()
+    c.nodes["a"].proc.argv += ["--refresh-seconds", "1"]
+    _restart(c, "a")
+    ctl = c.controller()
+    vol = ctl.CreateVolume(create_req("pvc-before", 64 * MiB, requisite=[a], preferred=[a])).volume
+    assert c.pool("a")["status"]["refreshSeconds"] == 1.0
+
+    def health(volume_id: str) -> list[tuple[str, str]]:
+        got = ctl.ControllerGetVolumeHealth(csi_pb2.ControllerGetVolumeHealthRequest(volume_id=volume_id))
+        return [(e.reason, e.message) for e in got.volume_health.health_statuses]
+
+    assert health(vol.volume_id) == []
+    c.nodes["a"].proc.kill()
+    last = calendar.timegm(time.strptime(c.pool("a")["status"]["lastUpdated"], "%Y-%m-%dT%H:%M:%SZ"))
+    # well within the bound (the last publish was about a period ago): a's capacity stands
+    assert time.time() - last < bound - 2.0
+    assert capacity(c, a).available_capacity > 0
+    # staleness is time passing, which no API event marks: wait until the bound is certainly past
+    # (lastUpdated has whole seconds: the write was within 1 s after it)
+    time.sleep(max(0.0, last + bound + 1.5 - time.time()))
+    assert capacity(c, a).available_capacity == 0 and capacity(c, a).maximum_volume_size.value == 0
+    assert capacity(c, b).available_capacity > 0
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as exc:
+        ctl.CreateVolume(create_req("pvc-after", 64 * MiB, requisite=[a], preferred=[a]), timeout=30)
+    took = time.monotonic() - started
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.value
+    assert a in exc.value.details() and "has not reported for" in exc.value.details()
+    assert took < 5.0, took  # no wait for a node that is not there
+    assert c.cr("thinvolumes", "v-pvc-after") is None  # nothing was left for a dead node to do
+    ((reason, message),) = health(vol.volume_id)
+    assert reason == "PoolUnavailable" and "has not reported for" in message
+    # the CR of an attempt made just before the node went silent, never taken up by its agent: the
+    # retry withdraws it, so that the rescheduled attempt can go to another node
+    api = client_mod.Client(c.env.api_client())
+    spec = res.VolumeSpec(node_name=a, pool="p", size_bytes=64 * MiB, fs_type="ext4")
+    api.create(res.ThinVolume(meta=res.Meta(name="v-pvc-early"), spec=spec), deadline=deadline_mod.default())
+    early = create_req("pvc-early", 64 * MiB, requisite=[a], preferred=[a])
+    assert code_of(lambda: ctl.CreateVolume(early, timeout=30)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert c.cr("thinvolumes", "v-pvc-early") is None
+    moved = ctl.CreateVolume(create_req("pvc-early", 64 * MiB, requisite=[a, b], preferred=[b])).volume
+    assert node_of(moved) == b
+
+    c.nodes["a"].proc.start()  # its start-up publishes the status before it serves
+    assert capacity(c, a).available_capacity > 0
+    assert health(vol.volume_id) == []
+    after = ctl.CreateVolume(create_req("pvc-after", 64 * MiB, requisite=[a], preferred=[a])).volume
+    assert node_of(after) == a
+    for v in (vol, after, moved):
+        ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id))
+    assert c.devices("a") == [] and c.devices("b") == []

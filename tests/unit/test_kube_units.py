@@ -315,3 +315,127 @@ def test_volume_health_does_not_blame_volumes_for_an_api_server_that_does_not_an
         prov.volume_health(on_a.name, deadline=dl())
     with pytest.raises(errors.Unavailable):
         prov.list_volume_health(max_entries=0, token="", deadline=dl())
+
+
+# ---- a node whose agent stopped reporting (fake clock over the CR engine) ------------------------
+
+T0 = "2026-01-01T00:00:00Z"
+T0_UNIX = 1767225600.0
+
+
+def test_the_refresh_period_round_trips_and_old_statuses_read_as_30_s() -> None:
+    st = res.PoolStatus(healthy=True, mode="rw", last_updated=T0, refresh_seconds=2.5)
+    back = res.PoolStatus.from_dict(json.loads(json.dumps(st.to_dict())))
+    assert back == st and back.period == 2.5 and back.updated_at() == T0_UNIX
+    old = st.to_dict()
+    del old["refreshSeconds"]  # written by an agent from before the field
+    assert res.PoolStatus.from_dict(old).period == res.LEGACY_REFRESH_SECONDS == agent.REFRESH_SECONDS
+    assert res.PoolStatus().updated_at() is None
+    with pytest.raises(errors.Internal):
+        res.PoolStatus.from_dict({"refreshSeconds": "often"})
+
+
+@pytest.mark.parametrize(
+    ("refresh", "age", "silent"),
+    [
+        (30.0, 0.0, False),
+        (30.0, 100.0, False),  # 3 x 30 + 10: a node late by up to three periods is still trusted
+        (30.0, 100.5, True),
+        (0.0, 100.5, True),  # no refreshSeconds: the old agents' 30 s
+        (0.0, 99.0, False),
+        (1.0, 13.0, False),
+        (1.0, 14.0, True),
+        (1.0, -50.0, False),  # the node's clock ahead of the controller's: fresh, never negative
+    ],
+)
+def test_silence_is_three_periods_and_the_skew_margin(refresh: float, age: float, silent: bool) -> None:
+    st = res.PoolStatus(last_updated=T0, refresh_seconds=refresh)
+    got = crengine.silence(st, now=T0_UNIX + age, skew_seconds=10.0)
+    assert got == (age if silent else None)
+
+
+def test_a_status_never_written_is_not_silence() -> None:
+    assert crengine.silence(res.PoolStatus(), now=T0_UNIX + 1e6) is None
+
+
+class _OneNodeApi:
+    """What CrEngine reads of one node (its ThinPool, its ThinVolumes), and the deletes it asks for;
+    a create fails the test: nothing may be made on a silent node."""
+
+    def __init__(self, pool: res.ThinPool, *volumes: res.ThinVolume) -> None:
+        self.pool = pool
+        self.volumes = {v.name: v for v in volumes}
+        self.deleted: list[tuple[str, str, str]] = []
+
+    def list(self, cls: type[Any], *, deadline: deadline_mod.Deadline, node: str | None = None) -> Any:
+        objs = {res.ThinPool: [self.pool], res.ThinVolume: list(self.volumes.values())}.get(cls, [])
+        return [o for o in objs if node in (None, o.spec.node_name)], ""
+
+    def find(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline) -> Any:
+        return self.volumes.get(name) if cls is res.ThinVolume else None
+
+    def create(self, obj: Any, *, deadline: deadline_mod.Deadline) -> Any:
+        raise AssertionError(f"{obj.name} was created on a silent node")
+
+    def delete(
+        self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline, uid: str, resource_version: str
+    ) -> None:
+        self.deleted.append((name, uid, resource_version))
+        del self.volumes[name]
+
+
+def test_a_silent_node_has_no_capacity_refuses_creates_and_its_volumes_are_unavailable() -> None:
+    pool = res.ThinPool(
+        meta=res.Meta(name="n1.p"),
+        spec=res.PoolSpec(node_name="n1", pool="p"),
+        status=res.PoolStatus(
+            healthy=True,
+            mode="rw",
+            data_total_bytes=model.GiB,
+            metadata_total_bytes=64 * MiB,
+            last_updated=T0,
+            refresh_seconds=5.0,
+        ),
+    )
+    vol = res.ThinVolume(
+        meta=res.Meta(name="v-pvc-old", generation=1, finalizers=(res.FINALIZER,)),
+        spec=res.VolumeSpec(node_name="n1", pool="p", size_bytes=64 * MiB),
+        status=res.VolumeStatus(
+            phase=res.Phase.READY, size_bytes=64 * MiB, device_id=1, observed_generation=1
+        ),
+    )
+    now = [T0_UNIX + 24.0]  # 3 x 5 + 10 = 25 s: still fresh
+    # made by a create just before the node went silent; its agent never took it up (no finalizer)
+    pending = res.ThinVolume(
+        meta=res.Meta(name="v-pvc-pending", generation=1, uid="u1", resource_version="42"),
+        spec=res.VolumeSpec(node_name="n1", pool="p", size_bytes=MiB),
+    )
+    api = _OneNodeApi(pool, vol, pending)
+    cr = crengine.CrEngine(api, skew_seconds=10.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    prov = provisioner.Provisioner(
+        engine=cr, settings=provisioner.Settings(node_id=None, block_size=64 * 1024), nodes=cr.on
+    )
+    assert prov.capacity(node_id="n1", deadline=dl()).available_bytes > 0
+    assert prov.volume_health(vol.name, deadline=dl()).issues == ()
+
+    now[0] = T0_UNIX + 26.0
+    assert prov.capacity(node_id="n1", deadline=dl()) == provisioner.Capacity(0, 0)
+    with pytest.raises(errors.NodeSilent) as exc:
+        prov.create_volume(_req("new", MiB, allowed_nodes=frozenset({"n1"})), deadline=dl())
+    assert exc.value.code == "RESOURCE_EXHAUSTED"
+    assert exc.value.message.startswith(
+        "node agent has not reported for 26 s on node 'n1' (bound 25 s: 3 x its 5 s period + 10 s skew)"
+    )
+    with pytest.raises(errors.NodeSilent):  # a grow there too
+        prov.expand_volume(vol.name, provisioner.CapacityRange(128 * MiB), deadline=dl())
+    # the retry of a create whose CR is there already fails fast too; a CR the agent has taken up
+    # stays for it, one it never took up is withdrawn (that version only), so the next retry may go
+    # to another node
+    for name in ("v-pvc-old", "v-pvc-pending"):
+        with pytest.raises(errors.NodeSilent):
+            cr.on("n1").create_volume(name, MiB, deadline=dl())
+    assert api.deleted == [("v-pvc-pending", "u1", "42")]
+    (issue,) = prov.volume_health(vol.name, deadline=dl()).issues
+    assert issue.reason == "PoolUnavailable" and "not reported for 26 s" in issue.message
+    listed = prov.list_volume_health(max_entries=0, token="", deadline=dl())
+    assert [h.volume.name for h in listed.entries] == [vol.name]
