@@ -240,8 +240,8 @@ class CrEngine:
         node = self._bound("create_volume")
         try:
             pool = self._fresh_pool(node, deadline=deadline).spec.pool
-        except errors.NodeSilent:
-            self._withdraw(name, deadline=deadline)
+        except errors.NodeSilent as exc:
+            self._withdraw(name, exc, deadline=deadline)
             raise
         spec = _spec_from(node=node, pool=pool, size_bytes=size_bytes, attributes=attributes, source=None)
         return self._create_volume(name, spec, deadline=deadline)
@@ -264,7 +264,11 @@ class CrEngine:
         else:
             src_obj = self._api.get(res.ThinVolume, source, deadline=deadline)
             ref = res.Source(volume=source)
-        self._fresh_pool(src_obj.spec.node_name, deadline=deadline)
+        try:
+            self._fresh_pool(src_obj.spec.node_name, deadline=deadline)
+        except errors.NodeSilent as exc:
+            self._withdraw(name, exc, deadline=deadline)
+            raise
         spec = _spec_from(
             node=src_obj.spec.node_name,
             pool=src_obj.spec.pool,
@@ -301,17 +305,31 @@ class CrEngine:
                 ) from None
         return volume_device(self._settle("create_volume", res.ThinVolume, obj, deadline=deadline))
 
-    def _withdraw(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
+    def _withdraw(self, name: str, silent: errors.NodeSilent, *, deadline: deadline_mod.Deadline) -> None:
         """A create refused because its node is silent may be the retry of one whose CR is there
         already (made just before the node went silent). Unless its agent has taken it up (the
         finalizer, added before any device is made), delete exactly that version of it: the retry,
         which the external-provisioner may now send to another node, then starts afresh there,
-        instead of finding this CR and being sent back to the silent node every time. A CR the agent
-        has taken up, or one it touches meanwhile (Conflict), stays for the node to finish."""
+        instead of finding this CR and being sent back to the silent node every time.
+
+        A CR the agent has taken up and not settled, or one it touches meanwhile (Conflict), stays
+        for the node to finish, and the refusal is then not RESOURCE_EXHAUSTED but ABORTED: with a
+        selected node, RESOURCE_EXHAUSTED makes the external-provisioner reschedule the claim and stop
+        calling CreateVolume (it means nothing goes on in the background); if the claim were deleted
+        then, no one would delete this CR, and the device its agent makes or made would be leaked."""
         obj = self._api.find(res.ThinVolume, name, deadline=deadline)
-        if obj is None or obj.meta.finalizers or obj.meta.deleting:
+        if obj is None or obj.meta.deleting:
             return
-        with contextlib.suppress(client_mod.Conflict):
+        if obj.meta.finalizers:
+            if _settled_verdict(obj) != "ok" or (
+                obj.status.phase == res.Phase.READY and obj.status.observed_generation >= obj.meta.generation
+            ):
+                return  # settled: nothing goes on in the background
+            raise errors.OperationPending(
+                f"{name!r} was taken up by its node, which has stopped reporting: the create goes on "
+                f"when it is back ({silent.message})"
+            )
+        try:
             self._api.delete(
                 res.ThinVolume,
                 name,
@@ -319,7 +337,12 @@ class CrEngine:
                 uid=obj.meta.uid,
                 resource_version=obj.meta.resource_version,
             )
-            log.info("event=create-withdrawn name=%s node=%s reason=node-silent", name, obj.spec.node_name)
+        except client_mod.Conflict:
+            raise errors.OperationPending(
+                f"{name!r} changed while being withdrawn from its silent node (its agent may have "
+                f"taken it up): retry ({silent.message})"
+            ) from None
+        log.info("event=create-withdrawn name=%s node=%s reason=node-silent", name, obj.spec.node_name)
 
     def _settle(self, operation: str, cls: type[W], obj: W, *, deadline: deadline_mod.Deadline) -> W:
         """Wait for the node's verdict on this generation: Ready is the device; Failed is the node's

@@ -439,3 +439,82 @@ def test_a_silent_node_has_no_capacity_refuses_creates_and_its_volumes_are_unava
     assert issue.reason == "PoolUnavailable" and "not reported for 26 s" in issue.message
     listed = prov.list_volume_health(max_entries=0, token="", deadline=dl())
     assert [h.volume.name for h in listed.entries] == [vol.name]
+
+
+class _RacingApi(_OneNodeApi):
+    """As _OneNodeApi; a delete may lose to the agent taking the object up (Conflict)."""
+
+    def __init__(self, pool: res.ThinPool, *volumes: res.ThinVolume, conflict: bool = False) -> None:
+        super().__init__(pool, *volumes)
+        self.conflict = conflict
+
+    def get(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline) -> Any:
+        return self.volumes[name]
+
+    def delete(
+        self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline, uid: str, resource_version: str
+    ) -> None:
+        if self.conflict:
+            raise client_mod.Conflict(f"{name}: the agent took it up meanwhile")
+        super().delete(cls, name, deadline=deadline, uid=uid, resource_version=resource_version)
+
+
+def _silent_pool() -> res.ThinPool:
+    return res.ThinPool(
+        meta=res.Meta(name="n1.p"),
+        spec=res.PoolSpec(node_name="n1", pool="p"),
+        status=res.PoolStatus(healthy=True, mode="rw", last_updated=T0, refresh_seconds=5.0),
+    )
+
+
+def _pending(name: str, *, taken_up: bool, source: res.Source | None = None) -> res.ThinVolume:
+    return res.ThinVolume(
+        meta=res.Meta(
+            name=name,
+            generation=1,
+            uid="u-" + name,
+            resource_version="7",
+            finalizers=(res.FINALIZER,) if taken_up else (),
+        ),
+        spec=res.VolumeSpec(node_name="n1", pool="p", size_bytes=MiB, source=source),
+    )
+
+
+def test_a_create_the_silent_node_took_up_is_not_refused_as_final() -> None:
+    """RESOURCE_EXHAUSTED with a selected node makes the external-provisioner reschedule the claim and
+    stop calling CreateVolume: it may only be said when nothing continues in the background. A CR the
+    agent took up (its finalizer: the device may exist, or be made when the agent is back) is such a
+    create: if the claim were then deleted, no one would ever delete that CR and its device. So the
+    retry is ABORTED (pending, retried), and the CR stays."""
+    now = T0_UNIX + 60.0  # 3 x 5 + 10 = 25 s: silent
+    taken = _pending("v-pvc-taken", taken_up=True)
+    api = _RacingApi(_silent_pool(), taken)
+    cr = crengine.CrEngine(api, skew_seconds=10.0, clock=lambda: now)  # type: ignore[arg-type]
+    with pytest.raises(errors.CsiThinError) as exc:
+        cr.on("n1").create_volume("v-pvc-taken", MiB, deadline=dl())
+    assert exc.value.code == "ABORTED" and api.deleted == []
+
+    # one the agent takes up between the controller's read and its delete: the same
+    raced = _pending("v-pvc-raced", taken_up=False)
+    api = _RacingApi(_silent_pool(), raced, conflict=True)
+    cr = crengine.CrEngine(api, skew_seconds=10.0, clock=lambda: now)  # type: ignore[arg-type]
+    with pytest.raises(errors.CsiThinError) as exc:
+        cr.on("n1").create_volume("v-pvc-raced", MiB, deadline=dl())
+    assert exc.value.code == "ABORTED" and "v-pvc-raced" in api.volumes
+
+
+def test_a_clone_refused_on_a_silent_node_withdraws_what_its_agent_never_took_up() -> None:
+    """A leftover clone CR the agent never took up would be taken up when it comes back (a device no
+    claim owns, once the refused claim is gone): withdrawn like a create's."""
+    now = T0_UNIX + 60.0
+    src = res.ThinVolume(
+        meta=res.Meta(name="v-src", generation=1, finalizers=(res.FINALIZER,)),
+        spec=res.VolumeSpec(node_name="n1", pool="p", size_bytes=MiB),
+        status=res.VolumeStatus(phase=res.Phase.READY, size_bytes=MiB, device_id=1, observed_generation=1),
+    )
+    left = _pending("v-pvc-clone", taken_up=False, source=res.Source(volume="v-src"))
+    api = _RacingApi(_silent_pool(), src, left)
+    cr = crengine.CrEngine(api, skew_seconds=10.0, clock=lambda: now)  # type: ignore[arg-type]
+    with pytest.raises(errors.NodeSilent):
+        cr.clone("v-pvc-clone", "v-src", MiB, deadline=dl())
+    assert api.deleted == [("v-pvc-clone", "u-v-pvc-clone", "7")]
