@@ -251,13 +251,22 @@ def test_a_node_whose_agent_stays_down_gets_no_new_volumes(cluster: Cluster) -> 
 
     assert health(vol.volume_id) == []
     c.nodes["a"].proc.kill()
-    last = calendar.timegm(time.strptime(c.pool("a")["status"]["lastUpdated"], "%Y-%m-%dT%H:%M:%SZ"))
+
+    def last_updated() -> float:
+        return calendar.timegm(time.strptime(c.pool("a")["status"]["lastUpdated"], "%Y-%m-%dT%H:%M:%SZ"))
+
+    last = last_updated()
     # well within the bound (the last publish was about a period ago): a's capacity stands
     assert time.time() - last < bound - 2.0
     assert capacity(c, a).available_capacity > 0
     # staleness is time passing, which no API event marks: wait until the bound is certainly past
-    # (lastUpdated has whole seconds: the write was within 1 s after it)
-    time.sleep(max(0.0, last + bound + 1.5 - time.time()))
+    # (lastUpdated has whole seconds: the write was within 1 s after it). A publish the agent had
+    # sent when it was killed can land after the read above: wait again from that one if it did
+    while True:
+        time.sleep(max(0.0, last + bound + 1.5 - time.time()))
+        if (newer := last_updated()) == last:
+            break
+        last = newer
     assert capacity(c, a).available_capacity == 0 and capacity(c, a).maximum_volume_size.value == 0
     assert capacity(c, b).available_capacity > 0
 
@@ -281,12 +290,27 @@ def test_a_node_whose_agent_stays_down_gets_no_new_volumes(cluster: Cluster) -> 
     assert c.cr("thinvolumes", "v-pvc-early") is None
     moved = ctl.CreateVolume(create_req("pvc-early", 64 * MiB, requisite=[a, b], preferred=[b])).volume
     assert node_of(moved) == b
+    # one its agent had taken up (its finalizer: the device may be made already, or when the agent
+    # is back) is not refused as RESOURCE_EXHAUSTED, on which the external-provisioner would
+    # reschedule the claim and stop calling: deleting the claim then would leak CR and device.
+    # ABORTED (retried), and the CR stays for the agent
+    api.create(res.ThinVolume(meta=res.Meta(name="v-pvc-taken"), spec=spec), deadline=deadline_mod.default())
+    api.set_finalizers(
+        api.get(res.ThinVolume, "v-pvc-taken", deadline=deadline_mod.default()),
+        (res.FINALIZER,),
+        deadline=deadline_mod.default(),
+    )
+    taken_req = create_req("pvc-taken", 64 * MiB, requisite=[a], preferred=[a])
+    assert code_of(lambda: ctl.CreateVolume(taken_req, timeout=30)) == grpc.StatusCode.ABORTED
+    assert c.cr("thinvolumes", "v-pvc-taken") is not None
 
     c.nodes["a"].proc.start()  # its start-up publishes the status before it serves
     assert capacity(c, a).available_capacity > 0
     assert health(vol.volume_id) == []
     after = ctl.CreateVolume(create_req("pvc-after", 64 * MiB, requisite=[a], preferred=[a])).volume
     assert node_of(after) == a
-    for v in (vol, after, moved):
+    taken = ctl.CreateVolume(taken_req).volume  # the retry finds what the agent made, back
+    assert node_of(taken) == a and taken.volume_id == "v-pvc-taken"
+    for v in (vol, after, moved, taken):
         ctl.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=v.volume_id))
     assert c.devices("a") == [] and c.devices("b") == []
