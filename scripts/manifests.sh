@@ -27,5 +27,12 @@ header() {
   "$HELM" template csi-thin "$CHART" --namespace "$NS" --kube-version "$KUBE" \
     --api-versions snapshot.storage.k8s.io/v1/VolumeSnapshotClass --show-only templates/volumesnapshotclass.yaml
 } > "$OUT/volumesnapshotclass.yaml.tmp"
+{
+  header "Where the cluster serves groupsnapshot.storage.k8s.io/v1: kubectl apply -f deploy/volumegroupsnapshotclass.yaml"
+  "$HELM" template csi-thin "$CHART" --namespace "$NS" --kube-version "$KUBE" \
+    --api-versions groupsnapshot.storage.k8s.io/v1/VolumeGroupSnapshotClass \
+    --show-only templates/volumegroupsnapshotclass.yaml
+} > "$OUT/volumegroupsnapshotclass.yaml.tmp"
 mv "$OUT/csi-thin.yaml.tmp" "$OUT/csi-thin.yaml"
 mv "$OUT/volumesnapshotclass.yaml.tmp" "$OUT/volumesnapshotclass.yaml"
+mv "$OUT/volumegroupsnapshotclass.yaml.tmp" "$OUT/volumegroupsnapshotclass.yaml"

@@ -14,6 +14,7 @@ from tests import conftest
 
 CHART = conftest.ROOT / "charts" / "csi-thin"
 SNAPSHOT_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
+GROUP_SNAPSHOT_API = "groupsnapshot.storage.k8s.io/v1/VolumeGroupSnapshotClass"
 MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
 NS = "csi-thin"
 MONITORING_ON = {
@@ -39,10 +40,11 @@ MATRIX: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "reflink-image": ({"pool": {"backend": "reflink"}}, ()),
     "reflink-directory": ({"pool": {"backend": "reflink", "reflink": {"directory": "/srv/csi-thin"}}}, ()),
     "snapshot-api": ({}, (SNAPSHOT_API,)),
+    "group-snapshot-api": ({}, (SNAPSHOT_API, GROUP_SNAPSHOT_API)),
     "monitoring-on-api-absent": (MONITORING_ON, ()),
     "monitoring-on-api-present": (MONITORING_ON, (SNAPSHOT_API, *MONITORING_APIS)),
     "monitoring-off-api-present": ({}, MONITORING_APIS),
-    "e2e-cluster": (E2E, (SNAPSHOT_API,)),
+    "e2e-cluster": (E2E, (SNAPSHOT_API, GROUP_SNAPSHOT_API)),
 }
 
 

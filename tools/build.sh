@@ -42,7 +42,8 @@ build() {
 crds() {
   local name=$1 dir=$2 module=$3 subdir=$4; shift 4
   local out="$BIN/crds/$name"
-  local key; key=$(cat "$HERE/$dir/go.mod" "$HERE/$dir/go.sum" | sha256sum | cut -c1-16)
+  # the list of files is part of the key: a file added to it must not be served the old copy
+  local key; key=$( (cat "$HERE/$dir/go.mod" "$HERE/$dir/go.sum"; echo "$subdir $*") | sha256sum | cut -c1-16)
   if [ "$(cat "$out/.stamp" 2>/dev/null)" = "$key" ]; then
     echo "tools: $name CRDs up to date"; return
   fi
@@ -104,10 +105,15 @@ for tool in $want; do
       build promtool promtool github.com/prometheus/prometheus/cmd/promtool \
         "-X $P.Version=$rel -X $P.Revision=$v -X $P.Branch=module -X $P.BuildUser=csi-thin -X $P.BuildDate=19700101-00:00:00";;
     snapshot-crds)
-      # the VolumeSnapshot API (its groupsnapshot CRDs are alpha and left out)
+      # the VolumeSnapshot API and the VolumeGroupSnapshot API (groupsnapshot.storage.k8s.io, v1 in
+      # this client version): snapshot-controller and csi-snapshotter run their group controllers
+      # only where the group CRDs are served
       crds snapshot snapshot-crds github.com/kubernetes-csi/external-snapshotter/client/v8 config/crd \
         snapshot.storage.k8s.io_volumesnapshotclasses.yaml snapshot.storage.k8s.io_volumesnapshotcontents.yaml \
-        snapshot.storage.k8s.io_volumesnapshots.yaml;;
+        snapshot.storage.k8s.io_volumesnapshots.yaml \
+        groupsnapshot.storage.k8s.io_volumegroupsnapshotclasses.yaml \
+        groupsnapshot.storage.k8s.io_volumegroupsnapshotcontents.yaml \
+        groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml;;
     monitoring-crds)
       # only the two kinds the chart renders
       crds monitoring monitoring-crds github.com/prometheus-operator/prometheus-operator example/prometheus-operator-crd \

@@ -60,6 +60,7 @@ def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
     monitoring = _deep(values, "monitoring.serviceMonitor.enabled") is True
     # optional objects appear exactly when asked for and when the cluster serves their API
     assert kinds.count("VolumeSnapshotClass") == (hc.SNAPSHOT_API in apis)
+    assert kinds.count("VolumeGroupSnapshotClass") == (hc.GROUP_SNAPSHOT_API in apis)
     assert kinds.count("ServiceMonitor") == (monitoring and hc.MONITORING_APIS[0] in apis)
     assert kinds.count("PrometheusRule") == (monitoring and hc.MONITORING_APIS[1] in apis)
     assert kinds.count("ConfigMap") == 1 + (_deep(values, "grafanaDashboard.enabled") is True)
@@ -279,9 +280,25 @@ def test_storage_and_snapshot_classes(tmp_path: pathlib.Path) -> None:
     assert sc["parameters"] == {"csi.storage.k8s.io/fstype": "xfs"}
     assert sc["metadata"]["annotations"]["storageclass.kubernetes.io/is-default-class"] == "true"
     assert hc.one(docs, "VolumeSnapshotClass", "csi-thin")["driver"] == "csi-thin.io"
+    # without the group snapshot API: no VolumeGroupSnapshotClass (it would fail the install)
+    assert not [d for d in docs if d["kind"] == "VolumeGroupSnapshotClass"]
     drv = hc.one(docs, "CSIDriver", "csi-thin.io")["spec"]
     assert drv["attachRequired"] is False and drv["storageCapacity"] is True
     assert drv["fsGroupPolicy"] == "File" and drv["volumeLifecycleModes"] == ["Persistent"]
+
+
+def test_group_snapshot_class_and_snapshotter_gate(tmp_path: pathlib.Path) -> None:
+    docs = hc.render(
+        tmp_path, {"volumeGroupSnapshotClass": {"default": True}}, (hc.SNAPSHOT_API, hc.GROUP_SNAPSHOT_API)
+    )
+    vgsc = hc.one(docs, "VolumeGroupSnapshotClass", "csi-thin")
+    assert vgsc["apiVersion"] == "groupsnapshot.storage.k8s.io/v1"
+    assert vgsc["driver"] == "csi-thin.io" and vgsc["deletionPolicy"] == "Delete"
+    assert vgsc["metadata"]["annotations"]["groupsnapshot.storage.kubernetes.io/is-default-class"] == "true"
+    off = hc.render(tmp_path, {"volumeGroupSnapshotClass": {"create": False}}, (hc.GROUP_SNAPSHOT_API,))
+    assert not [d for d in off if d["kind"] == "VolumeGroupSnapshotClass"]
+    (snapshotter,) = [c for c in containers(docs) if c["name"] == "csi-snapshotter"]
+    assert "--feature-gates=CSIVolumeGroupSnapshot=true" in snapshotter["args"]
 
 
 def test_prometheus_rule_is_the_alerts_file(tmp_path: pathlib.Path) -> None:
