@@ -62,6 +62,9 @@ class Device:
     #: the node whose pool holds it, where volumes may live on several nodes (Kubernetes mode); None
     #: in a node's own engine. Not stored in LMDB (a node's store only holds its own devices).
     node: str | None = None
+    #: the volume group snapshot this snapshot was taken in, at one instant with the other members
+    #: (csi_thin.pool.engine.create_group_snapshot); None for a snapshot of its own and for volumes
+    group: str | None = None
 
     def is_compatible_with(
         self,

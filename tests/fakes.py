@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from csi_thin import deadline as deadline_mod
@@ -43,6 +44,7 @@ class FakeBackend:
                 "txid": 0,
                 "devices": {},  # str(id) -> {"mapped": int}
                 "active": {},  # str(id) -> size
+                "held": [],  # ids a group snapshot holds (quiesce: dm-thin would have them suspended)
                 "mode": "rw",
                 "needs_check": False,
                 "data_used": None,  # override for threshold tests
@@ -84,6 +86,7 @@ class FakeBackend:
         with self._lock:
             state = self._load()
             state["assembled"] = True
+            state["held"] = []  # as the real backends: a hold a crash left is let go at assemble
             self._save(state)
 
     def teardown(self, *, deadline: deadline_mod.Deadline) -> None:
@@ -144,9 +147,17 @@ class FakeBackend:
             self._save(state)
 
     def create_snap(
-        self, dev_id: int, origin_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+        self,
+        dev_id: int,
+        origin_id: int,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        held: bool = False,
     ) -> None:
         with self._lock:
+            if held and str(origin_id) in self._load()["active"] and origin_id not in self.held():
+                raise AssertionError(f"create_snap held=True of active {origin_id}, which is not held")
             self._check_id(dev_id)
             state = self._pool("create_snap")
             if str(origin_id) not in state["devices"]:
@@ -154,6 +165,24 @@ class FakeBackend:
             if str(dev_id) in state["devices"]:
                 raise errors.AlreadyExists(f"thin id {dev_id} already exists")
             state["devices"][str(dev_id)] = {"mapped": state["devices"][str(origin_id)]["mapped"]}
+            self._save(state)
+
+    def held(self) -> list[int]:
+        """The ids quiesce holds now (a test knob: what must never outlive a group snapshot)."""
+        with self._lock:
+            return sorted(self._load().get("held", []))
+
+    def quiesce(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
+        with self._lock:
+            state = self._pool("quiesce")
+            active = [i for i in origin_ids if str(i) in state["active"]]
+            state["held"] = sorted({*state.get("held", []), *active})
+            self._save(state)
+
+    def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
+        with self._lock:
+            state = self._load()
+            state["held"] = [i for i in state.get("held", []) if i not in origin_ids]
             self._save(state)
 
     def delete(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:

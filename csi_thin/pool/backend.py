@@ -13,6 +13,7 @@ when the pool is out of space, `errors.DeadlineExceeded` when the deadline passe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from csi_thin import deadline as deadline_mod
@@ -51,13 +52,34 @@ class Backend(Protocol):
         ...
 
     def create_snap(
-        self, dev_id: int, origin_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+        self,
+        dev_id: int,
+        origin_id: int,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        held: bool = False,
     ) -> None:
         """Create `dev_id` as a snapshot of `origin_id`.
 
         An active origin is made consistent around the step (dm-thin: suspend/resume; reflink:
         freeze/thaw) and is always resumed/thawed, on every failure path, within the deadline.
+        With `held`, the caller holds the origin consistent already (`quiesce`): nothing is done
+        around the step.
         """
+        ...
+
+    def quiesce(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
+        """Make every active origin's content stable and hold it so until `release` (dm-thin:
+        suspend each active origin; reflink: freeze each mounted origin's filesystem, flush the
+        others): a group snapshot taken in between is of one instant. All or nothing: a failure
+        releases what it held before it raises. A crash while held is repaired by the next
+        `assemble` (a suspended device resumed, a frozen filesystem thawed)."""
+        ...
+
+    def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
+        """End `quiesce` for these origins: resume / thaw each one that is held. Idempotent; tries
+        every origin even when one fails (then raises the first failure)."""
         ...
 
     def delete(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:

@@ -21,7 +21,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from csi_thin import config as config_mod
@@ -501,11 +501,20 @@ class DmThinBackend:
         self._message(f"create_thin {dev_id}")
 
     def create_snap(
-        self, dev_id: int, origin_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+        self,
+        dev_id: int,
+        origin_id: int,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        held: bool = False,
     ) -> None:
         self._thin_name(dev_id)
         origin = self._thin_name(origin_id)
         deadline.check(f"create_snap {dev_id}")
+        if held:  # the caller suspended the origin (quiesce), if it is active
+            self._message(f"create_snap {dev_id} {origin_id}")
+            return
         info = self._ctl.info(origin)
         if info is None or not info.live_table:
             # an inactive origin has no in-flight IO: dm-thin snapshots it without a suspend
@@ -523,6 +532,40 @@ class DmThinBackend:
             faults.reach("dmthin:create_snap/messaged")
         finally:
             self._ctl.resume(origin)
+
+    def quiesce(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
+        names = [self._thin_name(i) for i in origin_ids]
+        active = [n for n in names if (info := self._ctl.info(n)) is not None and info.live_table]
+        if not active:
+            return  # inactive origins have no in-flight IO: nothing to hold
+        # as for one snapshot: a flushing suspend on a pool that cannot complete IO would hang
+        self._require_writable(f"group snapshot of active {', '.join(active)}")
+        suspended: list[str] = []
+        try:
+            for name in active:
+                deadline.check(f"suspend {name}")
+                self._ctl.suspend(name)
+                suspended.append(name)
+            faults.reach("dmthin:quiesce/suspended")
+        except BaseException:
+            for name in reversed(suspended):  # every path resumes what it suspended
+                self._ctl.resume(name)
+            raise
+
+    def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
+        del deadline  # a resume is never skipped for time: a suspended origin hangs its writers
+        failure: Exception | None = None
+        for origin_id in origin_ids:
+            name = self._thin_name(origin_id)
+            try:
+                info = self._ctl.info(name)
+                if info is not None and info.suspended:
+                    self._ctl.resume(name)
+            except Exception as exc:  # resume the others all the same
+                log.exception("pool=%s dev_id=%d event=resume-failed", self._pool, origin_id)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def delete(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:
         name = self._thin_name(dev_id)

@@ -25,10 +25,11 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from csi_thin import deadline as deadline_mod
@@ -100,6 +101,35 @@ def _check_offset(starting_offset: int, size: int) -> None:
 
 def _block_map(size: int, extents: Collection[model.Extent], starting_offset: int) -> model.BlockMap:
     return model.BlockMap(capacity_bytes=size, extents=tuple(e for e in extents if e.end > starting_offset))
+
+
+def _group_key(group: str) -> str:
+    """A group's claim key: no device name holds a '/', so it never collides with one."""
+    return f"group/{group}"
+
+
+def _group_members(group: str, members: Sequence[tuple[str, str]]) -> builtins.list[tuple[str, str]]:
+    """Validated (snapshot name, source volume) pairs: at least one, no name or source twice, no
+    name that is also a source (nor the group's name)."""
+    _validate_name(group, "group")
+    pairs = [(str(n), str(s)) for n, s in members]
+    if not pairs:
+        raise errors.InvalidArgument(f"group snapshot {group!r}: no member")
+    for name, source in pairs:
+        _validate_name(name, "member snapshot name")
+        _validate_name(source, "source")
+    names = [n for n, _ in pairs]
+    sources = [s for _, s in pairs]
+    for what, values in (("snapshot name", names), ("source volume", sources)):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            raise errors.InvalidArgument(f"group snapshot {group!r}: {what} {twice[0]!r} given twice")
+    both = sorted(set(names) & {*sources, group})
+    if both:
+        raise errors.InvalidArgument(
+            f"group snapshot {group!r}: {both[0]!r} is both a member snapshot and a source or the group"
+        )
+    return pairs
 
 
 def _validate_name(name: str, what: str = "name") -> None:
@@ -180,7 +210,7 @@ class PoolEngine:
         """Called holding the name's claim, so no call on the name is in flight: an open intent on it
         is left from a failed undo. Resolve it from the pool's evidence, as recovery would."""
         for intent in self.store.intents():
-            if intent.name != name:
+            if intent.name != name and name not in {m[0] for m in intent.members}:
                 continue
             if intent.fenced:
                 with self._fenced(deadline):  # resolves every stale fenced intent
@@ -509,6 +539,190 @@ class PoolEngine:
         undo_deadline = _grace(deadline)
         if self.backend.transaction_id(deadline=undo_deadline) == base + 1:
             self.backend.set_transaction_id(base + 1, base, deadline=undo_deadline)
+
+    # ---- group snapshots ------------------------------------------------------------------------------
+
+    def create_group_snapshot(
+        self, group: str, members: Sequence[tuple[str, str]], *, deadline: deadline_mod.Deadline
+    ) -> builtins.list[model.Device]:
+        """Snapshots of several volumes at one instant (crash-consistent across them): `members` are
+        (snapshot name, source volume) pairs. ONE journalled, fenced mutation: hold every origin
+        (backend.quiesce: dm-thin suspends the active ones, reflink freezes their mounted
+        filesystems), snapshot each, let go of all (release), fence. Held for the snapshot steps
+        only: no LMDB write happens in between (the store may live on no held device, but its writes
+        would lengthen the hold). A crash while held is let go by the next assemble; every other
+        path releases, and recovery releases again before it finishes or undoes the group.
+
+        Idempotent: the same group with the same members returns the existing group; the same group
+        name with other members is AlreadyExists. Returned (and recorded) in the order given."""
+        pairs = _group_members(group, members)
+        names = [n for n, _ in pairs]
+        sources = [src for _, src in pairs]
+        with self._claim(_group_key(group), *names, *sources):
+            for name in names:  # a stale group intent names its members (never the group alone)
+                self._resolve_stale(name, deadline)
+            existing = self._existing_group(group, pairs)
+            if existing is not None:
+                return existing
+            st = self._require_mode(modes.Op.CREATE_SNAPSHOT, deadline)
+            assert st is not None
+            self._require_room(st)
+            with self._fenced(deadline):
+                existing = self._existing_group(group, pairs)
+                if existing is not None:
+                    return existing
+                srcs = [self._group_source(group, src) for src in sources]
+                for name in names:
+                    dev = self.store.get(name)
+                    if dev is not None:
+                        raise errors.AlreadyExists(
+                            f"group snapshot {group!r}: member name {name!r} is taken by a "
+                            f"{dev.kind.value} of {dev.origin!r} in group {dev.group!r}"
+                        )
+                self._create_group_fenced(group, names, srcs, deadline)
+            got = [self.store.get(n) for n in names]
+            return [d for d in got if d is not None]
+
+    def delete_group_snapshot(self, group: str, *, deadline: deadline_mod.Deadline) -> None:
+        """Delete every member of the group (each a fenced delete of its own: a crash in between
+        leaves some members, which a repeated call deletes). Absent is done."""
+        _validate_name(group, "group")
+        with self._claim(_group_key(group)):
+            for dev in self.get_group(group):
+                self.delete(dev.name, deadline=deadline)
+
+    def get_group(self, group: str) -> builtins.list[model.Device]:
+        """The group's member snapshots, by name ([] when no such group)."""
+        return sorted((d for d in self.store.devices() if d.group == group), key=lambda d: d.name)
+
+    def _existing_group(
+        self, group: str, pairs: Sequence[tuple[str, str]]
+    ) -> builtins.list[model.Device] | None:
+        have = self.get_group(group)
+        if not have:
+            return None
+        busy = [d for d in have if d.state in (model.DeviceState.CREATING, model.DeviceState.DELETING)]
+        if busy:
+            raise errors.OperationPending(f"group snapshot {group!r} is {busy[0].state.value}; retry later")
+        if {(d.name, d.origin) for d in have} != set(pairs):
+            raise errors.AlreadyExists(
+                f"group snapshot {group!r} exists with members "
+                f"{sorted((d.name, d.origin) for d in have)}, not {sorted(pairs)}"
+            )
+        by_name = {d.name: d for d in have}
+        return [by_name[n] for n, _ in pairs]
+
+    def _group_source(self, group: str, source: str) -> model.Device:
+        dev = self.store.get(source)
+        if dev is None:
+            raise errors.NotFound(
+                f"group snapshot {group!r}: source volume {source!r} is not in this pool "
+                "(every member of a group must live in the same pool)"
+            )
+        if dev.kind != model.DeviceKind.VOLUME:
+            raise errors.InvalidArgument(
+                f"group snapshot {group!r}: source {source!r} is a {dev.kind.value}, not a volume"
+            )
+        return self._ready(source, "source")
+
+    def _create_group_fenced(
+        self,
+        group: str,
+        names: Sequence[str],
+        srcs: Sequence[model.Device],
+        deadline: deadline_mod.Deadline,
+    ) -> None:
+        collided: set[int] = set()
+        held: builtins.list[bool] = []
+        origin_ids = [s.dev_id for s in srcs]
+
+        def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
+            now = time.time()
+            members = []
+            for name, src in zip(names, srcs, strict=True):
+                dev_id = w.allocate_id()
+                w.put(
+                    model.Device(
+                        name=name,
+                        dev_id=dev_id,
+                        kind=model.DeviceKind.SNAPSHOT,
+                        state=model.DeviceState.CREATING,
+                        size_bytes=src.size_bytes,
+                        origin=src.name,
+                        created_at=now,
+                        group=group,
+                    )
+                )
+                members.append((name, dev_id, src.dev_id))
+            return w.open_intent(
+                op="create_group_snapshot",
+                name=group,
+                dev_id=members[0][1],
+                origin_id=members[0][2],
+                base_txid=w.transaction_id(),
+                steps=("quiesce", *["create_snap"] * len(members), "release", "fence"),
+                created_at=now,
+                members=tuple(members),
+            )
+
+        def commit(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            assert tx.intent.base_txid is not None
+            for name, _, _ in tx.intent.members:
+                rec = w.get(name)
+                assert rec is not None
+                w.put(dataclasses.replace(rec, state=model.DeviceState.READY))
+            w.close_intent(tx.intent)
+            w.set_transaction_id(tx.intent.base_txid + 1)
+
+        def abort(w: lmdb_store.WriteTxn, tx: _Transition) -> None:
+            for name, dev_id, _ in tx.intent.members:
+                w.remove(name)
+                if dev_id in collided:  # someone else's device holds the id: keep it reserved
+                    w.reserve_orphan(dev_id)
+            w.close_intent(tx.intent)
+
+        def quiesce() -> None:
+            self.backend.quiesce(origin_ids, deadline=deadline)
+            held.append(True)
+
+        def release() -> None:
+            # also the first thing every later undo does: the hold ends before anything else
+            if held:
+                self.backend.release(origin_ids, deadline=_grace(deadline))
+
+        def create(dev_id: int, origin_id: int, size: int) -> None:
+            try:
+                self.backend.create_snap(dev_id, origin_id, size, deadline=deadline, held=True)
+            except errors.AlreadyExists as exc:
+                collided.add(dev_id)
+                raise errors.Unavailable(
+                    f"thin id {dev_id} already exists in the pool but no record owns it: "
+                    "reserved as an orphan; retry"
+                ) from exc
+
+        def undo_create(dev_id: int) -> None:
+            release()
+            if dev_id not in collided:
+                self._delete_if_present(dev_id, deadline)
+
+        with self._transition(
+            "create_group_snapshot", begin=begin, commit=commit, abort=abort, deadline=deadline
+        ) as tx:
+            base = tx.intent.base_txid
+            assert base is not None
+            tx.step("quiesce", quiesce, release)
+            for (_, dev_id, origin_id), src in zip(tx.intent.members, srcs, strict=True):
+                tx.step(
+                    "create_snap",
+                    functools.partial(create, dev_id, origin_id, src.size_bytes),
+                    functools.partial(undo_create, dev_id),
+                )
+            tx.step("release", lambda: self.backend.release(origin_ids, deadline=_grace(deadline)), release)
+            tx.step(
+                "fence",
+                lambda: self.backend.set_transaction_id(base, base + 1, deadline=deadline),
+                lambda: self._unfence(base, deadline),
+            )
 
     # ---- delete --------------------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ OP_STEPS: Mapping[str, tuple[str, ...]] = {
     "create_volume": ("create_thin", "fence"),
     "create_snapshot": ("create_snap", "fence"),
     "clone": ("create_snap", "fence"),
+    # one intent for every member: hold every origin, snapshot each, let go of all, one fence
+    "create_group_snapshot": ("quiesce", "create_snap", "release", "fence"),
     "delete": ("delete", "fence"),
     "gc": ("delete", "fence"),
     "grow": ("grow",),
@@ -60,6 +62,8 @@ RECOVERY = frozenset(
     {f"recover/{op}/delete{s}" for op in ("create_volume", "create_snapshot", "clone") for s in ("", ":done")}
     | {f"recover/{op}/fence{s}" for op in ("delete", "gc") for s in ("", ":done")}
     | {"recover/grow/resize", "recover/grow/resize:done"}
+    # a group snapshot's: let go of origins an undo failed to release, delete the members it made
+    | {f"recover/create_group_snapshot/{a}{s}" for a in ("release", "delete") for s in ("", ":done")}
 )
 
 #: Inside the dm-thin backend's compound steps: what a crash there leaves in the kernel.
@@ -67,6 +71,7 @@ DMTHIN = frozenset(
     {
         "dmthin:create_snap/suspended",  # active origin suspended, create_snap not sent yet
         "dmthin:create_snap/messaged",  # snapshot made, origin still suspended
+        "dmthin:quiesce/suspended",  # a group snapshot's active origins all suspended
         "dmthin:activate/created",  # device made, no table
         "dmthin:activate/loaded",  # table loaded (inactive), not resumed
         "dmthin:resize/loaded",  # bigger table loaded beside the live one, not resumed
@@ -83,6 +88,7 @@ REFLINK = frozenset(
     {
         "reflink:create_snap/frozen",  # origin made consistent (its filesystem frozen if mounted)
         "reflink:create_snap/cloned",  # extents shared into the temp file, origin still frozen
+        "reflink:quiesce/frozen",  # a group snapshot's mounted origins all frozen
         "reflink:publish/written",  # temp file complete, not fsynced
         "reflink:publish/synced",  # temp file fsynced, not linked to its device name
         "reflink:publish/linked",  # device name linked, temp name not removed, directory not fsynced

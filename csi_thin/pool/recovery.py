@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 CREATE_OPS = frozenset({"create_volume", "create_snapshot", "clone"})
 #: ops whose kernel step deletes a device (gc: an orphan, without a record)
 DELETE_OPS = frozenset({"delete", "gc"})
+#: the op whose one intent names several members (Intent.members), each created from its origin
+GROUP_OP = "create_group_snapshot"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,8 @@ def _resolve_fenced(
     pool_txid = backend.transaction_id(deadline=deadline)
     if store_txid != base or pool_txid not in (base, base + 1):
         raise _mismatch(pool_txid, store_txid, f"open intent {intent.op} {intent.name!r} at base {base}")
+    if intent.op == GROUP_OP:
+        return _resolve_group(backend, store, intent, fenced=pool_txid == base + 1, deadline=deadline)
     in_pool = intent.dev_id in backend.device_ids(deadline=deadline)
     fenced = pool_txid == base + 1
     log.info(
@@ -144,6 +148,62 @@ def _resolve_create(
         _drop(w, intent)
         w.close_intent(intent)
     return "back"
+
+
+def _resolve_group(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    fenced: bool,
+    deadline: deadline_mod.Deadline,
+) -> str:
+    """A group snapshot: first let go of every origin (an undo that failed may have left one
+    suspended or frozen, and that hangs its writers: the assemble before a start-up recovery has
+    done it already, this is for the engine's own resolution), then all members go forward (fenced)
+    or back (each member the pool shows is deleted), never some of each."""
+    assert intent.base_txid is not None
+    origin_ids = sorted({origin_id for _, _, origin_id in intent.members})
+    faults.reach(f"recover/{GROUP_OP}/release")
+    backend.release(origin_ids, deadline=deadline)
+    faults.reach(f"recover/{GROUP_OP}/release:done")
+    pool_ids = backend.device_ids(deadline=deadline)
+    log.info(
+        "event=resolve op=%s name=%s members=%d fenced=%s",
+        intent.op,
+        intent.name,
+        len(intent.members),
+        fenced,
+    )
+    if fenced:
+        with store.write() as w:
+            for name, dev_id, _ in intent.members:
+                rec = w.get(name)
+                if rec is not None and rec.dev_id == dev_id:
+                    state = model.DeviceState.READY if dev_id in pool_ids else model.DeviceState.LOST
+                    w.put(dataclasses.replace(rec, state=state))
+            w.close_intent(intent)
+            w.set_transaction_id(intent.base_txid + 1)
+        return "forward"
+    for _, dev_id, _ in intent.members:
+        if dev_id in pool_ids:
+            faults.reach(f"recover/{GROUP_OP}/delete")
+            with contextlib.suppress(errors.NotFound):
+                backend.delete(dev_id, deadline=deadline)
+            faults.reach(f"recover/{GROUP_OP}/delete:done")
+    with store.write() as w:
+        for name, dev_id, _ in intent.members:
+            _drop_member(w, name, dev_id)
+        w.close_intent(intent)
+    return "back"
+
+
+def _drop_member(w: lmdb_store.WriteTxn, name: str, dev_id: int) -> None:
+    rec = w.get(name)
+    if rec is not None and rec.dev_id == dev_id:
+        w.remove(name)
+    elif w.owner(dev_id) in (name, lmdb_store.ORPHAN):
+        w.free_id(dev_id)
 
 
 def _drop(w: lmdb_store.WriteTxn, intent: lmdb_store.Intent) -> None:

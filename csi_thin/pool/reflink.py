@@ -33,7 +33,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from csi_thin import config, errors, model, runner
 from csi_thin import deadline as deadline_mod
@@ -290,6 +290,9 @@ class ReflinkBackend:
         # kernel's loop table; the engine serialises per name, this guards direct callers too
         self._locks: collections.defaultdict[int, threading.Lock] = collections.defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        #: origins a group snapshot holds frozen (quiesce), each with what thaws it (release)
+        self._held: dict[int, contextlib.ExitStack] = {}
+        self._held_guard = threading.Lock()
 
     # --- paths and small helpers ---------------------------------------------------------------
 
@@ -423,29 +426,35 @@ class ReflinkBackend:
         filesystem that is not frozen answers EINVAL and changes nothing.
         """
         for dev_id in self._list():
-            dev = loop.find(self._path(dev_id))
-            mount = self._reachable_mount_of(dev) if dev is not None else None
-            if mount is None:
-                continue
             try:
-                fd = os.open(mount.mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
-                continue  # not reachable from here: not ours to repair
-            try:
-                faults.reach("reflink:assemble/repair")
-                fcntl.ioctl(fd, FITHAW, 0)
+                self._thaw_device(dev_id, repair=True)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    log.warning("event=thaw_failed mount_point=%s errno=%d", mount.mount_point, exc.errno)
-            else:
-                log.warning(
-                    "event=thawed_leftover pool=%s id=%d mount_point=%s",
-                    self._name,
-                    dev_id,
-                    mount.mount_point,
-                )
-            finally:
-                os.close(fd)
+                log.warning("event=thaw_failed pool=%s id=%d errno=%s", self._name, dev_id, exc.errno)
+
+    def _thaw_device(self, dev_id: int, *, repair: bool = False) -> None:
+        """Thaw the filesystem mounted from device `dev_id`, if it is attached, mounted and frozen
+        (FITHAW of a filesystem that is not frozen answers EINVAL and changes nothing)."""
+        dev = loop.find(self._path(dev_id))
+        mount = self._reachable_mount_of(dev) if dev is not None else None
+        if mount is None:
+            return
+        try:
+            fd = os.open(mount.mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # not reachable from here: not ours to repair
+        try:
+            if repair:
+                faults.reach("reflink:assemble/repair")
+            fcntl.ioctl(fd, FITHAW, 0)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        else:
+            log.warning(
+                "event=thawed_leftover pool=%s id=%d mount_point=%s", self._name, dev_id, mount.mount_point
+            )
+        finally:
+            os.close(fd)
 
     def _assemble_image(self, deadline: deadline_mod.Deadline) -> None:
         assert self._image is not None
@@ -836,7 +845,13 @@ class ReflinkBackend:
         log.info("event=create_thin pool=%s id=%d size=%d", self._name, dev_id, size_bytes)
 
     def create_snap(
-        self, dev_id: int, origin_id: int, size_bytes: int, *, deadline: deadline_mod.Deadline
+        self,
+        dev_id: int,
+        origin_id: int,
+        size_bytes: int,
+        *,
+        deadline: deadline_mod.Deadline,
+        held: bool = False,
     ) -> None:
         _check_id(dev_id)
         _check_size(size_bytes)
@@ -853,10 +868,13 @@ class ReflinkBackend:
                     try:
                         # a buffered loop device leaves writes in the file's page cache: flush them
                         # before the freeze, so that inside it only the freeze's own flush is left
-                        os.fsync(src_fd)
-                        with self._consistent(origin):
-                            faults.reach("reflink:create_snap/frozen")
+                        # (held: quiesce froze the origin and flushed it already)
+                        if not held:
                             os.fsync(src_fd)
+                        with contextlib.nullcontext() if held else self._consistent(origin):
+                            faults.reach("reflink:create_snap/frozen")
+                            if not held:
+                                os.fsync(src_fd)
                             deadline.check(f"clone {origin_id} -> {dev_id}")
                             _clone(src_fd, dst_fd)
                             faults.reach("reflink:create_snap/cloned")
@@ -873,6 +891,47 @@ class ReflinkBackend:
                 with contextlib.suppress(OSError):  # best effort: assemble sweeps leftovers
                     os.unlink(tmp)
         log.info("event=create_snap pool=%s id=%d origin=%d", self._name, dev_id, origin_id)
+
+    def quiesce(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
+        with self._held_guard:
+            busy = sorted(set(origin_ids) & set(self._held))
+            if busy:
+                raise errors.Unavailable(f"device {busy[0]} is held by another group snapshot; retry")
+        stacks: dict[int, contextlib.ExitStack] = {}
+        try:
+            for origin_id in origin_ids:
+                origin = self._require_device(origin_id)
+                deadline.check(f"freeze {origin_id}")
+                stack = stacks[origin_id] = contextlib.ExitStack()
+                fd = os.open(origin, os.O_RDONLY | os.O_CLOEXEC)
+                stack.callback(os.close, fd)
+                os.fsync(fd)  # as create_snap: the page cache first, so the freeze's flush is short
+                stack.enter_context(self._consistent(origin))
+                os.fsync(fd)  # what the freeze flushed through a buffered loop device
+            faults.reach("reflink:quiesce/frozen")
+        except BaseException:
+            for stack in reversed(stacks.values()):  # every path thaws what it froze
+                stack.close()
+            raise
+        with self._held_guard:
+            self._held.update(stacks)
+
+    def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
+        del deadline  # a thaw is never skipped for time: a frozen filesystem hangs its writers
+        failure: Exception | None = None
+        for origin_id in origin_ids:
+            with self._held_guard:
+                stack = self._held.pop(origin_id, None)
+            try:
+                if stack is not None:
+                    stack.close()
+                else:  # held by a process that is gone, or a thaw that failed before: find it
+                    self._thaw_device(origin_id)
+            except Exception as exc:  # thaw the others all the same
+                log.exception("event=thaw_failed pool=%s id=%d", self._name, origin_id)
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     @contextlib.contextmanager
     def _consistent(self, origin: str) -> Iterator[None]:

@@ -62,6 +62,9 @@ class Intent:
     base_txid: int | None = None
     steps: tuple[str, ...] = ()
     created_at: float = 0.0
+    #: a group snapshot's members, (name, dev id, origin dev id) each: one intent names them all (its
+    #: `name` is the group's, `dev_id` the first member's); empty for every other mutation
+    members: tuple[tuple[str, int, int], ...] = ()
 
     @property
     def fenced(self) -> bool:
@@ -116,6 +119,8 @@ def decode_device(raw: bytes) -> model.Device:
             active=bool(value.get("active", False)),
             path=None if value.get("path") is None else str(value["path"]),
             attributes=tuple((str(k), str(v)) for k, v in value.get("attributes", ())),
+            # absent in records written before group snapshots: such a snapshot has no group
+            group=None if value.get("group") is None else str(value["group"]),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreCorrupt(f"device record: {exc!r}") from exc
@@ -124,6 +129,7 @@ def decode_device(raw: bytes) -> model.Device:
 def encode_intent(intent: Intent) -> bytes:
     fields = dataclasses.asdict(intent)
     fields["steps"] = list(intent.steps)
+    fields["members"] = [list(m) for m in intent.members]
     return json.dumps({"v": SCHEMA_VERSION, **fields}, sort_keys=True).encode()
 
 
@@ -141,6 +147,8 @@ def decode_intent(raw: bytes) -> Intent:
             base_txid=None if value["base_txid"] is None else int(value["base_txid"]),
             steps=tuple(str(s) for s in value["steps"]),
             created_at=float(value["created_at"]),
+            # absent in intents written before group snapshots
+            members=tuple((str(n), int(d), int(o)) for n, d, o in value.get("members", ())),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise StoreCorrupt(f"journal intent: {exc!r}") from exc

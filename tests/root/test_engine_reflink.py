@@ -15,6 +15,9 @@ from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import reflink
 from tests import blockio, enginesuite
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
+from tests.enginesuite import (
+    test_group_snapshot_holds_data_of_one_instant,  # noqa: F401 - backends with block devices
+)
 from tests.root import test_reflink
 
 

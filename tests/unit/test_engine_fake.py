@@ -38,7 +38,9 @@ class FakeHarness(enginesuite.Harness):
         return {i: size for i, size in sizes.items() if size is not None}
 
     def leftovers(self, engine: engine_mod.PoolEngine) -> list[str]:
-        return []  # the fake has no kernel state beyond its devices and active sizes
+        # the fake's only kernel state beyond devices and active sizes: what a group snapshot holds
+        assert isinstance(engine.backend, fakes.FakeBackend)
+        return [f"device {i} held (suspended)" for i in engine.backend.held()]
 
     def set_condition(self, engine: engine_mod.PoolEngine, **fields: Any) -> None:
         assert isinstance(engine.backend, fakes.FakeBackend)

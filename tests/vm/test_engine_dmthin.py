@@ -18,6 +18,9 @@ from csi_thin.pool import dmthin
 from csi_thin.pool import engine as engine_mod
 from tests import blockio, enginesuite
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
+from tests.enginesuite import (
+    test_group_snapshot_holds_data_of_one_instant,  # noqa: F401 - backends with block devices
+)
 
 
 class DmThinHarness(enginesuite.Harness):
