@@ -46,15 +46,23 @@ RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 #: a scrape waits at most this long for the pool's status (Prometheus' default scrape timeout is 10 s)
 STATUS_SECONDS = 5.0
 #: the resources the node agent reconciles (label values of reconcile_errors_total)
-RECONCILE_RESOURCES = ("thinvolume", "thinsnapshot", "thinpool")
+RECONCILE_RESOURCES = ("thinvolume", "thinsnapshot", "thingroupsnapshot", "thinpool")
 #: kubelet plugin registration: not yet notified, registered, refused
 REGISTRATION_STATES = ("pending", "registered", "failed")
 #: pool operations the node agent runs for CRs (label values of pool_operation_duration_seconds)
-POOL_OPERATIONS = ("create_volume", "clone", "create_snapshot", "grow", "delete")
+POOL_OPERATIONS = (
+    "create_volume",
+    "clone",
+    "create_snapshot",
+    "grow",
+    "delete",
+    "create_group_snapshot",
+    "delete_group_snapshot",
+)
 #: what the controller waits on the node for, and how a wait ends (cr_wait_seconds): ok (the node
 #: did it), failed (the node reported an error), lost (the device is gone), deleted (the object went
 #: meanwhile), timeout (the RPC's deadline passed first), error (the API server failed the wait)
-CR_WAIT_OPERATIONS = ("create_volume", "create_snapshot", "delete", "expand")
+CR_WAIT_OPERATIONS = ("create_volume", "create_snapshot", "create_group_snapshot", "delete", "expand")
 CR_WAIT_OUTCOMES = ("ok", "failed", "lost", "deleted", "timeout", "error")
 #: a wait is a watch event away (tens of ms) up to a big format or copy on the node
 CR_WAIT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

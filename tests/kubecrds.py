@@ -12,7 +12,7 @@ import yaml
 from tests import helmchart, kubeenv
 
 CHART = pathlib.Path(__file__).resolve().parent.parent / "charts" / "csi-thin"
-CRDS = ("thinvolumes.yaml", "thinsnapshots.yaml", "thinpools.yaml")
+CRDS = ("thinvolumes.yaml", "thinsnapshots.yaml", "thingroupsnapshots.yaml", "thinpools.yaml")
 
 
 def _docs(path: pathlib.Path) -> list[dict[str, Any]]:

@@ -28,7 +28,9 @@ from csi_thin.kube import resources
 
 log = logging.getLogger(__name__)
 
-R = TypeVar("R", resources.ThinVolume, resources.ThinSnapshot, resources.ThinPool)
+R = TypeVar(
+    "R", resources.ThinVolume, resources.ThinSnapshot, resources.ThinGroupSnapshot, resources.ThinPool
+)
 
 #: a watch is re-opened at least this often (the API server ends it anyway after a while)
 WATCH_SECONDS = 300
@@ -131,6 +133,7 @@ class Page:
 _CLASSES: dict[resources.Kind, type[Any]] = {
     resources.Kind.VOLUME: resources.ThinVolume,
     resources.Kind.SNAPSHOT: resources.ThinSnapshot,
+    resources.Kind.GROUP: resources.ThinGroupSnapshot,
     resources.Kind.POOL: resources.ThinPool,
 }
 

@@ -13,6 +13,13 @@ writes a spec and waits, by watch, for the node agent's status:
 - a delete deletes the CR and waits until it is gone (the node deletes the device, then drops its
   finalizer); absent is done.
 - a grow raises spec.sizeBytes and waits until the node reports that generation.
+- a group snapshot (create_group_snapshot) is first a ThinSnapshot per member (spec.group names
+  the group), then ONE ThinGroupSnapshot naming them all: the node agent cuts every member in one
+  engine mutation, so a crash anywhere leaves either no member device or all of them (the engine's
+  journal), and every member CR exists before any device does (no device without a CR, nothing for
+  gc to find). Its members are on one node, else FAILED_PRECONDITION before anything is written.
+  Its delete deletes the group object first (the node deletes every member device in one mutation),
+  then the members' objects.
 - status() is the ThinPool status of the node (a node without a ThinPool has no capacity). A status
   the node has not refreshed within `stale_after` of it (its agent is down) is `errors.NodeSilent`:
   GetCapacity 0, creates on that node refused at once (RESOURCE_EXHAUSTED, before any CR is made),
@@ -33,7 +40,7 @@ import builtins
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from csi_thin import deadline as deadline_mod
@@ -44,7 +51,7 @@ from csi_thin.kube import watch
 
 log = logging.getLogger(__name__)
 
-W = TypeVar("W", res.ThinVolume, res.ThinSnapshot)
+W = TypeVar("W", res.ThinVolume, res.ThinSnapshot, res.ThinGroupSnapshot)
 #: (operation, outcome, seconds) of one wait for the node agent
 WaitObserver = Callable[[str, str, float], None]
 
@@ -144,6 +151,7 @@ def snapshot_device(ts: res.ThinSnapshot) -> model.Device:
         origin=ts.spec.source_volume,
         created_at=ts.status.creation_time or time.time(),
         node=ts.spec.node_name,
+        group=ts.spec.group or None,
     )
 
 
@@ -162,15 +170,18 @@ def _spec_from(
     )
 
 
-def _gone(obj: res.ThinVolume | res.ThinSnapshot | None) -> bool:
+Watched = res.ThinVolume | res.ThinSnapshot | res.ThinGroupSnapshot
+
+
+def _gone(obj: Watched | None) -> bool:
     return obj is None
 
 
-def _ok(obj: res.ThinVolume | res.ThinSnapshot | None) -> str:
+def _ok(obj: Watched | None) -> str:
     return "ok"
 
 
-def _settled_verdict(obj: res.ThinVolume | res.ThinSnapshot | None) -> str:
+def _settled_verdict(obj: Watched | None) -> str:
     if obj is None or obj.meta.deleting:
         return "deleted"
     if obj.status.phase == res.Phase.FAILED:
@@ -372,9 +383,153 @@ class CrEngine:
             )
         return got
 
+    # ---- group snapshots -------------------------------------------------------------------------
+
+    def create_group_snapshot(
+        self, group: str, members: Sequence[tuple[str, str]], *, deadline: deadline_mod.Deadline
+    ) -> builtins.list[model.Device]:
+        """Every (snapshot name, source volume) cut at one instant, on the sources' node; the member
+        snapshots in the order given. A retry finds what its first attempt wrote and waits again."""
+        vols = [self._api.get(res.ThinVolume, source, deadline=deadline) for _, source in members]
+        nodes = sorted({v.spec.node_name for v in vols})
+        if len(nodes) != 1:
+            where = ", ".join(f"{v.name} on {v.spec.node_name}" for v in vols)
+            raise errors.FailedPrecondition(
+                f"group snapshot {group!r}: its volumes live on different nodes ({where}); a group "
+                "snapshot is cut on one node's pool, so all of its volumes must be on one node"
+            )
+        spec = res.GroupSpec(
+            node_name=nodes[0],
+            pool=vols[0].spec.pool,
+            members=tuple(res.Member(snapshot=n, source_volume=s) for n, s in members),
+        )
+        existing = self._api.find(res.ThinGroupSnapshot, group, deadline=deadline)
+        if existing is not None and not _same_members(existing.spec, spec):
+            raise errors.AlreadyExists(
+                f"group snapshot {group!r} exists with other volumes ({_sources(existing.spec)}), "
+                f"not {_sources(spec)}"
+            )
+        if existing is None:
+            # the members first: once the group object exists the node may cut them, and every device
+            # it makes must already have its object (no device without a CR after any crash)
+            for m in spec.members:
+                self._member(group, m, spec, deadline=deadline)
+            try:
+                existing = self._api.create(
+                    res.ThinGroupSnapshot(meta=res.Meta(name=group), spec=spec), deadline=deadline
+                )
+            except errors.AlreadyExists:
+                existing = self._api.get(res.ThinGroupSnapshot, group, deadline=deadline)
+                if not _same_members(existing.spec, spec):
+                    raise errors.AlreadyExists(
+                        f"group snapshot {group!r} exists with other volumes ({_sources(existing.spec)})"
+                    ) from None
+        try:
+            self._settle("create_group_snapshot", res.ThinGroupSnapshot, existing, deadline=deadline)
+        except errors.CsiThinError as exc:
+            if not isinstance(exc, errors.OperationPending | errors.DeadlineExceeded):
+                # the group failed as a whole (nothing was cut): its members go too, so that a retry
+                # starts afresh
+                self._drop_members(group, spec.members, deadline=deadline)
+            raise
+        return self._members(group, spec.members, deadline=deadline)
+
+    def delete_group_snapshot(self, group: str, *, deadline: deadline_mod.Deadline) -> None:
+        """The group object first (its node deletes every member device in one mutation), then the
+        members' objects; absent is done. A retry after a crash in between finds the members by
+        their spec.group."""
+        obj = self._api.find(res.ThinGroupSnapshot, group, deadline=deadline)
+        if obj is not None:
+            members: Sequence[str] = [m.snapshot for m in obj.spec.members]
+            self._api.delete(res.ThinGroupSnapshot, group, deadline=deadline)
+            self._wait(
+                "delete",
+                res.ThinGroupSnapshot,
+                group,
+                _gone,
+                _ok,
+                deadline=deadline,
+                what="waiting for the node to delete the group's devices",
+            )
+        else:
+            members = [s.name for s in self._orphaned_members(group, deadline=deadline)]
+        for name in members:
+            self.delete(name, deadline=deadline)
+
+    def get_group(self, group: str) -> builtins.list[model.Device]:
+        """The members of a group snapshot (as ordinary snapshots, in the group's order); [] when
+        there is no such group (as the pool engine's get_group). Without its group object, the
+        snapshots that name it (a delete cut short between the group and its members: what a
+        repeated DeleteVolumeGroupSnapshot must still delete)."""
+        dl = deadline_mod.Deadline.after(client_mod.READ_SECONDS)
+        obj = self._api.find(res.ThinGroupSnapshot, group, deadline=dl)
+        if obj is None:
+            return [snapshot_device(s) for s in self._orphaned_members(group, deadline=dl)]
+        out: builtins.list[model.Device] = []
+        for m in obj.spec.members:
+            ts = self._api.find(res.ThinSnapshot, m.snapshot, deadline=dl)
+            if ts is not None:
+                out.append(snapshot_device(ts))
+        return out
+
+    def _orphaned_members(
+        self, group: str, *, deadline: deadline_mod.Deadline
+    ) -> builtins.list[res.ThinSnapshot]:
+        """The snapshots naming a group whose object is gone (a rare path: one list of every node's
+        snapshots)."""
+        snaps, _ = self._api.list(res.ThinSnapshot, deadline=deadline)
+        return sorted((s for s in snaps if s.spec.group == group), key=lambda s: s.name)
+
+    def _member(
+        self, group: str, member: res.Member, spec: res.GroupSpec, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        want = res.ThinSnapshot(
+            meta=res.Meta(name=member.snapshot),
+            spec=res.SnapshotSpec(
+                node_name=spec.node_name, pool=spec.pool, source_volume=member.source_volume, group=group
+            ),
+        )
+        try:
+            self._api.create(want, deadline=deadline)
+        except errors.AlreadyExists:
+            got = self._api.get(res.ThinSnapshot, member.snapshot, deadline=deadline)
+            if got.spec != want.spec:
+                raise errors.AlreadyExists(
+                    f"snapshot {member.snapshot!r} exists, of volume {got.spec.source_volume!r} in group "
+                    f"{got.spec.group or '(none)'!r}: it cannot be a member of group {group!r}"
+                ) from None
+            if got.meta.deleting:
+                raise errors.OperationPending(f"{member.snapshot!r} is being deleted; retry later") from None
+
+    def _members(
+        self, group: str, members: Sequence[res.Member], *, deadline: deadline_mod.Deadline
+    ) -> builtins.list[model.Device]:
+        """The member snapshots of a group the node reported Ready (it writes every member's status
+        before the group's), each as it is now (a member Lost since is reported so)."""
+        out = []
+        for m in members:
+            ts = self._api.find(res.ThinSnapshot, m.snapshot, deadline=deadline)
+            if ts is None:
+                raise errors.FailedPrecondition(
+                    f"group snapshot {group!r}: its member {m.snapshot!r} is gone (removed by force?)"
+                )
+            out.append(snapshot_device(ts))
+        return out
+
+    def _drop_members(
+        self, group: str, members: Sequence[res.Member], *, deadline: deadline_mod.Deadline
+    ) -> None:
+        for m in members:
+            ts = self._api.find(res.ThinSnapshot, m.snapshot, deadline=deadline)
+            if ts is not None and ts.spec.group == group:
+                with contextlib.suppress(client_mod.Conflict, errors.NotFound):
+                    self._api.delete(res.ThinSnapshot, m.snapshot, deadline=deadline, uid=ts.meta.uid)
+
     # ---- delete, grow --------------------------------------------------------------------------
 
     def delete(self, name: str, *, deadline: deadline_mod.Deadline) -> None:
+        """A volume's or snapshot's object, and wait until its node deleted the device. A group's
+        member is refused where the CSI layer looks (its Device.group): only its group deletes it."""
         what = "waiting for the node to delete the device"
         if name.startswith("s"):
             self._api.delete(res.ThinSnapshot, name, deadline=deadline)
@@ -501,3 +656,11 @@ class CrEngine:
                 f"node {node!r} has no ThinPool: is its csi-thin node agent running?"
             )
         return sorted(pools, key=lambda p: p.name)[0]
+
+
+def _same_members(a: res.GroupSpec, b: res.GroupSpec) -> bool:
+    return sorted(a.members, key=lambda m: m.snapshot) == sorted(b.members, key=lambda m: m.snapshot)
+
+
+def _sources(spec: res.GroupSpec) -> str:
+    return ", ".join(sorted(m.source_volume for m in spec.members))

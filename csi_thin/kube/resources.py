@@ -1,12 +1,14 @@
-"""Typed CustomResources: ThinVolume, ThinSnapshot, ThinPool (group csi-thin.io, v1alpha1).
+"""Typed CustomResources: ThinVolume, ThinSnapshot, ThinGroupSnapshot, ThinPool (group csi-thin.io,
+v1alpha1).
 
 The API server speaks dicts; this module is the edge where they become frozen dataclasses (and back).
 A malformed object (a field of the wrong type) is `errors.Internal` naming the object: the CRD's
 structural schema makes that a bug, not an input error.
 
-Names: a CR's name IS the volume or snapshot id (`v-pvc-...`, `s-snapshot-...`, `vh-<hash>`): the
-ids this driver hands out are already DNS labels, so the mapping is the identity, readable in
-`kubectl get thinvolumes`, and a retried CreateVolume finds the CR its first attempt made.
+Names: a CR's name IS the volume, snapshot or group snapshot id (`v-pvc-...`, `s-snapshot-...`,
+`vh-<hash>`, `g-...`): the ids this driver hands out are already DNS labels, so the mapping is the
+identity, readable in `kubectl get thinvolumes`, and a retried CreateVolume finds the CR its first
+attempt made.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ NODE_FIELD = "spec.nodeName"
 class Kind(enum.StrEnum):
     VOLUME = "ThinVolume"
     SNAPSHOT = "ThinSnapshot"
+    GROUP = "ThinGroupSnapshot"
     POOL = "ThinPool"
 
     @property
@@ -307,9 +310,15 @@ class SnapshotSpec:
     node_name: str
     pool: str
     source_volume: str
+    #: the ThinGroupSnapshot this snapshot is a member of ("": a snapshot of its own). A member's
+    #: device is made by its group's one engine mutation, never by itself
+    group: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"nodeName": self.node_name, "pool": self.pool, "sourceVolume": self.source_volume}
+        out = {"nodeName": self.node_name, "pool": self.pool, "sourceVolume": self.source_volume}
+        if self.group:
+            out["group"] = self.group
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any) -> SnapshotSpec:
@@ -318,6 +327,7 @@ class SnapshotSpec:
             node_name=_str(s, "nodeName", "spec"),
             pool=_str(s, "pool", "spec"),
             source_volume=_str(s, "sourceVolume", "spec"),
+            group=_str(s, "group", "spec"),
         )
 
 
@@ -397,6 +407,128 @@ class ThinSnapshot:
             meta=Meta.from_dict(raw.get("metadata")),
             spec=SnapshotSpec.from_dict(raw.get("spec")),
             status=SnapshotStatus.from_dict(raw.get("status")),
+        )
+
+
+# ---- ThinGroupSnapshot ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One snapshot of a group: its id (a ThinSnapshot of that name, `spec.group` naming the group)
+    and the volume it is taken of."""
+
+    snapshot: str
+    source_volume: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"snapshot": self.snapshot, "sourceVolume": self.source_volume}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Member:
+        m = _obj(raw, "spec.members[]")
+        return cls(
+            snapshot=_str(m, "snapshot", "spec.members[]"),
+            source_volume=_str(m, "sourceVolume", "spec.members[]"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+    """A crash-consistent snapshot of several volumes of one node: the node agent makes every
+    member's device in ONE engine mutation (csi_thin.pool: create_group_snapshot)."""
+
+    node_name: str
+    pool: str
+    members: tuple[Member, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodeName": self.node_name,
+            "pool": self.pool,
+            "members": [m.to_dict() for m in self.members],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> GroupSpec:
+        s = _obj(raw, "spec")
+        return cls(
+            node_name=_str(s, "nodeName", "spec"),
+            pool=_str(s, "pool", "spec"),
+            members=tuple(Member.from_dict(m) for m in s.get("members") or ()),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupStatus:
+    phase: Phase = Phase.PENDING
+    ready_to_use: bool = False
+    creation_time: float = 0.0  # unix seconds: the instant every member was cut
+    code: str = ""
+    message: str = ""
+    observed_generation: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase.value,
+            "readyToUse": self.ready_to_use,
+            "creationTime": str(self.creation_time),
+            "code": self.code,
+            "message": bounded(self.message),
+            "observedGeneration": self.observed_generation,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> GroupStatus:
+        s = _obj(raw, "status")
+        try:
+            phase = Phase(_str(s, "phase", "status", Phase.PENDING.value))
+        except ValueError as exc:
+            raise errors.Internal(f"status.phase: {exc}") from exc
+        return cls(
+            phase=phase,
+            ready_to_use=bool(s.get("readyToUse", False)),
+            creation_time=float(_str(s, "creationTime", "status") or 0.0),
+            code=_str(s, "code", "status"),
+            message=_str(s, "message", "status"),
+            observed_generation=_int(s, "observedGeneration", "status"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinGroupSnapshot:
+    meta: Meta
+    spec: GroupSpec
+    status: GroupStatus = dataclasses.field(default_factory=GroupStatus)
+
+    kind = Kind.GROUP
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def settled(self) -> bool:
+        return self.status.observed_generation >= self.meta.generation and self.status.phase in (
+            Phase.READY,
+            Phase.FAILED,
+            Phase.LOST,
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": Kind.GROUP.value,
+            "metadata": {"name": self.meta.name},
+            "spec": self.spec.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ThinGroupSnapshot:
+        return cls(
+            meta=Meta.from_dict(raw.get("metadata")),
+            spec=GroupSpec.from_dict(raw.get("spec")),
+            status=GroupStatus.from_dict(raw.get("status")),
         )
 
 
@@ -542,7 +674,7 @@ class ThinPool:
         )
 
 
-Resource = ThinVolume | ThinSnapshot | ThinPool
+Resource = ThinVolume | ThinSnapshot | ThinGroupSnapshot | ThinPool
 
 
 def decode(kind: Kind, raw: Mapping[str, Any]) -> Resource:
@@ -550,4 +682,6 @@ def decode(kind: Kind, raw: Mapping[str, Any]) -> Resource:
         return ThinVolume.from_dict(raw)
     if kind == Kind.SNAPSHOT:
         return ThinSnapshot.from_dict(raw)
+    if kind == Kind.GROUP:
+        return ThinGroupSnapshot.from_dict(raw)
     return ThinPool.from_dict(raw)

@@ -1,4 +1,5 @@
-"""The node agent (Kubernetes mode): this node's ThinVolumes and ThinSnapshots -> the pool engine.
+"""The node agent (Kubernetes mode): this node's ThinVolumes, ThinSnapshots and ThinGroupSnapshots ->
+the pool engine.
 
 It follows the CRs whose spec.nodeName is this node (a field selector: no other node's events reach
 it) and reconciles each one, one at a time, through the same PoolEngine the CSI Node service uses:
@@ -13,6 +14,12 @@ it) and reconciles each one, one at a time, through the same PoolEngine the CSI 
   and reports the code for that generation.
 - a CR being deleted: delete the device (absent is done; an active one waits until unstaged), then
   drop the finalizer.
+- a ThinGroupSnapshot: once every member ThinSnapshot it names is here (the controller writes them
+  first), the finalizer on the group and on each member, then ONE engine mutation cuts every member
+  (create_group_snapshot: idempotent, journalled, so a crash anywhere is finished or undone by
+  recovery and the retry finds the result); then each member's status Ready, then the group's. A
+  member never makes a device of its own; it goes with its group (delete_group_snapshot), and a
+  member deleted alone while its group lives is blocked (DeleteBlocked), as CSI asks.
 
 Start-up, before serving the watch: list this node's CRs; if the LMDB store was lost and rebuilt
 over the pool (recovery marks it 'adopted' and reserves every pool id as an orphan), give each
@@ -68,7 +75,7 @@ RETRY_CAP = 30.0
 TRANSIENT = (errors.OperationPending, errors.Unavailable, errors.DeadlineExceeded)
 
 Key = tuple[res.Kind, str]
-W = TypeVar("W", res.ThinVolume, res.ThinSnapshot)
+W = TypeVar("W", res.ThinVolume, res.ThinSnapshot, res.ThinGroupSnapshot)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +243,7 @@ class Agent:
         self._lock = threading.Lock()  # guards the caches below
         self._volumes: dict[str, res.ThinVolume] = {}
         self._snapshots: dict[str, res.ThinSnapshot] = {}
+        self._groups: dict[str, res.ThinGroupSnapshot] = {}
         self._retries: dict[Key, float] = {}
         #: orphan ids that more than one object names (after a lost store): adopted by none
         self._ambiguous: set[int] = set()
@@ -259,6 +267,9 @@ class Agent:
         self._snap_follower: watch.Follower[res.ThinSnapshot] = watch.Follower(
             api, res.ThinSnapshot, node=node, on_object=self._seen_snapshot, on_list=self._listed_snapshots
         )
+        self._group_follower: watch.Follower[res.ThinGroupSnapshot] = watch.Follower(
+            api, res.ThinGroupSnapshot, node=node, on_object=self._seen_group, on_list=self._listed_groups
+        )
         #: reconciles done, and status or finalizer writes that lost a race (a test or metric reads them)
         self.reconciled = 0
         self.conflicts = 0
@@ -275,12 +286,15 @@ class Agent:
         self._ensure_pool_object(deadline=deadline)
         vols = self._vol_follower.list_now(deadline=deadline)
         snaps = self._snap_follower.list_now(deadline=deadline)
+        groups = self._group_follower.list_now(deadline=deadline)
         with self._lock:
             self._volumes = {v.name: v for v in vols}
             self._snapshots = {s.name: s for s in snaps}
+            self._groups = {g.name: g for g in groups}
         adopted = self._adopt(vols, snaps, deadline=deadline)
-        # sources first: plain volumes, then snapshots, then restores and clones
+        # sources first: plain volumes, then groups and snapshots, then restores and clones
         order: list[Key] = [(res.Kind.VOLUME, v.name) for v in vols if v.spec.source is None]
+        order += [(res.Kind.GROUP, g.name) for g in groups]
         order += [(res.Kind.SNAPSHOT, s.name) for s in snaps]
         order += [(res.Kind.VOLUME, v.name) for v in vols if v.spec.source is not None]
         for key in order:
@@ -304,6 +318,7 @@ class Agent:
         )
         self._vol_follower.start()
         self._snap_follower.start()
+        self._group_follower.start()
         thread = threading.Thread(target=self._work, name="agent-worker", daemon=True)
         thread.start()
         self._threads.append(thread)
@@ -316,6 +331,7 @@ class Agent:
         self._stopping.set()
         self._vol_follower.stop()
         self._snap_follower.stop()
+        self._group_follower.stop()
         self._queue.close()
         self._status.stop()
         for thread in self._threads:
@@ -352,6 +368,25 @@ class Agent:
             self._status.mark()  # gone without our finalizer (removed by force): its device is an orphan
         else:
             self._queue.put((res.Kind.SNAPSHOT, obj.name))
+
+    def _seen_group(self, obj: res.ThinGroupSnapshot, deleted: bool) -> None:
+        with self._lock:
+            if deleted:
+                self._groups.pop(obj.name, None)
+            else:
+                self._groups[obj.name] = obj
+        if deleted:
+            # its members may wait for it to go (a member deleted with its group)
+            for m in obj.spec.members:
+                self._queue.put((res.Kind.SNAPSHOT, m.snapshot))
+        else:
+            self._queue.put((res.Kind.GROUP, obj.name))
+
+    def _listed_groups(self, items: list[res.ThinGroupSnapshot]) -> None:
+        with self._lock:
+            self._groups = {g.name: g for g in items}
+        for g in items:
+            self._queue.put((res.Kind.GROUP, g.name))
 
     def _listed_volumes(self, items: list[res.ThinVolume]) -> None:
         with self._lock:
@@ -393,11 +428,13 @@ class Agent:
         kind, name = key
         try:
             with self._lock:
-                obj = (self._volumes if kind == res.Kind.VOLUME else self._snapshots).get(name)
+                obj = self._cache(kind).get(name)
             if obj is None:
                 return  # deleted meanwhile (without our finalizer: it never had a device)
             if isinstance(obj, res.ThinVolume):
                 self._reconcile_volume(obj)
+            elif isinstance(obj, res.ThinGroupSnapshot):
+                self._reconcile_group(obj)
             else:
                 self._reconcile_snapshot(obj)
             self._retries.pop(key, None)
@@ -421,6 +458,15 @@ class Agent:
             log.exception("event=reconcile-crashed kind=%s name=%s", kind.value, name)
             self._count_error(kind)
             self._retry(key, exc)
+
+    def _cache(
+        self, kind: res.Kind
+    ) -> dict[str, res.ThinVolume] | dict[str, res.ThinSnapshot] | dict[str, res.ThinGroupSnapshot]:
+        if kind == res.Kind.VOLUME:
+            return self._volumes
+        if kind == res.Kind.GROUP:
+            return self._groups
+        return self._snapshots
 
     @contextlib.contextmanager
     def _timed(self, operation: str) -> Iterator[None]:
@@ -452,7 +498,14 @@ class Agent:
         kind, name = key
         dl = deadline_mod.Deadline.after(client_mod.READ_SECONDS)
         try:
-            if kind == res.Kind.VOLUME:
+            if kind == res.Kind.GROUP:
+                tg = self._api.find(res.ThinGroupSnapshot, name, deadline=dl)
+                with self._lock:
+                    if tg is None:
+                        self._groups.pop(name, None)
+                    else:
+                        self._groups[name] = tg
+            elif kind == res.Kind.VOLUME:
                 tv = self._api.find(res.ThinVolume, name, deadline=dl)
                 with self._lock:
                     if tv is None:
@@ -469,10 +522,12 @@ class Agent:
         except errors.CsiThinError as exc:
             self._retry(key, exc)
 
-    def _store(self, obj: res.ThinVolume | res.ThinSnapshot) -> None:
+    def _store(self, obj: res.ThinVolume | res.ThinSnapshot | res.ThinGroupSnapshot) -> None:
         with self._lock:
             if isinstance(obj, res.ThinVolume):
                 self._volumes[obj.name] = obj
+            elif isinstance(obj, res.ThinGroupSnapshot):
+                self._groups[obj.name] = obj
             else:
                 self._snapshots[obj.name] = obj
 
@@ -602,7 +657,7 @@ class Agent:
     def _reconcile_snapshot(self, ts: res.ThinSnapshot) -> None:
         dl = deadline_mod.Deadline.after(RECONCILE_SECONDS)
         if ts.meta.deleting:
-            self._finalize(ts, deadline=dl)
+            (self._finalize_member if ts.spec.group else self._finalize)(ts, deadline=dl)
             return
         dev = self._engine.get(ts.name) or self._adopt_late(ts, _snapshot_record(ts), deadline=dl)
         if dev is None:
@@ -612,7 +667,11 @@ class Agent:
             if ts.name in self._collected:
                 self._lost(ts, self._collected_why(ts.name), deadline=dl)
                 return
-            if ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation:
+            # a failed one waits for the controller; a group's member is cut with its group, never
+            # alone (the group's reconcile reports it)
+            if ts.spec.group or (
+                ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation
+            ):
                 return
             ts = self._claim(ts, deadline=dl)
             try:
@@ -631,7 +690,12 @@ class Agent:
             return
         if dev.state != model.DeviceState.READY:
             raise errors.OperationPending(f"{ts.name} is {dev.state.value}")
-        ts = self._with_finalizer(ts, deadline=dl)
+        self._snapshot_ready(ts, dev, deadline=dl)
+
+    def _snapshot_ready(
+        self, ts: res.ThinSnapshot, dev: model.Device, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        ts = self._with_finalizer(ts, deadline=deadline)
         status = res.SnapshotStatus(
             phase=res.Phase.READY,
             ready_to_use=True,
@@ -641,7 +705,141 @@ class Agent:
             observed_generation=ts.meta.generation,
         )
         if status != ts.status:
-            self._store(self._api.put_status(ts, status.to_dict(), deadline=dl))
+            self._store(self._api.put_status(ts, status.to_dict(), deadline=deadline))
+
+    # ---- reconcile: group snapshots ------------------------------------------------------------
+
+    def _reconcile_group(self, tg: res.ThinGroupSnapshot) -> None:
+        """Cut every member in one engine mutation, then report each member Ready, then the group.
+
+        A group is settled once Ready: its devices are then the members' (each reconciled as a
+        snapshot: Lost if it vanishes, never cut again). Before that, the engine call is repeated
+        until it answers: it is idempotent (the same group and members return what exists), and
+        after a crash the engine's recovery has finished or undone the one mutation."""
+        dl = deadline_mod.Deadline.after(RECONCILE_SECONDS)
+        if tg.meta.deleting:
+            self._finalize_group(tg, deadline=dl)
+            return
+        if tg.status.phase in (res.Phase.READY, res.Phase.LOST) or (
+            tg.status.phase == res.Phase.FAILED and tg.status.observed_generation >= tg.meta.generation
+        ):
+            return
+        members = self._group_members(tg)
+        try:
+            self._check_group(tg, members)
+        except errors.CsiThinError as exc:
+            if isinstance(exc, (_WaitForSource, *TRANSIENT)):
+                raise
+            self._group_failed(tg, exc, deadline=dl)
+            return
+        # the finalizers before any device exists: no object can vanish with a member device left
+        tg = self._claim(tg, deadline=dl)
+        claimed = [self._claim(m, deadline=dl) for m in members]
+        try:
+            with self._timed("create_group_snapshot"):
+                devs = self._engine.create_group_snapshot(
+                    tg.name, [(m.snapshot, m.source_volume) for m in tg.spec.members], deadline=dl
+                )
+        except (_WaitForSource, *TRANSIENT):
+            raise
+        except errors.CsiThinError as exc:
+            self._group_failed(tg, exc, deadline=dl)
+            return
+        finally:
+            self._status.mark()
+        by_name = {d.name: d for d in devs}
+        for ts in claimed:
+            self._snapshot_ready(ts, by_name[ts.name], deadline=dl)
+        created = min((d.created_at for d in devs), default=time.time())
+        status = res.GroupStatus(
+            phase=res.Phase.READY,
+            ready_to_use=True,
+            creation_time=created,
+            observed_generation=tg.meta.generation,
+        )
+        if status != tg.status:
+            self._store(self._api.put_status(tg, status.to_dict(), deadline=dl))
+        log.info("event=group-snapshot-cut name=%s members=%s", tg.name, sorted(by_name))
+
+    def _group_members(self, tg: res.ThinGroupSnapshot) -> list[res.ThinSnapshot]:
+        """The member objects, as this agent has them; each must be here already (the controller
+        writes them before the group): one not seen yet is waited for."""
+        out = []
+        with self._lock:
+            cached = [self._snapshots.get(m.snapshot) for m in tg.spec.members]
+        for m, ts in zip(tg.spec.members, cached, strict=True):
+            if ts is None:
+                raise _WaitForSource(f"member {m.snapshot!r} of group {tg.name!r} not seen yet")
+            out.append(ts)
+        return out
+
+    def _check_group(self, tg: res.ThinGroupSnapshot, members: list[res.ThinSnapshot]) -> None:
+        for m, ts in zip(tg.spec.members, members, strict=True):
+            if ts.spec.group != tg.name or ts.spec.source_volume != m.source_volume:
+                raise errors.FailedPrecondition(
+                    f"snapshot {ts.name!r} (of {ts.spec.source_volume!r}, group "
+                    f"{ts.spec.group or '(none)'!r}) is not the member of group {tg.name!r} that it names"
+                )
+            if ts.meta.deleting:
+                raise errors.OperationPending(f"member {ts.name!r} is being deleted")
+            self._require_source(m.source_volume, res.ThinVolume)
+
+    def _finalize_group(self, tg: res.ThinGroupSnapshot, *, deadline: deadline_mod.Deadline) -> None:
+        """Delete every member device in one mutation (absent is done), then let the group go; the
+        members' objects, deleted next by the controller, then find their devices gone."""
+        if res.FINALIZER not in tg.meta.finalizers:
+            return
+        current = self._api.get(res.ThinGroupSnapshot, tg.name, deadline=deadline)
+        if current.meta.uid != tg.meta.uid:
+            self._store(current)
+            raise client_mod.Conflict(
+                f"{tg.name}: the group being deleted is gone; reconcile the current one"
+            )
+        try:
+            with self._timed("delete_group_snapshot"):
+                self._engine.delete_group_snapshot(tg.name, deadline=deadline)
+        except errors.FailedPrecondition as exc:
+            self._event(tg, "DeleteBlocked", exc.message, deadline=deadline)
+            raise
+        finally:
+            self._status.mark()
+        rest = tuple(f for f in tg.meta.finalizers if f != res.FINALIZER)
+        self._api.set_finalizers(tg, rest, deadline=deadline)
+        for m in tg.spec.members:
+            self._queue.put((res.Kind.SNAPSHOT, m.snapshot))
+        log.info("event=deleted kind=%s name=%s", tg.kind.value, tg.name)
+
+    def _finalize_member(self, ts: res.ThinSnapshot, *, deadline: deadline_mod.Deadline) -> None:
+        """A member goes with its group: while the group's object is here its device stays (CSI: a
+        group's snapshot cannot be deleted alone), and once the group deleted the devices there is
+        nothing left to delete."""
+        with self._lock:
+            group = self._groups.get(ts.spec.group)
+        if group is not None and self._engine.get(ts.name) is not None:
+            if res.FINALIZER in ts.meta.finalizers:
+                self._event(
+                    ts,
+                    "DeleteBlocked",
+                    f"a member of group snapshot {ts.spec.group}: deleted with its group, never alone",
+                    deadline=deadline,
+                )
+            raise errors.FailedPrecondition(
+                f"{ts.name} is a member of group {ts.spec.group}, which is still here"
+            )
+        self._finalize(ts, deadline=deadline)
+
+    def _group_failed(
+        self, tg: res.ThinGroupSnapshot, exc: errors.CsiThinError, *, deadline: deadline_mod.Deadline
+    ) -> None:
+        log.warning("event=create-failed name=%s code=%s error=%s", tg.name, exc.code, exc.message)
+        self._event(tg, "CreateFailed", f"{exc.code}: {exc.message}", deadline=deadline)
+        status = res.GroupStatus(
+            phase=res.Phase.FAILED,
+            code=exc.code,
+            message=exc.message,
+            observed_generation=tg.meta.generation,
+        )
+        self._store(self._api.put_status(tg, status.to_dict(), deadline=deadline))
 
     # ---- shared steps --------------------------------------------------------------------------
 
@@ -1055,6 +1253,7 @@ def _snapshot_record(ts: res.ThinSnapshot) -> model.Device:
         size_bytes=ts.status.size_bytes,
         origin=ts.spec.source_volume,
         created_at=ts.status.creation_time or time.time(),
+        group=ts.spec.group or None,
     )
 
 

@@ -178,6 +178,9 @@ ACCESS: list[tuple[str, str, str, str, str, str, bool]] = [
     # the driver's controller: ThinVolume/ThinSnapshot specs, ThinPools read-only, no status
     (CONTROLLER, "create", "csi-thin.io", "thinvolumes", "", "", True),
     (CONTROLLER, "delete", "csi-thin.io", "thinsnapshots", "", "", True),
+    (CONTROLLER, "create", "csi-thin.io", "thingroupsnapshots", "", "", True),
+    (CONTROLLER, "delete", "csi-thin.io", "thingroupsnapshots", "", "", True),
+    (CONTROLLER, "patch", "csi-thin.io", "thingroupsnapshots", "status", "", False),
     (CONTROLLER, "watch", "csi-thin.io", "thinpools", "", "", True),
     (CONTROLLER, "patch", "csi-thin.io", "thinvolumes", "status", "", False),
     (CONTROLLER, "update", "csi-thin.io", "thinpools", "", "", False),
@@ -197,6 +200,11 @@ ACCESS: list[tuple[str, str, str, str, str, str, bool]] = [
     (CONTROLLER, "get", "snapshot.storage.k8s.io", "volumesnapshotclasses", "", "", True),
     (CONTROLLER, "patch", "snapshot.storage.k8s.io", "volumesnapshotcontents", "", "", True),
     (CONTROLLER, "update", "snapshot.storage.k8s.io", "volumesnapshotcontents", "status", "", True),
+    # ... and its group snapshots (upstream's RBAC for v8.7.0)
+    (CONTROLLER, "watch", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotclasses", "", "", True),
+    (CONTROLLER, "patch", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "", "", True),
+    (CONTROLLER, "update", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "status", "", True),
+    (CONTROLLER, "create", "groupsnapshot.storage.k8s.io", "volumegroupsnapshotcontents", "", "", False),
     # the resizer
     (CONTROLLER, "patch", "", "persistentvolumes", "", "", True),
     (CONTROLLER, "patch", "", "persistentvolumeclaims", "status", "default", True),
@@ -214,6 +222,10 @@ ACCESS: list[tuple[str, str, str, str, str, str, bool]] = [
     # the node plugin: its CRs' status and finalizers, its ThinPool, Events; nothing of the sidecars'
     (NODE, "patch", "csi-thin.io", "thinvolumes", "status", "", True),
     (NODE, "patch", "csi-thin.io", "thinsnapshots", "", "", True),
+    (NODE, "patch", "csi-thin.io", "thingroupsnapshots", "status", "", True),
+    (NODE, "watch", "csi-thin.io", "thingroupsnapshots", "", "", True),
+    (NODE, "create", "csi-thin.io", "thingroupsnapshots", "", "", False),
+    (NODE, "create", "csi-thin.io", "thinsnapshots", "", "", False),
     (NODE, "create", "csi-thin.io", "thinpools", "", "", True),
     (NODE, "patch", "csi-thin.io", "thinpools", "status", "", True),
     (NODE, "create", "events.k8s.io", "events", "", "default", True),

@@ -113,6 +113,7 @@ def test_printer_columns_and_short_names(crds: kubeenv.KubeEnv) -> None:
     for plural, short, columns in (
         ("thinvolumes", "tv", {"Node", "Size", "Phase", "Code", "Age"}),
         ("thinsnapshots", "ts", {"Node", "Source", "Ready", "Size"}),
+        ("thingroupsnapshots", "tgs", {"Node", "Ready", "Code", "Age"}),
         ("thinpools", "tp", {"Node", "Pool", "Health", "Data Used", "Data Total"}),
     ):
         crd = ext.read_custom_resource_definition(f"{plural}.{G}")

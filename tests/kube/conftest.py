@@ -268,7 +268,7 @@ def cluster(kube: kubeenv.KubeEnv, tmp_path: pathlib.Path) -> Iterator[Cluster]:
 def _forget(c: Cluster, node: str) -> None:
     """Remove this test's CRs from the shared API server (their devices go with the pool)."""
     api = c.api
-    for plural in ("thinvolumes", "thinsnapshots", "thinpools"):
+    for plural in ("thingroupsnapshots", "thinvolumes", "thinsnapshots", "thinpools"):
         for item in c.crs(plural, node):
             name = item["metadata"]["name"]
             with contextlib.suppress(kubernetes.client.exceptions.ApiException):

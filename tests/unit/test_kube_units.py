@@ -29,7 +29,7 @@ def dl() -> deadline_mod.Deadline:
     return deadline_mod.Deadline.after(60)
 
 
-def _api_dict(obj: res.ThinVolume | res.ThinSnapshot) -> dict[str, Any]:
+def _api_dict(obj: res.ThinVolume | res.ThinSnapshot | res.ThinGroupSnapshot) -> dict[str, Any]:
     body = obj.body()
     body["metadata"] = {
         "name": obj.name,
@@ -95,6 +95,24 @@ def test_thin_snapshot_and_pool_round_trip() -> None:
         status=res.SnapshotStatus(phase=res.Phase.READY, ready_to_use=True, size_bytes=MiB, device_id=4),
     )
     assert res.ThinSnapshot.from_dict(_api_dict(ts)) == ts
+    member = res.ThinSnapshot(
+        meta=res.Meta(name="s-2", resource_version="7", generation=2, finalizers=(res.FINALIZER,)),
+        spec=res.SnapshotSpec(node_name="n1", pool="p", source_volume="v-1", group="g-1"),
+    )
+    assert res.ThinSnapshot.from_dict(_api_dict(member)) == member
+    assert "group" not in ts.spec.to_dict()  # a snapshot of its own says nothing of groups
+    tg = res.ThinGroupSnapshot(
+        meta=res.Meta(name="g-1", resource_version="7", generation=2, finalizers=(res.FINALIZER,)),
+        spec=res.GroupSpec(
+            node_name="n1",
+            pool="p",
+            members=(res.Member(snapshot="s-2", source_volume="v-1"), res.Member("s-3", "v-2")),
+        ),
+        status=res.GroupStatus(phase=res.Phase.READY, ready_to_use=True, creation_time=12.5),
+    )
+    assert res.ThinGroupSnapshot.from_dict(json.loads(json.dumps(_api_dict(tg)))) == tg
+    assert res.decode(res.Kind.GROUP, _api_dict(tg)) == tg
+    assert res.Kind.GROUP.plural == "thingroupsnapshots"
     st = res.PoolStatus(healthy=True, mode="rw", data_total_bytes=10, orphans=("v-x", "id:9"), lost=("v-y",))
     assert res.PoolStatus.from_dict(json.loads(json.dumps(st.to_dict()))) == st
 
@@ -518,3 +536,34 @@ def test_a_clone_refused_on_a_silent_node_withdraws_what_its_agent_never_took_up
     with pytest.raises(errors.NodeSilent):
         cr.clone("v-pvc-clone", "v-src", MiB, deadline=dl())
     assert api.deleted == [("v-pvc-clone", "u-v-pvc-clone", "7")]
+
+
+class _VolumesApi:
+    """ThinVolumes to read; any write fails the test."""
+
+    def __init__(self, *volumes: res.ThinVolume) -> None:
+        self.volumes = {v.name: v for v in volumes}
+
+    def get(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline) -> Any:
+        if cls is not res.ThinVolume or name not in self.volumes:
+            raise errors.NotFound(f"{name} not found")
+        return self.volumes[name]
+
+    def find(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline) -> Any:
+        return None
+
+    def create(self, obj: Any, *, deadline: deadline_mod.Deadline) -> Any:
+        raise AssertionError(f"{obj.kind.value} {obj.name} was written")
+
+
+def test_a_group_across_nodes_is_refused_before_anything_is_written() -> None:
+    def vol(name: str, node: str) -> res.ThinVolume:
+        return res.ThinVolume(meta=res.Meta(name=name), spec=res.VolumeSpec(node, "p", 64 * MiB))
+
+    api = _VolumesApi(vol("v-a", "n1"), vol("v-b", "n2"), vol("v-c", "n1"))
+    cr = crengine.CrEngine(api)  # type: ignore[arg-type]
+    with pytest.raises(errors.FailedPrecondition, match="different nodes") as info:
+        cr.create_group_snapshot("g-1", [("s-1", "v-a"), ("s-2", "v-b"), ("s-3", "v-c")], deadline=dl())
+    assert "v-a on n1" in info.value.message and "v-b on n2" in info.value.message
+    with pytest.raises(errors.NotFound):
+        cr.create_group_snapshot("g-1", [("s-1", "v-a"), ("s-2", "v-gone")], deadline=dl())
