@@ -34,6 +34,7 @@ class Driver:
     identity: csi_pb2_grpc.IdentityStub
     controller: csi_pb2_grpc.ControllerStub
     node: csi_pb2_grpc.NodeStub
+    group: csi_pb2_grpc.GroupControllerStub
     engine: engine_mod.PoolEngine
     backend: backend_mod.Backend
     socket: pathlib.Path
@@ -75,6 +76,7 @@ def serve(
                     identity=csi_pb2_grpc.IdentityStub(channel),
                     controller=csi_pb2_grpc.ControllerStub(channel),
                     node=csi_pb2_grpc.NodeStub(channel),
+                    group=csi_pb2_grpc.GroupControllerStub(channel),
                     engine=eng,
                     backend=backend,
                     socket=sock,

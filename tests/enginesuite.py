@@ -352,6 +352,59 @@ def test_group_snapshot_holds_data_of_one_instant(harness: Harness) -> None:
     check_consistent(e, before=committed(e))
 
 
+def test_group_snapshot_killed_while_held_is_let_go_at_start(harness: Harness) -> None:
+    """The one state that hurts beyond the pool: a process killed while it holds a group's origins
+    leaves them suspended (dm-thin) or their filesystems frozen (reflink), and every writer hangs.
+    The next start (assemble, then recovery) lets them go, the writers go on, the group is undone
+    whole and can be made again. Backends with block devices only (imported by name)."""
+    assert harness.has_block_devices
+    e = harness.open()
+    mounts = []
+    for name in ("a", "b"):
+        dev = e.activate(e.create_volume(name, 32 * MiB, deadline=dl()).name, deadline=dl())
+        assert dev.path is not None
+        mounts.append(harness.mount_new_fs(dev.path))
+    before = committed(e)
+    harness.close(e)
+    point = "create_group_snapshot/release"  # both members made, nothing let go yet
+    killed = in_child(
+        harness,
+        Injector(kill_name=point),
+        lambda c: c.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=dl()),
+    )
+    assert killed == point
+    e = harness.open(assemble=False, recover=False)
+    # dm-thin: leftovers lists the suspended devices (a freeze there would hang); reflink: frozen fs
+    held = harness.leftovers(e) or harness.frozen_mounts()
+    assert len(held) == 2, f"the killed process should have left both origins held: {held}"
+    harness.close(e)
+    e = harness.open()
+    assert harness.leftovers(e) == [] and harness.frozen_mounts() == []
+    done: list[str] = []
+
+    def write(mount_point: str) -> None:
+        with open(os.path.join(mount_point, "after"), "wb") as f:
+            f.write(b"writes go on")
+            os.fsync(f.fileno())
+        done.append(mount_point)
+
+    writers = [threading.Thread(target=write, args=(m,), daemon=True) for m in mounts]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(timeout=60)
+    assert sorted(done) == sorted(mounts), "a writer still hangs on a held origin"
+    assert e.last_recovery is not None and e.last_recovery.rolled_back == ("create_group_snapshot g",)
+    assert e.get_group("g") == []
+    check_consistent(e, before=before)
+    assert [d.name for d in e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=dl())] == [
+        "g-a",
+        "g-b",
+    ]
+    assert harness.leftovers(e) == [] and harness.frozen_mounts() == []
+    check_consistent(e, before=committed(e))
+
+
 def test_activate_deactivate_idempotent(harness: Harness) -> None:
     e = harness.open()
     e.create_volume("v", 2 * MiB, deadline=dl())

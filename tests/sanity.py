@@ -21,7 +21,7 @@ MiB = 1024 * 1024
 #: csi-sanity v5.6.0 (tools/csi/go.mod) passes exactly this many specs against the driver, on either
 #: backend. A pass that turns into a skip (a capability no longer advertised) or a spec a new
 #: csi-sanity adds changes the count and fails the test: look at why, then update it.
-EXPECTED_PASSED = 77
+EXPECTED_PASSED = 83
 
 #: csi-sanity skips a spec when the driver does not advertise its capability. Every skip reason we
 #: accept is listed with how many specs it skips and why the driver honestly does not offer it (the
@@ -33,7 +33,6 @@ ALLOWED_SKIPS: dict[str, tuple[int, str]] = {
     "ControllerModifyVolume not supported": (6, "no mutable parameters (MODIFY_VOLUME not advertised)"),
     "Modify volume not supported": (1, "no volume attribute classes (MODIFY_VOLUME not advertised)"),
     "Modify Volume not supported": (1, "no volume attribute classes (MODIFY_VOLUME not advertised)"),
-    "GroupControllerService not supported": (6, "no group snapshots (GroupController not offered)"),
     "SNAPSHOT_ACCESSIBILITY_CONSTRAINTS not supported": (
         1,
         "snapshots live on their volume's node, but the alpha capability that says so is not offered",

@@ -327,6 +327,13 @@ class Provisioner:
 
     def delete_snapshot(self, snapshot_id: str, *, deadline: deadline_mod.Deadline) -> None:
         if naming.is_own_id(snapshot_id, naming.IdKind.SNAPSHOT):
+            device = self._engine.get(snapshot_id)
+            if device is not None and device.group is not None:
+                # the spec: a member of a group snapshot is deleted with its group, never alone
+                raise errors.InvalidArgument(
+                    f"snapshot {snapshot_id!r} is part of volume group snapshot {device.group!r}: "
+                    "delete the group (DeleteVolumeGroupSnapshot)"
+                )
             self._engine.delete(snapshot_id, deadline=deadline)
 
     def get_snapshot(self, snapshot_id: str) -> model.Device:

@@ -146,7 +146,7 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         name = validate.name(request.name)
         source = validate.device_id(request.source_volume_id, "source_volume_id")
         device = self._prov.create_snapshot(name, source, deadline=interceptor.rpc_deadline(context))
-        return csi_pb2.CreateSnapshotResponse(snapshot=_snapshot(device))
+        return csi_pb2.CreateSnapshotResponse(snapshot=snapshot(device))
 
     def DeleteSnapshot(
         self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext
@@ -164,14 +164,14 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
             max_entries=validate.max_entries(request.max_entries),
             token=request.starting_token,
         )
-        entries = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=_snapshot(d)) for d in page.devices]
+        entries = [csi_pb2.ListSnapshotsResponse.Entry(snapshot=snapshot(d)) for d in page.devices]
         return csi_pb2.ListSnapshotsResponse(entries=entries, next_token=page.next_token)
 
     def GetSnapshot(
         self, request: csi_pb2.GetSnapshotRequest, context: grpc.ServicerContext
     ) -> csi_pb2.GetSnapshotResponse:
         device = self._prov.get_snapshot(validate.device_id(request.snapshot_id, "snapshot_id"))
-        return csi_pb2.GetSnapshotResponse(snapshot=_snapshot(device))
+        return csi_pb2.GetSnapshotResponse(snapshot=snapshot(device))
 
     # -- not offered: volumes are node-local and need no attach; parameters are not mutable ------
 
@@ -207,7 +207,8 @@ class ControllerService(csi_pb2_grpc.ControllerServicer):
         return volume
 
 
-def _snapshot(device: model.Device) -> csi_pb2.Snapshot:
+def snapshot(device: model.Device) -> csi_pb2.Snapshot:
+    """A snapshot as CSI shows it (also inside a VolumeGroupSnapshot: a member names its group)."""
     created = timestamp_pb2.Timestamp()
     created.FromNanoseconds(int(device.created_at * 1e9))
     return csi_pb2.Snapshot(
@@ -216,4 +217,5 @@ def _snapshot(device: model.Device) -> csi_pb2.Snapshot:
         size_bytes=device.size_bytes,
         creation_time=created,
         ready_to_use=device.state == model.DeviceState.READY,
+        group_snapshot_id=device.group or "",
     )

@@ -25,14 +25,17 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         name: str = DEFAULT_NAME,
         controller: bool = True,
         snapshot_metadata: bool = False,
+        group_controller: bool = False,
     ) -> None:
         """`ready` answers Probe: false only while the plugin is still starting up; it raises when
         the plugin cannot serve at all. Pool health is no part of it (see Probe). `snapshot_metadata`:
-        the SnapshotMetadata service is served on this endpoint."""
+        the SnapshotMetadata service is served on this endpoint; `group_controller`: the
+        GroupController (volume group snapshots) is."""
         self._ready = ready
         self._name = name
         self._controller = controller
         self._snapshot_metadata = snapshot_metadata
+        self._group_controller = group_controller
 
     def GetPluginInfo(
         self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
@@ -47,6 +50,8 @@ class IdentityService(csi_pb2_grpc.IdentityServicer):
         )
         if self._snapshot_metadata:
             services.append(_Service.SNAPSHOT_METADATA_SERVICE)
+        if self._group_controller:
+            services.append(_Service.GROUP_CONTROLLER_SERVICE)
         caps = [csi_pb2.PluginCapability(service=_Service(type=s)) for s in services]
         caps.append(csi_pb2.PluginCapability(volume_expansion=_Expansion(type=_Expansion.ONLINE)))
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)

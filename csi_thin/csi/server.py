@@ -130,6 +130,7 @@ class Services:
     controller: csi_pb2_grpc.ControllerServicer | None = None
     node: csi_pb2_grpc.NodeServicer | None = None
     snapshot_metadata: csi_pb2_grpc.SnapshotMetadataServicer | None = None
+    group_controller: csi_pb2_grpc.GroupControllerServicer | None = None
 
 
 class Server:
@@ -152,6 +153,8 @@ class Server:
             csi_pb2_grpc.add_ControllerServicer_to_server(services.controller, self._server)
         if services.node is not None:
             csi_pb2_grpc.add_NodeServicer_to_server(services.node, self._server)
+        if services.group_controller is not None:
+            csi_pb2_grpc.add_GroupControllerServicer_to_server(services.group_controller, self._server)
         if services.snapshot_metadata is not None:
             csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(services.snapshot_metadata, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -21,9 +21,10 @@ from typing import Any, Protocol
 from csi_thin import config, errors, httpserver, model
 from csi_thin import deadline as deadline_mod
 from csi_thin import metrics as metrics_mod
-from csi_thin.controller import provisioner
+from csi_thin.controller import groups, provisioner
 from csi_thin.csi import (
     controller_service,
+    group_controller_service,
     identity_service,
     node_service,
     registration,
@@ -98,7 +99,10 @@ def services(
     )
     return server.Services(
         identity=identity_service.IdentityService(
-            ready=functools.partial(probe, eng), name=driver_name, snapshot_metadata=True
+            ready=functools.partial(probe, eng),
+            name=driver_name,
+            snapshot_metadata=True,
+            group_controller=True,
         ),
         controller=controller_service.ControllerService(
             provisioner=provisioner.Provisioner(engine=eng, settings=settings)
@@ -107,6 +111,10 @@ def services(
             volumes=volumes.NodeVolumes(engine=eng, thresholds=thresholds, claims=claims),
             node_id=node_id,
             max_volumes=max_volumes,
+        ),
+        # served where the controller is: a group's volumes all live in this one pool
+        group_controller=group_controller_service.GroupControllerService(
+            group_snapshots=groups.GroupSnapshots(engine=eng)
         ),
         # the engine is here, in this process: changed-block tracking reads the pool directly
         snapshot_metadata=snapshot_metadata_service.SnapshotMetadataService(reader=eng),

@@ -690,6 +690,10 @@ class PoolEngine:
             if held:
                 self.backend.release(origin_ids, deadline=_grace(deadline))
 
+        def let_go() -> None:
+            self.backend.release(origin_ids, deadline=_grace(deadline))
+            held.clear()  # let go: a later undo must not thaw a freeze someone else has made since
+
         def create(dev_id: int, origin_id: int, size: int) -> None:
             try:
                 self.backend.create_snap(dev_id, origin_id, size, deadline=deadline, held=True)
@@ -717,7 +721,7 @@ class PoolEngine:
                     functools.partial(create, dev_id, origin_id, src.size_bytes),
                     functools.partial(undo_create, dev_id),
                 )
-            tx.step("release", lambda: self.backend.release(origin_ids, deadline=_grace(deadline)), release)
+            tx.step("release", let_go, release)
             tx.step(
                 "fence",
                 lambda: self.backend.set_transaction_id(base, base + 1, deadline=deadline),

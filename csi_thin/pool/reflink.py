@@ -903,11 +903,14 @@ class ReflinkBackend:
                 origin = self._require_device(origin_id)
                 deadline.check(f"freeze {origin_id}")
                 stack = stacks[origin_id] = contextlib.ExitStack()
-                fd = os.open(origin, os.O_RDONLY | os.O_CLOEXEC)
-                stack.callback(os.close, fd)
-                os.fsync(fd)  # as create_snap: the page cache first, so the freeze's flush is short
-                stack.enter_context(self._consistent(origin))
-                os.fsync(fd)  # what the freeze flushed through a buffered loop device
+                try:
+                    fd = os.open(origin, os.O_RDONLY | os.O_CLOEXEC)
+                    stack.callback(os.close, fd)
+                    os.fsync(fd)  # as create_snap: the page cache first, so the freeze's flush is short
+                    stack.enter_context(self._consistent(origin))
+                    os.fsync(fd)  # what the freeze flushed through a buffered loop device
+                except OSError as exc:
+                    raise _oserror(f"hold device {origin_id} for a group snapshot", exc) from exc
             faults.reach("reflink:quiesce/frozen")
         except BaseException:
             for stack in reversed(stacks.values()):  # every path thaws what it froze

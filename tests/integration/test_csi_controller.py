@@ -60,6 +60,8 @@ def test_identity(d: h.Driver) -> None:
         csi_pb2.PluginCapability.Service.VOLUME_ACCESSIBILITY_CONSTRAINTS,
         # standalone serves changed-block tracking on the same socket (tests/cbt_scenarios.py)
         csi_pb2.PluginCapability.Service.SNAPSHOT_METADATA_SERVICE,
+        # and volume group snapshots where the controller is (tests/integration/test_csi_group_controller.py)
+        csi_pb2.PluginCapability.Service.GROUP_CONTROLLER_SERVICE,
     }
     expansion = [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")]
     assert expansion == [csi_pb2.PluginCapability.VolumeExpansion.ONLINE]

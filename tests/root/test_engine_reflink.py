@@ -4,12 +4,14 @@ own pool; every mount and loop device under the temp dir is removed after it, ev
 
 from __future__ import annotations
 
+import fcntl
+import os
 import pathlib
 from collections.abc import Iterator
 
 import pytest
 
-from csi_thin import config, model
+from csi_thin import config, errors, model
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import reflink
@@ -17,6 +19,7 @@ from tests import blockio, enginesuite
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
 from tests.enginesuite import (
     test_group_snapshot_holds_data_of_one_instant,  # noqa: F401 - backends with block devices
+    test_group_snapshot_killed_while_held_is_let_go_at_start,  # noqa: F401 - ditto
 )
 from tests.root import test_reflink
 
@@ -76,3 +79,33 @@ def harness(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Iterator[
             reflink.ReflinkBackend(h.cfg).destroy(deadline=enginesuite.dl())
         finally:
             test_reflink.cleanup_under(tmp_path)
+
+
+def test_group_snapshot_of_a_filesystem_someone_else_froze(harness: enginesuite.Harness) -> None:
+    """An origin whose filesystem an operator froze (fsfreeze): the group is refused (UNAVAILABLE,
+    retry later), nothing is made, the other origin is let go, and the operator's freeze is theirs
+    to end (not thawed by the refusal's undo)."""
+    e = harness.open()
+    mounts = []
+    for name in ("a", "b"):
+        dev = e.activate(
+            e.create_volume(name, 32 * model.MiB, deadline=enginesuite.dl()).name, deadline=enginesuite.dl()
+        )
+        assert dev.path is not None
+        mounts.append(harness.mount_new_fs(dev.path))
+    before = enginesuite.committed(e)
+    fd = os.open(mounts[1], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, enginesuite.FIFREEZE, 0)
+        try:
+            with pytest.raises(errors.Unavailable, match="already frozen by someone else"):
+                e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+            assert harness.leftovers(e) == []
+            assert harness.frozen_mounts() == [mounts[1]], "the operator's freeze must stay, the other go"
+        finally:
+            fcntl.ioctl(fd, enginesuite.FITHAW, 0)
+    finally:
+        os.close(fd)
+    assert e.get_group("g") == []
+    enginesuite.check_consistent(e, before=before)
+    assert len(e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())) == 2

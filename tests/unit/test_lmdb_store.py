@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import threading
@@ -194,3 +195,24 @@ def test_store_files_are_private_and_a_shared_folder_keeps_its_mode(tmp_path: pa
     with lmdb_store.LmdbStore(str(shared)):
         assert _mode(shared) == 0o755
         assert _mode(shared / "data.mdb") == 0o600
+
+
+def test_records_and_intents_from_before_group_snapshots_still_load() -> None:
+    """A store written before group snapshots (no `group` on records, no `members` on intents) loads
+    with the defaults; the new fields round-trip."""
+    old_device = (
+        b'{"v": 1, "name": "s", "dev_id": 3, "kind": "snapshot", "state": "ready", "size_bytes": 65536,'
+        b' "origin": "v", "created_at": 1.5, "active": false, "path": null, "attributes": []}'
+    )
+    assert lmdb_store.decode_device(old_device).group is None
+    old_intent = (
+        b'{"v": 1, "seq": 1, "op": "create_snapshot", "name": "s", "dev_id": 3, "size_bytes": 0,'
+        b' "origin_id": 2, "old_size_bytes": 0, "base_txid": 4, "steps": ["create_snap", "fence"],'
+        b' "created_at": 1.5}'
+    )
+    assert lmdb_store.decode_intent(old_intent).members == ()
+    dev = lmdb_store.decode_device(old_device)
+    member = dataclasses.replace(dev, group="g-x")
+    assert lmdb_store.decode_device(lmdb_store.encode_device(member)) == member
+    intent = dataclasses.replace(lmdb_store.decode_intent(old_intent), members=(("a", 3, 2), ("b", 4, 5)))
+    assert lmdb_store.decode_intent(lmdb_store.encode_intent(intent)) == intent

@@ -20,6 +20,7 @@ from tests import blockio, enginesuite
 from tests.enginesuite import *  # noqa: F403 - the suite's tests run here
 from tests.enginesuite import (
     test_group_snapshot_holds_data_of_one_instant,  # noqa: F401 - backends with block devices
+    test_group_snapshot_killed_while_held_is_let_go_at_start,  # noqa: F401 - ditto
 )
 
 
