@@ -1,8 +1,9 @@
 """Kubernetes mode: `csi-thin controller` and `csi-thin node`.
 
 - controller (a Deployment, stateless, any number of replicas: the sidecars elect a leader): CSI
-  Identity + Controller over the CR engine (csi_thin.kube.crengine). The provisioning logic is the
-  standalone one (csi_thin.controller.provisioner), in its many-nodes form. With --http-endpoint it
+  Identity + Controller + GroupController over the CR engine (csi_thin.kube.crengine). The
+  provisioning and group snapshot logic is the standalone one (csi_thin.controller.provisioner and
+  .groups), in its many-nodes form. With --http-endpoint it
   serves /healthz (the CSI server serves) and /metrics (RPC latency and codes, CR wait time).
 - node (a DaemonSet): CSI Identity + Node over the node's pool engine, plus the node agent that
   reconciles this node's CRs through the same engine. Start-up order: load the pool config; take the
@@ -27,8 +28,16 @@ from typing import Any
 from csi_thin import config, errors, httpserver, model
 from csi_thin import deadline as deadline_mod
 from csi_thin import metrics as metrics_mod
-from csi_thin.controller import provisioner
-from csi_thin.csi import controller_service, identity_service, node_service, registration, server, standalone
+from csi_thin.controller import groups, provisioner
+from csi_thin.csi import (
+    controller_service,
+    group_controller_service,
+    identity_service,
+    node_service,
+    registration,
+    server,
+    standalone,
+)
 from csi_thin.kube import client as client_mod
 from csi_thin.kube import crengine
 from csi_thin.node import agent as agent_mod
@@ -110,9 +119,15 @@ def controller_services(
         node_id=None, block_size=block_size, overprovision_ratio=overprovision_ratio
     )
     return server.Services(
-        identity=identity_service.IdentityService(ready=lambda _dl: True, name=driver_name),
+        identity=identity_service.IdentityService(
+            ready=lambda _dl: True, name=driver_name, group_controller=True
+        ),
         controller=controller_service.ControllerService(
             provisioner=provisioner.Provisioner(engine=cr, settings=settings, nodes=cr.on)
+        ),
+        # a group's volumes must share a node: the CR engine refuses others before writing anything
+        group_controller=group_controller_service.GroupControllerService(
+            group_snapshots=groups.GroupSnapshots(engine=cr)
         ),
     )
 

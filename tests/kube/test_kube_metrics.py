@@ -51,7 +51,7 @@ def test_a_node_exports_its_pool_and_the_operations_it_ran_for_crs(cluster: Clus
     assert scrape.value(fams, "csi_thin_pool_status_ok", pool=pool) == 1
     assert scrape.value(fams, "csi_thin_pool_data_capacity_bytes", pool=pool) > 0
     assert scrape.value(fams, "csi_thin_pool_devices", pool=pool, kind="volume", state="ready") == 0
-    for resource in ("thinvolume", "thinsnapshot", "thinpool"):
+    for resource in ("thinvolume", "thinsnapshot", "thingroupsnapshot", "thinpool"):
         assert scrape.value(fams, "csi_thin_reconcile_errors_total", resource=resource) == 0
     # the node process runs the pool's trim schedule (planned at start, the first run a day away)
     # and exports its totals
