@@ -201,6 +201,16 @@ def check_consistent(
     for d in records:
         assert d.active == (d.dev_id in active), d
         assert (d.path is not None) == d.active, d
+    # the index and running totals follow every record change in its own transaction: they agree
+    # with the records now, and did when the last recovery looked (a crash at any point left them right)
+    assert engine.store.check_index(repair=False) == []
+    if engine.last_recovery is not None:
+        assert engine.last_recovery.index_repaired == ()
+    totals = engine.totals()
+    assert totals.of().count == len(records)
+    assert totals.provisioned_bytes == sum(d.size_bytes for d in records)
+    assert totals.of().active == sum(d.active for d in records)
+    assert engine.lost() == []
 
 
 # ---- basic operations --------------------------------------------------------------------------------
