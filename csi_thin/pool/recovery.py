@@ -267,16 +267,17 @@ def recover(
         log.warning("event=ids-unchecked reason=pool read-only; LOST and orphans are checked once writable")
     else:
         pool_ids = backend.device_ids(deadline=deadline)
-    # One write transaction and one read of every record (the start-up cost that grows with the pool):
-    # records, ids, and the index and running totals checked against the records they follow.
+    # One write transaction, and no record read that need not change: the index's summaries say
+    # which records the pool's evidence changes (the start-up cost that grows with the pool)
     with store.write() as w:
-        records = {d.name: d for d in w.devices()}
-        lost, found, fixed = _reconcile_records(backend, w, records, pool_ids=pool_ids, active_ids=active_ids)
+        summaries, index_repaired = w.verified_summaries()
+        lost, found, fixed = _reconcile_records(
+            backend, w, summaries, pool_ids=pool_ids, active_ids=active_ids
+        )
         if pool_ids is None:
             orphans = sorted(i for i, owner in w.ids().items() if owner == lmdb_store.ORPHAN)
         else:
-            orphans = _reconcile_ids(w, records, pool_ids=pool_ids)
-        index_repaired = w.check_index(repair=True, records=records.values())
+            orphans = _reconcile_ids(w, summaries, pool_ids=pool_ids)
     ids_checked = pool_ids is not None
     if index_repaired:
         log.warning("event=index-repaired differences=%d first=%r", len(index_repaired), index_repaired[:5])
@@ -306,21 +307,35 @@ def recover(
     )
 
 
+def _settled(sm: lmdb_store.Summary, *, pool_ids: dict[int, int] | None, active_ids: set[int]) -> bool:
+    """True when the pool's evidence changes nothing of this record (READY, in the pool, inactive,
+    and the kernel agrees): the one case that needs no read of the record."""
+    return (
+        sm.state == model.DeviceState.READY
+        and not sm.active
+        and sm.dev_id not in active_ids
+        and (pool_ids is None or sm.dev_id in pool_ids)
+    )
+
+
 def _reconcile_records(
     backend: backend_mod.Backend,
     w: lmdb_store.WriteTxn,
-    records: dict[str, model.Device],
+    summaries: list[lmdb_store.Summary],
     *,
     pool_ids: dict[int, int] | None,
     active_ids: set[int],
 ) -> tuple[list[str], list[str], list[str]]:
     """Flag LOST (or found again) records and take the active flags from the kernel (only the
-    active flags when `pool_ids` is None: the pool's ids could not be read). `records` is updated
-    with what is written."""
+    active flags when `pool_ids` is None: the pool's ids could not be read)."""
     lost: list[str] = []
     found: list[str] = []
     fixed: list[str] = []
-    for rec in list(records.values()):
+    for sm in summaries:
+        if _settled(sm, pool_ids=pool_ids, active_ids=active_ids):
+            continue
+        rec = w.get(sm.name)
+        assert rec is not None, sm
         new = rec
         in_pool = pool_ids is None or rec.dev_id in pool_ids
         if pool_ids is None:
@@ -348,15 +363,14 @@ def _reconcile_records(
             fixed.append(rec.name)
         if new != rec:
             w.put(new)
-            records[new.name] = new
     return lost, found, fixed
 
 
 def _reconcile_ids(
-    w: lmdb_store.WriteTxn, records: dict[str, model.Device], *, pool_ids: dict[int, int]
+    w: lmdb_store.WriteTxn, summaries: list[lmdb_store.Summary], *, pool_ids: dict[int, int]
 ) -> list[int]:
     """Free allocations nothing holds; reserve (and return) pool ids no record owns."""
-    owned = {d.dev_id: d.name for d in records.values()}
+    owned = {sm.dev_id: sm.name for sm in summaries}
     for dev_id, owner in w.ids().items():
         if owner == lmdb_store.ORPHAN:
             if dev_id not in pool_ids:

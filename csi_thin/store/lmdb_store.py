@@ -32,6 +32,7 @@ import logging
 import os
 import struct
 import threading
+import typing
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -131,11 +132,31 @@ def _tally_of(raw: bytes) -> model.Tally:
     return model.Tally(count=count, size_bytes=size, active=active)
 
 
-def _index_entries(dev: model.Device) -> list[bytes]:
-    keys = [_kind_key(dev.kind, dev.name)]
+_SUMMARY = struct.Struct(">IBBQ")  # dev id, state (its place in DeviceState), active, size
+_STATES = tuple(model.DeviceState)
+
+
+class Summary(typing.NamedTuple):
+    """What start-up recovery needs of a record, kept as the value of its index entry: reading
+    these is a struct unpack per record where the record itself is a JSON parse."""
+
+    name: str
+    kind: model.DeviceKind
+    dev_id: int
+    state: model.DeviceState
+    active: bool
+    size_bytes: int
+
+
+def _summary_value(dev: model.Device) -> bytes:
+    return _SUMMARY.pack(dev.dev_id, _STATES.index(dev.state), int(dev.active), dev.size_bytes)
+
+
+def _index_entries(dev: model.Device) -> dict[bytes, bytes]:
+    entries = {_kind_key(dev.kind, dev.name): _summary_value(dev)}
     if dev.state != model.DeviceState.READY:
-        keys.append(_state_key(dev.state, dev.name))
-    return keys
+        entries[_state_key(dev.state, dev.name)] = b""
+    return entries
 
 
 def _load(raw: bytes, what: str) -> dict[str, Any]:
@@ -242,8 +263,8 @@ class WriteTxn:
 
     # index and totals: every record change above goes through these two, in the same transaction
     def _index(self, dev: model.Device) -> None:
-        for key in _index_entries(dev):
-            self._txn.put(key, b"", db=self._dbs["index"])
+        for key, value in _index_entries(dev).items():
+            self._txn.put(key, value, db=self._dbs["index"])
         self._add_tally(dev.kind, dev.state, _tally(dev), sign=1)
 
     def _unindex(self, dev: model.Device) -> None:
@@ -314,24 +335,69 @@ class WriteTxn:
             for k, v in self._txn.cursor(db=self._dbs["ids"])
         }
 
-    def check_index(self, *, repair: bool, records: Iterable[model.Device] | None = None) -> list[str]:
+    def summaries(self) -> Iterator[Summary]:
+        """Every record's summary (see Summary), by kind, then name."""
+        for kind in model.DeviceKind:
+            prefix = _kind_prefix(kind)
+            for name, raw in _items(self._txn, self._dbs["index"], prefix):
+                try:
+                    dev_id, code, active, size = _SUMMARY.unpack(raw)
+                    state = _STATES[code]
+                except (struct.error, IndexError) as exc:
+                    raise StoreCorrupt(f"index entry of {name!r}: {exc}") from exc
+                yield Summary(name.decode(), kind, dev_id, state, bool(active), size)
+
+    def verified_summaries(self) -> tuple[list[Summary], list[str]]:
+        """Every record's summary, checked for start-up without reading any record: the index names
+        exactly the records, the totals are the sums of the summaries and the orphan entries are the
+        ids' orphans. On any difference (or an unreadable entry), everything is rebuilt from the
+        records (check_index): returns the summaries and those differences. (A summary that
+        disagrees with its own record can only come from an outside edit of one of them;
+        check_index compares those too.)"""
+        try:
+            summaries = list(self.summaries())
+            if self._agrees(summaries):
+                return summaries, []
+        except StoreCorrupt:
+            pass
+        diffs = self.check_index(repair=True)
+        return list(self.summaries()), diffs
+
+    def _agrees(self, summaries: Iterable[Summary]) -> bool:
+        totals: dict[bytes, model.Tally] = {}
+        names: set[bytes] = set()
+        for sm in summaries:
+            names.add(sm.name.encode())
+            key = _tally_key(sm.kind, sm.state)
+            totals[key] = totals.get(key, model.Tally()) + model.Tally(1, sm.size_bytes, int(sm.active))
+        records = {bytes(k) for k in self._txn.cursor(db=self._dbs["devices"]).iternext(values=False)}
+        have_totals = {bytes(k): _tally_of(bytes(v)) for k, v in self._txn.cursor(db=self._dbs["totals"])}
+        orphans = {bytes(k) for k, v in self._txn.cursor(db=self._dbs["ids"]) if bytes(v) == ORPHAN.encode()}
+        indexed_orphans = set(_suffixes(self._txn, self._dbs["index"], b"o"))
+        return names == records and totals == have_totals and orphans == indexed_orphans
+
+    def check_index(self, *, repair: bool) -> list[str]:
         """Compare the index and totals with what the records and ids say; with `repair`, rebuild
-        them where they differ. Returns what differed (empty: nothing). One pass over every record
-        (`records`: the caller's, already read in this transaction): for start-up and migration,
-        never per call."""
-        want_index: set[bytes] = set()
+        them where they differ. Returns what differed (empty: nothing). Reads every record: for
+        migration, a failed start-up check and tests, never per call."""
+        want_index: dict[bytes, bytes] = {}
         want_totals: dict[bytes, model.Tally] = {}
-        for dev in self.devices() if records is None else records:
+        for dev in self.devices():
             want_index.update(_index_entries(dev))
             key = _tally_key(dev.kind, dev.state)
             want_totals[key] = want_totals.get(key, model.Tally()) + _tally(dev)
         for k, v in self._txn.cursor(db=self._dbs["ids"]):
             if bytes(v) == ORPHAN.encode():
-                want_index.add(b"o" + bytes(k))
-        have_index = {bytes(k) for k, _ in self._txn.cursor(db=self._dbs["index"])}
+                want_index[b"o" + bytes(k)] = b""
+        have_index = {bytes(k): bytes(v) for k, v in self._txn.cursor(db=self._dbs["index"])}
         have_totals = {bytes(k): _tally_of(bytes(v)) for k, v in self._txn.cursor(db=self._dbs["totals"])}
-        diffs = [f"index lacks {k!r}" for k in sorted(want_index - have_index)]
-        diffs += [f"index has stray {k!r}" for k in sorted(have_index - want_index)]
+        diffs = [f"index lacks {k!r}" for k in sorted(want_index.keys() - have_index.keys())]
+        diffs += [f"index has stray {k!r}" for k in sorted(have_index.keys() - want_index.keys())]
+        diffs += [
+            f"index entry {k!r} says {have_index[k]!r}, its record {want_index[k]!r}"
+            for k in sorted(want_index.keys() & have_index.keys())
+            if want_index[k] != have_index[k]
+        ]
         for key in sorted(want_totals.keys() | have_totals.keys()):
             want, have = want_totals.get(key, model.Tally()), have_totals.get(key, model.Tally())
             if want != have:
@@ -339,8 +405,8 @@ class WriteTxn:
         if diffs and repair:
             self._txn.drop(self._dbs["index"], delete=False)
             self._txn.drop(self._dbs["totals"], delete=False)
-            for key in want_index:
-                self._txn.put(key, b"", db=self._dbs["index"])
+            for key, value in want_index.items():
+                self._txn.put(key, value, db=self._dbs["index"])
             for key, tally in want_totals.items():
                 self._txn.put(key, _tally_value(tally), db=self._dbs["totals"])
         return diffs
@@ -377,16 +443,23 @@ class WriteTxn:
         self._txn.delete(b"adopted", db=self._dbs["meta"])
 
 
-def _suffixes(txn: Any, db: Any, prefix: bytes, *, start: bytes = b"") -> Iterator[bytes]:
-    """The keys of `db` that start with `prefix`, from prefix + `start` on, without the prefix."""
+def _items(txn: Any, db: Any, prefix: bytes, *, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+    """(key without `prefix`, value) of the keys of `db` that start with `prefix`, from prefix +
+    `start` on, in key order."""
     cur = txn.cursor(db=db)
     if not cur.set_range(prefix + start):
         return
-    for raw in cur.iternext(keys=True, values=False):
+    for raw, value in cur.iternext(keys=True, values=True):
         key = bytes(raw)
         if not key.startswith(prefix):
             return
-        yield key[len(prefix) :]
+        yield key[len(prefix) :], bytes(value)
+
+
+def _suffixes(txn: Any, db: Any, prefix: bytes, *, start: bytes = b"") -> Iterator[bytes]:
+    """The keys of `db` that start with `prefix`, from prefix + `start` on, without the prefix."""
+    for key, _ in _items(txn, db, prefix, start=start):
+        yield key
 
 
 _LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})
