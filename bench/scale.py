@@ -83,17 +83,18 @@ class Point:
     lmdb_used_mib: float = 0.0
 
 
-def pool_config(work: pathlib.Path, backend: str) -> pathlib.Path:
+def pool_config(work: pathlib.Path, backend: str, name: str) -> pathlib.Path:
+    """A pool in `work` (`name` names its dm devices: each pool of one run needs its own)."""
     path = work / "pool.yaml"
     if backend == "dmthin":
         body = (
-            f"name: scale\nbackend: dmthin\nstate_dir: {work}/state\n"
+            f"name: {name}\nbackend: dmthin\nstate_dir: {work}/state\n"
             f"dmthin:\n  data_file: {work}/data.img\n  data_size: 2GiB\n"
             f"  metadata_file: {work}/meta.img\n  metadata_size: 128MiB\n  block_size: 64KiB\n"
         )
     else:
         body = (
-            f"name: scale\nbackend: reflink\nstate_dir: {work}/state\n"
+            f"name: {name}\nbackend: reflink\nstate_dir: {work}/state\n"
             f"reflink:\n  directory: {work}/pool\n  image_file: {work}/pool.img\n  image_size: 4GiB\n"
             "  fs_type: xfs\n"
         )
@@ -264,9 +265,9 @@ def main() -> int:
     print(f"scale bench: {backend} {where}, state in {work}, checkpoints {CHECKPOINTS}, load average {load}")
     (work / "pool").mkdir()
     (work / "empty").mkdir()
-    cfg_path = pool_config(work / "pool", backend)
+    cfg_path = pool_config(work / "pool", backend, "scale")
     cfg = config.load_pool(str(cfg_path))
-    empty_cfg = pool_config(work / "empty", backend)
+    empty_cfg = pool_config(work / "empty", backend, "scale-empty")
     points: list[Point] = []
     try:
         with driver(empty_cfg, work / "empty" / "csi.sock") as (empty, _, _):

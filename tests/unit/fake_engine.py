@@ -116,11 +116,13 @@ class FakeEngine:
         return [d for d in self.devices.values() if kind is None or d.kind == kind]
 
     def page(self, kind: model.DeviceKind, *, after: str, limit: int) -> list[model.Device]:
-        devices = sorted((d for d in self.list(kind=kind) if d.name > after), key=lambda d: d.name)
+        devices = sorted(
+            (d for d in self.devices.values() if d.kind == kind and d.name > after), key=lambda d: d.name
+        )
         return devices[:limit] if limit else devices
 
     def volume_bytes(self) -> int:
-        return sum(d.size_bytes for d in self.list(kind=model.DeviceKind.VOLUME))
+        return sum(d.size_bytes for d in self.devices.values() if d.kind == model.DeviceKind.VOLUME)
 
     def lost(self) -> list[str]:
         return sorted(d.name for d in self.devices.values() if d.state == model.DeviceState.LOST)
