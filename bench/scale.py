@@ -10,8 +10,9 @@ snapshots); at each checkpoint the standalone driver is started afresh and measu
                 (a CLI run's own cost is Python's start-up, the same at any size)
   storage health  p50 of NodeGetStorageHealth over gRPC (lost devices: a running total)
   CreateVolume  p50 over gRPC (each created volume deleted again after the sample), side by side
-                with a driver on an empty reference pool, samples interleaved: the ratio compares
-                the two at the same moment, whatever else the machine is doing
+                with a driver on an empty reference pool, samples interleaved (each round in the
+                other order): the ratio compares the two at the same moment, whatever else the
+                machine is doing (at the empty checkpoint it shows the noise: two empty pools)
   ListVolumes   every page (max_entries 500), total time
   RSS           the driver's resident memory after the above
   LMDB          the store's file size and the blocks it occupies
@@ -52,6 +53,7 @@ CHECKPOINTS = sorted({0, min(1000, N), N})
 VOL = model.MiB  # small: 10,000 volumes stay within the default 10x overprovisioning of the pool
 BATCH = 500
 SAMPLES = 30
+CREATE_SAMPLES = 60  # per pool: on a shared machine the p50 of fewer swings by tens of percent
 PAGE = 500
 TARGET_STARTUP_S = 5.0
 TARGET_READ_MS = 5.0
@@ -189,8 +191,10 @@ def measure(
         with app.open_engine(cfg, assemble=False, recover=False, owner=False, deadline=dl) as ro:
             point.status_ms = timed_ms(lambda: cli._status_json(cfg, ro, ro.status(deadline=dl)))
         creates: dict[int, list[float]] = {0: [], 1: []}
-        for i in range(SAMPLES):
-            for which, client in enumerate((d, empty)):
+        for i in range(CREATE_SAMPLES):
+            # each round in the other order (full, empty / empty, full): neither pool always goes
+            # first after the other's delete
+            for which, client in (((0, d), (1, empty)), ((1, empty), (0, d)))[i % 2]:
                 t0 = time.perf_counter()
                 v = client.create(f"bench-{i}", VOL, BLOCK)
                 creates[which].append((time.perf_counter() - t0) * 1000)
