@@ -73,8 +73,9 @@ def _report_json(r: recovery.RecoveryReport | None) -> dict[str, Any] | None:
 
 
 def _status_json(cfg: config.PoolConfig, eng: engine_mod.PoolEngine, st: model.PoolStatus) -> dict[str, Any]:
-    devs = eng.list()
-    lost = sorted(d.name for d in devs if d.state == model.DeviceState.LOST)
+    # running totals and the index of LOST records: the same cost whatever the pool holds
+    totals = eng.totals()
+    lost = sorted(eng.lost())
     # the same issues NodeGetStorageHealth reports (CSI 1.13), reason and message
     issues = health.pool(st, cfg.thresholds, lost=lost)
     return {
@@ -95,12 +96,12 @@ def _status_json(cfg: config.PoolConfig, eng: engine_mod.PoolEngine, st: model.P
         "metadata_total_bytes": st.metadata_total_bytes,
         "metadata_used_ratio": round(st.metadata_used_ratio, 6),
         "thresholds": dataclasses.asdict(cfg.thresholds),
-        "volumes": sum(d.kind == model.DeviceKind.VOLUME for d in devs),
-        "snapshots": sum(d.kind == model.DeviceKind.SNAPSHOT for d in devs),
-        "active": sum(d.active for d in devs),
+        "volumes": totals.of(kind=model.DeviceKind.VOLUME).count,
+        "snapshots": totals.of(kind=model.DeviceKind.SNAPSHOT).count,
+        "active": totals.of().active,
         "lost": lost,
         "issues": [{"severity": i.severity.value, "reason": i.reason, "message": i.message} for i in issues],
-        "provisioned_bytes": eng.provisioned_bytes(),
+        "provisioned_bytes": totals.provisioned_bytes,
         "open_intents": [f"{i.op} {i.name}" for i in eng.intents()],
         "orphans": eng.orphans(),
         "trim": _trim_json(cfg),

@@ -24,7 +24,6 @@ names and status codes. Names follow Prometheus conventions (`_bytes`, `_seconds
 
 from __future__ import annotations
 
-import builtins
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -76,7 +75,9 @@ class Pool(Protocol):
 
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
 
-    def list(self, *, kind: model.DeviceKind | None = None) -> builtins.list[model.Device]: ...
+    def totals(self) -> model.Totals:
+        """Counts and bytes of the records by kind and state (running totals: no scan per scrape)."""
+        ...
 
     def intents(self) -> Sequence[object]: ...
 
@@ -168,15 +169,12 @@ class PoolCollector:
         devices = prom_core.GaugeMetricFamily(
             _name("pool_devices"), "device records by kind and state", labels=["pool", "kind", "state"]
         )
-        counts = {(k, s): 0 for k in model.DeviceKind for s in model.DeviceState}
-        provisioned = 0
-        for dev in pool.list():
-            counts[dev.kind, dev.state] += 1
-            if dev.state == model.DeviceState.READY:
-                provisioned += dev.size_bytes
-        for (kind, state), n in counts.items():
-            devices.add_metric([name, kind.value, state.value], n)
-        lost = sum(n for (_, state), n in counts.items() if state == model.DeviceState.LOST)
+        totals = pool.totals()
+        for kind in model.DeviceKind:
+            for state in model.DeviceState:
+                devices.add_metric([name, kind.value, state.value], totals.of(kind=kind, state=state).count)
+        provisioned = totals.provisioned_bytes
+        lost = totals.of(state=model.DeviceState.LOST).count
 
         def gauge(suffix: str, doc: str, value: float) -> prom_core.Metric:
             g = prom_core.GaugeMetricFamily(_name(suffix), doc, labels=["pool"])

@@ -83,6 +83,39 @@ class Device:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """How many device records of one kind and state, their bytes, and how many are active."""
+
+    count: int = 0
+    size_bytes: int = 0
+    active: int = 0
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.count + other.count, self.size_bytes + other.size_bytes, self.active + other.active)
+
+
+@dataclasses.dataclass(frozen=True)
+class Totals:
+    """Running totals of a pool's device records by (kind, state), kept by the store in the same write
+    transaction as each record change, so reading them costs the same whatever the pool holds."""
+
+    tallies: tuple[tuple[DeviceKind, DeviceState, Tally], ...] = ()
+
+    def of(self, *, kind: DeviceKind | None = None, state: DeviceState | None = None) -> Tally:
+        """The sum over the records of this kind and state (None: any)."""
+        out = Tally()
+        for k, s, t in self.tallies:
+            if kind in (None, k) and state in (None, s):
+                out = out + t
+        return out
+
+    @property
+    def provisioned_bytes(self) -> int:
+        """Sum of the sizes of the READY volumes and snapshots."""
+        return self.of(state=DeviceState.READY).size_bytes
+
+
 def attributes(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     """The canonical (sorted) form of a device's attributes."""
     return tuple(sorted((mapping or {}).items()))

@@ -14,6 +14,7 @@ source's node, and each node's capacity and overprovisioning are that node's eng
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import enum
 from collections.abc import Callable, Mapping
@@ -52,6 +53,14 @@ class Engine(Protocol):
     def grow(self, name: str, size_bytes: int, *, deadline: deadline_mod.Deadline) -> model.Device: ...
     def get(self, name: str) -> model.Device | None: ...
     def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]: ...
+    def page(self, kind: model.DeviceKind, *, after: str, limit: int) -> builtins.list[model.Device]:
+        """Up to `limit` devices of `kind` (0: all) named after `after`, in name order."""
+        ...
+
+    def volume_bytes(self) -> int:
+        """Sum of the sizes of the volumes in any state: what overprovisioning counts."""
+        ...
+
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
     def space_thresholds(self, *, deadline: deadline_mod.Deadline) -> model.Thresholds:
         """The used ratios above which this pool refuses new devices: its node's own configuration."""
@@ -222,7 +231,13 @@ class Provisioner:
         return self._get(volume_id, naming.IdKind.VOLUME)
 
     def list_volumes(self, *, max_entries: int, token: str) -> Page:
-        return self._page(self._engine.list(kind=model.DeviceKind.VOLUME), max_entries, token)
+        # one page from the engine (its index), not every volume: the same cost on any page
+        start = paging.start_after(token)
+        if start is None and token:
+            raise InvalidToken(f"starting_token {token!r} was not issued by this driver")
+        limit = max_entries + 1 if max_entries > 0 else 0  # one more tells whether a page follows
+        devices = self._engine.page(model.DeviceKind.VOLUME, after=start or "", limit=limit)
+        return self._page(devices, max_entries, "")
 
     def expand_volume(
         self, volume_id: str, rng: CapacityRange, *, deadline: deadline_mod.Deadline
@@ -439,7 +454,7 @@ class Provisioner:
 
 
 def _provisioned(engine: Engine) -> int:
-    return sum(d.size_bytes for d in engine.list(kind=model.DeviceKind.VOLUME))
+    return engine.volume_bytes()  # a running total (the pool engine's store), not a list
 
 
 def _ready(device: model.Device) -> model.Device:

@@ -177,8 +177,8 @@ class _AgentPool:
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
         return self._eng.status(deadline=deadline)
 
-    def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]:
-        return self._eng.list(kind=kind)
+    def totals(self) -> model.Totals:
+        return self._eng.totals()
 
     def intents(self) -> Sequence[object]:
         return self._eng.intents()

@@ -589,6 +589,14 @@ class CrEngine:
             out.extend(snapshot_device(s) for s in snaps)
         return sorted(out, key=lambda d: d.name)
 
+    def page(self, kind: model.DeviceKind, *, after: str, limit: int) -> builtins.list[model.Device]:
+        # the API server lists this node's CRs whole (its own cost); a page is cut from that
+        devices = [d for d in self.list(kind=kind) if d.name > after]
+        return devices[:limit] if limit else devices
+
+    def volume_bytes(self) -> int:
+        return sum(d.size_bytes for d in self.list(kind=model.DeviceKind.VOLUME))
+
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus:
         """The pool status the node last reported; a node without a ThinPool is a failed pool (no
         capacity, nothing created there)."""

@@ -1194,7 +1194,7 @@ class Agent:
         self._publish_pool(st, deadline=deadline)
 
     def _publish_pool(self, st: model.PoolStatus, *, deadline: deadline_mod.Deadline) -> None:
-        devs = self._engine.list()
+        totals = self._engine.totals()  # running totals: no scan of every record per refresh
         status = res.PoolStatus(
             healthy=st.healthy,
             mode=st.mode.value,
@@ -1203,13 +1203,13 @@ class Agent:
             data_total_bytes=st.data_total_bytes,
             metadata_used_bytes=st.metadata_used_bytes,
             metadata_total_bytes=st.metadata_total_bytes,
-            provisioned_bytes=self._engine.provisioned_bytes(),
+            provisioned_bytes=totals.provisioned_bytes,
             overprovision_ratio=self._ratio,
             data_threshold=self._engine.thresholds.data,
             metadata_threshold=self._engine.thresholds.metadata,
-            volumes=sum(d.kind == model.DeviceKind.VOLUME for d in devs),
-            snapshots=sum(d.kind == model.DeviceKind.SNAPSHOT for d in devs),
-            lost=tuple(sorted(d.name for d in devs if d.state == model.DeviceState.LOST)),
+            volumes=totals.of(kind=model.DeviceKind.VOLUME).count,
+            snapshots=totals.of(kind=model.DeviceKind.SNAPSHOT).count,
+            lost=tuple(sorted(self._engine.lost())),
             orphans=self._orphans(),
             pool_transaction_id=st.transaction_id,
             store_transaction_id=self._engine.store.transaction_id(),

@@ -16,6 +16,7 @@ OperationPending (ABORTED) instead of racing it into a double mkfs. Stats take n
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import errno
@@ -41,6 +42,10 @@ class Engine(Protocol):
     def deactivate(self, name: str, *, deadline: deadline_mod.Deadline) -> model.Device: ...
     def get(self, name: str) -> model.Device | None: ...
     def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]: ...
+    def lost(self) -> builtins.list[str]:
+        """The names of the LOST records (an index: no scan of every record)."""
+        ...
+
     def status(self, *, deadline: deadline_mod.Deadline) -> model.PoolStatus: ...
 
 
@@ -315,8 +320,7 @@ class NodeVolumes:
             status = self._engine.status(deadline=deadline)
         except errors.Unavailable as exc:
             return (health.unavailable(exc.message),)
-        lost = [d.name for d in self._engine.list() if d.state == model.DeviceState.LOST]
-        return health.pool(status, self._thresholds, lost=lost)
+        return health.pool(status, self._thresholds, lost=self._engine.lost())
 
     def volume_health(
         self, volume_id: str, *, staging_path: str, publish_path: str, deadline: deadline_mod.Deadline

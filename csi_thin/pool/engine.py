@@ -937,8 +937,25 @@ class PoolEngine:
         return self.store.get(name)
 
     def list(self, *, kind: model.DeviceKind | None = None) -> builtins.list[model.Device]:
-        devs = self.store.devices()
-        return sorted((d for d in devs if kind is None or d.kind == kind), key=lambda d: d.name)
+        """Every record (of `kind`), in name order."""
+        return self.store.devices(kind)
+
+    def page(self, kind: model.DeviceKind, *, after: str, limit: int) -> builtins.list[model.Device]:
+        """Up to `limit` records of `kind` named after `after`, in name order (from the store's index:
+        the same cost on any page of any pool)."""
+        return self.store.page(kind, after=after, limit=limit)
+
+    def totals(self) -> model.Totals:
+        """Counts and bytes of the records by kind and state (running totals, not a scan)."""
+        return self.store.totals()
+
+    def volume_bytes(self) -> int:
+        """Sum of the sizes of the volume records in any state: what overprovisioning counts."""
+        return self.store.totals().of(kind=model.DeviceKind.VOLUME).size_bytes
+
+    def lost(self) -> builtins.list[str]:
+        """The names of the LOST records (the store's index of records not READY)."""
+        return self.store.names_in(model.DeviceState.LOST)
 
     def usage(self, name: str, *, deadline: deadline_mod.Deadline) -> int:
         dev = self._ready(name)
@@ -953,7 +970,7 @@ class PoolEngine:
         return self.thresholds
 
     def provisioned_bytes(self) -> int:
-        return sum(d.size_bytes for d in self.store.devices() if d.state == model.DeviceState.READY)
+        return self.store.totals().provisioned_bytes
 
     def intents(self) -> builtins.list[lmdb_store.Intent]:
         return self.store.intents()
@@ -1010,7 +1027,7 @@ class PoolEngine:
 
     def orphans(self) -> builtins.list[int]:
         """Pool ids no record owns, as found by the last recovery (reserved; never reused)."""
-        return sorted(i for i, owner in self.store.ids().items() if owner == lmdb_store.ORPHAN)
+        return self.store.orphans()
 
     def gc_orphans(self, *, deadline: deadline_mod.Deadline, force: bool = False) -> builtins.list[int]:
         """Delete every orphan id from the pool (each one a fenced transaction); return them.

@@ -56,6 +56,8 @@ class RecoveryReport:
     #: False when the pool was read-only: its ids cannot be read live, so LOST and orphans were not
     #: looked for (records and reservations kept as they were; the next recovery on a writable pool does)
     ids_checked: bool = True
+    #: where the store's index and running totals disagreed with its records (rebuilt from them)
+    index_repaired: tuple[str, ...] = ()
 
     def clean(self) -> bool:
         return not (self.lost or self.orphans)
@@ -317,19 +319,28 @@ def recover(
         raise _mismatch(pool_txid, store_txid, "no open intent")
 
     active_ids = backend.active_ids(deadline=deadline)
+    pool_ids: dict[int, int] | None = None
     if backend.status(deadline=deadline).mode == model.PoolMode.RO:
         # A read-only pool (metadata full or damaged) takes no messages, so no metadata snapshot: its
         # ids cannot be read while it is live. Nothing can be created or deleted either, so the records
         # stand as they are; failing here would take the driver, and with it every existing volume, down.
         log.warning("event=ids-unchecked reason=pool read-only; LOST and orphans are checked once writable")
-        lost, found, fixed = _reconcile_records(backend, store, pool_ids=None, active_ids=active_ids)
-        orphans = sorted(i for i, owner in store.ids().items() if owner == lmdb_store.ORPHAN)
-        ids_checked = False
     else:
         pool_ids = backend.device_ids(deadline=deadline)
-        lost, found, fixed = _reconcile_records(backend, store, pool_ids=pool_ids, active_ids=active_ids)
-        orphans = _reconcile_ids(store, pool_ids=pool_ids)
-        ids_checked = True
+    # One write transaction, and no record read that need not change: the index's summaries say
+    # which records the pool's evidence changes (the start-up cost that grows with the pool)
+    with store.write() as w:
+        summaries, index_repaired = w.verified_summaries()
+        lost, found, fixed = _reconcile_records(
+            backend, w, summaries, pool_ids=pool_ids, active_ids=active_ids
+        )
+        if pool_ids is None:
+            orphans = sorted(i for i, owner in w.ids().items() if owner == lmdb_store.ORPHAN)
+        else:
+            orphans = _reconcile_ids(w, summaries, pool_ids=pool_ids)
+    ids_checked = pool_ids is not None
+    if index_repaired:
+        log.warning("event=index-repaired differences=%d first=%r", len(index_repaired), index_repaired[:5])
     for name in lost:
         log.warning("event=lost name=%s reason=record READY but the pool has no such device", name)
     if orphans and store.adopted() is not None:
@@ -352,12 +363,25 @@ def recover(
         active_fixed=tuple(sorted(fixed)),
         orphans=tuple(orphans),
         ids_checked=ids_checked,
+        index_repaired=tuple(index_repaired),
+    )
+
+
+def _settled(sm: lmdb_store.Summary, *, pool_ids: dict[int, int] | None, active_ids: set[int]) -> bool:
+    """True when the pool's evidence changes nothing of this record (READY, in the pool, inactive,
+    and the kernel agrees): the one case that needs no read of the record."""
+    return (
+        sm.state == model.DeviceState.READY
+        and not sm.active
+        and sm.dev_id not in active_ids
+        and (pool_ids is None or sm.dev_id in pool_ids)
     )
 
 
 def _reconcile_records(
     backend: backend_mod.Backend,
-    store: lmdb_store.LmdbStore,
+    w: lmdb_store.WriteTxn,
+    summaries: list[lmdb_store.Summary],
     *,
     pool_ids: dict[int, int] | None,
     active_ids: set[int],
@@ -367,51 +391,53 @@ def _reconcile_records(
     lost: list[str] = []
     found: list[str] = []
     fixed: list[str] = []
-    with store.write() as w:
-        records = {d.name: d for d in store.devices()}
-        for rec in records.values():
-            new = rec
-            in_pool = pool_ids is None or rec.dev_id in pool_ids
-            if pool_ids is None:
-                if rec.state == model.DeviceState.LOST:
-                    lost.append(rec.name)
-            elif rec.state == model.DeviceState.READY and not in_pool:
-                new = dataclasses.replace(new, state=model.DeviceState.LOST)
+    for sm in summaries:
+        if _settled(sm, pool_ids=pool_ids, active_ids=active_ids):
+            continue
+        rec = w.get(sm.name)
+        assert rec is not None, sm
+        new = rec
+        in_pool = pool_ids is None or rec.dev_id in pool_ids
+        if pool_ids is None:
+            if rec.state == model.DeviceState.LOST:
                 lost.append(rec.name)
-            elif rec.state == model.DeviceState.LOST and in_pool:
-                new = dataclasses.replace(new, state=model.DeviceState.READY)
-                found.append(rec.name)
-            elif rec.state in (model.DeviceState.CREATING, model.DeviceState.DELETING):
-                # Impossible by construction (the "-ing" state and its intent are written in one
-                # LMDB transaction): keep whatever the pool has, never lose it.
-                new = dataclasses.replace(
-                    new, state=model.DeviceState.READY if in_pool else model.DeviceState.LOST
-                )
-                (found if in_pool else lost).append(rec.name)
-            elif rec.state == model.DeviceState.LOST:
-                lost.append(rec.name)
-            active = rec.dev_id in active_ids
-            path = backend.device_path(rec.dev_id) if active else None
-            if (new.active, new.path) != (active, path):
-                new = dataclasses.replace(new, active=active, path=path)
-                fixed.append(rec.name)
-            if new != rec:
-                w.put(new)
+        elif rec.state == model.DeviceState.READY and not in_pool:
+            new = dataclasses.replace(new, state=model.DeviceState.LOST)
+            lost.append(rec.name)
+        elif rec.state == model.DeviceState.LOST and in_pool:
+            new = dataclasses.replace(new, state=model.DeviceState.READY)
+            found.append(rec.name)
+        elif rec.state in (model.DeviceState.CREATING, model.DeviceState.DELETING):
+            # Impossible by construction (the "-ing" state and its intent are written in one
+            # LMDB transaction): keep whatever the pool has, never lose it.
+            new = dataclasses.replace(
+                new, state=model.DeviceState.READY if in_pool else model.DeviceState.LOST
+            )
+            (found if in_pool else lost).append(rec.name)
+        elif rec.state == model.DeviceState.LOST:
+            lost.append(rec.name)
+        active = rec.dev_id in active_ids
+        path = backend.device_path(rec.dev_id) if active else None
+        if (new.active, new.path) != (active, path):
+            new = dataclasses.replace(new, active=active, path=path)
+            fixed.append(rec.name)
+        if new != rec:
+            w.put(new)
     return lost, found, fixed
 
 
-def _reconcile_ids(store: lmdb_store.LmdbStore, *, pool_ids: dict[int, int]) -> list[int]:
+def _reconcile_ids(
+    w: lmdb_store.WriteTxn, summaries: list[lmdb_store.Summary], *, pool_ids: dict[int, int]
+) -> list[int]:
     """Free allocations nothing holds; reserve (and return) pool ids no record owns."""
-    with store.write() as w:
-        records = store.devices()
-        owned = {d.dev_id: d.name for d in records}
-        for dev_id, owner in store.ids().items():
-            if owner == lmdb_store.ORPHAN:
-                if dev_id not in pool_ids:
-                    w.free_id(dev_id)
-            elif owned.get(dev_id) != owner:
-                w.free_id(dev_id)  # an allocation no record holds: nothing in the pool either
-        orphans = sorted(i for i in pool_ids if i not in owned)
-        for dev_id in orphans:
-            w.reserve_orphan(dev_id)
+    owned = {sm.dev_id: sm.name for sm in summaries}
+    for dev_id, owner in w.ids().items():
+        if owner == lmdb_store.ORPHAN:
+            if dev_id not in pool_ids:
+                w.free_id(dev_id)
+        elif owned.get(dev_id) != owner:
+            w.free_id(dev_id)  # an allocation no record holds: nothing in the pool either
+    orphans = sorted(i for i in pool_ids if i not in owned)
+    for dev_id in orphans:
+        w.reserve_orphan(dev_id)
     return orphans

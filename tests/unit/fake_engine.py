@@ -115,6 +115,18 @@ class FakeEngine:
     def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]:
         return [d for d in self.devices.values() if kind is None or d.kind == kind]
 
+    def page(self, kind: model.DeviceKind, *, after: str, limit: int) -> list[model.Device]:
+        devices = sorted(
+            (d for d in self.devices.values() if d.kind == kind and d.name > after), key=lambda d: d.name
+        )
+        return devices[:limit] if limit else devices
+
+    def volume_bytes(self) -> int:
+        return sum(d.size_bytes for d in self.devices.values() if d.kind == model.DeviceKind.VOLUME)
+
+    def lost(self) -> list[str]:
+        return sorted(d.name for d in self.devices.values() if d.state == model.DeviceState.LOST)
+
     def space_thresholds(self, *, deadline: deadline_mod.Deadline) -> model.Thresholds:
         return self.thresholds
 

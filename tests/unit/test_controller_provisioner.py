@@ -344,3 +344,29 @@ def test_list_volume_health_lists_the_unhealthy_in_pages() -> None:
     assert [i.reason for i in every.entries[1].issues] == [health.DEVICE_LOST, health.READ_ONLY]
     with pytest.raises(provisioner.InvalidToken):
         prov.list_volume_health(max_entries=2, token="invalid-token", deadline=DL)
+
+
+class _NoScanEngine(fake_engine.FakeEngine):
+    """An engine on which reading every device is an error: what must cost the same at any pool
+    size reads running totals and pages instead (issue 12)."""
+
+    def list(self, *, kind: model.DeviceKind | None = None) -> list[model.Device]:
+        raise AssertionError("listed every device")
+
+
+def test_create_capacity_and_list_volumes_read_no_list_of_every_device() -> None:
+    eng = _NoScanEngine()
+    prov = provisioner.Provisioner(engine=eng, settings=provisioner.Settings(node_id="n1", block_size=BS))
+    for name in ("pvc-a", "pvc-b", "pvc-c"):
+        prov.create_volume(req(name, GiB), deadline=DL)
+    cap = prov.capacity(node_id="n1", deadline=DL)
+    assert cap.maximum_volume_bytes == 10 * 10 * GiB - 3 * GiB
+    first = prov.list_volumes(max_entries=2, token="")
+    second = prov.list_volumes(max_entries=2, token=first.next_token)
+    assert [d.name for d in first.devices + second.devices] == ["v-pvc-a", "v-pvc-b", "v-pvc-c"]
+    assert second.next_token == ""
+    assert [d.name for d in prov.list_volumes(max_entries=0, token="").devices] == [
+        "v-pvc-a",
+        "v-pvc-b",
+        "v-pvc-c",
+    ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import random
+import struct
 import threading
 
 import lmdb
@@ -216,3 +218,206 @@ def test_records_and_intents_from_before_group_snapshots_still_load() -> None:
     assert lmdb_store.decode_device(lmdb_store.encode_device(member)) == member
     intent = dataclasses.replace(lmdb_store.decode_intent(old_intent), members=(("a", 3, 2), ("b", 4, 5)))
     assert lmdb_store.decode_intent(lmdb_store.encode_intent(intent)) == intent
+
+
+# ---- index and running totals (schema 2) ------------------------------------------------------------
+
+
+def _expected_totals(
+    store: lmdb_store.LmdbStore,
+) -> dict[tuple[model.DeviceKind, model.DeviceState], model.Tally]:
+    out: dict[tuple[model.DeviceKind, model.DeviceState], model.Tally] = {}
+    for d in store.devices():
+        out[d.kind, d.state] = out.get((d.kind, d.state), model.Tally()) + model.Tally(
+            1, d.size_bytes, int(d.active)
+        )
+    return out
+
+
+def _check_derived(store: lmdb_store.LmdbStore) -> None:
+    """Everything the index and totals answer equals what a scan of the records says."""
+    devs = store.devices()
+    totals = store.totals()
+    assert {(k, s): t for k, s, t in totals.tallies} == _expected_totals(store)
+    for kind in model.DeviceKind:
+        assert store.devices(kind) == [d for d in devs if d.kind == kind]
+    for state in (model.DeviceState.CREATING, model.DeviceState.DELETING, model.DeviceState.LOST):
+        assert store.names_in(state) == [d.name for d in devs if d.state == state]
+    assert store.orphans() == sorted(i for i, o in store.ids().items() if o == lmdb_store.ORPHAN)
+    assert store.check_index(repair=False) == []
+
+
+def test_totals_and_index_follow_every_change_and_every_abort(tmp_path: pathlib.Path) -> None:
+    """A seeded random walk of puts (new, changed kind/state/size/active), removes, orphan
+    reservations and frees, some in transactions that abort: after each, the index and totals are
+    what the records say."""
+    rng = random.Random(12)
+    names = [f"d{i}" for i in range(30)]
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        for step in range(300):
+            try:
+                with store.write() as w:
+                    for _ in range(rng.randint(1, 4)):
+                        name = rng.choice(names)
+                        op = rng.random()
+                        if op < 0.6:
+                            old = w.get(name)
+                            w.put(
+                                _dev(
+                                    name,
+                                    old.dev_id if old else w.allocate_id(),
+                                    kind=rng.choice(list(model.DeviceKind)),
+                                    state=rng.choice(list(model.DeviceState)),
+                                    size_bytes=rng.choice((1, 2, 3)) << 20,
+                                    active=rng.random() < 0.3,
+                                )
+                            )
+                        elif op < 0.8:
+                            w.remove(name)
+                        elif op < 0.9:
+                            w.reserve_orphan(rng.randint(1000, 1010))
+                        else:
+                            w.free_id(rng.randint(1000, 1010))
+                    if step % 7 == 0:
+                        raise RuntimeError("abort this transaction")
+            except RuntimeError:
+                pass
+            _check_derived(store)
+        assert store.devices(), "the walk left records to check"
+
+
+def test_pages_follow_the_name_order_from_any_name(tmp_path: pathlib.Path) -> None:
+    names = ["a", "a0", "ab", "b", "é", "z-1", "ß"]
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        with store.write() as w:
+            for i, name in enumerate(names):
+                w.put(_dev(name, i + 1))
+            w.put(_dev("snap", 99, kind=model.DeviceKind.SNAPSHOT, origin="a"))
+        assert [d.name for d in store.devices(model.DeviceKind.VOLUME)] == sorted(names)
+        got: list[str] = []
+        after = ""
+        while True:
+            page = store.page(model.DeviceKind.VOLUME, after=after, limit=2)
+            if not page:
+                break
+            got += [d.name for d in page]
+            after = page[-1].name
+        assert got == sorted(names)
+        # a name that is not (or no longer) there still continues where it would sort
+        assert [d.name for d in store.page(model.DeviceKind.VOLUME, after="aa", limit=0)] == [
+            "ab",
+            "b",
+            "z-1",
+            "ß",
+            "é",
+        ]
+        assert [d.name for d in store.page(model.DeviceKind.SNAPSHOT, after="", limit=5)] == ["snap"]
+        assert store.page(model.DeviceKind.SNAPSHOT, after="snap", limit=5) == []
+
+
+def _write_v1_store(path: str, records: list[dict[str, object]], *, intent: dict[str, object] | None) -> None:
+    """A store as csi-thin with schema 1 wrote it: records, ids, journal, meta; no index, no totals."""
+    env = lmdb.open(path, max_dbs=8, subdir=True)
+    try:
+        with env.begin(write=True) as txn:
+            devices, ids, journal, meta = (
+                env.open_db(n, txn=txn) for n in (b"devices", b"ids", b"journal", b"meta")
+            )
+            for r in records:
+                txn.put(str(r["name"]).encode(), json.dumps({"v": 1, **r}).encode(), db=devices)
+                txn.put(int(str(r["dev_id"])).to_bytes(4, "big"), str(r["name"]).encode(), db=ids)
+            txn.put((900).to_bytes(4, "big"), b"", db=ids)  # an orphan
+            if intent is not None:
+                txn.put((1).to_bytes(8, "big"), json.dumps({"v": 1, **intent}).encode(), db=journal)
+            txn.put(b"schema", b"1", db=meta)
+            txn.put(b"txid", b"7", db=meta)
+    finally:
+        env.close()
+
+
+def _v1_record(name: str, dev_id: int, **kw: object) -> dict[str, object]:
+    r: dict[str, object] = {
+        "name": name,
+        "dev_id": dev_id,
+        "kind": "volume",
+        "state": "ready",
+        "size_bytes": 1 << 20,
+        "origin": None,
+        "created_at": 1.0,
+        "active": False,
+        "path": None,
+        "attributes": [],
+    }
+    r.update(kw)
+    return r
+
+
+def test_a_schema_1_store_gets_its_index_and_totals_built_once_at_open(tmp_path: pathlib.Path) -> None:
+    path = str(tmp_path / "db")
+    records = [
+        _v1_record("v1", 1),
+        _v1_record("v2", 2, size_bytes=3 << 20, active=True, path="/dev/loop9"),
+        _v1_record("s1", 3, kind="snapshot", origin="v1"),
+        _v1_record("gone", 4, state="lost"),
+        _v1_record("new", 5, state="creating"),
+    ]
+    intent = {
+        "seq": 1,
+        "op": "create_volume",
+        "name": "new",
+        "dev_id": 5,
+        "size_bytes": 1 << 20,
+        "origin_id": None,
+        "old_size_bytes": 0,
+        "base_txid": 7,
+        "steps": ["create_thin", "fence"],
+        "created_at": 1.0,
+    }
+    _write_v1_store(path, records, intent=intent)
+    with lmdb_store.LmdbStore(path) as store:
+        _check_derived(store)
+        assert store.totals().of(kind=model.DeviceKind.VOLUME).count == 4
+        assert store.totals().provisioned_bytes == (1 << 20) * 2 + (3 << 20)
+        assert store.names_in(model.DeviceState.LOST) == ["gone"]
+        assert store.orphans() == [900]
+        assert store.transaction_id() == 7
+        assert [i.name for i in store.intents()] == ["new"]  # the journal is left for recovery
+    env = lmdb.open(path, max_dbs=8, subdir=True)
+    try:
+        with env.begin() as txn:
+            assert txn.get(b"schema", db=env.open_db(b"meta", txn=txn)) == b"2"
+    finally:
+        env.close()
+    with lmdb_store.LmdbStore(path) as store:  # a second open builds nothing
+        _check_derived(store)
+
+
+def test_a_migration_that_fails_leaves_the_schema_1_store_as_it_was(tmp_path: pathlib.Path) -> None:
+    """The build runs in the open's one write transaction: a record it cannot read aborts it all,
+    and the store stays at schema 1 with nothing half-built (a crash there is the same)."""
+    path = str(tmp_path / "db")
+    _write_v1_store(path, [_v1_record("v1", 1), _v1_record("bad", 2, kind="nonsense")], intent=None)
+    with pytest.raises(lmdb_store.StoreCorrupt):
+        lmdb_store.LmdbStore(path)
+    env = lmdb.open(path, max_dbs=8, subdir=True)
+    try:
+        with env.begin() as txn:
+            assert txn.get(b"schema", db=env.open_db(b"meta", txn=txn)) == b"1"
+            assert txn.stat(env.open_db(b"index", txn=txn))["entries"] == 0
+            assert txn.stat(env.open_db(b"totals", txn=txn))["entries"] == 0
+    finally:
+        env.close()
+
+
+def test_a_total_is_never_written_below_zero(tmp_path: pathlib.Path) -> None:
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        with store.write() as w:
+            w.put(_dev("a", 1, size_bytes=2 << 20))
+        with store.write() as w:  # skew the total as an outside writer could
+            w._txn.put(b"volume/ready", struct.pack(">QQQ", 1, 1 << 20, 0), db=w._dbs["totals"])
+        with pytest.raises(lmdb_store.StoreCorrupt, match="below zero"), store.write() as w:
+            w.remove("a")
+        assert store.get("a") is not None  # nothing was written
+        (diff,) = store.check_index(repair=True)
+        assert diff.startswith("total volume/ready is Tally(count=1, size_bytes=1048576"), diff
+        _check_derived(store)
