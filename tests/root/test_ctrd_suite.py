@@ -12,11 +12,10 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
 
 import pytest
 
-from tests import conftest, containerdenv
+from tests import conftest, containerdenv, snapshotterenv
 
 pytestmark = pytest.mark.tools
 
@@ -36,41 +35,10 @@ CASES = (
 #: case -> why it is not run (passed to the suite as -test.skip, reported, and in the README)
 DESELECTED: dict[str, str] = {}
 
-#: the pool each case's snapshotter serves (the Go side fills @ROOT@ and @ID@): layers of ext4, as
-#: containerd's devmapper snapshotter formats them, small (the suite writes a few files per layer)
-POOL = """\
-name: suite-@ID@
-backend: reflink
-state_dir: @ROOT@/state
-reflink:
-  directory: @ROOT@/pool
-  image_file: @ROOT@/pool.img
-  image_size: 2GiB
-  fs_type: xfs
-snapshotter:
-  base_image_size: 64MiB
-  fs_type: ext4
-"""
+#: the pool each case's snapshotter serves (the Go side fills in @ROOT@ and @ID@): 64 MiB ext4 layers
+POOL = snapshotterenv.reflink_pool(pathlib.PurePath("@ROOT@"), name="suite-@ID@")
 
 _RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestSnapshotterSuite/(\S+) \(")
-
-
-def _loops_backed_under(directory: pathlib.Path) -> list[str]:
-    """Loop devices whose backing file is under `directory` (sysfs: no losetup parsing)."""
-    found = []
-    for backing in pathlib.Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            path = backing.read_text().strip()
-        except OSError:  # detached meanwhile
-            continue
-        if path.startswith(f"{directory}/"):
-            found.append(f"{backing.parts[3]}: {path}")
-    return found
-
-
-def _mounts_under(directory: pathlib.Path) -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(f"{directory}/")]
 
 
 @pytest.mark.timeout(1800)
@@ -81,7 +49,7 @@ def test_containerd_snapshotter_suite(tmp_path_factory: pytest.TempPathFactory) 
     env = {
         **os.environ,
         "TMPDIR": str(tmp),
-        "CSI_THIN_SUITE_CMD": json.dumps([sys.executable, "-m", "csi_thin.cli"]),
+        "CSI_THIN_SUITE_CMD": json.dumps(snapshotterenv.csi_thin()),
         "CSI_THIN_SUITE_POOL": POOL,
     }
     argv = [str(suite), "-test.v", "-test.run", "^TestSnapshotterSuite$", "-test.timeout", "25m"]
@@ -107,8 +75,10 @@ def test_containerd_snapshotter_suite(tmp_path_factory: pytest.TempPathFactory) 
         )
     finally:
         # every case's cleanup stopped its snapshotter and destroyed its pool: nothing of it is left
-        assert not _mounts_under(tmp), f"mounts left: {_mounts_under(tmp)}"
-        assert not _loops_backed_under(tmp), f"loop devices left: {_loops_backed_under(tmp)}"
+        assert not snapshotterenv.mounts_under(tmp), f"mounts left: {snapshotterenv.mounts_under(tmp)}"
+        assert not snapshotterenv.loops_backed_under(tmp), (
+            f"loop devices left: {snapshotterenv.loops_backed_under(tmp)}"
+        )
         assert not containerdenv.processes_naming(str(tmp)), containerdenv.processes_naming(str(tmp))
     deselected = "; ".join(f"{case}: {why}" for case, why in DESELECTED.items()) or "none"
     conftest.report(

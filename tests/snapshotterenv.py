@@ -1,0 +1,111 @@
+"""`csi-thin snapshotter` (containerd's proxy snapshotter) as a child process on a pool of its own,
+for tests and benches: the pool config, start-up until the socket answers, and on the way out a
+SIGTERM, `csi-thin pool destroy`, and a check that nothing of it is left (mounts, loop devices)."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+#: the config section containerd's snapshotter reads, beside the pool's (README: "containerd")
+SNAPSHOTTER_SECTION = "snapshotter:\n  base_image_size: {size}\n  fs_type: {fs}\n"
+
+
+def reflink_pool(workdir: pathlib.PurePath, *, name: str, base_image_size: str = "64MiB") -> str:
+    """A reflink pool on an XFS image file under `workdir` (loop-mounted by the pool itself)."""
+    return (
+        f"name: {name}\nbackend: reflink\nstate_dir: {workdir}/state\n"
+        f"reflink:\n  directory: {workdir}/pool\n  image_file: {workdir}/pool.img\n"
+        "  image_size: 2GiB\n  fs_type: xfs\n"
+    ) + SNAPSHOTTER_SECTION.format(size=base_image_size, fs="ext4")
+
+
+def dmthin_pool(workdir: pathlib.PurePath, *, name: str, base_image_size: str = "64MiB") -> str:
+    """A dm-thin pool on loop files under `workdir` (real dm-thin: the VM)."""
+    return (
+        f"name: {name}\nbackend: dmthin\nstate_dir: {workdir}/state\n"
+        f"dmthin:\n  data_file: {workdir}/data.img\n  data_size: 2GiB\n"
+        f"  metadata_file: {workdir}/meta.img\n  block_size: 64KiB\n"
+    ) + SNAPSHOTTER_SECTION.format(size=base_image_size, fs="ext4")
+
+
+def csi_thin(*args: str) -> list[str]:
+    return [sys.executable, "-m", "csi_thin.cli", *args]
+
+
+def _answers(path: pathlib.Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:  # not there yet, or not listening yet
+            return False
+    return True
+
+
+def mounts_under(directory: pathlib.Path) -> list[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(f"{directory}/")]
+
+
+def loops_backed_under(directory: pathlib.Path) -> list[str]:
+    """Loop devices whose backing file is under `directory` (from sysfs)."""
+    found = []
+    for backing in pathlib.Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            path = backing.read_text().strip()
+        except OSError:  # detached meanwhile
+            continue
+        if path.startswith(f"{directory}/"):
+            found.append(f"{backing.parts[3]}: {path}")
+    return found
+
+
+@contextlib.contextmanager
+def snapshotter(workdir: pathlib.Path, pool: str) -> Iterator[pathlib.Path]:
+    """Serve `pool` (a pool config whose files are all under `workdir`) with `csi-thin snapshotter`;
+    yields its socket. Afterwards the process is stopped, the pool destroyed, and nothing of it may be
+    left under `workdir` (asserted: a leak fails the caller)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "pool.yaml"
+    config.write_text(pool)
+    sock = workdir / "s.sock"
+    log = workdir / "snapshotter.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            csi_thin("snapshotter", "--pool-config", str(config), "--socket", str(sock)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        end = time.monotonic() + 60  # start-up assembles the pool: loop device, mkfs, mount
+        while not _answers(sock):
+            assert proc.poll() is None, f"snapshotter exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < end, f"snapshotter not serving in 60 s:\n{log.read_text()}"
+            time.sleep(0.1)  # process start-up: nothing to watch until its socket answers
+        yield sock
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        destroy = subprocess.run(
+            csi_thin("pool", "destroy", "--config", str(config), "--yes"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert destroy.returncode == 0, f"pool destroy: {destroy.stderr}"
+        assert proc.returncode in (0, -signal.SIGTERM), (
+            f"snapshotter exited {proc.returncode}:\n{log.read_text()[-8000:]}"
+        )
+        assert not mounts_under(workdir), f"mounts left: {mounts_under(workdir)}"
+        assert not loops_backed_under(workdir), f"loop devices left: {loops_backed_under(workdir)}"
