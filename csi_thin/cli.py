@@ -11,6 +11,7 @@ and later groups plug in the same way.
                                             no CR owns, once orphans for the grace period
     csi-thin pool trim    --config FILE     trim the staged filesystems now (space back to the pool)
     csi-thin pool destroy --config FILE --yes       tear down and delete the pool and its store
+    csi-thin snapshotter --pool-config FILE --socket S   containerd's Snapshots API (csi_thin.csi.snapshots)
 
 Every command takes --json for machine-readable output. Domain errors print one line to stderr and
 exit 1 (2 for bad input).
@@ -377,8 +378,14 @@ def _register_kube(subparsers: Any) -> None:
     kubemode.register(subparsers, open_engine=app.open_engine)
 
 
+def _register_snapshotter(subparsers: Any) -> None:
+    from csi_thin.csi import snapshots  # noqa: PLC0415 - grpc loads only for this group
+
+    snapshots.register(subparsers, open_engine=app.open_engine)
+
+
 #: The subcommand groups, in help order. Each adds its parser and sets `func(args) -> int`.
-GROUPS: list[Callable[[Any], None]] = [register, _register_standalone, _register_kube]
+GROUPS: list[Callable[[Any], None]] = [register, _register_standalone, _register_kube, _register_snapshotter]
 
 
 def build_parser() -> argparse.ArgumentParser:

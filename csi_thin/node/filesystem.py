@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, runner
@@ -70,12 +71,21 @@ def _zero_head(device: str) -> bool:
         return not any(f.read(_PROBE_BYTES))
 
 
-def make(device: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
-    """mkfs on a blank device; discards are skipped (a new thin device is already unmapped)."""
+def make(device: str, fs_type: str, *, deadline: deadline_mod.Deadline, extra: Sequence[str] = ()) -> None:
+    """mkfs on a blank device; discards are skipped (a new thin device is already unmapped).
+    `extra`: more mkfs arguments, before the device (the snapshotter's fs_options)."""
     if fs_type == "ext4":
-        argv = ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device]
+        argv = [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-E",
+            "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            *extra,
+            device,
+        ]
     elif fs_type == "xfs":
-        argv = ["mkfs.xfs", "-q", "-K", device]
+        argv = ["mkfs.xfs", "-q", "-K", *extra, device]
     else:
         raise errors.InvalidArgument(f"unsupported fs type {fs_type!r}")
     try:
