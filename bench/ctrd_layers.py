@@ -123,11 +123,11 @@ def main() -> int:
     where = "dm-thin" if dmthin else "reflink (no device-mapper here: csi-thin alone)"
     print(f"containerd layers, Prepare+Commit per layer, N={N} on {where}, kernel {os.uname().release}")
     print(f"{'':<34} {'p50':>9} {'p95':>9}")
-    print(f"{'csi-thin (gRPC, one layer)':<34} {p(ours, 50) * 1000:>7.1f}ms {p(ours, 95) * 1000:>7.1f}ms")
+    rows = [("csi-thin (gRPC, one layer)", ours)]
     if bare:
-        print(
-            f"{'bare dmsetup (same kernel steps)':<34} {p(bare, 50) * 1000:>7.1f}ms {p(bare, 95) * 1000:>7.1f}ms"
-        )
+        rows.append(("bare dmsetup (same kernel steps)", bare))
+    for label, values in rows:
+        print(f"{label:<34} {p(values, 50) * 1000:>7.1f}ms {p(values, 95) * 1000:>7.1f}ms")
     print(f"{'seed (published, loop pool)':<34} {SEED_S_PER_LAYER * 1000:>7.1f}ms")
     print(f"first layer (new device + mkfs): {first * 1000:.1f} ms")
     print(f"csi-thin / seed: {p(ours, 50) / SEED_S_PER_LAYER:.2f}x")

@@ -2,8 +2,8 @@
 //
 // For each case the suite makes a fresh root directory; we write a pool config there (the template in
 // $CSI_THIN_SUITE_POOL with @ROOT@ replaced: the pool, its image file and its LMDB all live under the
-// root), start `$CSI_THIN_SUITE_CMD snapshotter --pool-config <root>/pool.yaml --socket <root>/s.sock`
-// and hand the suite containerd's proxy client on that socket: the client containerd itself uses for a
+// root; and @ID@ by the digits that make the root unique: a pool name of its own), start
+// `$CSI_THIN_SUITE_CMD snapshotter --pool-config <root>/pool.yaml --socket <root>/s.sock` and hand the suite containerd's proxy client on that socket: the client containerd itself uses for a
 // [proxy_plugins] snapshotter. The case's cleanup stops the process, destroys the pool, and fails when
 // a mount under the root is left.
 //
@@ -55,7 +55,11 @@ func TestSnapshotterSuite(t *testing.T) {
 
 func start(ctx context.Context, command []string, template, root string) (snapshots.Snapshotter, func() error, error) {
 	config := filepath.Join(root, "pool.yaml")
-	if err := os.WriteFile(config, []byte(strings.ReplaceAll(template, "@ROOT@", root)), 0o600); err != nil {
+	// the suite's root is <TMPDIR>/snapshot-suite-csi-thin-<digits>/root
+	parent := filepath.Base(filepath.Dir(root))
+	id := parent[strings.LastIndex(parent, "-")+1:]
+	body := strings.NewReplacer("@ROOT@", root, "@ID@", id).Replace(template)
+	if err := os.WriteFile(config, []byte(body), 0o600); err != nil {
 		return nil, nil, err
 	}
 	socket := filepath.Join(root, "s.sock")
