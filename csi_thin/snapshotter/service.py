@@ -129,6 +129,8 @@ class Snapshotter:
                 f"new layer device {path} already holds {found}: not formatting it"
             )
         filesystem.make(path, self.settings.fs_type.value, deadline=deadline, extra=self.settings.fs_options)
+        if self.settings.fs_type == config.LayerFs.EXT4:
+            filesystem.remove_lost_found(path, deadline=deadline)
 
     def _discard(self, path: str, deadline: deadline_mod.Deadline) -> None:
         runner.run(["blkdiscard", path], deadline=deadline)
