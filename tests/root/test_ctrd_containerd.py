@@ -27,10 +27,11 @@ def _ok(argv: list[str], timeout: float = 120) -> str:
     return done.stdout
 
 
-def _layers(config: pathlib.Path) -> list[str]:
-    """The pool's snapshotter layers as `csi-thin pool list` shows them."""
-    listed = _ok(snapshotterenv.csi_thin("pool", "list", "--config", str(config)))
-    return [line for line in listed.splitlines() if " layer " in f" {line} "]
+def _layers(config: pathlib.Path) -> list[dict[str, object]]:
+    """The pool's layer devices as `csi-thin pool list` shows them."""
+    return json.loads(
+        _ok(snapshotterenv.csi_thin("pool", "list", "--kind", "layer", "--json", "--config", str(config)))
+    )
 
 
 def test_containerd_runs_containers_on_csi_thin_layers(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -52,9 +53,7 @@ def test_containerd_runs_containers_on_csi_thin_layers(tmp_path_factory: pytest.
         listed = _ok([*snaps, "ls"]).splitlines()[1:]
         assert [row.split()[-1] for row in listed] == ["Committed"], listed
         config = work / "pool.yaml"
-        assert len(_layers(config)) == 1, _ok(
-            snapshotterenv.csi_thin("pool", "list", "--config", str(config))
-        )
+        assert len(_layers(config)) == 1, _layers(config)
         own = [str(work / "pool.img")]  # the pool's own image: the only loop device while nothing runs
         assert [loop.split(": ")[1] for loop in snapshotterenv.loops_backed_under(work)] == own
 
@@ -70,11 +69,12 @@ def test_containerd_runs_containers_on_csi_thin_layers(tmp_path_factory: pytest.
         assert '"Kind": "Committed"' in info, info
 
         # the committed layer holds what c1 wrote: a read-only view of it, mounted here
+        # (containerd's mount.Mount as JSON: Go's field names)
         (mount,) = json.loads(_ok([*snaps, "view", "--mounts", "c1-view", "c1-layer"]))
-        assert "ro" in mount["options"], mount
+        assert "ro" in mount["Options"], mount
         view = tmp / "view"
         view.mkdir()
-        _ok(["mount", "-t", mount["type"], "-o", ",".join(mount["options"]), mount["source"], str(view)])
+        _ok(["mount", "-t", mount["Type"], "-o", ",".join(mount["Options"]), mount["Source"], str(view)])
         try:
             assert (view / "written").read_text() == "from-c1\n"
         finally:
@@ -91,6 +91,6 @@ def test_containerd_runs_containers_on_csi_thin_layers(tmp_path_factory: pytest.
         _ok([*ctr, "images", "rm", "--sync", IMAGE])
         assert _ok([*snaps, "ls"]).splitlines()[1:] == []
         # the pool forgot them too (Remove, then containerd's Cleanup after its garbage collection)
-        assert _layers(config) == [], _ok(snapshotterenv.csi_thin("pool", "list", "--config", str(config)))
+        assert _layers(config) == []
         assert [loop.split(": ")[1] for loop in snapshotterenv.loops_backed_under(work)] == own
     # snapshotter() and containerd() asserted on the way out: no mount, loop device, cgroup left
