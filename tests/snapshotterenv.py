@@ -12,9 +12,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Protocol
+
+import yaml
 
 #: the config section containerd's snapshotter reads, beside the pool's (README: "containerd")
 SNAPSHOTTER_SECTION = "snapshotter:\n  base_image_size: {size}\n  fs_type: {fs}\n"
+
+
+class PoolMaker(Protocol):
+    """reflink_pool or dmthin_pool: a pool config whose files all lie under `workdir`."""
+
+    def __call__(self, workdir: pathlib.PurePath, *, name: str, base_image_size: str = ...) -> str: ...
 
 
 def reflink_pool(workdir: pathlib.PurePath, *, name: str, base_image_size: str = "64MiB") -> str:
@@ -66,6 +75,24 @@ def loops_backed_under(directory: pathlib.Path) -> list[str]:
     return found
 
 
+def dm_devices(prefix: str) -> list[str]:
+    """Device-mapper devices whose name starts with `prefix` (none where there is no device-mapper)."""
+    found = []
+    for name in pathlib.Path("/sys/block").glob("dm-*/dm/name"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            text = name.read_text().strip()
+            if text.startswith(prefix):
+                found.append(text)
+    return sorted(found)
+
+
+def layer_devices(workdir: pathlib.Path, pool_name: str) -> list[str]:
+    """The kernel devices that hold a layer of the pool under `workdir` now: loop devices of its
+    images (reflink: <workdir>/pool/...), thin devices csi-thin-<pool>-<id> (dm-thin)."""
+    thin = [d for d in dm_devices(f"csi-thin-{pool_name}-") if d.rsplit("-", 1)[1].isdigit()]
+    return loops_backed_under(workdir / "pool") + thin
+
+
 @contextlib.contextmanager
 def snapshotter(workdir: pathlib.Path, pool: str) -> Iterator[pathlib.Path]:
     """Serve `pool` (a pool config whose files are all under `workdir`) with `csi-thin snapshotter`;
@@ -109,3 +136,5 @@ def snapshotter(workdir: pathlib.Path, pool: str) -> Iterator[pathlib.Path]:
         )
         assert not mounts_under(workdir), f"mounts left: {mounts_under(workdir)}"
         assert not loops_backed_under(workdir), f"loop devices left: {loops_backed_under(workdir)}"
+        name = yaml.safe_load(pool)["name"]
+        assert not dm_devices(f"csi-thin-{name}-"), f"dm devices left: {dm_devices(f'csi-thin-{name}-')}"
