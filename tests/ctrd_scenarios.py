@@ -16,11 +16,14 @@ dm-thin):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
+import time
 import uuid
 
 from tests import conftest, containerdenv, snapshotterenv
@@ -62,35 +65,64 @@ def snapshotter_suite(tmp: pathlib.Path, make_pool: snapshotterenv.PoolMaker, *,
     argv += ["-test.parallel", "2"]
     if DESELECTED:
         argv += ["-test.skip", "^TestSnapshotterSuite$/^(" + "|".join(map(re.escape, DESELECTED)) + ")$"]
-    run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1700, check=False)
+    try:
+        run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1700, check=False)
+    finally:
+        # every case's cleanup stopped its snapshotter and destroyed its pool: nothing may be left.
+        # A suite that timed out ran no cleanup at all: what it left is named, then taken down.
+        left = _suite_leftovers(tmp)
+        if left:
+            _tear_down_suite(tmp)
     results = {}
     for line in run.stdout.splitlines():
         m = _RESULT.match(line)
         if m:
             results[m.group(2)] = m.group(1)
-    try:
-        assert set(results) == set(CASES) - set(DESELECTED), (
-            f"the suite's cases are not the listed ones: ran {sorted(results)}\n{run.stdout[-8000:]}"
-        )
-        failed = sorted(case for case, result in results.items() if result != "PASS")
-        # the failing cases' output (their t.Log lines and the snapshotter's log) is in stdout
-        assert not failed and run.returncode == 0, (
-            f"failed or skipped: {failed} (exit {run.returncode})\n"
-            f"{run.stdout[-20000:]}\n{run.stderr[-4000:]}"
-        )
-    finally:
-        # every case's cleanup stopped its snapshotter and destroyed its pool: nothing of it is left
-        assert not snapshotterenv.mounts_under(tmp), f"mounts left: {snapshotterenv.mounts_under(tmp)}"
-        assert not snapshotterenv.loops_backed_under(tmp), (
-            f"loop devices left: {snapshotterenv.loops_backed_under(tmp)}"
-        )
-        assert not snapshotterenv.dm_devices("csi-thin-suite-"), snapshotterenv.dm_devices("csi-thin-suite-")
-        assert not containerdenv.processes_naming(str(tmp)), containerdenv.processes_naming(str(tmp))
+    assert set(results) == set(CASES) - set(DESELECTED), (
+        f"the suite's cases are not the listed ones: ran {sorted(results)}\n{run.stdout[-8000:]}"
+    )
+    failed = sorted(case for case, result in results.items() if result != "PASS")
+    # the failing cases' output (their t.Log lines and the snapshotter's log) is in stdout
+    assert not failed and not left and run.returncode == 0, (
+        f"failed or skipped: {failed} (exit {run.returncode}); left behind (now removed): {left}\n"
+        f"{run.stdout[-20000:]}\n{run.stderr[-4000:]}"
+    )
     deselected = "; ".join(f"{case}: {why}" for case, why in DESELECTED.items()) or "none"
     conftest.report(
         f"containerd snapshotter suite ({VERSION}) on {backend}: {len(results)} of {len(CASES)} cases "
         f"passed, deselected: {deselected}"
     )
+
+
+def _suite_leftovers(tmp: pathlib.Path) -> list[str]:
+    return (
+        snapshotterenv.mounts_under(tmp)
+        + snapshotterenv.loops_backed_under(tmp)
+        + snapshotterenv.dm_devices("csi-thin-suite-")
+        + containerdenv.processes_naming(str(tmp))
+    )
+
+
+def _tear_down_suite(tmp: pathlib.Path) -> None:
+    """Undo what an interrupted suite left under `tmp`: its snapshotter processes (their command line
+    names their pool config under `tmp`), the mounts of its cases, then each case's pool."""
+    procs = [int(line.split(":")[0]) for line in containerdenv.processes_naming(str(tmp))]
+    for pid in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    end = time.monotonic() + 30
+    while containerdenv.processes_naming(str(tmp)) and time.monotonic() < end:
+        time.sleep(0.2)  # their own SIGTERM handling: nothing to wait on but the process table
+    for pid in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    pools = {str(config.parent / "pool") for config in tmp.glob("*/root/pool.yaml")}
+    for mountpoint in sorted(snapshotterenv.mounts_under(tmp), reverse=True):
+        if mountpoint not in pools:  # a pool's own mount: `pool destroy` takes it down
+            subprocess.run(["umount", mountpoint], capture_output=True, check=False)
+    for config in tmp.glob("*/root/pool.yaml"):
+        destroy = snapshotterenv.csi_thin("pool", "destroy", "--config", str(config), "--yes")
+        subprocess.run(destroy, capture_output=True, timeout=120, check=False)
 
 
 IMAGE = "localhost/csi-thin-test/busybox:1"
