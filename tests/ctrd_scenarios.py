@@ -46,6 +46,20 @@ CASES = (
 DESELECTED: dict[str, str] = {}
 
 _RESULT = re.compile(r"^\s*--- (PASS|FAIL|SKIP): TestSnapshotterSuite/(\S+) \(")
+#: go test -v names the case whose lines follow (cases run in parallel, their output interleaves)
+_HEADER = re.compile(r"^=== (?:RUN|CONT|NAME|PAUSE)\s+TestSnapshotterSuite/(\S+)$")
+
+
+def _output_by_case(stdout: str) -> dict[str, list[str]]:
+    lines: dict[str, list[str]] = {}
+    case = ""
+    for line in stdout.splitlines():
+        m = _HEADER.match(line)
+        if m:
+            case = m.group(1)
+        elif case:
+            lines.setdefault(case, []).append(line)
+    return lines
 
 
 def snapshotter_suite(tmp: pathlib.Path, make_pool: snapshotterenv.PoolMaker, *, backend: str) -> None:
@@ -82,10 +96,15 @@ def snapshotter_suite(tmp: pathlib.Path, make_pool: snapshotterenv.PoolMaker, *,
         f"the suite's cases are not the listed ones: ran {sorted(results)}\n{run.stdout[-8000:]}"
     )
     failed = sorted(case for case, result in results.items() if result != "PASS")
-    # the failing cases' output (their t.Log lines and the snapshotter's log) is in stdout
+    # each failing case's output: its t.Log lines, its snapshotter's log
+    output = _output_by_case(run.stdout)
+    # (the snapshotter's log comes as one logrus field: its line breaks escaped)
+    shown = "".join(
+        f"\n--- {case}:\n" + "\n".join(output.get(case, [])).replace("\\n", "\n")[-12000:] for case in failed
+    )
     assert not failed and not left and run.returncode == 0, (
-        f"failed or skipped: {failed} (exit {run.returncode}); left behind (now removed): {left}\n"
-        f"{run.stdout[-20000:]}\n{run.stderr[-4000:]}"
+        f"failed or skipped: {failed} (exit {run.returncode}); left behind (now removed): {left}"
+        f"{shown}\n{run.stderr[-4000:]}"
     )
     deselected = "; ".join(f"{case}: {why}" for case, why in DESELECTED.items()) or "none"
     conftest.report(
