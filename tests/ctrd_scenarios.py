@@ -74,13 +74,13 @@ def snapshotter_suite(tmp: pathlib.Path, make_pool: snapshotterenv.PoolMaker, *,
         # the Go side fills in @ROOT@ and @ID@ per case
         "CSI_THIN_SUITE_POOL": make_pool(pathlib.PurePath("@ROOT@"), name="suite-@ID@"),
     }
-    argv = [str(suite), "-test.v", "-test.run", "^TestSnapshotterSuite$", "-test.timeout", "25m"]
+    argv = [str(suite), "-test.v", "-test.run", "^TestSnapshotterSuite$", "-test.timeout", "50m"]
     # two cases at a time: each runs a snapshotter process of its own, on a 2-core machine
     argv += ["-test.parallel", "2"]
     if DESELECTED:
         argv += ["-test.skip", "^TestSnapshotterSuite$/^(" + "|".join(map(re.escape, DESELECTED)) + ")$"]
     try:
-        run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1700, check=False)
+        run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3300, check=False)
     finally:
         # every case's cleanup stopped its snapshotter and destroyed its pool: nothing may be left.
         # A suite that timed out ran no cleanup at all: what it left is named, then taken down.

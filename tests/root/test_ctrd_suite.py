@@ -10,7 +10,7 @@ from tests import ctrd_scenarios, snapshotterenv
 pytestmark = pytest.mark.tools
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(3600)
 def test_containerd_snapshotter_suite(tmp_path_factory: pytest.TempPathFactory) -> None:
     ctrd_scenarios.snapshotter_suite(
         tmp_path_factory.mktemp("cs"), snapshotterenv.reflink_pool, backend="reflink"

@@ -15,7 +15,7 @@ def test_containerd_runs_containers_on_dmthin_layers(tmp_path_factory: pytest.Te
 
 
 @pytest.mark.tools
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3600)
 def test_containerd_snapshotter_suite_on_dmthin(tmp_path_factory: pytest.TempPathFactory) -> None:
     ctrd_scenarios.snapshotter_suite(
         tmp_path_factory.mktemp("cs"), snapshotterenv.dmthin_pool, backend="dm-thin"

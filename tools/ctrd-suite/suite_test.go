@@ -110,10 +110,15 @@ func start(ctx context.Context, command []string, template, root string) (snapsh
 	return proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), name), cleanup, nil
 }
 
+// startBound bounds a snapshotter's start-up: it assembles its pool (loop devices, mkfs, mount); the
+// first start in a fresh VM under emulation also reads all of Python's modules over 9p, which was
+// seen to take over a minute on a loaded machine.
+const startBound = 5 * time.Minute
+
 // waitServing returns once the service answers (a Stat of a key nobody made: NotFound), or fails when
-// the process exits first or 60 s pass (start-up assembles the pool: loop device, mkfs, mount).
+// the process exits first or startBound passes.
 func waitServing(ctx context.Context, client snapshotsapi.SnapshotsClient, p *process) error {
-	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, startBound)
 	defer cancel()
 	go func() {
 		select {
@@ -133,7 +138,7 @@ func waitServing(ctx context.Context, client snapshotsapi.SnapshotsClient, p *pr
 	case p.exited():
 		return fmt.Errorf("csi-thin snapshotter exited before serving: %v", p.err)
 	case ctx.Err() != nil:
-		return fmt.Errorf("csi-thin snapshotter not serving in 60 s: %v", err)
+		return fmt.Errorf("csi-thin snapshotter not serving in %v: %v", startBound, err)
 	default:
 		return fmt.Errorf("probe Stat: %v", err)
 	}
