@@ -50,6 +50,7 @@ __all__ = [
     "test_fault_at_every_point",
     "test_grow_while_active_and_refuse_shrink",
     "test_kill_during_recovery_is_rerunnable",
+    "test_layers_follow_containerd_and_commit_deactivates",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
     "test_reassembly_after_reboot",
@@ -1429,3 +1430,65 @@ def test_concurrent_creates_of_different_names(harness: Harness) -> None:
     conftest.report(f"{harness.label}: concurrency: 50 names in parallel -> 50 devices, 50 deletes -> 0")
     check_consistent(e, before={})
     assert e.list() == [] and e.backend.device_ids(deadline=dl()) == {}
+
+
+# ---- containerd snapshots (csi_thin.pool.layers) ---------------------------------------------------
+
+
+def test_layers_follow_containerd_and_commit_deactivates(harness: Harness) -> None:
+    """Prepare/View/Commit/Remove on the engine: a committed layer's device is inactive and is the
+    (inactive) origin of its children; only leaves are removed; a key or name is never taken twice;
+    a stale Prepare (its undo failed too) is undone by the next call on the key; the layers count
+    in the provisioned bytes, so GetCapacity and the thresholds see them."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-1")
+    assert e.provisioned_bytes() == 4 * MiB
+    active = lay.require("extract-1")
+    assert lay.device(active).active
+    lay.commit("sha256:1", "extract-1", labels={"c": "1"}, deadline=dl())
+    done = lay.require("sha256:1")
+    assert lay.get("extract-1") is None and done.labels == (("c", "1"),) and not lay.device(done).active
+    _prepare_layer(e, "ctr", parent="sha256:1")
+    _prepare_layer(e, "view", parent="sha256:1", kind=model.LayerKind.VIEW)
+    assert lay.device(lay.require("ctr")).origin == done.device
+    with pytest.raises(errors.AlreadyExists):
+        _layers(e).prepare(
+            "ctr",
+            parent="",
+            kind=model.LayerKind.ACTIVE,
+            labels={},
+            size_bytes=MiB,
+            fmt=layer_fmt,
+            attributes={},
+            deadline=dl(),
+        )
+    with pytest.raises(errors.AlreadyExists):
+        lay.commit("sha256:1", "ctr", labels={}, deadline=dl())
+    with pytest.raises(errors.FailedPrecondition):
+        lay.commit("sha256:v", "view", labels={}, deadline=dl())
+    with pytest.raises(errors.InvalidArgument):
+        _prepare_layer(e, "on-active", parent="ctr")
+    with pytest.raises(errors.NotFound):
+        _prepare_layer(e, "orphan", parent="sha256:none")
+    with pytest.raises(errors.FailedPrecondition):
+        lay.remove("sha256:1", deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before=committed(e))
+
+    # a Prepare whose step and undo both failed: pending until the next call on the key undoes it
+    with (
+        hooked(_fail_at("layer_snap/activate:done", "layer_snap/undo:activate")),
+        pytest.raises(InjectedFault),
+    ):
+        _prepare_layer(e, "stale", parent="sha256:1")
+    pending = e.store.layer("stale")
+    assert pending is not None and pending.pending == model.LayerPending.PREPARE and e.intents()
+    assert lay.get("stale") is None and "stale" not in {x.key for x in lay.list()}
+    _prepare_layer(e, "stale", parent="sha256:1")
+    assert lay.require("stale").pending == model.LayerPending.NONE and e.intents() == []
+    check_consistent(e, before=committed(e))
+
+    for key in ("stale", "view", "ctr", "sha256:1"):
+        lay.remove(key, deferred=False, discard=layer_discard, deadline=dl())
+    assert e.list() == [] and e.store.layers() == []
+    check_consistent(e, before={})
