@@ -27,10 +27,11 @@ def work(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
     assert not problems, problems
 
 
-def test_every_rpc_and_error_code(work: pathlib.Path) -> None:
-    snapshotter_client.lifecycle(work, "reflink")
+@pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
+def test_every_rpc_and_error_code(work: pathlib.Path, fs_type: str) -> None:
+    snapshotter_client.lifecycle(work, "reflink", fs_type)
     conftest.report(
-        "snapshotter (reflink): every Snapshots RPC and error code over the socket, mounts mounted"
+        f"snapshotter (reflink, {fs_type}): every Snapshots RPC and error code over the socket, mounted"
     )
 
 

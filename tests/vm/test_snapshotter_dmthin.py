@@ -25,9 +25,7 @@ def work() -> Iterator[pathlib.Path]:
 
 def test_snapshotter_every_rpc_and_error_code(work: pathlib.Path) -> None:
     snapshotter_client.lifecycle(work, "dmthin")
-    conftest.report(
-        "snapshotter (dm-thin): every Snapshots RPC and error code over the socket, mounts mounted"
-    )
+    conftest.report("snapshotter (dm-thin): every Snapshots RPC and error code over the socket, mounted")
 
 
 def test_snapshotter_async_remove_and_restart(work: pathlib.Path) -> None:
