@@ -249,6 +249,14 @@ def lifecycle(work: pathlib.Path, backend: str, fs_type: str = "ext4") -> None:
         c.Cleanup(pb.CleanupRequest())
         assert names(c) == set() and devices(config) == []
 
+        # containerd's max-size label sizes a base layer (else base_image_size)
+        sized = {"containerd.io/snapshot/max-size": str(400 * MiB)}
+        c.Prepare(pb.PrepareSnapshotRequest(key="sized", labels=sized))
+        assert [d["size_bytes"] for d in devices(config)] == [400 * MiB]
+        tiny = pb.PrepareSnapshotRequest(key="tiny", labels={"containerd.io/snapshot/max-size": "x"})
+        assert code_of(lambda: c.Prepare(tiny)) == code.INVALID_ARGUMENT
+        c.Remove(pb.RemoveSnapshotRequest(key="sized"))
+
         keys = walk_fixture(c)
         for filters, want in filters_cases():
             assert names(c, filters) == want, filters
