@@ -432,7 +432,13 @@ class Provisioner:
 
 
 def _provisioned(engine: Engine) -> int:
-    return sum(d.size_bytes for d in engine.list(kind=model.DeviceKind.VOLUME))
+    """What writable devices may grow to: volumes and containerd's snapshots on the same pool (a
+    layer is a writable thin device too; the CR engine of Kubernetes mode lists none)."""
+    return sum(
+        d.size_bytes
+        for kind in (model.DeviceKind.VOLUME, model.DeviceKind.LAYER)
+        for d in engine.list(kind=kind)
+    )
 
 
 def _ready(device: model.Device) -> model.Device:

@@ -304,8 +304,6 @@ class Layers:
                 raise errors.FailedPrecondition(f"snapshot {key!r} is not active ({active.kind.value})")
             if self.store.layer(name) is not None:
                 raise errors.AlreadyExists(f"snapshot {name!r} already exists")
-            dev = eng._ready(active.device, "snapshot device")
-            eng._require_mode(modes.Op.DEACTIVATE, deadline)
             now = time.time()
             done = model.Layer(
                 key=name,
@@ -316,41 +314,48 @@ class Layers:
                 created_at=now,
                 updated_at=now,
             )
-
-            def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
-                w.put_layer(dataclasses.replace(done, pending=model.LayerPending.COMMIT))
-                return w.open_intent(
-                    op="layer_commit",
-                    name=dev.name,
-                    dev_id=dev.dev_id,
-                    size_bytes=dev.size_bytes,
-                    old_size_bytes=dev.size_bytes,
-                    steps=("deactivate",),
-                    created_at=time.time(),
-                )
-
-            def commit(w: lmdb_store.WriteTxn, tx: engine_mod._Transition) -> None:
-                rec = w.get(dev.name)
-                assert rec is not None
-                w.put(dataclasses.replace(rec, active=False, path=None))
-                w.remove_layer(key)
-                w.put_layer(done)
-                w.close_intent(tx.intent)
-
-            def abort(w: lmdb_store.WriteTxn, tx: engine_mod._Transition) -> None:
-                w.remove_layer(name)
-                w.close_intent(tx.intent)
-
-            def undo() -> None:
-                # the active snapshot's mounts name its device: make it whole again
-                if dev.active:
-                    eng.backend.activate(dev.dev_id, dev.size_bytes, deadline=engine_mod._grace(deadline))
-
-            with eng._transition(
-                "layer_commit", begin=begin, commit=commit, abort=abort, deadline=deadline
-            ) as tx:
-                tx.step("deactivate", lambda: eng.backend.deactivate(dev.dev_id, deadline=deadline), undo)
+            with eng._claim(active.device):  # a Mounts (activate) of the key waits its turn
+                self._commit(active, done, deadline=deadline)
             return self.require(name)
+
+    def _commit(self, active: model.Layer, done: model.Layer, *, deadline: deadline_mod.Deadline) -> None:
+        eng = self.engine
+        dev = eng._ready(active.device, "snapshot device")
+        eng._require_mode(modes.Op.DEACTIVATE, deadline)
+
+        def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
+            w.put_layer(dataclasses.replace(done, pending=model.LayerPending.COMMIT))
+            return w.open_intent(
+                op="layer_commit",
+                name=dev.name,
+                dev_id=dev.dev_id,
+                size_bytes=dev.size_bytes,
+                old_size_bytes=dev.size_bytes,
+                steps=("deactivate",),
+                created_at=time.time(),
+            )
+
+        def commit(w: lmdb_store.WriteTxn, tx: engine_mod._Transition) -> None:
+            rec = w.get(dev.name)
+            assert rec is not None
+            w.put(dataclasses.replace(rec, active=False, path=None))
+            w.remove_layer(active.key)
+            w.put_layer(done)
+            w.close_intent(tx.intent)
+
+        def abort(w: lmdb_store.WriteTxn, tx: engine_mod._Transition) -> None:
+            w.remove_layer(done.key)
+            w.close_intent(tx.intent)
+
+        def undo() -> None:
+            # the active snapshot's mounts name its device: make it whole again
+            if dev.active:
+                eng.backend.activate(dev.dev_id, dev.size_bytes, deadline=engine_mod._grace(deadline))
+
+        with eng._transition(
+            "layer_commit", begin=begin, commit=commit, abort=abort, deadline=deadline
+        ) as tx:
+            tx.step("deactivate", lambda: eng.backend.deactivate(dev.dev_id, deadline=deadline), undo)
 
     # ---- Update (labels: no pool change, one LMDB transaction) ---------------------------------------
 
@@ -390,7 +395,8 @@ class Layers:
                     w.remove_layer(key)
                 log.info("event=layer-forgotten key=%s device=%s", key, layer.device)
                 return
-            self._remove_device(layer.device, key=key, discard=discard, deadline=deadline)
+            with self.engine._claim(layer.device):  # a Mounts (activate) of the key waits its turn
+                self._remove_device(layer.device, key=key, discard=discard, deadline=deadline)
 
     def cleanup(self, *, discard: Discarder | None, deadline: deadline_mod.Deadline) -> builtins.list[str]:
         """Delete every LAYER device no layer record names (left by async_remove); return them."""

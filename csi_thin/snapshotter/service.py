@@ -144,8 +144,12 @@ class Snapshotter:
         text = labels.get(LABEL_MAX_SIZE)
         if text is None:
             return self.settings.base_image_size
-        if not text.isdigit() or int(text) <= 0:
-            raise errors.InvalidArgument(f"label {LABEL_MAX_SIZE}={text!r}: a positive number of bytes")
+        least = max(1, filesystem.min_bytes(self.settings.fs_type.value))
+        if not text.isdigit() or int(text) < least:
+            raise errors.InvalidArgument(
+                f"label {LABEL_MAX_SIZE}={text!r}: a number of bytes, at least {least} for "
+                f"{self.settings.fs_type.value}"
+            )
         return int(text)
 
     def _mounts(self, layer: model.Layer, dev: model.Device) -> list[Mount]:
