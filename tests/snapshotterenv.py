@@ -7,14 +7,14 @@ from __future__ import annotations
 import contextlib
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Protocol
 
 import yaml
+
+from tests import snapshotter_client
 
 #: the config section containerd's snapshotter reads, beside the pool's (README: "containerd")
 SNAPSHOTTER_SECTION = "snapshotter:\n  base_image_size: {size}\n  fs_type: {fs}\n"
@@ -46,15 +46,6 @@ def dmthin_pool(workdir: pathlib.PurePath, *, name: str, base_image_size: str = 
 
 def csi_thin(*args: str) -> list[str]:
     return [sys.executable, "-m", "csi_thin.cli", *args]
-
-
-def _answers(path: pathlib.Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:  # not there yet, or not listening yet
-            return False
-    return True
 
 
 def mounts_under(directory: pathlib.Path) -> list[str]:
@@ -95,34 +86,21 @@ def layer_devices(workdir: pathlib.Path, pool_name: str) -> list[str]:
 
 @contextlib.contextmanager
 def snapshotter(workdir: pathlib.Path, pool: str) -> Iterator[pathlib.Path]:
-    """Serve `pool` (a pool config whose files are all under `workdir`) with `csi-thin snapshotter`;
-    yields its socket. Afterwards the process is stopped, the pool destroyed, and nothing of it may be
-    left under `workdir` (asserted: a leak fails the caller)."""
+    """Serve `pool` (a pool config whose files are all under `workdir`) with `csi-thin snapshotter`
+    (tests/snapshotter_client.py runs the process); yields its socket. Afterwards the process is
+    stopped, the pool destroyed, and nothing of it may be left (asserted: a leak fails the caller)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "pool.yaml"
     config.write_text(pool)
     sock = workdir / "s.sock"
-    log = workdir / "snapshotter.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            csi_thin("snapshotter", "--pool-config", str(config), "--socket", str(sock)),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        end = time.monotonic() + 60  # start-up assembles the pool: loop device, mkfs, mount
-        while not _answers(sock):
-            assert proc.poll() is None, f"snapshotter exited {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < end, f"snapshotter not serving in 60 s:\n{log.read_text()}"
-            time.sleep(0.1)  # process start-up: nothing to watch until its socket answers
-        yield sock
+        with snapshotter_client.snapshotter(config, sock) as proc:
+            yield sock
+        log = (workdir / "snapshotter.log").read_text()
+        assert proc.returncode in (0, -signal.SIGTERM), (
+            f"snapshotter exited {proc.returncode}:\n{log[-8000:]}"
+        )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         destroy = subprocess.run(
             csi_thin("pool", "destroy", "--config", str(config), "--yes"),
             capture_output=True,
@@ -131,9 +109,6 @@ def snapshotter(workdir: pathlib.Path, pool: str) -> Iterator[pathlib.Path]:
             check=False,
         )
         assert destroy.returncode == 0, f"pool destroy: {destroy.stderr}"
-        assert proc.returncode in (0, -signal.SIGTERM), (
-            f"snapshotter exited {proc.returncode}:\n{log.read_text()[-8000:]}"
-        )
         assert not mounts_under(workdir), f"mounts left: {mounts_under(workdir)}"
         assert not loops_backed_under(workdir), f"loop devices left: {loops_backed_under(workdir)}"
         name = yaml.safe_load(pool)["name"]
