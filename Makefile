@@ -35,8 +35,9 @@ $(STAMPS)/venv: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@mkdir -p $(STAMPS) && touch $@
 
-proto: csi_thin/csi/pb/__init__.py
-csi_thin/csi/pb/__init__.py: tools/csi/go.mod tools/csi/go.sum tools/kubelet/go.mod tools/kubelet/go.sum scripts/gen-proto.sh $(STAMPS)/venv
+proto: csi_thin/csi/pb/__init__.py csi_thin/snapshotter/pb/__init__.py
+csi_thin/csi/pb/__init__.py csi_thin/snapshotter/pb/__init__.py &: tools/csi/go.mod tools/csi/go.sum \
+  tools/kubelet/go.mod tools/kubelet/go.sum tools/containerd/go.mod tools/containerd/go.sum scripts/gen-proto.sh $(STAMPS)/venv
 	PYTHON=$(PY) scripts/gen-proto.sh
 
 tools:
@@ -140,4 +141,4 @@ bench-kube: venv proto tools
 	$(PY) bench/kube_ops.py
 
 clean:
-	rm -rf $(STAMPS) csi_thin/csi/pb bin .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(STAMPS) csi_thin/csi/pb csi_thin/snapshotter/pb bin .mypy_cache .ruff_cache .pytest_cache

@@ -11,6 +11,7 @@ and later groups plug in the same way.
                                             no CR owns, once orphans for the grace period
     csi-thin pool trim    --config FILE     trim the staged filesystems now (space back to the pool)
     csi-thin pool destroy --config FILE --yes       tear down and delete the pool and its store
+    csi-thin snapshotter --pool-config FILE --socket S   containerd's Snapshots API (csi_thin.csi.snapshots)
 
 Every command takes --json for machine-readable output. Domain errors print one line to stderr and
 exit 1 (2 for bad input).
@@ -98,6 +99,7 @@ def _status_json(cfg: config.PoolConfig, eng: engine_mod.PoolEngine, st: model.P
         "thresholds": dataclasses.asdict(cfg.thresholds),
         "volumes": totals.of(kind=model.DeviceKind.VOLUME).count,
         "snapshots": totals.of(kind=model.DeviceKind.SNAPSHOT).count,
+        "layers": totals.of(kind=model.DeviceKind.LAYER).count,
         "active": totals.of().active,
         "lost": lost,
         "issues": [{"severity": i.severity.value, "reason": i.reason, "message": i.message} for i in issues],
@@ -165,7 +167,12 @@ def _print_status(s: dict[str, Any], out: Printer) -> None:
             f"{_human(s['metadata_used_bytes'])} / {_human(s['metadata_total_bytes'])} "
             f"({s['metadata_used_ratio']:.1%}, refuse above {s['thresholds']['metadata']:.0%})",
         ),
-        ("devices", f"{s['volumes']} volumes, {s['snapshots']} snapshots, {s['active']} active"),
+        (
+            "devices",
+            f"{s['volumes']} volumes, {s['snapshots']} snapshots, "
+            + (f"{s['layers']} containerd layers, " if s["layers"] else "")
+            + f"{s['active']} active",
+        ),
         ("provisioned", _human(s["provisioned_bytes"])),
         ("lost", ", ".join(s["lost"]) or "none"),
         ("open intents", ", ".join(s["open_intents"]) or "none"),
@@ -225,9 +232,23 @@ def cmd_pool_list(args: argparse.Namespace, out: Printer = _out) -> int:
     kind = model.DeviceKind(args.kind) if args.kind else None
     with app.open_store(cfg) as store:
         devs = sorted((d for d in store.devices() if kind is None or d.kind == kind), key=lambda d: d.name)
+        # containerd's name for each layer device (csi_thin.pool.layers); a forgotten one has none
+        snapshot = {x.device: x.key for x in store.layers() if x.pending == model.LayerPending.NONE}
     if args.json:
-        out(json.dumps([_device_json(d) for d in devs], indent=2))
+        out(
+            json.dumps(
+                [
+                    {
+                        **_device_json(d),
+                        **({"snapshot": snapshot.get(d.name)} if d.kind == model.DeviceKind.LAYER else {}),
+                    }
+                    for d in devs
+                ],
+                indent=2,
+            )
+        )
         return 0
+    layers = any(d.kind == model.DeviceKind.LAYER for d in devs)
     rows = [
         (
             d.name,
@@ -238,10 +259,22 @@ def cmd_pool_list(args: argparse.Namespace, out: Printer = _out) -> int:
             d.origin,
             "yes" if d.active else "no",
             d.path,
+            *([snapshot.get(d.name)] if layers else []),
         )
         for d in devs
     ]
-    out(table(("NAME", "KIND", "STATE", "SIZE", "ID", "ORIGIN", "ACTIVE", "PATH"), rows))
+    headers = (
+        "NAME",
+        "KIND",
+        "STATE",
+        "SIZE",
+        "ID",
+        "ORIGIN",
+        "ACTIVE",
+        "PATH",
+        *(["SNAPSHOT"] if layers else []),
+    )
+    out(table(headers, rows))
     return 0
 
 
@@ -340,7 +373,7 @@ def register(subparsers: Any) -> None:
     add("create", cmd_pool_create, "assemble the pool (creating loop files if needed) and recover")
     add("status", cmd_pool_status, "pool health, transaction ids, space, devices")
     add("list", cmd_pool_list, "device records").add_argument(
-        "--kind", choices=[k.value for k in model.DeviceKind], help="only volumes or snapshots"
+        "--kind", choices=[k.value for k in model.DeviceKind], help="only volumes, snapshots or layers"
     )
     gc = add("gc", cmd_pool_gc, "garbage-collect")
     gc.add_argument("--orphans", action="store_true", help="delete pool devices that no record owns")
@@ -378,8 +411,14 @@ def _register_kube(subparsers: Any) -> None:
     kubemode.register(subparsers, open_engine=app.open_engine)
 
 
+def _register_snapshotter(subparsers: Any) -> None:
+    from csi_thin.csi import snapshots  # noqa: PLC0415 - grpc loads only for this group
+
+    snapshots.register(subparsers, open_engine=app.open_engine)
+
+
 #: The subcommand groups, in help order. Each adds its parser and sets `func(args) -> int`.
-GROUPS: list[Callable[[Any], None]] = [register, _register_standalone, _register_kube]
+GROUPS: list[Callable[[Any], None]] = [register, _register_standalone, _register_kube, _register_snapshotter]
 
 
 def build_parser() -> argparse.ArgumentParser:

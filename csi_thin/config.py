@@ -11,6 +11,7 @@ import enum
 import pathlib
 import posixpath
 import re
+import shlex
 from typing import Any
 
 import yaml
@@ -158,6 +159,81 @@ def _trim_section(raw: Any) -> TrimConfig:
     )
 
 
+class LayerFs(enum.StrEnum):
+    """The filesystems a snapshotter base layer is formatted with."""
+
+    EXT4 = "ext4"
+    XFS = "xfs"
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotterConfig:
+    """The containerd proxy snapshotter on this pool (csi_thin.snapshotter), the `snapshotter:`
+    section. Its keys mirror containerd's devmapper snapshotter: a layer without a parent is a new
+    thin device of `base_image_size` formatted with `fs_type` (+ `fs_options`, extra mkfs arguments);
+    a layer with one is a snapshot of it. `async_remove`: Remove only forgets the snapshot and
+    Cleanup deletes its device (containerd calls Cleanup after its garbage collection);
+    `discard_blocks`: a device is discarded (blkdiscard) before it is deleted, so a pool on a thin
+    or SSD device underneath gives the space back there too. `enabled` and `socket`: the node
+    process (`csi-thin node`, `standalone`) serves it too, on that socket, sharing its engine."""
+
+    enabled: bool = False
+    socket: str = ""
+    base_image_size: int = 10 * model.GiB
+    fs_type: LayerFs = LayerFs.EXT4
+    fs_options: tuple[str, ...] = ()
+    async_remove: bool = False
+    discard_blocks: bool = False
+
+    def validate(self) -> None:
+        if self.base_image_size < 16 * model.MiB or self.base_image_size > 1 << 50:
+            raise errors.InvalidArgument(f"snapshotter.base_image_size {self.base_image_size}: 16MiB..1PiB")
+        if self.fs_type == LayerFs.XFS and self.base_image_size < 300 * model.MiB:
+            raise errors.InvalidArgument(
+                f"snapshotter.base_image_size {self.base_image_size}: mkfs.xfs needs at least 300MB"
+            )
+        if self.enabled and not self.socket:
+            raise errors.InvalidArgument("snapshotter.enabled needs snapshotter.socket (an absolute path)")
+        if self.socket and not pathlib.PurePath(self.socket).is_absolute():
+            raise errors.InvalidArgument(f"snapshotter.socket {self.socket!r} must be absolute")
+
+
+def _snapshotter_section(raw: Any) -> SnapshotterConfig:
+    """`snapshotter: {base_image_size: 10GiB, fs_type: ext4, fs_options: "-E nodiscard", ...}`."""
+    if raw is None:
+        return SnapshotterConfig()
+    if not isinstance(raw, dict):
+        raise errors.InvalidArgument("snapshotter: expected a mapping, e.g. {base_image_size: 10GiB}")
+    known = {f.name for f in dataclasses.fields(SnapshotterConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise errors.InvalidArgument(f"unknown snapshotter keys: {sorted(unknown)} (known: {sorted(known)})")
+    for key in ("enabled", "async_remove", "discard_blocks"):
+        if not isinstance(raw.get(key, False), bool):
+            raise errors.InvalidArgument(f"snapshotter.{key} must be true or false, not {raw[key]!r}")
+    try:
+        fs_type = LayerFs(raw.get("fs_type", LayerFs.EXT4.value))
+    except ValueError:
+        raise errors.InvalidArgument(
+            f"snapshotter.fs_type {raw['fs_type']!r}: one of {[f.value for f in LayerFs]}"
+        ) from None
+    options = raw.get("fs_options", "")
+    if not isinstance(options, str):
+        raise errors.InvalidArgument(
+            "snapshotter.fs_options: a string of mkfs arguments, e.g. '-E nodiscard'"
+        )
+    default = SnapshotterConfig()
+    return SnapshotterConfig(
+        enabled=raw.get("enabled", default.enabled),
+        socket=str(raw.get("socket", "")),
+        base_image_size=parse_size(raw.get("base_image_size", default.base_image_size)),
+        fs_type=fs_type,
+        fs_options=tuple(shlex.split(options)),
+        async_remove=raw.get("async_remove", default.async_remove),
+        discard_blocks=raw.get("discard_blocks", default.discard_blocks),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class PoolConfig:
     name: str
@@ -167,6 +243,7 @@ class PoolConfig:
     reflink: ReflinkConfig | None = None
     thresholds: model.Thresholds = dataclasses.field(default_factory=model.Thresholds)
     trim: TrimConfig = dataclasses.field(default_factory=TrimConfig)
+    snapshotter: SnapshotterConfig = dataclasses.field(default_factory=SnapshotterConfig)
 
     def validate(self) -> None:
         if not _NAME.match(self.name):
@@ -179,6 +256,7 @@ class PoolConfig:
             if not 0.0 < value <= 1.0:
                 raise errors.InvalidArgument(f"{label} threshold {value} must be in (0, 1]")
         self.trim.validate()
+        self.snapshotter.validate()
         if self.backend == BackendKind.DMTHIN:
             if self.dmthin is None:
                 raise errors.InvalidArgument("backend dmthin needs a 'dmthin' section")
@@ -210,7 +288,7 @@ def _section(cls: type[Any], raw: dict[str, Any] | None) -> Any:
 
 def pool_from_dict(raw: dict[str, Any]) -> PoolConfig:
     """Build and validate a PoolConfig from a parsed YAML/JSON mapping."""
-    known = {"name", "backend", "state_dir", "dmthin", "reflink", "thresholds", "trim"}
+    known = {"name", "backend", "state_dir", "dmthin", "reflink", "thresholds", "trim", "snapshotter"}
     unknown = set(raw) - known
     if unknown:
         raise errors.InvalidArgument(f"unknown pool keys: {sorted(unknown)}")
@@ -226,6 +304,7 @@ def pool_from_dict(raw: dict[str, Any]) -> PoolConfig:
         reflink=_section(ReflinkConfig, raw.get("reflink")),
         thresholds=_section(model.Thresholds, raw.get("thresholds")) or model.Thresholds(),
         trim=_trim_section(raw.get("trim")),
+        snapshotter=_snapshotter_section(raw.get("snapshotter")),
     )
     cfg.validate()
     return cfg

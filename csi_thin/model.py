@@ -25,6 +25,8 @@ ATTR_FS_TYPE = "csi-thin.io/fs-type"
 class DeviceKind(enum.StrEnum):
     VOLUME = "volume"
     SNAPSHOT = "snapshot"
+    #: a containerd snapshot (csi_thin.snapshotter): its containerd side is a Layer record
+    LAYER = "layer"
 
 
 class DeviceState(enum.StrEnum):
@@ -119,6 +121,39 @@ class Totals:
 def attributes(mapping: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     """The canonical (sorted) form of a device's attributes."""
     return tuple(sorted((mapping or {}).items()))
+
+
+class LayerKind(enum.StrEnum):
+    """containerd's snapshot kinds (the Kind enum of containerd.services.snapshots.v1)."""
+
+    VIEW = "view"
+    ACTIVE = "active"
+    COMMITTED = "committed"
+
+
+class LayerPending(enum.StrEnum):
+    """A layer record written by a transaction still in flight (csi_thin.pool.layers): invisible to
+    every reader until the transaction commits; recovery finishes or undoes it."""
+
+    NONE = ""
+    PREPARE = "prepare"  # the record a Prepare/View creates
+    COMMIT = "commit"  # the committed record a Commit creates (its active record is dropped then)
+    REMOVE = "remove"  # the record a Remove drops
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One containerd snapshot, keyed by containerd's key (or committed name): which thin device
+    (a LAYER Device record) holds it. Kept in its own key space beside the device records."""
+
+    key: str
+    device: str  # the Device record's name
+    kind: LayerKind
+    parent: str  # "" for none: containerd's committed parent name
+    labels: tuple[tuple[str, str], ...]
+    created_at: float
+    updated_at: float
+    pending: LayerPending = LayerPending.NONE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import faults
+from csi_thin.pool import layers as layers_mod
 from csi_thin.store import lmdb_store
 from tests import blockio, conftest
 
@@ -52,6 +53,7 @@ __all__ = [
     "test_group_snapshot_is_idempotent_and_refuses_what_it_cannot_do",
     "test_grow_while_active_and_refuse_shrink",
     "test_kill_during_recovery_is_rerunnable",
+    "test_layers_follow_containerd_and_commit_deactivates",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
     "test_reassembly_after_reboot",
@@ -215,6 +217,21 @@ def check_consistent(
     assert totals.provisioned_bytes == sum(d.size_bytes for d in records)
     assert totals.of().active == sum(d.active for d in records)
     assert engine.lost() == []
+    check_layers(engine)
+
+
+def check_layers(engine: engine_mod.PoolEngine) -> None:
+    """containerd snapshots: no record left pending, each names a LAYER device record (one device per
+    record), and a committed one's device is inactive (the seed left committed layers active)."""
+    layers = engine.store.layers()
+    assert [x for x in layers if x.pending != model.LayerPending.NONE] == []
+    devices = {d.name: d for d in engine.list()}
+    assert len({x.device for x in layers}) == len(layers), "two snapshots share a device"
+    for x in layers:
+        dev = devices.get(x.device)
+        assert dev is not None and dev.kind == model.DeviceKind.LAYER, (x, dev)
+        if x.kind == model.LayerKind.COMMITTED:
+            assert not dev.active, f"committed snapshot {x.key} left active"
 
 
 # ---- basic operations --------------------------------------------------------------------------------
@@ -927,6 +944,85 @@ def _prep_snapshot(e: engine_mod.PoolEngine, tag: str) -> None:
     e.create_snapshot(f"ds-{tag}", "base", deadline=dl())
 
 
+# containerd snapshots (csi_thin.pool.layers). containerd's calls are not idempotent (a second
+# Prepare of a key is AlreadyExists), so each run does its call only when it is still to be done:
+# the retry after a fault completes the mutation, whichever way recovery resolved it.
+
+#: the committed layer the snapshot scenarios start from (kept between scenarios, like "base")
+LAYER_BASE = "sha256:lbase"
+#: tag -> the device of the scenario's snapshot (random names: what a remove may make vanish)
+_LAYER_DEVICES: dict[str, str] = {}
+
+
+def layer_fmt(path: str, deadline: deadline_mod.Deadline) -> None:
+    """A real ext4 on real block devices (the fake backend's paths do not exist)."""
+    if os.path.exists(path):
+        subprocess.run(["mkfs.ext4", "-q", "-F", path], check=True, capture_output=True)
+
+
+def layer_discard(path: str, deadline: deadline_mod.Deadline) -> None:
+    if os.path.exists(path):
+        subprocess.run(["blkdiscard", path], check=True, capture_output=True)
+
+
+def _layers(e: engine_mod.PoolEngine) -> layers_mod.Layers:
+    return layers_mod.Layers(e)
+
+
+def _prepare_layer(
+    e: engine_mod.PoolEngine, key: str, *, parent: str = "", kind: model.LayerKind = model.LayerKind.ACTIVE
+) -> None:
+    if _layers(e).get(key) is None:
+        _layers(e).prepare(
+            key,
+            parent=parent,
+            kind=kind,
+            labels={"containerd.io/gc.root": key},
+            size_bytes=4 * MiB,
+            fmt=layer_fmt,
+            attributes={},
+            deadline=dl(),
+        )
+
+
+def _prep_layer_base(e: engine_mod.PoolEngine, tag: str) -> None:
+    if _layers(e).get(LAYER_BASE) is None:
+        _prepare_layer(e, "extract-lbase")
+        _layers(e).commit(LAYER_BASE, "extract-lbase", labels={}, deadline=dl())
+
+
+def _prep_layer_active(e: engine_mod.PoolEngine, tag: str) -> None:
+    _prep_layer_base(e, tag)
+    _prepare_layer(e, f"default/{tag}/la", parent=LAYER_BASE)
+    _LAYER_DEVICES[tag] = _layers(e).require(f"default/{tag}/la").device
+
+
+def _prep_layer_committed(e: engine_mod.PoolEngine, tag: str) -> None:
+    _prep_layer_active(e, tag)
+    if _layers(e).get(f"sha256:{tag}") is None:  # (recording runs every scenario with one tag)
+        _layers(e).commit(f"sha256:{tag}", f"default/{tag}/la", labels={}, deadline=dl())
+    _LAYER_DEVICES[tag] = _layers(e).require(f"sha256:{tag}").device
+
+
+def _prep_layer_forgotten(e: engine_mod.PoolEngine, tag: str) -> None:
+    _prep_layer_committed(e, tag)
+    _layers(e).remove(f"sha256:{tag}", deferred=True, discard=None, deadline=dl())
+
+
+def _run_layer_commit(e: engine_mod.PoolEngine, tag: str) -> None:
+    if _layers(e).get(f"sha256:{tag}") is None:
+        _layers(e).commit(f"sha256:{tag}", f"default/{tag}/la", labels={"l": "1"}, deadline=dl())
+
+
+def _run_layer_remove(e: engine_mod.PoolEngine, key: str) -> None:
+    if _layers(e).get(key) is not None:
+        _layers(e).remove(key, deferred=False, discard=layer_discard, deadline=dl())
+
+
+def _layer_device(tag: str) -> frozenset[str]:
+    return frozenset({_LAYER_DEVICES.get(tag, "")})
+
+
 SCENARIOS = [
     Scenario("create_volume", lambda e, t: None, lambda e, t: e.create_volume(f"v-{t}", MiB, deadline=dl())),
     Scenario(
@@ -997,11 +1093,40 @@ SCENARIOS = [
         ),
         freezes=True,
     ),
+    Scenario("layer_prepare", lambda e, t: None, lambda e, t: _prepare_layer(e, f"default/{t}/extract")),
+    Scenario(
+        "layer_snap", _prep_layer_base, lambda e, t: _prepare_layer(e, f"default/{t}/c", parent=LAYER_BASE)
+    ),
+    Scenario(
+        "layer_view",
+        _prep_layer_base,
+        lambda e, t: _prepare_layer(e, f"default/{t}/v", parent=LAYER_BASE, kind=model.LayerKind.VIEW),
+    ),
+    Scenario("layer_commit", _prep_layer_active, _run_layer_commit),
+    Scenario(
+        "layer_remove_active",
+        _prep_layer_active,
+        lambda e, t: _run_layer_remove(e, f"default/{t}/la"),
+        may_vanish=_layer_device,
+    ),
+    Scenario(
+        "layer_remove_committed",
+        _prep_layer_committed,
+        lambda e, t: _run_layer_remove(e, f"sha256:{t}"),
+        may_vanish=_layer_device,
+    ),
+    Scenario(
+        "layer_cleanup",
+        _prep_layer_forgotten,
+        lambda e, t: _layers(e).cleanup(discard=layer_discard, deadline=dl()),
+        may_vanish=_layer_device,
+    ),
 ]
 
 
 #: what the fault runs keep between scenarios (everything else a run made is deleted after it)
 _KEPT = frozenset({"keep", "base-active", "base", "base-snap"})
+_KEPT_LAYERS = frozenset({LAYER_BASE})
 
 
 class InjectedFault(Exception):
@@ -1180,8 +1305,17 @@ class _FaultRun:
     def tidy(self) -> None:
         """Delete what the runs made (every check reads the whole pool: keep it small)."""
         e = self.engine()
+        lay = _layers(e)
+        while left := [x for x in lay.list() if x.key not in _KEPT_LAYERS]:
+            parents = {x.parent for x in lay.list()}
+            for x in left:
+                if x.key not in parents:  # leaves first
+                    lay.remove(x.key, deferred=False, discard=None, deadline=dl())
+        kept = _KEPT | {x.device for x in lay.list()}
         for d in e.list():
-            if d.name not in _KEPT:
+            if d.name not in kept:
+                if d.active:  # a forgotten snapshot's device (async remove) may be active
+                    e.deactivate(d.name, deadline=dl())
                 e.delete(d.name, deadline=dl())
 
     def check(self, sc: Scenario, tag: str, before: dict[str, int], orphans: frozenset[int]) -> None:
@@ -1489,3 +1623,65 @@ def test_concurrent_creates_of_different_names(harness: Harness) -> None:
     conftest.report(f"{harness.label}: concurrency: 50 names in parallel -> 50 devices, 50 deletes -> 0")
     check_consistent(e, before={})
     assert e.list() == [] and e.backend.device_ids(deadline=dl()) == {}
+
+
+# ---- containerd snapshots (csi_thin.pool.layers) ---------------------------------------------------
+
+
+def test_layers_follow_containerd_and_commit_deactivates(harness: Harness) -> None:
+    """Prepare/View/Commit/Remove on the engine: a committed layer's device is inactive and is the
+    (inactive) origin of its children; only leaves are removed; a key or name is never taken twice;
+    a stale Prepare (its undo failed too) is undone by the next call on the key; the layers count
+    in the provisioned bytes, so GetCapacity and the thresholds see them."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-1")
+    assert e.provisioned_bytes() == 4 * MiB
+    active = lay.require("extract-1")
+    assert lay.device(active).active
+    lay.commit("sha256:1", "extract-1", labels={"c": "1"}, deadline=dl())
+    done = lay.require("sha256:1")
+    assert lay.get("extract-1") is None and done.labels == (("c", "1"),) and not lay.device(done).active
+    _prepare_layer(e, "ctr", parent="sha256:1")
+    _prepare_layer(e, "view", parent="sha256:1", kind=model.LayerKind.VIEW)
+    assert lay.device(lay.require("ctr")).origin == done.device
+    with pytest.raises(errors.AlreadyExists):
+        _layers(e).prepare(
+            "ctr",
+            parent="",
+            kind=model.LayerKind.ACTIVE,
+            labels={},
+            size_bytes=MiB,
+            fmt=layer_fmt,
+            attributes={},
+            deadline=dl(),
+        )
+    with pytest.raises(errors.AlreadyExists):
+        lay.commit("sha256:1", "ctr", labels={}, deadline=dl())
+    with pytest.raises(errors.FailedPrecondition):
+        lay.commit("sha256:v", "view", labels={}, deadline=dl())
+    with pytest.raises(errors.InvalidArgument):
+        _prepare_layer(e, "on-active", parent="ctr")
+    with pytest.raises(errors.NotFound):
+        _prepare_layer(e, "orphan", parent="sha256:none")
+    with pytest.raises(errors.FailedPrecondition):
+        lay.remove("sha256:1", deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before=committed(e))
+
+    # a Prepare whose step and undo both failed: pending until the next call on the key undoes it
+    with (
+        hooked(_fail_at("layer_snap/activate:done", "layer_snap/undo:activate")),
+        pytest.raises(InjectedFault),
+    ):
+        _prepare_layer(e, "stale", parent="sha256:1")
+    pending = e.store.layer("stale")
+    assert pending is not None and pending.pending == model.LayerPending.PREPARE and e.intents()
+    assert lay.get("stale") is None and "stale" not in {x.key for x in lay.list()}
+    _prepare_layer(e, "stale", parent="sha256:1")
+    assert lay.require("stale").pending == model.LayerPending.NONE and e.intents() == []
+    check_consistent(e, before=committed(e))
+
+    for key in ("stale", "view", "ctr", "sha256:1"):
+        lay.remove(key, deferred=False, discard=layer_discard, deadline=dl())
+    assert e.list() == [] and e.store.layers() == []
+    check_consistent(e, before={})

@@ -15,12 +15,13 @@ mkdir -p "$BIN" "$CACHE"
 
 modver() { (cd "$HERE/$1" && go list -m -f '{{.Version}}' "$2"); }
 
-# name module-dir main-package binary ldflags-fn
+# name module-dir package ldflags [test]: a main package's binary, or with "test" the package's test
+# binary (go test -c: a suite of someone else's that only runs as a Go test)
 build() {
-  local name=$1 dir=$2 pkg=$3 ldflags=$4
+  local name=$1 dir=$2 pkg=$3 ldflags=$4 verb=${5:-build}
   # a module of our own (pause) has no go.sum but sources: they are part of its key; so are the
   # ldflags (a version stamp changed here must not be served the binary stamped before)
-  local key; key=$( (cd "$HERE/$dir" && cat go.mod $(ls go.sum ./*.go 2>/dev/null); echo "$pkg $ldflags") | sha256sum | cut -c1-16)
+  local key; key=$( (cd "$HERE/$dir" && cat go.mod $(ls go.sum ./*.go 2>/dev/null); echo "$verb $pkg $ldflags") | sha256sum | cut -c1-16)
   if [ -x "$BIN/$name" ] && [ "$(cat "$BIN/.$name.stamp" 2>/dev/null)" = "$key" ]; then
     echo "tools: $name up to date"; return
   fi
@@ -30,7 +31,11 @@ build() {
   fi
   local t0=$SECONDS
   echo "tools: building $name ($pkg) ..."
-  (cd "$HERE/$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$BIN/$name.tmp" "$pkg")
+  if [ "$verb" = test ]; then
+    (cd "$HERE/$dir" && CGO_ENABLED=0 go test -c -trimpath -ldflags "$ldflags" -o "$BIN/$name.tmp" "$pkg")
+  else
+    (cd "$HERE/$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$BIN/$name.tmp" "$pkg")
+  fi
   mv "$BIN/$name.tmp" "$BIN/$name"
   mkdir -p "$CACHE/$key" && cp "$BIN/$name" "$CACHE/$key/$name"
   echo "$key" > "$BIN/.$name.stamp"
@@ -61,8 +66,9 @@ crds() {
   echo "tools: $name CRDs from $module $(modver "$dir" "$module")"
 }
 
-# the e2e cluster adds kubelet, kube-controller-manager, kube-scheduler, kubectl, the CSI sidecars and pause
-want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause}
+# the e2e cluster adds kubelet, kube-controller-manager, kube-scheduler, kubectl, the CSI sidecars and
+# pause; the root tier adds ctrd-suite
+want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause ctrd-suite}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -97,6 +103,9 @@ for tool in $want; do
       build csi-resizer resizer github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer "-X main.version=$v";;
     pause)
       build pause pause csi-thin.io/tools/pause "-s -w";;
+    ctrd-suite)
+      # containerd's snapshotter conformance suite against `csi-thin snapshotter` (tests/root)
+      build ctrd-suite ctrd-suite . "" test;;
     promtool)
       # Prometheus' Go module is versioned v0.3XX.Y for release 3.XX.Y: print the release, and the
       # module version as the revision

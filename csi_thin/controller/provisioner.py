@@ -454,6 +454,8 @@ class Provisioner:
 
 
 def _provisioned(engine: Engine) -> int:
+    """What writable devices may grow to: volumes and containerd's snapshots on the same pool (a
+    layer is a writable thin device too; the CR engine of Kubernetes mode lists none)."""
     return engine.volume_bytes()  # a running total (the pool engine's store), not a list
 
 

@@ -119,7 +119,9 @@ class EdgeInterceptor(_Interceptor):
     ) -> _Handler | None:
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is not None and handler.unary_stream is not None and method.startswith("/csi."):
+        # server streams of ours: CSI's SnapshotMetadata, containerd's Snapshots List
+        ours = method.startswith(("/csi.", "/containerd.services.snapshots."))
+        if handler is not None and handler.unary_stream is not None and ours:
             return grpc.unary_stream_rpc_method_handler(
                 self._streaming(method, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
@@ -147,8 +149,8 @@ class EdgeInterceptor(_Interceptor):
     def _streaming(
         self, method: str, inner: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
     ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
-        """A server-streaming CSI method (SnapshotMetadata): errors of the call and of each message
-        become statuses here too; one log line when the stream ends, however it ends."""
+        """A server-streaming method (SnapshotMetadata, Snapshots List): errors of the call and of
+        each message become statuses here too; one log line when the stream ends, however it ends."""
 
         def behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.monotonic()

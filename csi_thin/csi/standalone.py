@@ -30,6 +30,7 @@ from csi_thin.csi import (
     registration,
     server,
     snapshot_metadata_service,
+    snapshots,
 )
 from csi_thin.node import trim, volumes
 from csi_thin.pool import engine
@@ -125,7 +126,8 @@ class PoolProcess:
     """What every process that owns a pool (standalone, the Kubernetes node plugin) runs around its
     engine: the HTTP /healthz + /metrics server, up before the engine opens (assembly and recovery can
     take a while), the trim schedule of the staged filesystems (csi_thin.node.trim), kubelet plugin
-    registration when asked for, and the CSI server, each with its /healthz check."""
+    registration when asked for, containerd's Snapshots API when the pool config enables it (on its
+    own socket, sharing the engine), and the CSI server, each with its /healthz check."""
 
     def __init__(self, args: argparse.Namespace, *, endpoint: server.Endpoint) -> None:
         self.metrics = metrics_mod.Metrics()
@@ -140,6 +142,7 @@ class PoolProcess:
         # the checks exist before the first probe can arrive: an empty Health would answer 200
         self.health.set("engine", lambda: "the pool engine is opening (assembly and recovery)")
         self.health.set("csi", lambda: "the CSI server is not started yet")
+        self._snapshotter: snapshots.SnapshotsServer | None = None
 
     @contextlib.contextmanager
     def engine(self, cfg: config.PoolConfig, open_engine: EngineFactory) -> Iterator[engine.PoolEngine]:
@@ -156,6 +159,7 @@ class PoolProcess:
             stack.callback(self.health.set, "engine", lambda: "the pool engine is closed")
             self.metrics.attach_pool(cfg.name, eng)
             stack.callback(self.metrics.attach_pool, cfg.name, None)
+            self._snapshotter = snapshots.companion(eng, cfg, metrics=self.metrics)
             trimmer = trim.Trimmer(
                 engine=eng, pool=cfg.name, state_dir=cfg.state_dir, claim=self.claims.claim
             )
@@ -171,10 +175,15 @@ class PoolProcess:
         """Serve CSI (and registration beside it) until SIGTERM/SIGINT, then drain within the grace."""
         srv = server.Server(self._endpoint, svc, metrics=self.metrics)
         self.health.set("csi", srv.problem)
+        companions: list[server.Companion] = []
+        if self._snapshotter is not None:
+            self.health.set("snapshotter", self._snapshotter.problem)
+            companions.append(self._snapshotter)
         reg = self._reg
         if reg is not None:
             self.health.set("registration", reg.problem)
-        srv.serve_until_signalled(self._args.grace, companions=[] if reg is None else [reg])
+            companions.append(reg)
+        srv.serve_until_signalled(self._args.grace, companions=companions)
 
 
 def main(args: argparse.Namespace, *, open_engine: EngineFactory) -> int:

@@ -1170,7 +1170,11 @@ class Agent:
         any more)."""
         with self._lock:
             owned = set(self._volumes) | set(self._snapshots)
-        unowned = sorted(d.name for d in self._engine.list() if d.name not in owned)
+        # containerd's layers have no CR: their owner is the snapshotter's layer record (its Cleanup
+        # collects what containerd removed), never this agent's gc
+        unowned = sorted(
+            d.name for d in self._engine.list() if d.name not in owned and d.kind != model.DeviceKind.LAYER
+        )
         found = (*unowned, *(f"{ID_PREFIX}{i}" for i in self._engine.orphans()))
         now = time.monotonic()
         with self._lock:

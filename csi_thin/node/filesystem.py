@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Sequence
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, runner
@@ -70,12 +71,21 @@ def _zero_head(device: str) -> bool:
         return not any(f.read(_PROBE_BYTES))
 
 
-def make(device: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
-    """mkfs on a blank device; discards are skipped (a new thin device is already unmapped)."""
+def make(device: str, fs_type: str, *, deadline: deadline_mod.Deadline, extra: Sequence[str] = ()) -> None:
+    """mkfs on a blank device; discards are skipped (a new thin device is already unmapped).
+    `extra`: more mkfs arguments, before the device (the snapshotter's fs_options)."""
     if fs_type == "ext4":
-        argv = ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1", device]
+        argv = [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-E",
+            "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            *extra,
+            device,
+        ]
     elif fs_type == "xfs":
-        argv = ["mkfs.xfs", "-q", "-K", device]
+        argv = ["mkfs.xfs", "-q", "-K", *extra, device]
     else:
         raise errors.InvalidArgument(f"unsupported fs type {fs_type!r}")
     try:
@@ -86,6 +96,17 @@ def make(device: str, fs_type: str, *, deadline: deadline_mod.Deadline) -> None:
         # either, which every later stage would take for unknown data and refuse to format
         _zero_out_head(device)
         raise
+
+
+def remove_lost_found(device: str, *, deadline: deadline_mod.Deadline) -> None:
+    """Remove the empty lost+found mkfs.ext4 makes, without mounting (debugfs): a container image
+    layer's root holds only what the image put there (containerd's snapshotter suite compares it
+    file for file, and its devmapper snapshotter removes it too). e2fsck makes it again if needed."""
+    res = runner.run(["debugfs", "-w", "-R", "rmdir lost+found", device], deadline=deadline)
+    # debugfs exits 0 whatever its command did: a failure is any stderr line past its banner
+    problems = [line for line in res.stderr.splitlines() if line and not line.startswith("debugfs ")]
+    if problems:
+        raise errors.CommandFailed(res.argv, 1, "\n".join(problems))
 
 
 def _zero_out_head(device: str) -> None:

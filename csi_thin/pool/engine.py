@@ -950,8 +950,10 @@ class PoolEngine:
         return self.store.totals()
 
     def volume_bytes(self) -> int:
-        """Sum of the sizes of the volume records in any state: what overprovisioning counts."""
-        return self.store.totals().of(kind=model.DeviceKind.VOLUME).size_bytes
+        """Sum of the sizes of the writable devices' records in any state, volumes and containerd's
+        layers (a layer is a writable thin device too): what overprovisioning counts."""
+        totals = self.store.totals()
+        return totals.of(kind=model.DeviceKind.VOLUME).size_bytes + totals.of(kind=model.DeviceKind.LAYER).size_bytes
 
     def lost(self) -> builtins.list[str]:
         """The names of the LOST records (the store's index of records not READY)."""

@@ -34,12 +34,17 @@ OP_STEPS: Mapping[str, tuple[str, ...]] = {
     "grow": ("grow",),
     "activate": ("activate",),
     "deactivate": ("deactivate",),
+    # containerd snapshots (csi_thin.pool.layers)
+    "layer_prepare": ("create_thin", "fence", "activate", "mkfs"),
+    "layer_snap": ("create_snap", "fence", "activate"),
+    "layer_commit": ("deactivate",),
+    "layer_remove": ("discard", "deactivate", "delete", "fence"),
 }
 
 
 #: Undos that never complete: a delete's fence runs only after the delete happened, so its undo
 #: always finishes the delete instead (through recovery's roll-forward).
-_ROLL_FORWARD_UNDOS = frozenset({("delete", "fence"), ("gc", "fence")})
+_ROLL_FORWARD_UNDOS = frozenset({("delete", "fence"), ("gc", "fence"), ("layer_remove", "fence")})
 
 
 def _engine_points() -> frozenset[str]:
@@ -64,6 +69,19 @@ RECOVERY = frozenset(
     | {"recover/grow/resize", "recover/grow/resize:done"}
     # a group snapshot's: let go of origins an undo failed to release, delete the members it made
     | {f"recover/create_group_snapshot/{a}{s}" for a in ("release", "delete") for s in ("", ":done")}
+    # containerd snapshots: an open Prepare is undone, an open Remove or Commit finished
+    | {
+        f"recover/{op}/{action}{s}"
+        for op in ("layer_prepare", "layer_snap")
+        for action in ("deactivate", "delete", "unfence")
+        for s in ("", ":done")
+    }
+    | {
+        f"recover/layer_remove/{action}{s}"
+        for action in ("deactivate", "delete", "fence")
+        for s in ("", ":done")
+    }
+    | {"recover/layer_commit/deactivate", "recover/layer_commit/deactivate:done"}
 )
 
 #: Inside the dm-thin backend's compound steps: what a crash there leaves in the kernel.

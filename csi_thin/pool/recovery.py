@@ -7,6 +7,11 @@ time), the pool's device ids, and the journal's open intents. The rules:
   so the mutation happened: roll forward. With the pool at base: the fence did not happen: undo
   whatever of its steps the pool shows (delete a created id), except a delete whose device is already
   gone, which can only go forward (fence it, then close it).
+- containerd snapshots (csi_thin.pool.layers) move their layer records with their devices: an open
+  Prepare (layer_prepare, layer_snap) is always undone, fenced or not (its caller never got the
+  mounts; a half-formatted device is no use to anyone): deactivate, delete, set the transaction id
+  back. An open Remove (layer_remove) and Commit (layer_commit) are always finished: a delete cannot
+  be undone, and a commit is a deactivation plus records.
 - Resize intents roll forward (growing is idempotent: the resize is redone on a device the pool
   holds, active or not); activation intents are closed and the `active` flags are taken from the
   kernel.
@@ -40,6 +45,8 @@ CREATE_OPS = frozenset({"create_volume", "create_snapshot", "clone"})
 DELETE_OPS = frozenset({"delete", "gc"})
 #: the op whose one intent names several members (Intent.members), each created from its origin
 GROUP_OP = "create_group_snapshot"
+#: containerd snapshots (csi_thin.pool.layers): a Prepare or View, always undone when left open
+LAYER_CREATE_OPS = frozenset({"layer_prepare", "layer_snap"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +126,107 @@ def _resolve_fenced(
         return _resolve_create(backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline)
     if intent.op in DELETE_OPS:
         return _resolve_delete(backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline)
+    if intent.op in LAYER_CREATE_OPS:
+        return _undo_layer_create(backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline)
+    if intent.op == "layer_remove":
+        return _finish_layer_remove(backend, store, intent, fenced=fenced, in_pool=in_pool, deadline=deadline)
     raise errors.Internal(f"journal: unknown fenced op {intent.op!r}")
+
+
+def _drop_layers(w: lmdb_store.WriteTxn, device: str) -> None:
+    """Remove every layer record naming the device (a Prepare's pending record, a removed one)."""
+    for layer in w.layers():
+        if layer.device == device:
+            w.remove_layer(layer.key)
+
+
+def _undo_layer_create(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    fenced: bool,
+    in_pool: bool,
+    deadline: deadline_mod.Deadline,
+) -> str:
+    """An open Prepare: whatever it got to (created, fenced, activated, half-formatted), undone."""
+    assert intent.base_txid is not None
+    base = intent.base_txid
+    if in_pool:
+        faults.reach(f"recover/{intent.op}/deactivate")
+        backend.deactivate(intent.dev_id, deadline=deadline)
+        faults.reach(f"recover/{intent.op}/deactivate:done")
+        faults.reach(f"recover/{intent.op}/delete")
+        with contextlib.suppress(errors.NotFound):
+            backend.delete(intent.dev_id, deadline=deadline)
+        faults.reach(f"recover/{intent.op}/delete:done")
+    if fenced:  # the store never took base+1: the pool's id goes back, as the engine's own undo does
+        faults.reach(f"recover/{intent.op}/unfence")
+        backend.set_transaction_id(base + 1, base, deadline=deadline)
+        faults.reach(f"recover/{intent.op}/unfence:done")
+    with store.write() as w:
+        _drop(w, intent)
+        _drop_layers(w, intent.name)
+        w.close_intent(intent)
+    return "back"
+
+
+def _finish_layer_remove(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    fenced: bool,
+    in_pool: bool,
+    deadline: deadline_mod.Deadline,
+) -> str:
+    """An open Remove: finished (deactivate, delete, fence) and its records dropped."""
+    assert intent.base_txid is not None
+    base = intent.base_txid
+    if not fenced:
+        if in_pool:
+            faults.reach("recover/layer_remove/deactivate")
+            backend.deactivate(intent.dev_id, deadline=deadline)
+            faults.reach("recover/layer_remove/deactivate:done")
+            faults.reach("recover/layer_remove/delete")
+            with contextlib.suppress(errors.NotFound):
+                backend.delete(intent.dev_id, deadline=deadline)
+            faults.reach("recover/layer_remove/delete:done")
+        faults.reach("recover/layer_remove/fence")
+        backend.set_transaction_id(base, base + 1, deadline=deadline)
+        faults.reach("recover/layer_remove/fence:done")
+    with store.write() as w:
+        _drop(w, intent)
+        _drop_layers(w, intent.name)
+        w.close_intent(intent)
+        w.set_transaction_id(base + 1)
+    return "forward"
+
+
+def _finish_layer_commit(
+    backend: backend_mod.Backend,
+    store: lmdb_store.LmdbStore,
+    intent: lmdb_store.Intent,
+    *,
+    deadline: deadline_mod.Deadline,
+) -> str:
+    """An open Commit: the device deactivated, the committed record kept, the active one dropped."""
+    faults.reach("recover/layer_commit/deactivate")
+    backend.deactivate(intent.dev_id, deadline=deadline)
+    faults.reach("recover/layer_commit/deactivate:done")
+    with store.write() as w:
+        rec = w.get(intent.name)
+        if rec is not None and rec.dev_id == intent.dev_id:
+            w.put(dataclasses.replace(rec, active=False, path=None))
+        for layer in w.layers():
+            if layer.device != intent.name:
+                continue
+            if layer.pending == model.LayerPending.COMMIT:
+                w.put_layer(dataclasses.replace(layer, pending=model.LayerPending.NONE))
+            elif layer.kind == model.LayerKind.ACTIVE:
+                w.remove_layer(layer.key)
+        w.close_intent(intent)
+    return "forward"
 
 
 def _resolve_create(
@@ -270,6 +377,8 @@ def _resolve_unfenced(
                 w.put(dataclasses.replace(rec, size_bytes=max(rec.size_bytes, intent.size_bytes)))
             w.close_intent(intent)
         return "forward"
+    if intent.op == "layer_commit":
+        return _finish_layer_commit(backend, store, intent, deadline=deadline)
     if intent.op in ("activate", "deactivate"):
         active = intent.dev_id in backend.active_ids(deadline=deadline)
         with store.write() as w:

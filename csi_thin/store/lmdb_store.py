@@ -11,6 +11,7 @@ Sub-databases:
   ids      dev id (4 bytes, big endian) -> name; "" marks an orphan id reserved so it is never reused
   journal  sequence (8 bytes, big endian) -> intent (JSON)
   meta     "txid" -> last committed pool transaction id; "schema" -> schema version of this store
+  layers   containerd snapshot key -> layer record (JSON): which LAYER device holds it (csi_thin.pool.layers)
   index    (schema 2) "k" kind NUL name -> "" for every record (lists and pages by kind, in name
            order); "s" state NUL name -> "" for every record not READY (the LOST ones, named);
            "o" dev id -> "" for every orphan id
@@ -209,6 +210,31 @@ def decode_device(raw: bytes) -> model.Device:
         raise StoreCorrupt(f"device record: {exc!r}") from exc
 
 
+def encode_layer(layer: model.Layer) -> bytes:
+    fields = dataclasses.asdict(layer)
+    fields["kind"] = layer.kind.value
+    fields["pending"] = layer.pending.value
+    fields["labels"] = [list(kv) for kv in layer.labels]
+    return json.dumps({"v": SCHEMA_VERSION, **fields}, sort_keys=True).encode()
+
+
+def decode_layer(raw: bytes) -> model.Layer:
+    value = _load(raw, "layer record")
+    try:
+        return model.Layer(
+            key=str(value["key"]),
+            device=str(value["device"]),
+            kind=model.LayerKind(value["kind"]),
+            parent=str(value["parent"]),
+            labels=tuple((str(k), str(v)) for k, v in value["labels"]),
+            created_at=float(value["created_at"]),
+            updated_at=float(value["updated_at"]),
+            pending=model.LayerPending(value.get("pending", "")),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise StoreCorrupt(f"layer record: {exc!r}") from exc
+
+
 def encode_intent(intent: Intent) -> bytes:
     fields = dataclasses.asdict(intent)
     fields["steps"] = list(intent.steps)
@@ -304,6 +330,22 @@ class WriteTxn:
             self._txn.put(_orphan_key(dev_id), b"", db=self._dbs["index"])
         else:
             self._txn.delete(_orphan_key(dev_id), db=self._dbs["index"])
+
+    # layers (containerd snapshots): their own key space
+    def layer(self, key: str) -> model.Layer | None:
+        raw = self._txn.get(key.encode(), db=self._dbs["layers"])
+        return None if raw is None else decode_layer(bytes(raw))
+
+    def put_layer(self, layer: model.Layer) -> None:
+        if not layer.key:
+            raise errors.InvalidArgument("layer key must not be empty")
+        self._txn.put(layer.key.encode(), encode_layer(layer), db=self._dbs["layers"])
+
+    def remove_layer(self, key: str) -> None:
+        self._txn.delete(key.encode(), db=self._dbs["layers"])
+
+    def layers(self) -> list[model.Layer]:
+        return [decode_layer(bytes(v)) for _, v in self._txn.cursor(db=self._dbs["layers"])]
 
     # ids
     def owner(self, dev_id: int) -> str | None:
@@ -493,12 +535,12 @@ class LmdbStore:
         self.path = path
         _make_private(path)
         try:
-            self._env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=8, subdir=True, lock=True, mode=0o600)
+            self._env = lmdb.open(path, map_size=_MAP_SIZE, max_dbs=16, subdir=True, lock=True, mode=0o600)
         except lmdb.Error as exc:
             # e.g. already open in this process: one LmdbStore per state_dir per process
             raise errors.Unavailable(f"cannot open the LMDB store in {path}: {exc}") from exc
         self._write_lock = threading.Lock()
-        names = ("devices", "ids", "journal", "meta", "index", "totals")
+        names = ("devices", "ids", "journal", "meta", "index", "totals", "layers")
         self._dbs = {n: self._env.open_db(n.encode()) for n in names}
         with self._env.begin(write=True) as txn:
             raw = txn.get(b"schema", db=self._dbs["meta"])
@@ -603,6 +645,15 @@ class LmdbStore:
         """See WriteTxn.check_index (in a write transaction of its own)."""
         with self.write() as w:
             return w.check_index(repair=repair)
+
+    def layer(self, key: str) -> model.Layer | None:
+        with self._read() as txn:
+            raw = txn.get(key.encode(), db=self._dbs["layers"])
+            return None if raw is None else decode_layer(bytes(raw))
+
+    def layers(self) -> list[model.Layer]:
+        with self._read() as txn:
+            return [decode_layer(bytes(v)) for _, v in txn.cursor(db=self._dbs["layers"])]
 
     def ids(self) -> dict[int, str]:
         """The allocation map: every reserved id -> its name (ORPHAN for a reserved orphan id)."""

@@ -15,6 +15,8 @@ if [ -n "${DISK:-}" ]; then
   modprobe virtio_blk && mkdir -p "$DISK" && mount -t ext4 /dev/vda "$DISK" \
     && export CSI_THIN_VM_DISK="$DISK" || echo "vm: disk mount failed"
 fi
+# cgroup2, as on a real system: runc needs it (containerd runs containers in tests/vm)
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "vm: cgroup2 mount failed"
 # the host's loop devices are not ours: start the guest with its own
 mknod -m 660 /dev/loop-control c 10 237 2>/dev/null || true
 if [ -f "$RUN/cwd" ]; then read cwd < "$RUN/cwd"; cd "$cwd" 2>/dev/null || cd /; fi
