@@ -953,7 +953,7 @@ class PoolEngine:
         """Sum of the sizes of the writable devices' records in any state, volumes and containerd's
         layers (a layer is a writable thin device too): what overprovisioning counts."""
         totals = self.store.totals()
-        return totals.of(kind=model.DeviceKind.VOLUME).size_bytes + totals.of(kind=model.DeviceKind.LAYER).size_bytes
+        return sum(totals.of(kind=k).size_bytes for k in (model.DeviceKind.VOLUME, model.DeviceKind.LAYER))
 
     def lost(self) -> builtins.list[str]:
         """The names of the LOST records (the store's index of records not READY)."""
