@@ -61,7 +61,7 @@ crds() {
 }
 
 # the e2e cluster adds kubelet, kube-controller-manager, kube-scheduler, kubectl, the CSI sidecars and pause
-want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause}
+want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause csi-snapshot-metadata snapshot-metadata-crds}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -94,6 +94,11 @@ for tool in $want; do
     csi-resizer)
       v=$(modver resizer github.com/kubernetes-csi/external-resizer/v2)
       build csi-resizer resizer github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer "-X main.version=$v";;
+    csi-snapshot-metadata)
+      # Kubernetes' changed-block tracking sidecar (the chart runs it beside the controller)
+      v=$(modver snapshot-metadata github.com/kubernetes-csi/external-snapshot-metadata)
+      build csi-snapshot-metadata snapshot-metadata \
+        github.com/kubernetes-csi/external-snapshot-metadata/cmd/csi-snapshot-metadata "-X main.version=$v";;
     pause)
       build pause pause csi-thin.io/tools/pause "-s -w";;
     promtool)
@@ -108,6 +113,10 @@ for tool in $want; do
       crds snapshot snapshot-crds github.com/kubernetes-csi/external-snapshotter/client/v8 config/crd \
         snapshot.storage.k8s.io_volumesnapshotclasses.yaml snapshot.storage.k8s.io_volumesnapshotcontents.yaml \
         snapshot.storage.k8s.io_volumesnapshots.yaml;;
+    snapshot-metadata-crds)
+      # the SnapshotMetadataService CRD (cbt.storage.k8s.io/v1alpha1), from the sidecar's client module
+      crds snapshot-metadata snapshot-metadata github.com/kubernetes-csi/external-snapshot-metadata/client config/crd \
+        cbt.storage.k8s.io_snapshotmetadataservices.yaml;;
     monitoring-crds)
       # only the two kinds the chart renders
       crds monitoring monitoring-crds github.com/prometheus-operator/prometheus-operator example/prometheus-operator-crd \
