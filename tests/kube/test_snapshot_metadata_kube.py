@@ -15,6 +15,7 @@ import dataclasses
 import pathlib
 import random
 import re
+import signal
 import time
 from collections.abc import Iterator
 
@@ -257,6 +258,19 @@ def test_errors_are_the_nodes(cbt: Cbt, tmp_path: pathlib.Path) -> None:
     # node b's certificate is not from the controller's CA: the controller does not talk to it
     code, msg = _status(_drain(stub.GetMetadataAllocated(A(snapshot_id=sb), timeout=30)))
     assert code == S.UNAVAILABLE and c.nodes["b"].name in msg and cbt.endpoint("b") in msg, msg
+
+    # node a silent (stopped, not dead: the kernel still accepts its connections, nothing answers
+    # the TLS handshake): UNAVAILABLE within the connect bound, not at the caller's deadline
+    popen = c.nodes["a"].proc.popen
+    assert popen is not None
+    popen.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        code, msg = _status(_drain(stub.GetMetadataAllocated(A(snapshot_id=sa), timeout=60)))
+        assert code == S.UNAVAILABLE and "no TLS connection" in msg and c.nodes["a"].name in msg, msg
+        assert time.monotonic() - t0 < link.CONNECT_SECONDS + 5
+    finally:
+        popen.send_signal(signal.SIGCONT)
 
     # node a gone: UNAVAILABLE naming it, within the connect bound, not at the caller's deadline
     c.nodes["a"].proc.stop()
