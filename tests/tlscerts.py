@@ -34,12 +34,13 @@ def ca(directory: pathlib.Path, name: str) -> pathlib.Path:
     return crt
 
 
-def leaf(ca_crt: pathlib.Path, name: str, *, directory: pathlib.Path | None = None) -> Leaf:
-    """A certificate for `name`, signed by the CA `ca_crt` (made by `ca`)."""
+def leaf(ca_crt: pathlib.Path, name: str, *, directory: pathlib.Path | None = None, ip: str = "") -> Leaf:
+    """A certificate for `name` (and the address `ip`), signed by the CA `ca_crt` (made by `ca`)."""
     d = directory or ca_crt.parent
     stem = d / f"{name}-by-{ca_crt.stem}"
     key, csr, crt, ext = (stem.with_suffix(s) for s in (".key", ".csr", ".crt", ".ext"))
-    ext.write_text(f"subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth,clientAuth\n")
+    san = f"DNS:{name}" + (f",IP:{ip}" if ip else "")
+    ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth,clientAuth\n")
     _openssl(
         "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}",

@@ -61,7 +61,7 @@ crds() {
 }
 
 # the e2e cluster adds kubelet, kube-controller-manager, kube-scheduler, kubectl, the CSI sidecars and pause
-want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause csi-snapshot-metadata snapshot-metadata-crds}
+want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause csi-snapshot-metadata snapshot-metadata-lister snapshot-metadata-crds}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -99,6 +99,11 @@ for tool in $want; do
       v=$(modver snapshot-metadata github.com/kubernetes-csi/external-snapshot-metadata)
       build csi-snapshot-metadata snapshot-metadata \
         github.com/kubernetes-csi/external-snapshot-metadata/cmd/csi-snapshot-metadata "-X main.version=$v";;
+    snapshot-metadata-lister)
+      # upstream's example backup client (its Go iterator: a ServiceAccount token, the
+      # SnapshotMetadataService's address and CA): the kube tier reads ranges through the sidecar with it
+      build snapshot-metadata-lister snapshot-metadata \
+        github.com/kubernetes-csi/external-snapshot-metadata/examples/snapshot-metadata-lister "";;
     pause)
       build pause pause csi-thin.io/tools/pause "-s -w";;
     promtool)

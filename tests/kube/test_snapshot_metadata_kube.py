@@ -11,21 +11,29 @@ gets byte-identical snapshots; every stream equals, message for message, the nod
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
+import json
 import pathlib
 import random
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 
 import grpc
+import kubernetes
 import pytest
+import yaml
 
 from csi_thin.csi import snapshot_metadata_link as link
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
-from tests import blockio, cbt_scenarios, kubeenv, tlscerts
+from tests import blockio, cbt_scenarios, kubecrds, kubeenv, tlscerts
+from tests import conftest as conftest_mod
 from tests import csi_harness as h
+from tests.kube import netns
 from tests.kube.conftest import TOPOLOGY_KEY, Cluster, MiB, make_cluster
 
 KiB = 1024
@@ -349,3 +357,253 @@ def test_cancel_and_deadline_end_the_node_stream(cbt: Cbt, tmp_path: pathlib.Pat
     assert h.code_of(lambda: list(call)) == S.DEADLINE_EXCEEDED
     _wait_node_ended(c, "DEADLINE_EXCEEDED", 1)
     assert _node_ended(c, "OK") == 1
+
+
+SIDECAR_PORT = 50051
+AUDIENCE = "csi-thin-cbt-test"
+
+
+def _install_crds(c: Cluster) -> None:
+    """The VolumeSnapshot and SnapshotMetadataService CRDs (pinned, bin/crds/), once per API server."""
+    ext = kubernetes.client.ApiextensionsV1Api(c.env.api_client())
+    for directory in ("snapshot", "snapshot-metadata"):
+        files = sorted((conftest_mod.BIN / "crds" / directory).glob("*.yaml"))
+        assert files, (
+            f"bin/crds/{directory} is empty: run `tools/build.sh snapshot-crds snapshot-metadata-crds`"
+        )
+        for path in files:
+            crd = yaml.safe_load(path.read_text())
+            with contextlib.suppress(kubernetes.client.exceptions.ApiException):
+                ext.create_custom_resource_definition(crd)
+            kubecrds.established(ext, crd["metadata"]["name"])
+
+
+def _volume_snapshot(c: Cluster, ns: str, name: str, handle: str) -> None:
+    """A VolumeSnapshot bound to a pre-provisioned content of the CSI snapshot `handle`, both ready
+    (as snapshot-controller and csi-snapshotter would leave them)."""
+    api = c.api
+    content = f"{name}-{c.tag}"
+    api.create_cluster_custom_object(
+        "snapshot.storage.k8s.io",
+        "v1",
+        "volumesnapshotcontents",
+        {
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshotContent",
+            "metadata": {"name": content},
+            "spec": {
+                "driver": "csi-thin.io",
+                "deletionPolicy": "Retain",
+                "source": {"snapshotHandle": handle},
+                "volumeSnapshotRef": {"namespace": ns, "name": name},
+            },
+        },
+    )
+    api.patch_cluster_custom_object_status(
+        "snapshot.storage.k8s.io",
+        "v1",
+        "volumesnapshotcontents",
+        content,
+        {"status": {"readyToUse": True, "snapshotHandle": handle}},
+    )
+    api.create_namespaced_custom_object(
+        "snapshot.storage.k8s.io",
+        "v1",
+        ns,
+        "volumesnapshots",
+        {
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshot",
+            "metadata": {"name": name},
+            # the sidecar reads the class (for snapshotter secrets; csi-thin's has none)
+            "spec": {
+                "source": {"volumeSnapshotContentName": content},
+                "volumeSnapshotClassName": f"cbt-{c.tag}",
+            },
+        },
+    )
+    api.patch_namespaced_custom_object_status(
+        "snapshot.storage.k8s.io",
+        "v1",
+        ns,
+        "volumesnapshots",
+        name,
+        {"status": {"readyToUse": True, "boundVolumeSnapshotContentName": content}},
+    )
+
+
+def _backup_identity(c: Cluster, ns: str) -> str:
+    """A namespace, and a ServiceAccount in it with upstream's backup-client role; its name."""
+    client = c.env.api_client()
+    core = kubernetes.client.CoreV1Api(client)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(client)
+    core.create_namespace({"metadata": {"name": ns}})
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "backup"}})
+    rbac.create_cluster_role(
+        {
+            "metadata": {"name": f"cbt-client-{c.tag}"},
+            "rules": [
+                {
+                    "apiGroups": ["snapshot.storage.k8s.io"],
+                    "resources": ["volumesnapshots", "volumesnapshotcontents"],
+                    "verbs": ["get", "list", "watch"],
+                },
+                {
+                    "apiGroups": ["cbt.storage.k8s.io"],
+                    "resources": ["snapshotmetadataservices"],
+                    "verbs": ["get", "list"],
+                },
+            ],
+        }
+    )
+    rbac.create_cluster_role_binding(
+        {
+            "metadata": {"name": f"cbt-client-{c.tag}"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"cbt-client-{c.tag}",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "backup", "namespace": ns}],
+        }
+    )
+    return "backup"
+
+
+def _lister_ranges(out: str) -> list[tuple[int, int]]:
+    records = json.loads(out)
+    # Go's protobuf structs leave zero fields out of their JSON (omitempty): an offset of 0 is absent
+    ranges = [
+        (int(b.get("byte_offset", 0)), int(b["size_bytes"])) for r in records for b in r["block_metadata"]
+    ]
+    assert {r["volume_capacity_bytes"] for r in records} == {VOLUME}, records
+    return ranges
+
+
+def test_the_upstream_sidecar_serves_a_backup_tool(cbt: Cbt, tmp_path: pathlib.Path) -> None:
+    """Kubernetes' own path end to end: upstream's csi-snapshot-metadata sidecar (built from the
+    pinned module) on the controller's socket, upstream's example backup client (its Go iterator)
+    with a real ServiceAccount token; both in a network namespace of their own (the sidecar binds
+    every interface), which reaches only the API server. The ranges the client prints are the
+    controller's, which are the node's."""
+    c = cbt.c
+    sidecar, lister = (
+        conftest_mod.tool("csi-snapshot-metadata"),
+        conftest_mod.tool("snapshot-metadata-lister"),
+    )
+    _install_crds(c)
+    vol = _create(c, "cbt-up", "a")
+    rnd = random.Random(3)
+    _write(c, "a", vol, tmp_path / "w1", [(0, rnd.randbytes(256 * KiB)), (32 * MiB, rnd.randbytes(64 * KiB))])
+    s1 = _snapshot(c, "cbt-up1", vol)
+    _write(c, "a", vol, tmp_path / "w2", [(16 * MiB, rnd.randbytes(128 * KiB))])
+    s2 = _snapshot(c, "cbt-up2", vol)
+
+    ns = f"cbt-{c.tag}"
+    sa = _backup_identity(c, ns)
+    c.api.create_cluster_custom_object(
+        "snapshot.storage.k8s.io",
+        "v1",
+        "volumesnapshotclasses",
+        {
+            "apiVersion": "snapshot.storage.k8s.io/v1",
+            "kind": "VolumeSnapshotClass",
+            "metadata": {"name": f"cbt-{c.tag}"},
+            "driver": "csi-thin.io",
+            "deletionPolicy": "Retain",
+        },
+    )
+    _volume_snapshot(c, ns, "vs1", s1)
+    _volume_snapshot(c, ns, "vs2", s2)
+    server = tlscerts.leaf(cbt.ca, "csi-thin-snapshot-metadata", ip="127.0.0.1")
+    c.api.create_cluster_custom_object(
+        "cbt.storage.k8s.io",
+        "v1alpha1",
+        "snapshotmetadataservices",
+        {
+            "apiVersion": "cbt.storage.k8s.io/v1alpha1",
+            "kind": "SnapshotMetadataService",
+            "metadata": {"name": "csi-thin.io"},
+            "spec": {
+                "address": f"127.0.0.1:{SIDECAR_PORT}",
+                "caCert": base64.b64encode(cbt.ca.read_bytes()).decode(),
+                "audience": AUDIENCE,
+            },
+        },
+    )
+    kubeconfig = c.env.write_kubeconfig(tmp_path / "kubeconfig")
+    api_port = int(c.env.server.rsplit(":", 1)[1])
+    log = tmp_path / "sidecar.log"
+    with netns.namespace() as space:
+        space.bridge(api_port)
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                space.argv(
+                    [
+                        str(sidecar),
+                        f"--csi-address={c.controller_proc.socket}",
+                        f"--tls-cert={server.cert}",
+                        f"--tls-key={server.key}",
+                        f"--port={SIDECAR_PORT}",
+                        f"--kubeconfig={kubeconfig}",
+                    ]
+                ),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            end = time.monotonic() + 60
+            while not space.connectable(SIDECAR_PORT):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < end, log.read_text()[-3000:]
+                time.sleep(0.2)  # the sidecar's start-up: nothing to watch until its port answers
+
+            def run(*args: str) -> list[tuple[int, int]]:
+                argv = [str(lister), "-n", ns, "-o", "json", "--kubeconfig", str(kubeconfig)]
+                argv += ["--service-account", sa, "--service-account-namespace", ns, *args]
+                done = subprocess.run(
+                    space.argv(argv), capture_output=True, text=True, timeout=120, check=False
+                )
+                assert done.returncode == 0, f"{done.stderr}\n{log.read_text()[-3000:]}"
+                return _lister_ranges(done.stdout)
+
+            stub = cbt.via_controller()
+            full = run("-s", "vs1", "--max-results", "2")
+            assert full == cbt_scenarios.allocated(stub, s1).ranges
+            assert cbt_scenarios.overlaps(full, 32 * MiB, 32 * MiB + 64 * KiB)
+            inc = run("-s", "vs2", "-p", "vs1")
+            assert inc == cbt_scenarios.delta(stub, s1, s2).ranges
+            assert cbt_scenarios.overlaps(inc, 16 * MiB, 16 * MiB + 128 * KiB)
+            assert not cbt_scenarios.overlaps(inc, 32 * MiB, 32 * MiB + 64 * KiB)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            _forget_cbt_objects(c, ns)
+
+
+def _forget_cbt_objects(c: Cluster, ns: str) -> None:
+    """What this test made in the session's API server, besides the CRs the cluster fixture removes."""
+    client = c.env.api_client()
+    gone = contextlib.suppress(kubernetes.client.exceptions.ApiException)
+    with gone:
+        c.api.delete_cluster_custom_object(
+            "cbt.storage.k8s.io", "v1alpha1", "snapshotmetadataservices", "csi-thin.io"
+        )
+    for plural, name in (
+        ("volumesnapshotclasses", f"cbt-{c.tag}"),
+        ("volumesnapshotcontents", f"vs1-{c.tag}"),
+        ("volumesnapshotcontents", f"vs2-{c.tag}"),
+    ):
+        with gone:
+            c.api.delete_cluster_custom_object("snapshot.storage.k8s.io", "v1", plural, name)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(client)
+    with gone:
+        rbac.delete_cluster_role_binding(f"cbt-client-{c.tag}")
+    with gone:
+        rbac.delete_cluster_role(f"cbt-client-{c.tag}")
+    with gone:
+        kubernetes.client.CoreV1Api(client).delete_namespace(ns)
