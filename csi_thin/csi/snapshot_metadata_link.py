@@ -200,6 +200,8 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
             ("grpc.ssl_target_name_override", node_name),
             ("grpc.keepalive_time_ms", int(PING_SECONDS * 1000)),
             ("grpc.keepalive_timeout_ms", int(PING_TIMEOUT_SECONDS * 1000)),
+            # newer gRPC cores time every ping's ack by this one (default 60 s), keepalive's included
+            ("grpc.http2.ping_timeout_ms", int(PING_TIMEOUT_SECONDS * 1000)),
             ("grpc.http2.max_pings_without_data", 0),
             # a fixed 64 KiB window: the node runs at most that far ahead of the sidecar's reading,
             # so the controller holds no more than that of any stream (BDP probing would grow it)

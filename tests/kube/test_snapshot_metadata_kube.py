@@ -607,3 +607,26 @@ def _forget_cbt_objects(c: Cluster, ns: str) -> None:
         rbac.delete_cluster_role(f"cbt-client-{c.tag}")
     with gone:
         kubernetes.client.CoreV1Api(client).delete_namespace(ns)
+
+
+def test_a_node_silent_mid_stream_is_unavailable(cbt: Cbt, tmp_path: pathlib.Path) -> None:
+    """The node stops answering in the middle of a stream (SIGSTOP: its kernel still acknowledges
+    TCP, nothing answers HTTP/2): the controller's keepalive ends the relay UNAVAILABLE, naming the
+    node, long before the caller's deadline."""
+    c = cbt.c
+    vol = _create(c, "cbt-mid", "a")
+    _write(c, "a", vol, tmp_path / "w", [(off, b"d" * 4096) for off in range(0, VOLUME, 8192)])
+    snap = _snapshot(c, "cbt-mid-s", vol)
+    req = csi_pb2.GetMetadataAllocatedRequest(snapshot_id=snap, max_results=1)
+    call = cbt.via_controller().GetMetadataAllocated(req, timeout=100)
+    next(call)
+    popen = c.nodes["a"].proc.popen
+    assert popen is not None
+    popen.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        code, msg = _status(lambda: list(call))
+        assert code == S.UNAVAILABLE and c.nodes["a"].name in msg, (code, msg)
+        assert time.monotonic() - t0 < link.PING_SECONDS + link.PING_TIMEOUT_SECONDS + 10
+    finally:
+        popen.send_signal(signal.SIGCONT)
