@@ -17,6 +17,8 @@ SNAPSHOT_API = "snapshot.storage.k8s.io/v1/VolumeSnapshotClass"
 GROUP_SNAPSHOT_API = "groupsnapshot.storage.k8s.io/v1/VolumeGroupSnapshotClass"
 MONITORING_APIS = ("monitoring.coreos.com/v1/ServiceMonitor", "monitoring.coreos.com/v1/PrometheusRule")
 NS = "csi-thin"
+CBT_API = "cbt.storage.k8s.io/v1alpha1/SnapshotMetadataService"
+CBT_ON = {"snapshotMetadata": {"enabled": True}}
 MONITORING_ON = {
     "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
     "grafanaDashboard": {"enabled": True},
@@ -45,6 +47,8 @@ MATRIX: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "monitoring-on-api-present": (MONITORING_ON, (SNAPSHOT_API, *MONITORING_APIS)),
     "monitoring-off-api-present": ({}, MONITORING_APIS),
     "e2e-cluster": (E2E, (SNAPSHOT_API, GROUP_SNAPSHOT_API)),
+    "snapshot-metadata": (CBT_ON, (SNAPSHOT_API, CBT_API)),
+    "snapshot-metadata-e2e": ({**E2E, **CBT_ON}, (SNAPSHOT_API, CBT_API)),
 }
 
 

@@ -67,8 +67,8 @@ crds() {
 }
 
 # the e2e cluster adds kubelet, kube-controller-manager, kube-scheduler, kubectl, the CSI sidecars and
-# pause; the root tier adds ctrd-suite
-want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause ctrd-suite}
+# pause; the root tier adds ctrd-suite; the kube tier the snapshot-metadata sidecar and its lister
+want=${*:-csi-sanity etcd helm kube-apiserver promtool snapshot-crds monitoring-crds kubelet kube-controller-manager kube-scheduler kubectl csi-provisioner csi-snapshotter snapshot-controller csi-resizer pause ctrd-suite csi-snapshot-metadata snapshot-metadata-lister snapshot-metadata-crds}
 for tool in $want; do
   case $tool in
     csi-sanity)
@@ -101,6 +101,16 @@ for tool in $want; do
     csi-resizer)
       v=$(modver resizer github.com/kubernetes-csi/external-resizer/v2)
       build csi-resizer resizer github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer "-X main.version=$v";;
+    csi-snapshot-metadata)
+      # Kubernetes' changed-block tracking sidecar (the chart runs it beside the controller)
+      v=$(modver snapshot-metadata github.com/kubernetes-csi/external-snapshot-metadata)
+      build csi-snapshot-metadata snapshot-metadata \
+        github.com/kubernetes-csi/external-snapshot-metadata/cmd/csi-snapshot-metadata "-X main.version=$v";;
+    snapshot-metadata-lister)
+      # upstream's example backup client (its Go iterator: a ServiceAccount token, the
+      # SnapshotMetadataService's address and CA): the kube tier reads ranges through the sidecar with it
+      build snapshot-metadata-lister snapshot-metadata \
+        github.com/kubernetes-csi/external-snapshot-metadata/examples/snapshot-metadata-lister "";;
     pause)
       build pause pause csi-thin.io/tools/pause "-s -w";;
     ctrd-suite)
@@ -123,6 +133,10 @@ for tool in $want; do
         groupsnapshot.storage.k8s.io_volumegroupsnapshotclasses.yaml \
         groupsnapshot.storage.k8s.io_volumegroupsnapshotcontents.yaml \
         groupsnapshot.storage.k8s.io_volumegroupsnapshots.yaml;;
+    snapshot-metadata-crds)
+      # the SnapshotMetadataService CRD (cbt.storage.k8s.io/v1alpha1), from the sidecar's client module
+      crds snapshot-metadata snapshot-metadata github.com/kubernetes-csi/external-snapshot-metadata/client config/crd \
+        cbt.storage.k8s.io_snapshotmetadataservices.yaml;;
     monitoring-crds)
       # only the two kinds the chart renders
       crds monitoring monitoring-crds github.com/prometheus-operator/prometheus-operator example/prometheus-operator-crd \

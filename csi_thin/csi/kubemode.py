@@ -36,6 +36,8 @@ from csi_thin.csi import (
     node_service,
     registration,
     server,
+    snapshot_metadata_link,
+    snapshot_metadata_service,
     standalone,
 )
 from csi_thin.kube import client as client_mod
@@ -62,6 +64,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO")
 
 
+def _tls_flags(p: argparse.ArgumentParser, *, this: str, other: str) -> None:
+    """The snapshot metadata link's mutual TLS (csi_thin.csi.snapshot_metadata_link)."""
+    p.add_argument("--snapshot-metadata-tls-cert", default="", help=f"the {this}'s certificate (PEM)")
+    p.add_argument("--snapshot-metadata-tls-key", default="", help=f"the {this}'s private key (PEM)")
+    p.add_argument(
+        "--snapshot-metadata-tls-ca", default="", help=f"the CA that signed the {other}'s certificate"
+    )
+
+
+def _tls(args: argparse.Namespace) -> snapshot_metadata_link.TlsFiles | None:
+    files = (args.snapshot_metadata_tls_cert, args.snapshot_metadata_tls_key, args.snapshot_metadata_tls_ca)
+    if not any(files):
+        return None
+    if not all(files):
+        raise errors.InvalidArgument(
+            "--snapshot-metadata-tls-cert, --snapshot-metadata-tls-key and --snapshot-metadata-tls-ca "
+            "go together"
+        )
+    return snapshot_metadata_link.TlsFiles(cert=files[0], key=files[1], ca=files[2])
+
+
 def register(subparsers: Any, *, open_engine: standalone.EngineFactory) -> None:
     """Add the `controller` and `node` subcommands."""
     c: argparse.ArgumentParser = subparsers.add_parser(
@@ -77,6 +100,8 @@ def register(subparsers: Any, *, open_engine: standalone.EngineFactory) -> None:
     )
     # off by default: the controller pod's sidecars have ports of their own; the chart sets it
     httpserver.add_flag(c, default="")
+    # with them, the controller serves CSI SnapshotMetadata by forwarding to the snapshot's node
+    _tls_flags(c, this="controller", other="nodes")
     c.set_defaults(func=controller_main)
 
     n: argparse.ArgumentParser = subparsers.add_parser(
@@ -92,6 +117,12 @@ def register(subparsers: Any, *, open_engine: standalone.EngineFactory) -> None:
     n.add_argument(
         "--refresh-seconds", type=float, default=agent_mod.REFRESH_SECONDS, help="ThinPool status period"
     )
+    n.add_argument(
+        "--snapshot-metadata-listen",
+        default="",
+        help="host:port to serve CSI SnapshotMetadata to the controller on (mutual TLS; off when empty)",
+    )
+    _tls_flags(n, this="node", other="controller")
     n.set_defaults(func=functools.partial(node_main, open_engine=open_engine))
 
 
@@ -111,6 +142,7 @@ def controller_services(
     overprovision_ratio: float = provisioner.Settings.overprovision_ratio,
     metrics: metrics_mod.Metrics | None = None,
     skew_seconds: float = crengine.SKEW_SECONDS,
+    snapshot_metadata_tls: snapshot_metadata_link.TlsFiles | None = None,
 ) -> server.Services:
     cr = crengine.CrEngine(
         api, on_wait=metrics.cr_wait if metrics else crengine.no_observer, skew_seconds=skew_seconds
@@ -118,9 +150,17 @@ def controller_services(
     settings = provisioner.Settings(
         node_id=None, block_size=block_size, overprovision_ratio=overprovision_ratio
     )
+    forwarder = (
+        None
+        if snapshot_metadata_tls is None
+        else snapshot_metadata_link.Forwarder(router=cr, tls=snapshot_metadata_tls)
+    )
     return server.Services(
         identity=identity_service.IdentityService(
-            ready=lambda _dl: True, name=driver_name, group_controller=True
+            ready=lambda _dl: True,
+            name=driver_name,
+            group_controller=True,
+            snapshot_metadata=forwarder is not None,
         ),
         controller=controller_service.ControllerService(
             provisioner=provisioner.Provisioner(engine=cr, settings=settings, nodes=cr.on)
@@ -129,6 +169,7 @@ def controller_services(
         group_controller=group_controller_service.GroupControllerService(
             group_snapshots=groups.GroupSnapshots(engine=cr)
         ),
+        snapshot_metadata=forwarder,
     )
 
 
@@ -148,6 +189,7 @@ def controller_main(args: argparse.Namespace) -> int:
                 overprovision_ratio=args.overprovision_ratio,
                 metrics=metrics,
                 skew_seconds=args.status_skew_seconds,
+                snapshot_metadata_tls=_tls(args),
             )
             srv = server.Server(endpoint, svc, metrics=metrics)
             if args.http_endpoint:
@@ -194,11 +236,28 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
         cfg = config.load_pool(args.pool_config)
         if not args.node_id or len(args.node_id) > 128:
             raise errors.InvalidArgument("--node-id must be 1..128 characters")
+        tls = _tls(args)
+        if bool(args.snapshot_metadata_listen) != (tls is not None):
+            raise errors.InvalidArgument(
+                "--snapshot-metadata-listen needs the --snapshot-metadata-tls-* files"
+            )
         proc = standalone.PoolProcess(args, endpoint=endpoint)
         api = client_mod.connect(args.kubeconfig)
         with contextlib.ExitStack() as stack:
             stack.callback(api.close)
             eng = stack.enter_context(proc.engine(cfg, open_engine))
+            link_address = ""
+            if tls is not None:
+                # before the agent: its first ThinPool status publishes where the controller finds it
+                link = snapshot_metadata_link.NodeServer(
+                    args.snapshot_metadata_listen,
+                    snapshot_metadata_service.SnapshotMetadataService(reader=eng),
+                    tls=tls,
+                    metrics=proc.metrics,
+                )
+                link.start()
+                stack.callback(link.stop)
+                link_address = link.address
             agent = agent_mod.Agent(
                 api=api,
                 engine=eng,
@@ -208,6 +267,7 @@ def node_main(args: argparse.Namespace, *, open_engine: standalone.EngineFactory
                 refresh_seconds=args.refresh_seconds,
                 on_error=proc.metrics.reconcile_error,
                 on_operation=proc.metrics.pool_operation,
+                snapshot_metadata_endpoint=link_address,
             )
             agent.start(deadline=deadline_mod.default())
             stack.callback(agent.stop)

@@ -10,8 +10,9 @@ stream is sent), then yields it in messages of at most max_results ranges. A cli
 reading, cancels or runs out of its deadline therefore holds nothing in the pool; the server stops
 sending at the next message (the edge interceptor logs how the stream ended).
 
-Served by a process that owns the pool: standalone mode. In Kubernetes mode the node holds the data;
-see the README.
+Served by a process that owns the pool: standalone mode, and in Kubernetes mode the node, on its
+mutual-TLS listener for the controller, which forwards the sidecar's calls there
+(csi_thin.csi.snapshot_metadata_link).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def _offset(value: int) -> int:
     if value < 0:
         raise errors.OutOfRange(f"starting_offset {value} must not be negative")
     return value
+
+
+def check_paging(max_results: int, starting_offset: int) -> None:
+    """What a servicer that does not read the map itself (Kubernetes mode's controller,
+    csi_thin.csi.snapshot_metadata_link) checks before passing the call on, as this one would."""
+    _max_results(max_results)
+    _offset(starting_offset)
 
 
 def _pages(block_map: model.BlockMap, per_message: int) -> Iterator[list[csi_pb2.BlockMetadata]]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -189,6 +190,16 @@ def _settled_verdict(obj: Watched | None) -> str:
     if obj.status.phase == res.Phase.LOST:
         return "lost"
     return "ok"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataRoute:
+    """A snapshot's node and the address where that node serves its blocks' metadata."""
+
+    snapshot: str
+    node: str
+    source_volume: str
+    endpoint: str  # host:port
 
 
 class CrEngine:
@@ -569,6 +580,42 @@ class CrEngine:
         return volume_device(got)
 
     # ---- reads ---------------------------------------------------------------------------------
+
+    def metadata_route(
+        self, name: str, *, deadline: deadline_mod.Deadline, what: str = "snapshot"
+    ) -> MetadataRoute:
+        """Where the snapshot `name`'s blocks are read: the node its ThinSnapshot names, at the
+        SnapshotMetadata endpoint that node's own ThinPool publishes (csi_thin.csi.snapshot_metadata_link).
+
+        NotFound without the CR; Unavailable when that node is silent or serves no endpoint. Only the
+        CR names the node: the endpoint is taken from that node's and that pool's ThinPool alone.
+        """
+        ts = self._api.find(res.ThinSnapshot, name, deadline=deadline)
+        if ts is None:
+            raise errors.NotFound(f"{what} {name!r} not found")  # the node's words (pool.engine)
+        node = ts.spec.node_name
+        pools, _ = self._api.list(res.ThinPool, deadline=deadline, node=node)
+        tp = next((p for p in pools if p.spec.pool == ts.spec.pool and p.spec.node_name == node), None)
+        if tp is None:
+            raise errors.Unavailable(
+                f"snapshot {name!r} is on node {node!r}, which has no ThinPool {ts.spec.pool!r}: "
+                "is its csi-thin node agent running?"
+            )
+        try:
+            self._check_fresh(node, tp.status)
+        except errors.NodeSilent as exc:  # nothing to place here: its blocks cannot be read now
+            raise errors.Unavailable(exc.message) from exc
+        if not tp.status.snapshot_metadata_endpoint:
+            raise errors.Unavailable(
+                f"snapshot {name!r} is on node {node!r}, whose node agent serves no snapshot metadata "
+                "endpoint (started without --snapshot-metadata-listen)"
+            )
+        return MetadataRoute(
+            snapshot=name,
+            node=node,
+            source_volume=ts.spec.source_volume,
+            endpoint=tp.status.snapshot_metadata_endpoint,
+        )
 
     def get(self, name: str) -> model.Device | None:
         dl = deadline_mod.Deadline.after(client_mod.READ_SECONDS)

@@ -581,6 +581,9 @@ class PoolStatus:
     #: the agent's promise: it rewrites this status at least this often (seconds). 0: not said (an
     #: agent from before the field, which published every 30 s; see `period`)
     refresh_seconds: float = 0.0
+    #: host:port where the node serves CSI SnapshotMetadata to the controller (mutual TLS,
+    #: csi_thin.csi.snapshot_metadata_link); empty: this node does not serve it
+    snapshot_metadata_endpoint: str = ""
 
     @property
     def period(self) -> float:
@@ -616,6 +619,7 @@ class PoolStatus:
             "storeTransactionId": self.store_transaction_id,
             "lastUpdated": self.last_updated,
             "refreshSeconds": self.refresh_seconds,
+            "snapshotMetadataEndpoint": self.snapshot_metadata_endpoint,
         }
 
     @classmethod
@@ -642,6 +646,7 @@ class PoolStatus:
             store_transaction_id=_int(s, "storeTransactionId", "status"),
             last_updated=_str(s, "lastUpdated", "status"),
             refresh_seconds=_float(s, "refreshSeconds", "status"),
+            snapshot_metadata_endpoint=_str(s, "snapshotMetadataEndpoint", "status"),
         )
 
 

@@ -228,8 +228,11 @@ class Agent:
         refresh_seconds: float = REFRESH_SECONDS,
         on_error: Callable[[str], None] | None = None,
         on_operation: Callable[[str, str, float], None] | None = None,
+        snapshot_metadata_endpoint: str = "",
     ) -> None:
         self._api = api
+        #: where this node serves SnapshotMetadata to the controller, published in the ThinPool
+        self._snapshot_metadata_endpoint = snapshot_metadata_endpoint
         #: told the resource ("thinvolume", "thinsnapshot", "thinpool") of every failed reconcile
         self._on_error = on_error
         #: told (operation, gRPC code name, seconds) of every pool operation run for a CR
@@ -1221,6 +1224,7 @@ class Agent:
             # the promise the controller holds this node to: a status older than a few of these is
             # a node that is down (csi_thin.kube.crengine.silence)
             refresh_seconds=self._refresh_seconds,
+            snapshot_metadata_endpoint=self._snapshot_metadata_endpoint,
         )
         obj = self._api.find(res.ThinPool, self.pool_object_name, deadline=deadline)
         if obj is None:

@@ -7,6 +7,7 @@ Applying the objects to a real API server, and what their RBAC allows, is test_c
 
 from __future__ import annotations
 
+import base64
 import json
 import pathlib
 import re
@@ -14,10 +15,14 @@ import subprocess
 import tomllib
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 
 from csi_thin import cli, config, errors, httpserver
+from csi_thin.csi import snapshot_metadata_link as link
+from csi_thin.csi import snapshot_metadata_service
+from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
 from csi_thin.node import agent
 from tests import conftest
 from tests import csi_harness as h
@@ -64,7 +69,14 @@ def test_template_renders(tmp_path: pathlib.Path, case: str) -> None:
     assert kinds.count("ServiceMonitor") == (monitoring and hc.MONITORING_APIS[0] in apis)
     assert kinds.count("PrometheusRule") == (monitoring and hc.MONITORING_APIS[1] in apis)
     assert kinds.count("ConfigMap") == 1 + (_deep(values, "grafanaDashboard.enabled") is True)
-    for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass", "Service"):
+    # changed-block tracking: the sidecar's Service, three TLS Secrets, and the
+    # SnapshotMetadataService where the cluster serves its API
+    cbt = _deep(values, "snapshotMetadata.enabled") is True
+    assert kinds.count("SnapshotMetadataService") == (cbt and hc.CBT_API in apis)
+    assert kinds.count("Secret") == 3 * cbt
+    assert kinds.count("Service") == 1 + cbt, kinds
+    assert ("csi-snapshot-metadata" in {c["name"] for c in containers(docs)}) is cbt
+    for kind in ("CSIDriver", "Deployment", "DaemonSet", "StorageClass"):
         assert kinds.count(kind) == 1, kinds
     # the controller's in its namespace, the node's Events in `default`
     for kind in ("Role", "RoleBinding"):
@@ -447,3 +459,63 @@ def test_deploy_manifests_are_fresh(tmp_path: pathlib.Path) -> None:
         assert (deploy / name).read_text() == (tmp_path / name).read_text(), (
             f"deploy/{name} is stale: run `make manifests`"
         )
+
+
+def _secret_files(docs: list[dict[str, Any]], name: str, where: pathlib.Path) -> dict[str, pathlib.Path]:
+    where.mkdir()
+    out = {}
+    for key, value in hc.one(docs, "Secret", name)["data"].items():
+        out[key] = where / key
+        out[key].write_bytes(base64.b64decode(value))
+    return out
+
+
+def test_snapshot_metadata_certificates_link_the_controller_to_the_nodes(tmp_path: pathlib.Path) -> None:
+    """The chart's certificates as the processes use them: a node's listener (csi_thin.csi.
+    snapshot_metadata_link) takes the controller's, and refuses a node's as a client; the sidecar's
+    names its Service; the SnapshotMetadataService carries their CA. The servicer's reader is never
+    reached: an empty snapshot id is refused first, which proves the handshake and the name check."""
+    values, apis = hc.MATRIX["snapshot-metadata"]
+    docs = hc.render(tmp_path, values, apis)
+    ctl = _secret_files(docs, "csi-thin-snapshot-metadata-controller", tmp_path / "ctl")
+    node = _secret_files(docs, "csi-thin-snapshot-metadata-node", tmp_path / "node")
+    srv = _secret_files(docs, "csi-thin-snapshot-metadata-server", tmp_path / "srv")
+    sms = hc.one(docs, "SnapshotMetadataService", "csi-thin.io")
+    assert base64.b64decode(sms["spec"]["caCert"]) == srv["ca.crt"].read_bytes() == ctl["ca.crt"].read_bytes()
+    assert sms["spec"]["address"] == f"csi-thin-snapshot-metadata.{hc.NS}:50051"
+    text = subprocess.run(
+        ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(srv["tls.crt"])],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert f"DNS:csi-thin-snapshot-metadata.{hc.NS}.svc" in text, text
+
+    class Untouched:
+        def allocated(self, *a: object, **kw: object) -> Any:
+            raise AssertionError("the reader is not reached by these calls")
+
+        delta = allocated
+
+    server = link.NodeServer(
+        "127.0.0.1:0",
+        snapshot_metadata_service.SnapshotMetadataService(reader=Untouched()),
+        tls=link.TlsFiles(cert=str(node["tls.crt"]), key=str(node["tls.key"]), ca=str(node["ca.crt"])),
+    )
+    server.start()
+    try:
+
+        def call(client: dict[str, pathlib.Path]) -> grpc.StatusCode:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=client["ca.crt"].read_bytes(),
+                private_key=client["tls.key"].read_bytes(),
+                certificate_chain=client["tls.crt"].read_bytes(),
+            )
+            opts = [("grpc.ssl_target_name_override", link.NODE_NAME)]
+            with grpc.secure_channel(server.address, creds, options=opts) as ch:
+                stub = csi_pb2_grpc.SnapshotMetadataStub(ch)
+                req = csi_pb2.GetMetadataAllocatedRequest(snapshot_id="")
+                return h.code_of(lambda: list(stub.GetMetadataAllocated(req, timeout=10)))
+
+        assert call(ctl) == grpc.StatusCode.INVALID_ARGUMENT
+        assert call(node) == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        server.stop()

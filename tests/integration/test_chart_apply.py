@@ -25,13 +25,14 @@ pytestmark = pytest.mark.tools
 NS = chart.NS
 CONTROLLER = f"system:serviceaccount:{NS}:csi-thin-controller"
 NODE = f"system:serviceaccount:{NS}:csi-thin-node"
-CRD_DIRS = ("snapshot", "monitoring")
+CRD_DIRS = ("snapshot", "monitoring", "snapshot-metadata")
 
 #: kind -> (plural, namespaced) of the built-in kinds the chart renders; the CRDs add their own
 BUILTIN: dict[str, tuple[str, bool]] = {
     "Namespace": ("namespaces", False),
     "ServiceAccount": ("serviceaccounts", True),
     "ConfigMap": ("configmaps", True),
+    "Secret": ("secrets", True),
     "Service": ("services", True),
     "Deployment": ("deployments", True),
     "DaemonSet": ("daemonsets", True),
@@ -106,6 +107,7 @@ def applied(crds: kubeenv.KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> 
         conftest.tool(f"crds/{name}")
     tmp = tmp_path_factory.mktemp("chart-apply")
     values, apis = chart.MATRIX["monitoring-on-api-present"]
+    values, apis = {**values, **chart.CBT_ON}, (*apis, chart.CBT_API)
     docs = chart.render(tmp, values, apis, "--include-crds")
     applier = Applier(crds)
     ext = kubernetes.client.ApiextensionsV1Api(crds.api_client())
@@ -125,7 +127,12 @@ def applied(crds: kubeenv.KubeEnv, tmp_path_factory: pytest.TempPathFactory) -> 
     for doc in chart_crds_dir:
         applier.apply_ok(doc, force=True)
     rest = [d for d in docs if d["kind"] != "CustomResourceDefinition" and d not in chart_crds_dir]
-    assert {d["kind"] for d in rest} >= {"VolumeSnapshotClass", "ServiceMonitor", "PrometheusRule"}
+    assert {d["kind"] for d in rest} >= {
+        "VolumeSnapshotClass",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "SnapshotMetadataService",
+    }
     for doc in rest:
         applier.apply_ok(doc)
     for case in ("defaults", "dmthin-devices", "reflink-directory", "e2e-cluster"):
@@ -209,6 +216,14 @@ ACCESS: list[tuple[str, str, str, str, str, str, bool]] = [
     (CONTROLLER, "patch", "", "persistentvolumes", "", "", True),
     (CONTROLLER, "patch", "", "persistentvolumeclaims", "status", "default", True),
     (CONTROLLER, "list", "", "pods", "", "default", True),
+    # the snapshot-metadata sidecar, as upstream's role: its SnapshotMetadataService, each backup
+    # tool's token and access checked, VolumeSnapshots resolved to their contents
+    (CONTROLLER, "get", "cbt.storage.k8s.io", "snapshotmetadataservices", "", "", True),
+    (CONTROLLER, "watch", "cbt.storage.k8s.io", "snapshotmetadataservices", "", "", True),
+    (CONTROLLER, "create", "authentication.k8s.io", "tokenreviews", "", "", True),
+    (CONTROLLER, "create", "authorization.k8s.io", "subjectaccessreviews", "", "", True),
+    (CONTROLLER, "list", "snapshot.storage.k8s.io", "volumesnapshots", "", "default", True),
+    (CONTROLLER, "get", "snapshot.storage.k8s.io", "volumesnapshotcontents", "", "", True),
     # and nothing more: no secrets, no pods made, no users' objects deleted, leases and
     # capacities only in its own namespace, nodes read-only
     (CONTROLLER, "get", "", "secrets", "", NS, False),
@@ -239,6 +254,10 @@ ACCESS: list[tuple[str, str, str, str, str, str, bool]] = [
     (NODE, "get", "", "secrets", "", NS, False),
     (NODE, "update", "coordination.k8s.io", "leases", "", NS, False),
     (NODE, "get", "", "nodes", "", "", False),
+    # the node serves snapshot metadata to the controller; it authenticates no one through the API
+    (NODE, "get", "cbt.storage.k8s.io", "snapshotmetadataservices", "", "", False),
+    (NODE, "create", "authentication.k8s.io", "tokenreviews", "", "", False),
+    (NODE, "get", "snapshot.storage.k8s.io", "volumesnapshotcontents", "", "", False),
 ]
 
 

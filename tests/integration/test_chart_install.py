@@ -23,6 +23,9 @@ pytestmark = pytest.mark.tools
 
 NS = "csi-thin"
 G, V = "csi-thin.io", "v1alpha1"
+#: changed-block tracking on (the cluster serves the SnapshotMetadataService API): its TLS Secrets
+CBT = ("--set", "snapshotMetadata.enabled=true")
+CBT_SECRETS = tuple(f"csi-thin-snapshot-metadata-{x}" for x in ("controller", "node", "server"))
 
 
 class Helm:
@@ -53,6 +56,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[kubeenv.
     conftest.tool("etcd")
     snapshot = sorted((conftest.BIN / "crds" / "snapshot").glob("*.yaml"))
     assert snapshot, "bin/crds/snapshot is empty: run `tools/build.sh snapshot-crds`"
+    cbt = sorted((conftest.BIN / "crds" / "snapshot-metadata").glob("*.yaml"))
+    assert cbt, "bin/crds/snapshot-metadata is empty: run `tools/build.sh snapshot-metadata-crds`"
+    snapshot += cbt
     with kubeenv.running(conftest.BIN) as env:
         api = env.api_client()
         ext = kubernetes.client.ApiextensionsV1Api(api)
@@ -81,9 +87,18 @@ def test_install_upgrade_uninstall_keeps_the_data(cluster: tuple[kubeenv.KubeEnv
     ext = kubernetes.client.ApiextensionsV1Api(api)
     adm = kubernetes.client.AdmissionregistrationV1Api(api)
 
-    out = helm("install", "csi-thin", str(helmchart.CHART), "--namespace", NS, "--create-namespace")
+    out = helm("install", "csi-thin", str(helmchart.CHART), "--namespace", NS, "--create-namespace", *CBT)
     assert out.returncode == 0, out.stderr
     assert "kubectl get thinpools" in out.stdout  # the NOTES
+    core = kubernetes.client.CoreV1Api(api)
+    tls = {name: core.read_namespaced_secret(name, NS).data for name in CBT_SECRETS}
+    # the SnapshotMetadataService names the sidecar's Service and the CA of its certificate
+    sms = custom.get_cluster_custom_object(
+        "cbt.storage.k8s.io", "v1alpha1", "snapshotmetadataservices", "csi-thin.io"
+    )
+    assert sms["spec"]["address"] == f"csi-thin-snapshot-metadata.{NS}:50051"
+    assert sms["spec"]["caCert"] == tls["csi-thin-snapshot-metadata-server"]["ca.crt"]
+    assert len({t["ca.crt"] for t in tls.values()}) == 1 and len({t["tls.key"] for t in tls.values()}) == 3
     assert "No VolumeSnapshotClass was created" not in out.stdout
     # helm saw the snapshot API on the server and rendered the class
     snap_class = custom.get_cluster_custom_object(
@@ -97,9 +112,18 @@ def test_install_upgrade_uninstall_keeps_the_data(cluster: tuple[kubeenv.KubeEnv
     # an upgrade with another pool config rolls the node pods (the config's checksum is in the pod)
     before = apps.read_namespaced_daemon_set("csi-thin-node", NS).spec.template.metadata.annotations
     out = helm(
-        "upgrade", "csi-thin", str(helmchart.CHART), "--namespace", NS, "--set", "pool.thresholds.data=0.9"
+        "upgrade",
+        "csi-thin",
+        str(helmchart.CHART),
+        "--namespace",
+        NS,
+        "--set",
+        "pool.thresholds.data=0.9",
+        *CBT,
     )
     assert out.returncode == 0, out.stderr
+    # the certificates are kept: the nodes, the controller and backup tools' CA go on agreeing
+    assert {name: core.read_namespaced_secret(name, NS).data for name in CBT_SECRETS} == tls
     after = apps.read_namespaced_daemon_set("csi-thin-node", NS).spec.template.metadata.annotations
     assert after["checksum/pool-config"] != before["checksum/pool-config"]
     pool_yaml = (

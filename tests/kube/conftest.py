@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -182,6 +182,20 @@ def _cli(*args: str) -> list[str]:
 @pytest.fixture
 def cluster(kube: kubeenv.KubeEnv, tmp_path: pathlib.Path) -> Iterator[Cluster]:
     """Two node agents (pools of 1 GiB and 2 GiB, node names unique to the test) and a controller."""
+    with make_cluster(kube, tmp_path) as c:
+        yield c
+
+
+@contextlib.contextmanager
+def make_cluster(
+    kube: kubeenv.KubeEnv,
+    tmp_path: pathlib.Path,
+    *,
+    node_args: Callable[[str], list[str]] | None = None,
+    controller_args: Sequence[str] = (),
+) -> Iterator[Cluster]:
+    """The `cluster` fixture's cluster, with more arguments for node `key`'s and the controller's
+    command lines (tests/kube/test_snapshot_metadata_kube.py: the snapshot metadata link's TLS)."""
     tag = uuid.uuid4().hex[:6]
     kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
     root = pathlib.Path(__file__).resolve().parent.parent.parent
@@ -212,6 +226,7 @@ def cluster(kube: kubeenv.KubeEnv, tmp_path: pathlib.Path) -> Iterator[Cluster]:
             str(kubelet_root / key),
             "--http-endpoint",
             "127.0.0.1:0",
+            *(node_args(key) if node_args else ()),
         )
         nodes[key] = Node(name=name, workdir=work, config=cfg, proc=Proc(argv, sock, work / "node.log", env))
     csock = tmp_path / "controller.sock"
@@ -226,6 +241,7 @@ def cluster(kube: kubeenv.KubeEnv, tmp_path: pathlib.Path) -> Iterator[Cluster]:
             "INFO",
             "--http-endpoint",
             "127.0.0.1:0",
+            *controller_args,
         ),
         csock,
         tmp_path / "controller.log",
