@@ -1,6 +1,6 @@
 """A real single-node Kubernetes cluster on this host, for the e2e tier: etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler and kubelet (the pinned builds in bin/), containerd and runc
-from Debian, and the snapshot-controller with the VolumeSnapshot CRDs.
+from Debian, and the snapshot-controller with the VolumeSnapshot and VolumeGroupSnapshot CRDs.
 
 Adapted from the measured kit in ../shared/kube-reference (its RECIPE.md explains each setting).
 What this host and the network rule impose:
@@ -244,7 +244,11 @@ class Cluster:
     def diagnose(self, namespaces: tuple[str, ...]) -> str:
         """What a user looks at when something is stuck: pods, claims, events, and the last lines of
         every container's log in the given namespaces."""
-        out = [self.kubectl("get", "pods,pvc,pv,volumesnapshots", "-A", "-o", "wide", check=False)]
+        out = [
+            self.kubectl(
+                "get", "pods,pvc,pv,volumesnapshots,volumegroupsnapshots", "-A", "-o", "wide", check=False
+            )
+        ]
         out.append(self.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False)[-6000:])
         for ns in namespaces:
             for pod in self.get("pods", "-n", ns)["items"]:
@@ -408,6 +412,9 @@ class Cluster:
             "crd/volumesnapshots.snapshot.storage.k8s.io",
             "crd/volumesnapshotcontents.snapshot.storage.k8s.io",
             "crd/volumesnapshotclasses.snapshot.storage.k8s.io",
+            "crd/volumegroupsnapshots.groupsnapshot.storage.k8s.io",
+            "crd/volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io",
+            "crd/volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io",
         )
         self._start(
             "snapshot-controller",
@@ -415,6 +422,9 @@ class Cluster:
                 str(self.bin / "snapshot-controller"),
                 f"--kubeconfig={self.kubeconfig}",
                 "--leader-election=false",
+                # its group controller: GA and on by default in v8.7.0, said as the chart says it
+                # to csi-snapshotter; it runs only where the group CRDs above are served
+                "--feature-gates=CSIVolumeGroupSnapshot=true",
             ],
         )
         self._wait(f"node {NODE} Ready", self._node_ready, 180, "kubelet", "apiserver")

@@ -75,6 +75,7 @@ class Driver:
     state_dir: pathlib.Path
     storage_class: str
     snapshot_class: str
+    group_snapshot_class: str
     #: loop devices backed by files under state_dir once the pool is up (its own, no volume's)
     pool_loops: list[str]
 
@@ -168,6 +169,7 @@ def driver(cluster: cluster_mod.Cluster) -> Iterator[Driver]:
             state_dir=state_dir,
             storage_class="csi-thin",
             snapshot_class="csi-thin",
+            group_snapshot_class="csi-thin",
             pool_loops=cluster_mod.loops_under(state_dir),
         )
         yield d

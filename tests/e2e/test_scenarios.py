@@ -22,7 +22,15 @@ TOPOLOGY_KEY = "csi-thin.io/node"
 # -- what the scenarios apply ------------------------------------------------------------------------
 
 
-def _pvc(name: str, size: str, sc: str, *, block: bool = False, source: dict[str, str] | None = None) -> str:
+def _pvc(
+    name: str,
+    size: str,
+    sc: str,
+    *,
+    block: bool = False,
+    source: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+) -> str:
     spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
         "storageClassName": sc,
@@ -35,7 +43,7 @@ def _pvc(name: str, size: str, sc: str, *, block: bool = False, source: dict[str
         {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": {"name": name, "namespace": NS},
+            "metadata": {"name": name, "namespace": NS, "labels": labels or {}},
             "spec": spec,
         }
     )
@@ -345,13 +353,85 @@ def test_8_node_plugin_restarted(driver: Driver) -> None:
     )
 
 
-def test_9_everything_deleted(driver: Driver) -> None:
-    """Deleting everything leaves no ThinVolume, ThinSnapshot, PV, VolumeSnapshotContent, loop device
-    or mount behind; `helm uninstall` leaves the pool's data in place."""
+def test_9_group_snapshot(driver: Driver) -> None:
+    """A VolumeGroupSnapshot over two PVCs (by label) written by two pods becomes readyToUse, cut at
+    one instant by one CreateVolumeGroupSnapshot; each member VolumeSnapshot restores into a new PVC
+    holding its source's data."""
+    c = driver.cluster
+    # 300Mi: the smallest XFS (the class's fsType) the driver makes; a restore must be at least its
+    # snapshot's size
+    for name, text in (("db-data", "data-e2e"), ("db-wal", "wal-e2e")):
+        c.apply(_pvc(name, "300Mi", driver.storage_class, labels={"app": "db"}))
+        c.apply(_pod(f"w-{name}", name, command=f"echo {text} > /data/file && sync && exec sleep 3600"))
+    for name in ("db-data", "db-wal"):
+        _ready(c, f"w-{name}")
+    t0 = time.monotonic()
+    c.apply(
+        json.dumps(
+            {
+                "apiVersion": "groupsnapshot.storage.k8s.io/v1",
+                "kind": "VolumeGroupSnapshot",
+                "metadata": {"name": "db", "namespace": NS},
+                "spec": {
+                    "volumeGroupSnapshotClassName": driver.group_snapshot_class,
+                    "source": {"selector": {"matchLabels": {"app": "db"}}},
+                },
+            }
+        )
+    )
+    c.kubectl(
+        "wait",
+        "-n",
+        NS,
+        "--for=jsonpath={.status.readyToUse}=true",
+        "volumegroupsnapshot/db",
+        "--timeout=120s",
+    )
+    tiers.report(f"e2e: VolumeGroupSnapshot of 2 PVCs -> readyToUse {time.monotonic() - t0:.1f}s")
+    # one group on the node, naming both members; the members are the group's VolumeSnapshots
+    (tg,) = c.get("thingroupsnapshots")["items"]
+    assert tg["status"]["readyToUse"] and len(tg["spec"]["members"]) == 2
+    members = {
+        vs["spec"]["source"]["persistentVolumeClaimName"]: vs
+        for vs in c.get("volumesnapshots", "-n", NS)["items"]
+        if any(o["kind"] == "VolumeGroupSnapshot" for o in vs["metadata"].get("ownerReferences", []))
+    }
+    assert sorted(members) == ["db-data", "db-wal"], sorted(members)
+    for pvc in ("db-data", "db-wal"):
+        vs = members[pvc]
+        assert vs["status"]["readyToUse"] and vs["status"]["volumeGroupSnapshotName"] == "db"
+        source = {
+            "apiGroup": "snapshot.storage.k8s.io",
+            "kind": "VolumeSnapshot",
+            "name": vs["metadata"]["name"],
+        }
+        c.apply(_pvc(f"r-{pvc}", "300Mi", driver.storage_class, source=source))
+        c.apply(_pod(f"r-{pvc}", f"r-{pvc}"))
+    for pvc, text in (("db-data", "data-e2e"), ("db-wal", "wal-e2e")):
+        _ready(c, f"r-{pvc}")
+        assert _exec(c, f"r-{pvc}", "cat /data/file").strip() == text
+
+
+def test_10_everything_deleted(driver: Driver) -> None:
+    """Deleting everything leaves no ThinVolume, ThinSnapshot, ThinGroupSnapshot, PV,
+    VolumeSnapshotContent, VolumeGroupSnapshotContent, loop device or mount behind; `helm uninstall`
+    leaves the pool's data in place."""
     c = driver.cluster
     c.kubectl("delete", "pods", "--all", "-n", NS, "--wait=true", "--timeout=120s")
-    c.kubectl("delete", "volumesnapshots,pvc", "--all", "-n", NS, "--wait=true", "--timeout=120s")
-    kinds = ("pv", "volumesnapshotcontents", "thinvolumes", "thinsnapshots")
+    # the claims first: a claim restored from a snapshot protects it while it is there; then the
+    # groups, whose member VolumeSnapshots go with them (DeleteVolumeGroupSnapshot), never alone;
+    # then the other snapshots
+    c.kubectl("delete", "pvc", "--all", "-n", NS, "--wait=true", "--timeout=120s")
+    c.kubectl("delete", "volumegroupsnapshots", "--all", "-n", NS, "--wait=true", "--timeout=120s")
+    c.kubectl("delete", "volumesnapshots", "--all", "-n", NS, "--wait=true", "--timeout=120s")
+    kinds = (
+        "pv",
+        "volumesnapshotcontents",
+        "volumegroupsnapshotcontents",
+        "thinvolumes",
+        "thinsnapshots",
+        "thingroupsnapshots",
+    )
     cluster_mod.wait_for(
         f"no {', '.join(kinds)} left", lambda: not any(c.get(k)["items"] for k in kinds), timeout=120
     )

@@ -11,12 +11,14 @@ from __future__ import annotations
 import pathlib
 import signal
 import subprocess
+import time
 
 import grpc
+import kubernetes
 import pytest
 
 from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
-from tests.kube.conftest import Cluster, MiB
+from tests.kube.conftest import Cluster, G, MiB, V
 from tests.kube.test_kube_faults import _restart
 from tests.kube.test_kube_mode import CAP, _read, _write, code_of, create_req
 
@@ -105,6 +107,20 @@ def test_group_snapshot_lifecycle(cluster: Cluster, tmp_path: pathlib.Path) -> N
         grpc.StatusCode.INVALID_ARGUMENT
     )
     assert c.cr("thinsnapshots", member) is not None
+    # nor by deleting its object: its node keeps the device (and the finalizer) while the group is
+    # there, and says so
+    c.api.delete_cluster_custom_object(G, V, "thinsnapshots", member)
+    events = kubernetes.client.EventsV1Api(c.env.api_client())
+    end = time.monotonic() + 60
+    while not [
+        e
+        for e in events.list_namespaced_event("default").items
+        if e.regarding.name == member and e.reason == "DeleteBlocked"
+    ]:
+        assert time.monotonic() < end, "no DeleteBlocked event for a member deleted alone"
+        time.sleep(0.2)
+    ts = c.cr("thinsnapshots", member)
+    assert ts is not None and ts["metadata"].get("deletionTimestamp") and member in c.devices("a")
 
     # the group goes with every member: objects and devices; a second delete is done already
     req = csi_pb2.DeleteVolumeGroupSnapshotRequest(

@@ -54,6 +54,17 @@ def test_forms_and_kinds_do_not_collide() -> None:
     assert naming.device_name("x", naming.IdKind.VOLUME) != naming.device_name("x", naming.IdKind.SNAPSHOT)
 
 
+def test_group_ids_and_member_names() -> None:
+    group = naming.device_name("db-group", naming.IdKind.GROUP)
+    assert group == "g-db-group" and naming.is_own_id(group, naming.IdKind.GROUP)
+    assert not naming.is_own_id(group, naming.IdKind.SNAPSHOT)
+    member = naming.group_member_name(group, "v-data")
+    assert member.startswith("sh-") and naming.is_own_id(member, naming.IdKind.SNAPSHOT)
+    assert member == naming.group_member_name(group, "v-data") != naming.group_member_name(group, "v-wal")
+    # no CSI name (control characters are refused at the edge) maps onto a member's name
+    assert member != naming.device_name(f"{group}-v-data", naming.IdKind.SNAPSHOT)
+
+
 @pytest.mark.parametrize("value", ["some-vol-id", "v-", "v-UP", "x-abc", "vh-", "s-abc/../x", ""])
 def test_foreign_ids(value: str) -> None:
     assert not naming.is_own_id(value, naming.IdKind.VOLUME)
