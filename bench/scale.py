@@ -290,7 +290,8 @@ def main() -> int:
                 point = Point(volumes=target, snapshots=target, fill_s=time.perf_counter() - t0)
                 measure(point, cfg_path, cfg, work / "pool", empty)
                 points.append(point)
-                print(f"checkpoint {target}: done", flush=True)
+                # each checkpoint's figures as soon as it is measured: a run stopped later keeps them
+                print(f"checkpoint {target}: {point}", flush=True)
     finally:
         problems = demo.cleanup(work / "pool", cfg_path) + demo.cleanup(work / "empty", empty_cfg)
         if not problems:
