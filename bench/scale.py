@@ -155,10 +155,17 @@ def _batch(eng: engine.PoolEngine, numbers: range, dl: deadline.Deadline) -> Non
 @contextlib.contextmanager
 def driver(cfg_path: pathlib.Path, sock: pathlib.Path) -> Iterator[tuple[demo.Demo, int, float]]:
     t0 = time.perf_counter()
-    with demo.driver(cfg_path, sock) as proc, grpc.insecure_channel(f"unix://{sock}") as ch:
-        d = demo.Demo(ch)
-        _wait_ready(d, proc)
-        yield d, proc.pid, time.perf_counter() - t0
+    with demo.driver(cfg_path, sock) as proc:
+        # the channel opens once the socket is there: a gRPC channel that failed to connect waits
+        # out its reconnect backoff (a second and more), which would be counted as start-up
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise RuntimeError("driver exited before it was ready")
+            time.sleep(0.005)
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            d = demo.Demo(ch)
+            _wait_ready(d, proc)
+            yield d, proc.pid, time.perf_counter() - t0
 
 
 def _wait_ready(d: demo.Demo, proc: object) -> None:
