@@ -897,6 +897,18 @@ class ReflinkBackend:
             busy = sorted(set(origin_ids) & set(self._held))
             if busy:
                 raise errors.Unavailable(f"device {busy[0]} is held by another group snapshot; retry")
+        # Only a freeze holds an origin: one attached without a filesystem mounted from it here (raw
+        # block, or mounted in another mount namespace) is flushed, and its writers go on. One such
+        # origin is still of the group's instant (every other one is frozen while it is cloned);
+        # two are cloned at two instants, and a write on the second that depended on a write to
+        # the first after the first's clone breaks write order. The spec: hold, or fail.
+        unheld = [i for i in origin_ids if self._attached_unmounted(i)]
+        if len(unheld) > 1:
+            raise errors.FailedPrecondition(
+                f"devices {', '.join(map(str, unheld))} are in use without a filesystem mounted from "
+                "them on this node: their writes cannot be held at one instant on a reflink pool (only "
+                "a filesystem can be frozen); a group may hold at most one such volume"
+            )
         stacks: dict[int, contextlib.ExitStack] = {}
         try:
             for origin_id in origin_ids:
@@ -918,6 +930,11 @@ class ReflinkBackend:
             raise
         with self._held_guard:
             self._held.update(stacks)
+
+    def _attached_unmounted(self, origin_id: int) -> bool:
+        """Attached to a loop device, and no filesystem mounted from it is reachable here."""
+        dev = loop.find(self._require_device(origin_id))
+        return dev is not None and self._reachable_mount_of(dev) is None
 
     def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
         del deadline  # a thaw is never skipped for time: a frozen filesystem hangs its writers
