@@ -39,6 +39,7 @@ from csi_thin import config, errors, model, runner
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import holders, loop
+from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import faults, fiemap
 
 log = logging.getLogger(__name__)
@@ -924,9 +925,19 @@ class ReflinkBackend:
                 except OSError as exc:
                     raise _oserror(f"hold device {origin_id} for a group snapshot", exc) from exc
             faults.reach("reflink:quiesce/frozen")
-        except BaseException:
-            for stack in reversed(stacks.values()):  # every path thaws what it froze
-                stack.close()
+        except BaseException as exc:
+            left: list[int] = []
+            for origin_id, stack in reversed(stacks.items()):  # every path thaws what it froze
+                try:
+                    stack.close()
+                except Exception:  # thaw the others all the same
+                    log.exception("event=thaw_failed pool=%s id=%d", self._name, origin_id)
+                    left.append(origin_id)
+            if left:
+                raise backend_mod.HoldLeft(
+                    f"group snapshot hold failed ({exc!r}) and devices {left} could not be thawed",
+                    origin_ids=left,
+                ) from exc
             raise
         with self._held_guard:
             self._held.update(stacks)
