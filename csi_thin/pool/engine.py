@@ -588,7 +588,14 @@ class PoolEngine:
         leaves some members, which a repeated call deletes). Absent is done."""
         _validate_name(group, "group")
         with self._claim(_group_key(group)):
-            for dev in self.get_group(group):
+            members = self.get_group(group)
+            # in use: refused whole, before any member goes (delete refuses an active one)
+            active = [d.name for d in members if d.active]
+            if active:
+                raise errors.FailedPrecondition(
+                    f"group snapshot {group!r}: member {active[0]!r} is active: deactivate it first"
+                )
+            for dev in members:
                 self.delete(dev.name, deadline=deadline)
 
     def get_group(self, group: str) -> builtins.list[model.Device]:

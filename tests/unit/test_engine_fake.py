@@ -148,3 +148,20 @@ def test_an_origin_a_failed_hold_left_held_is_let_go_by_the_undo(
     assert backend.held() == [], "an origin stays held after the group was undone"
     assert e.intents() == [] and e.get_group("g") == []
     enginesuite.check_consistent(e, before=before)
+
+
+def test_a_group_with_a_member_in_use_is_not_deleted_in_part(harness: enginesuite.Harness) -> None:
+    """DeleteVolumeGroupSnapshot of a group one of whose members is active (in use: FAILED_PRECONDITION,
+    the spec's "Volume group snapshot in use") refuses the group whole: deleting the members before
+    it one by one left a group of fewer snapshots than the CO knows, none of it asked for."""
+    e = harness.open()
+    for name in ("a", "b"):
+        e.create_volume(name, 2 * model.MiB, deadline=enginesuite.dl())
+    g = e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+    e.activate("g-b", deadline=enginesuite.dl())
+    with pytest.raises(errors.FailedPrecondition, match="g-b"):
+        e.delete_group_snapshot("g", deadline=enginesuite.dl())
+    assert [d.name for d in e.get_group("g")] == [d.name for d in g]
+    e.deactivate("g-b", deadline=enginesuite.dl())
+    e.delete_group_snapshot("g", deadline=enginesuite.dl())
+    assert e.get_group("g") == []
