@@ -88,8 +88,9 @@ class Backend(Protocol):
         ...
 
     def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
-        """End `quiesce` for these origins: resume / thaw each one that is held. Idempotent; tries
-        every origin even when one fails (then raises the first failure)."""
+        """End `quiesce` for these origins: resume / thaw each one that is held (by this process, or
+        left held by a let-go of its that failed; a freeze made by someone else since is kept).
+        Idempotent; tries every origin even when one fails (then raises the first failure)."""
         ...
 
     def delete(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:

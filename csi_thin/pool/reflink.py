@@ -293,6 +293,8 @@ class ReflinkBackend:
         self._locks_guard = threading.Lock()
         #: origins a group snapshot holds frozen (quiesce), each with what thaws it (release)
         self._held: dict[int, contextlib.ExitStack] = {}
+        #: origins whose thaw failed (quiesce's own undo, or release): the next release tries again
+        self._unthawed: set[int] = set()
         self._held_guard = threading.Lock()
 
     # --- paths and small helpers ---------------------------------------------------------------
@@ -934,6 +936,8 @@ class ReflinkBackend:
                     log.exception("event=thaw_failed pool=%s id=%d", self._name, origin_id)
                     left.append(origin_id)
             if left:
+                with self._held_guard:
+                    self._unthawed.update(left)
                 raise backend_mod.HoldLeft(
                     f"group snapshot hold failed ({exc!r}) and devices {left} could not be thawed",
                     origin_ids=left,
@@ -953,13 +957,20 @@ class ReflinkBackend:
         for origin_id in origin_ids:
             with self._held_guard:
                 stack = self._held.pop(origin_id, None)
+                retry = origin_id in self._unthawed
             try:
                 if stack is not None:
                     stack.close()
-                else:  # held by a process that is gone, or a thaw that failed before: find it
+                elif retry:  # a thaw of ours that failed before: find the filesystem again
                     self._thaw_device(origin_id)
+                # else not held by this process: a freeze found now is someone else's, made since
+                # (one a killed process left was thawed by this process's assemble)
+                with self._held_guard:
+                    self._unthawed.discard(origin_id)
             except Exception as exc:  # thaw the others all the same
                 log.exception("event=thaw_failed pool=%s id=%d", self._name, origin_id)
+                with self._held_guard:
+                    self._unthawed.add(origin_id)
                 failure = failure or exc
         if failure is not None:
             raise failure

@@ -4,6 +4,7 @@ own pool; every mount and loop device under the temp dir is removed after it, ev
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pathlib
@@ -163,3 +164,46 @@ def test_group_snapshot_of_two_raw_block_origins_is_refused(harness: enginesuite
     harness.mount_new_fs(dev.path)
     made = e.create_group_snapshot("h", [("h-c", "c"), ("h-a", "a")], deadline=enginesuite.dl())
     assert [d.name for d in made] == ["h-c", "h-a"] and harness.frozen_mounts() == []
+
+
+def test_a_stale_group_resolved_later_keeps_a_freeze_someone_made_since(
+    harness: enginesuite.Harness,
+) -> None:
+    """A group whose undo failed after it had let go (a member's delete failed) stays open, and the
+    next fenced call resolves it. Its origins were thawed long ago; an operator has frozen one since
+    (fsfreeze, for a backup of their own). Resolving the group must not end that freeze: the backend
+    lets go only of what it holds, or failed to let go of (a restart's assemble thaws the rest)."""
+    e = harness.open()
+    mounts = []
+    for name in ("a", "b"):
+        dev = e.activate(
+            e.create_volume(name, 32 * model.MiB, deadline=enginesuite.dl()).name, deadline=enginesuite.dl()
+        )
+        assert dev.path is not None
+        mounts.append(harness.mount_new_fs(dev.path))
+    failed: list[str] = []
+
+    def fail(point: str) -> None:
+        if (
+            point in ("create_group_snapshot/fence", "create_group_snapshot/undo:create_snap")
+            and point not in failed
+        ):
+            failed.append(point)
+            raise enginesuite.InjectedFault(point)
+
+    with enginesuite.hooked(fail), pytest.raises(enginesuite.InjectedFault):
+        e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+    assert [i.op for i in e.intents()] == ["create_group_snapshot"], "the failed undo leaves it open"
+    assert harness.frozen_mounts() == []
+    fd = os.open(mounts[0], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, enginesuite.FIFREEZE, 0)
+        try:
+            e.create_volume("c", 2 * model.MiB, deadline=enginesuite.dl())  # resolves the group first
+            assert e.intents() == [] and e.get_group("g") == []
+            assert harness.frozen_mounts() == [mounts[0]], "the operator's freeze was ended"
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, enginesuite.FITHAW, 0)
+    finally:
+        os.close(fd)
