@@ -295,6 +295,8 @@ class ReflinkBackend:
         self._held: dict[int, contextlib.ExitStack] = {}
         #: origins whose thaw failed (quiesce's own undo, or release): the next release tries again
         self._unthawed: set[int] = set()
+        #: the held origins' frozen filesystems: mount point and an fd on it (_check_still_frozen)
+        self._frozen_mounts: dict[int, tuple[str, int]] = {}
         self._held_guard = threading.Lock()
 
     # --- paths and small helpers ---------------------------------------------------------------
@@ -881,6 +883,8 @@ class ReflinkBackend:
                             deadline.check(f"clone {origin_id} -> {dev_id}")
                             _clone(src_fd, dst_fd)
                             faults.reach("reflink:create_snap/cloned")
+                            if held:
+                                self._check_still_frozen(origin_id)
                         if os.fstat(dst_fd).st_size < size_bytes:  # restore into a larger device
                             os.ftruncate(dst_fd, size_bytes)
                     finally:
@@ -913,6 +917,7 @@ class ReflinkBackend:
                 "a filesystem can be frozen); a group may hold at most one such volume"
             )
         stacks: dict[int, contextlib.ExitStack] = {}
+        probes: dict[int, tuple[str, int]] = {}
         try:
             for origin_id in origin_ids:
                 origin = self._require_device(origin_id)
@@ -922,8 +927,12 @@ class ReflinkBackend:
                     fd = os.open(origin, os.O_RDONLY | os.O_CLOEXEC)
                     stack.callback(os.close, fd)
                     os.fsync(fd)  # as create_snap: the page cache first, so the freeze's flush is short
-                    stack.enter_context(self._consistent(origin))
+                    frozen = stack.enter_context(self._consistent(origin))
                     os.fsync(fd)  # what the freeze flushed through a buffered loop device
+                    if frozen is not None:  # to see, at its clone, that the freeze is still on
+                        mount_fd = os.open(frozen, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                        stack.callback(os.close, mount_fd)
+                        probes[origin_id] = (frozen, mount_fd)
                 except OSError as exc:
                     raise _oserror(f"hold device {origin_id} for a group snapshot", exc) from exc
             faults.reach("reflink:quiesce/frozen")
@@ -945,6 +954,29 @@ class ReflinkBackend:
             raise
         with self._held_guard:
             self._held.update(stacks)
+            self._frozen_mounts.update(probes)
+
+    def _check_still_frozen(self, origin_id: int) -> None:
+        """After a held origin's clone: its filesystem must still be frozen. The kernel keeps no
+        count of who froze a filesystem, so someone else's FITHAW (`fsfreeze -u`) ends our freeze,
+        and writes went on between the group's instant and this clone. FIFREEZE answers EBUSY on a
+        frozen filesystem; one that succeeds has found it thawed (and froze it again: the release
+        thaws it)."""
+        with self._held_guard:
+            probe = self._frozen_mounts.get(origin_id)
+        if probe is None:
+            return
+        mount_point, fd = probe
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return  # still frozen
+            raise errors.Internal(f"freeze {mount_point}: {os.strerror(exc.errno or 0)}") from exc
+        raise errors.Unavailable(
+            f"filesystem at {mount_point} was thawed by someone else while the group snapshot held it: "
+            "its writes went on, the group would not be of one instant; retry"
+        )
 
     def _attached_unmounted(self, origin_id: int) -> bool:
         """Attached to a loop device, and no filesystem mounted from it is reachable here."""
@@ -957,6 +989,7 @@ class ReflinkBackend:
         for origin_id in origin_ids:
             with self._held_guard:
                 stack = self._held.pop(origin_id, None)
+                self._frozen_mounts.pop(origin_id, None)
                 retry = origin_id in self._unthawed
             try:
                 if stack is not None:
@@ -976,12 +1009,12 @@ class ReflinkBackend:
             raise failure
 
     @contextlib.contextmanager
-    def _consistent(self, origin: str) -> Iterator[None]:
-        """Make an attached origin's content stable: freeze a filesystem mounted from it, else flush
-        the loop device's page cache; an inactive origin needs nothing."""
+    def _consistent(self, origin: str) -> Iterator[str | None]:
+        """Make an attached origin's content stable: freeze a filesystem mounted from it (and yield
+        its mount point), else flush the loop device's page cache; an inactive origin needs nothing."""
         dev = loop.find(origin)
         if dev is None:
-            yield
+            yield None
             return
         mount = self._reachable_mount_of(dev)
         if mount is None:
@@ -998,10 +1031,10 @@ class ReflinkBackend:
                 os.fsync(fd)  # raw block use: push the block device's dirty pages into the file
             finally:
                 os.close(fd)
-            yield
+            yield None
             return
         with _frozen(mount.mount_point, dev=os.stat(dev).st_rdev):
-            yield
+            yield mount.mount_point
 
     def _reachable_mount_of(self, dev: str) -> Mount | None:
         """A mount of `dev` whose path reaches its filesystem: a mount of it can be covered by

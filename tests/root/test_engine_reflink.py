@@ -207,3 +207,42 @@ def test_a_stale_group_resolved_later_keeps_a_freeze_someone_made_since(
                 fcntl.ioctl(fd, enginesuite.FITHAW, 0)
     finally:
         os.close(fd)
+
+
+def test_a_filesystem_thawed_by_someone_else_during_the_hold_fails_the_group(
+    harness: enginesuite.Harness,
+) -> None:
+    """A mount we do not own: someone else may end our freeze (`fsfreeze -u`, or a backup tool whose
+    own freeze failed EBUSY cleaning up) while the group holds it; the kernel keeps no count of who
+    froze. Writes then go on between the freeze and the clone, and the member is not of the group's
+    instant: the group must fail (and be undone), not be reported as one instant."""
+    e = harness.open()
+    mounts = []
+    for name in ("a", "b"):
+        dev = e.activate(
+            e.create_volume(name, 32 * model.MiB, deadline=enginesuite.dl()).name, deadline=enginesuite.dl()
+        )
+        assert dev.path is not None
+        mounts.append(harness.mount_new_fs(dev.path))
+    before = enginesuite.committed(e)
+    thawed: list[str] = []
+
+    def thaw_and_write(point: str) -> None:  # right before the first member's clone
+        if point == "reflink:create_snap/frozen" and not thawed:
+            thawed.append(point)
+            fd = os.open(mounts[0], os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.ioctl(fd, enginesuite.FITHAW, 0)
+            finally:
+                os.close(fd)
+            with open(os.path.join(mounts[0], "after"), "wb") as f:
+                f.write(b"written while the group held")
+                os.fsync(f.fileno())
+
+    with (
+        enginesuite.hooked(thaw_and_write),
+        pytest.raises(errors.Unavailable, match="thawed by someone else"),
+    ):
+        e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+    assert thawed and e.get_group("g") == [] and harness.frozen_mounts() == []
+    enginesuite.check_consistent(e, before=before)
