@@ -62,7 +62,10 @@ class GroupSnapshots:
         if len(set(source_ids)) != len(source_ids):
             raise errors.InvalidArgument("source_volume_ids names a volume twice")
         group_id = naming.device_name(name, naming.IdKind.GROUP)
-        for source in source_ids:
+        # Does it exist? A group once cut is returned (or refused as incompatible) by the engine
+        # whatever became of its sources since: a retry after a source was deleted gets the group.
+        made = bool(self._engine.get_group(group_id))
+        for source in [] if made else source_ids:
             device = self._engine.get(source) if naming.is_own_id(source, naming.IdKind.VOLUME) else None
             if device is None or device.kind != model.DeviceKind.VOLUME:
                 raise errors.NotFound(

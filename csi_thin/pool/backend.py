@@ -17,7 +17,16 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from csi_thin import deadline as deadline_mod
-from csi_thin import model
+from csi_thin import errors, model
+
+
+class HoldLeft(errors.Internal):
+    """`quiesce` failed, and letting go of what it held failed too for `origin_ids`: they may still
+    be suspended or frozen (every writer on them hangs). `release` of them tries again."""
+
+    def __init__(self, message: str, *, origin_ids: Sequence[int]) -> None:
+        super().__init__(message)
+        self.origin_ids = tuple(origin_ids)
 
 
 class Backend(Protocol):
@@ -73,13 +82,15 @@ class Backend(Protocol):
         """Make every active origin's content stable and hold it so until `release` (dm-thin:
         suspend each active origin; reflink: freeze each mounted origin's filesystem, flush the
         others): a group snapshot taken in between is of one instant. All or nothing: a failure
-        releases what it held before it raises. A crash while held is repaired by the next
-        `assemble` (a suspended device resumed, a frozen filesystem thawed)."""
+        releases what it held before it raises (every one, even when one fails; then HoldLeft names
+        those still held). A crash while held is repaired by the next `assemble` (a suspended device
+        resumed, a frozen filesystem thawed)."""
         ...
 
     def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
-        """End `quiesce` for these origins: resume / thaw each one that is held. Idempotent; tries
-        every origin even when one fails (then raises the first failure)."""
+        """End `quiesce` for these origins: resume / thaw each one that is held (by this process, or
+        left held by a let-go of its that failed; a freeze made by someone else since is kept).
+        Idempotent; tries every origin even when one fails (then raises the first failure)."""
         ...
 
     def delete(self, dev_id: int, *, deadline: deadline_mod.Deadline) -> None:

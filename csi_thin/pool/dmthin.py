@@ -29,6 +29,7 @@ from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import holders, ioctl, loop, parse, thintools
+from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import faults
 
 log = logging.getLogger(__name__)
@@ -534,22 +535,32 @@ class DmThinBackend:
             self._ctl.resume(origin)
 
     def quiesce(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
-        names = [self._thin_name(i) for i in origin_ids]
-        active = [n for n in names if (info := self._ctl.info(n)) is not None and info.live_table]
+        named = [(i, self._thin_name(i)) for i in origin_ids]
+        active = [(i, n) for i, n in named if (info := self._ctl.info(n)) is not None and info.live_table]
         if not active:
             return  # inactive origins have no in-flight IO: nothing to hold
         # as for one snapshot: a flushing suspend on a pool that cannot complete IO would hang
-        self._require_writable(f"group snapshot of active {', '.join(active)}")
-        suspended: list[str] = []
+        self._require_writable(f"group snapshot of active {', '.join(n for _, n in active)}")
+        suspended: list[tuple[int, str]] = []
         try:
-            for name in active:
+            for origin_id, name in active:
                 deadline.check(f"suspend {name}")
                 self._ctl.suspend(name)
-                suspended.append(name)
+                suspended.append((origin_id, name))
             faults.reach("dmthin:quiesce/suspended")
-        except BaseException:
-            for name in reversed(suspended):  # every path resumes what it suspended
-                self._ctl.resume(name)
+        except BaseException as exc:
+            left: list[int] = []
+            for origin_id, name in reversed(suspended):  # every path resumes what it suspended
+                try:
+                    self._ctl.resume(name)
+                except Exception:  # resume the others all the same
+                    log.exception("pool=%s dev_id=%d event=resume-failed", self._pool, origin_id)
+                    left.append(origin_id)
+            if left:
+                raise backend_mod.HoldLeft(
+                    f"group snapshot hold failed ({exc!r}) and devices {left} could not be resumed",
+                    origin_ids=left,
+                ) from exc
             raise
 
     def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:

@@ -588,7 +588,14 @@ class PoolEngine:
         leaves some members, which a repeated call deletes). Absent is done."""
         _validate_name(group, "group")
         with self._claim(_group_key(group)):
-            for dev in self.get_group(group):
+            members = self.get_group(group)
+            # in use: refused whole, before any member goes (delete refuses an active one)
+            active = [d.name for d in members if d.active]
+            if active:
+                raise errors.FailedPrecondition(
+                    f"group snapshot {group!r}: member {active[0]!r} is active: deactivate it first"
+                )
+            for dev in members:
                 self.delete(dev.name, deadline=deadline)
 
     def get_group(self, group: str) -> builtins.list[model.Device]:
@@ -625,6 +632,19 @@ class PoolEngine:
             )
         return self._ready(source, "source")
 
+    def _quiesce(
+        self, origin_ids: Sequence[int], held: builtins.list[int], deadline: deadline_mod.Deadline
+    ) -> None:
+        """Hold every origin; `held` then names them, or, when the hold failed and could not let go
+        of some (HoldLeft), those: the undo tries them again (or the intent stays open), and never
+        touches a freeze the hold was refused by (someone else's)."""
+        try:
+            self.backend.quiesce(origin_ids, deadline=deadline)
+        except backend_mod.HoldLeft as exc:
+            held.extend(exc.origin_ids)
+            raise
+        held.extend(origin_ids)
+
     def _create_group_fenced(
         self,
         group: str,
@@ -633,7 +653,7 @@ class PoolEngine:
         deadline: deadline_mod.Deadline,
     ) -> None:
         collided: set[int] = set()
-        held: builtins.list[bool] = []
+        held: builtins.list[int] = []  # the origins held now (_quiesce)
         origin_ids = [s.dev_id for s in srcs]
 
         def begin(w: lmdb_store.WriteTxn) -> lmdb_store.Intent:
@@ -681,14 +701,11 @@ class PoolEngine:
                     w.reserve_orphan(dev_id)
             w.close_intent(tx.intent)
 
-        def quiesce() -> None:
-            self.backend.quiesce(origin_ids, deadline=deadline)
-            held.append(True)
-
         def release() -> None:
             # also the first thing every later undo does: the hold ends before anything else
             if held:
-                self.backend.release(origin_ids, deadline=_grace(deadline))
+                self.backend.release(list(held), deadline=_grace(deadline))
+                held.clear()  # let go: a later undo must not thaw a freeze someone else made since
 
         def let_go() -> None:
             self.backend.release(origin_ids, deadline=_grace(deadline))
@@ -714,7 +731,7 @@ class PoolEngine:
         ) as tx:
             base = tx.intent.base_txid
             assert base is not None
-            tx.step("quiesce", quiesce, release)
+            tx.step("quiesce", functools.partial(self._quiesce, origin_ids, held, deadline), release)
             for (_, dev_id, origin_id), src in zip(tx.intent.members, srcs, strict=True):
                 tx.step(
                     "create_snap",

@@ -39,6 +39,7 @@ from csi_thin import config, errors, model, runner
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import holders, loop
+from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import faults, fiemap
 
 log = logging.getLogger(__name__)
@@ -297,6 +298,10 @@ class ReflinkBackend:
         self._locks_guard = threading.Lock()
         #: origins a group snapshot holds frozen (quiesce), each with what thaws it (release)
         self._held: dict[int, contextlib.ExitStack] = {}
+        #: origins whose thaw failed (quiesce's own undo, or release): the next release tries again
+        self._unthawed: set[int] = set()
+        #: the held origins' frozen filesystems: mount point and an fd on it (_check_still_frozen)
+        self._frozen_mounts: dict[int, tuple[str, int]] = {}
         self._held_guard = threading.Lock()
 
     # --- paths and small helpers ---------------------------------------------------------------
@@ -891,6 +896,8 @@ class ReflinkBackend:
                             deadline.check(f"clone {origin_id} -> {dev_id}")
                             _clone(src_fd, dst_fd)
                             faults.reach("reflink:create_snap/cloned")
+                            if held:
+                                self._check_still_frozen(origin_id)
                         if os.fstat(dst_fd).st_size < size_bytes:  # restore into a larger device
                             os.ftruncate(dst_fd, size_bytes)
                     finally:
@@ -910,7 +917,20 @@ class ReflinkBackend:
             busy = sorted(set(origin_ids) & set(self._held))
             if busy:
                 raise errors.Unavailable(f"device {busy[0]} is held by another group snapshot; retry")
+        # Only a freeze holds an origin: one attached without a filesystem mounted from it here (raw
+        # block, or mounted in another mount namespace) is flushed, and its writers go on. One such
+        # origin is still of the group's instant (every other one is frozen while it is cloned);
+        # two are cloned at two instants, and a write on the second that depended on a write to
+        # the first after the first's clone breaks write order. The spec: hold, or fail.
+        unheld = [i for i in origin_ids if self._attached_unmounted(i)]
+        if len(unheld) > 1:
+            raise errors.FailedPrecondition(
+                f"devices {', '.join(map(str, unheld))} are in use without a filesystem mounted from "
+                "them on this node: their writes cannot be held at one instant on a reflink pool (only "
+                "a filesystem can be frozen); a group may hold at most one such volume"
+            )
         stacks: dict[int, contextlib.ExitStack] = {}
+        probes: dict[int, tuple[str, int]] = {}
         try:
             for origin_id in origin_ids:
                 origin = self._require_device(origin_id)
@@ -920,17 +940,61 @@ class ReflinkBackend:
                     fd = os.open(origin, os.O_RDONLY | os.O_CLOEXEC)
                     stack.callback(os.close, fd)
                     os.fsync(fd)  # as create_snap: the page cache first, so the freeze's flush is short
-                    stack.enter_context(self._consistent(origin))
+                    frozen = stack.enter_context(self._consistent(origin))
                     os.fsync(fd)  # what the freeze flushed through a buffered loop device
+                    if frozen is not None:  # to see, at its clone, that the freeze is still on
+                        mount_fd = os.open(frozen, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                        stack.callback(os.close, mount_fd)
+                        probes[origin_id] = (frozen, mount_fd)
                 except OSError as exc:
                     raise _oserror(f"hold device {origin_id} for a group snapshot", exc) from exc
             faults.reach("reflink:quiesce/frozen")
-        except BaseException:
-            for stack in reversed(stacks.values()):  # every path thaws what it froze
-                stack.close()
+        except BaseException as exc:
+            left: list[int] = []
+            for origin_id, stack in reversed(stacks.items()):  # every path thaws what it froze
+                try:
+                    stack.close()
+                except Exception:  # thaw the others all the same
+                    log.exception("event=thaw_failed pool=%s id=%d", self._name, origin_id)
+                    left.append(origin_id)
+            if left:
+                with self._held_guard:
+                    self._unthawed.update(left)
+                raise backend_mod.HoldLeft(
+                    f"group snapshot hold failed ({exc!r}) and devices {left} could not be thawed",
+                    origin_ids=left,
+                ) from exc
             raise
         with self._held_guard:
             self._held.update(stacks)
+            self._frozen_mounts.update(probes)
+
+    def _check_still_frozen(self, origin_id: int) -> None:
+        """After a held origin's clone: its filesystem must still be frozen. The kernel keeps no
+        count of who froze a filesystem, so someone else's FITHAW (`fsfreeze -u`) ends our freeze,
+        and writes went on between the group's instant and this clone. FIFREEZE answers EBUSY on a
+        frozen filesystem; one that succeeds has found it thawed (and froze it again: the release
+        thaws it)."""
+        with self._held_guard:
+            probe = self._frozen_mounts.get(origin_id)
+        if probe is None:
+            return
+        mount_point, fd = probe
+        try:
+            fcntl.ioctl(fd, FIFREEZE, 0)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                return  # still frozen
+            raise errors.Internal(f"freeze {mount_point}: {os.strerror(exc.errno or 0)}") from exc
+        raise errors.Unavailable(
+            f"filesystem at {mount_point} was thawed by someone else while the group snapshot held it: "
+            "its writes went on, the group would not be of one instant; retry"
+        )
+
+    def _attached_unmounted(self, origin_id: int) -> bool:
+        """Attached to a loop device, and no filesystem mounted from it is reachable here."""
+        dev = loop.find(self._require_device(origin_id))
+        return dev is not None and self._reachable_mount_of(dev) is None
 
     def release(self, origin_ids: Sequence[int], *, deadline: deadline_mod.Deadline) -> None:
         del deadline  # a thaw is never skipped for time: a frozen filesystem hangs its writers
@@ -938,24 +1002,32 @@ class ReflinkBackend:
         for origin_id in origin_ids:
             with self._held_guard:
                 stack = self._held.pop(origin_id, None)
+                self._frozen_mounts.pop(origin_id, None)
+                retry = origin_id in self._unthawed
             try:
                 if stack is not None:
                     stack.close()
-                else:  # held by a process that is gone, or a thaw that failed before: find it
+                elif retry:  # a thaw of ours that failed before: find the filesystem again
                     self._thaw_device(origin_id)
+                # else not held by this process: a freeze found now is someone else's, made since
+                # (one a killed process left was thawed by this process's assemble)
+                with self._held_guard:
+                    self._unthawed.discard(origin_id)
             except Exception as exc:  # thaw the others all the same
                 log.exception("event=thaw_failed pool=%s id=%d", self._name, origin_id)
+                with self._held_guard:
+                    self._unthawed.add(origin_id)
                 failure = failure or exc
         if failure is not None:
             raise failure
 
     @contextlib.contextmanager
-    def _consistent(self, origin: str) -> Iterator[None]:
-        """Make an attached origin's content stable: freeze a filesystem mounted from it, else flush
-        the loop device's page cache; an inactive origin needs nothing."""
+    def _consistent(self, origin: str) -> Iterator[str | None]:
+        """Make an attached origin's content stable: freeze a filesystem mounted from it (and yield
+        its mount point), else flush the loop device's page cache; an inactive origin needs nothing."""
         dev = loop.find(origin)
         if dev is None:
-            yield
+            yield None
             return
         mount = self._reachable_mount_of(dev)
         if mount is None:
@@ -972,10 +1044,10 @@ class ReflinkBackend:
                 os.fsync(fd)  # raw block use: push the block device's dirty pages into the file
             finally:
                 os.close(fd)
-            yield
+            yield None
             return
         with _frozen(mount.mount_point, dev=os.stat(dev).st_rdev):
-            yield
+            yield mount.mount_point
 
     def _reachable_mount_of(self, dev: str) -> Mount | None:
         """A mount of `dev` whose path reaches its filesystem: a mount of it can be covered by

@@ -129,3 +129,16 @@ def test_refusals_change_nothing(d: h.Driver) -> None:
         assert h.code_of(call) == code
     assert (sorted(map(repr, d.engine.list())), d.engine.store.transaction_id()) == before
     assert d.backend.held() == []
+
+
+def test_a_retried_create_returns_the_group_after_a_source_is_gone(d: h.Driver) -> None:
+    """The CO retries CreateVolumeGroupSnapshot when it lost the answer (a sidecar restart), and a
+    source volume may be deleted in between (snapshots outlive their volumes). The group was cut:
+    the retry must return it (the spec: idempotent, the group made once), as CreateSnapshot does,
+    not NOT_FOUND, which leaves the group's snapshots behind with no one knowing their ids."""
+    a, b = volumes(d, "a", "b")
+    g = create(d, "g", [a, b])
+    d.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=b))
+    assert create(d, "g", [a, b]) == g
+    # a group that does not exist yet still needs every source
+    assert h.code_of(lambda: create(d, "h", [a, b])) == S.NOT_FOUND

@@ -4,6 +4,7 @@ own pool; every mount and loop device under the temp dir is removed after it, ev
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pathlib
@@ -109,3 +110,139 @@ def test_group_snapshot_of_a_filesystem_someone_else_froze(harness: enginesuite.
     assert e.get_group("g") == []
     enginesuite.check_consistent(e, before=before)
     assert len(e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())) == 2
+
+
+def test_group_snapshot_of_two_raw_block_origins_is_refused(harness: enginesuite.Harness) -> None:
+    """A loop device in use without a filesystem mounted from it (a raw block volume) cannot be held:
+    nothing blocks its writes, the hold only flushes it. With two such origins in a group, a writer
+    goes on between the two clones, and the members are of two instants: a database that wrote its
+    log on `a` (after `a` was cloned) and then, that write durable, its data on `b` (before `b` was)
+    restores with the data and without the log it depends on. The spec: a group snapshot MUST give a
+    write-order consistency guarantee or fail. With at most one such origin and every other one
+    frozen it holds (nothing else changes while the one unheld origin is cloned): that is made."""
+    e = harness.open()
+    raw = []
+    for name in ("a", "b"):
+        dev = e.activate(
+            e.create_volume(name, 32 * model.MiB, deadline=enginesuite.dl()).name, deadline=enginesuite.dl()
+        )
+        assert dev.path is not None
+        blockio.write_at(dev.path, 0, b"one")
+        raw.append(dev.path)
+    before = enginesuite.committed(e)
+    clones: list[str] = []
+
+    def writer(point: str) -> None:  # the database, right after the first member was cloned
+        if point == "reflink:create_snap/cloned" and not clones:
+            clones.append(point)
+            blockio.write_at(raw[0], 0, b"two")  # the log
+            blockio.write_at(raw[1], 0, b"two")  # the data that needs it, written once it is durable
+
+    with enginesuite.hooked(writer):
+        try:
+            g = e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+        except errors.FailedPrecondition as exc:
+            assert "cannot be held" in str(exc)
+            g = []
+    if g:  # made: show what it holds
+        got = []
+        for member in g:
+            clone = e.activate(
+                e.clone(f"{member.name}-r", member.name, 32 * model.MiB, deadline=enginesuite.dl()).name,
+                deadline=enginesuite.dl(),
+            )
+            assert clone.path is not None
+            got.append(blockio.read_at(clone.path, 0, 3))
+        pytest.fail(f"a group of two raw block origins was made, of two instants: a={got[0]!r} b={got[1]!r}")
+    assert clones == [] and e.get_group("g") == [] and harness.leftovers(e) == []
+    enginesuite.check_consistent(e, before=before)
+    # one raw origin beside a mounted one: held at one instant, made
+    dev = e.activate(
+        e.create_volume("c", 32 * model.MiB, deadline=enginesuite.dl()).name, deadline=enginesuite.dl()
+    )
+    assert dev.path is not None
+    harness.mount_new_fs(dev.path)
+    made = e.create_group_snapshot("h", [("h-c", "c"), ("h-a", "a")], deadline=enginesuite.dl())
+    assert [d.name for d in made] == ["h-c", "h-a"] and harness.frozen_mounts() == []
+
+
+def test_a_stale_group_resolved_later_keeps_a_freeze_someone_made_since(
+    harness: enginesuite.Harness,
+) -> None:
+    """A group whose undo failed after it had let go (a member's delete failed) stays open, and the
+    next fenced call resolves it. Its origins were thawed long ago; an operator has frozen one since
+    (fsfreeze, for a backup of their own). Resolving the group must not end that freeze: the backend
+    lets go only of what it holds, or failed to let go of (a restart's assemble thaws the rest)."""
+    e = harness.open()
+    mounts = []
+    for name in ("a", "b"):
+        dev = e.activate(
+            e.create_volume(name, 32 * model.MiB, deadline=enginesuite.dl()).name, deadline=enginesuite.dl()
+        )
+        assert dev.path is not None
+        mounts.append(harness.mount_new_fs(dev.path))
+    failed: list[str] = []
+
+    def fail(point: str) -> None:
+        if (
+            point in ("create_group_snapshot/fence", "create_group_snapshot/undo:create_snap")
+            and point not in failed
+        ):
+            failed.append(point)
+            raise enginesuite.InjectedFault(point)
+
+    with enginesuite.hooked(fail), pytest.raises(enginesuite.InjectedFault):
+        e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+    assert [i.op for i in e.intents()] == ["create_group_snapshot"], "the failed undo leaves it open"
+    assert harness.frozen_mounts() == []
+    fd = os.open(mounts[0], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, enginesuite.FIFREEZE, 0)
+        try:
+            e.create_volume("c", 2 * model.MiB, deadline=enginesuite.dl())  # resolves the group first
+            assert e.intents() == [] and e.get_group("g") == []
+            assert harness.frozen_mounts() == [mounts[0]], "the operator's freeze was ended"
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, enginesuite.FITHAW, 0)
+    finally:
+        os.close(fd)
+
+
+def test_a_filesystem_thawed_by_someone_else_during_the_hold_fails_the_group(
+    harness: enginesuite.Harness,
+) -> None:
+    """A mount we do not own: someone else may end our freeze (`fsfreeze -u`, or a backup tool whose
+    own freeze failed EBUSY cleaning up) while the group holds it; the kernel keeps no count of who
+    froze. Writes then go on between the freeze and the clone, and the member is not of the group's
+    instant: the group must fail (and be undone), not be reported as one instant."""
+    e = harness.open()
+    mounts = []
+    for name in ("a", "b"):
+        dev = e.activate(
+            e.create_volume(name, 32 * model.MiB, deadline=enginesuite.dl()).name, deadline=enginesuite.dl()
+        )
+        assert dev.path is not None
+        mounts.append(harness.mount_new_fs(dev.path))
+    before = enginesuite.committed(e)
+    thawed: list[str] = []
+
+    def thaw_and_write(point: str) -> None:  # right before the first member's clone
+        if point == "reflink:create_snap/frozen" and not thawed:
+            thawed.append(point)
+            fd = os.open(mounts[0], os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.ioctl(fd, enginesuite.FITHAW, 0)
+            finally:
+                os.close(fd)
+            with open(os.path.join(mounts[0], "after"), "wb") as f:
+                f.write(b"written while the group held")
+                os.fsync(f.fileno())
+
+    with (
+        enginesuite.hooked(thaw_and_write),
+        pytest.raises(errors.Unavailable, match="thawed by someone else"),
+    ):
+        e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+    assert thawed and e.get_group("g") == [] and harness.frozen_mounts() == []
+    enginesuite.check_consistent(e, before=before)

@@ -14,6 +14,7 @@ from csi_thin import config, errors, model
 from csi_thin import deadline as deadline_mod
 from csi_thin.dm import errors as dm_errors
 from csi_thin.dm import ioctl, thintools
+from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import dmthin
 
 MiB, GiB, KiB = model.MiB, model.GiB, model.KiB
@@ -261,3 +262,44 @@ def test_resize_never_shrinks_an_active_device() -> None:
     assert ctl.calls == []
     be.resize(3, 96 * MiB, deadline=deadline_mod.Deadline.after(10))  # growing still reloads
     assert ctl.calls == [("load", f"csi-thin-fast-3 {96 * MiB // 512}"), ("resume", "csi-thin-fast-3")]
+
+
+class _ActiveOrigins(_LeftoverDevices):
+    """Active thin devices 1..n; suspend of `fail_suspend` fails, and so does the first resume of
+    `fail_resume` (a resume can fail: ENOMEM, a table the kernel refuses on the swap)."""
+
+    def __init__(self, n: int, *, fail_suspend: int, fail_resume: int) -> None:
+        super().__init__(
+            [_dev_info(f"csi-thin-fast-{i}", f"CSI-THIN-fast-{i}", live=True) for i in range(1, n + 1)]
+        )
+        self.fail_suspend = f"csi-thin-fast-{fail_suspend}"
+        self.fail_resume = f"csi-thin-fast-{fail_resume}"
+
+    def suspend(self, name: str) -> None:
+        if name == self.fail_suspend:
+            raise dm_errors.DmError(f"suspend {name}: injected")
+        self.calls.append(("suspend", name))
+
+    def resume(self, name: str) -> None:
+        if name == self.fail_resume:
+            self.fail_resume = ""
+            raise dm_errors.DmError(f"resume {name}: injected")
+        self.calls.append(("resume", name))
+
+
+def test_a_failed_quiesce_resumes_every_origin_it_suspended_and_names_what_it_could_not() -> None:
+    """A group's hold that fails half-way lets go of what it suspended. When one resume fails too,
+    the others are resumed all the same (a suspended origin hangs every writer), and the failure
+    names the origins still held, so that the engine's undo tries them again instead of closing the
+    group as undone with an origin left suspended."""
+    ctl = _ActiveOrigins(3, fail_suspend=3, fail_resume=2)
+    be = dmthin.DmThinBackend(_cfg(), control=ctl)  # type: ignore[arg-type]
+    be._require_writable = lambda what: None  # type: ignore[method-assign]
+    with pytest.raises(backend_mod.HoldLeft) as exc:
+        be.quiesce([1, 2, 3], deadline=deadline_mod.Deadline.after(10))
+    assert exc.value.origin_ids == (2,)
+    assert ctl.calls == [
+        ("suspend", "csi-thin-fast-1"),
+        ("suspend", "csi-thin-fast-2"),
+        ("resume", "csi-thin-fast-1"),
+    ]

@@ -120,3 +120,48 @@ def test_changed_block_reads_hold_no_claim_and_notice_a_delete_meanwhile(
     with pytest.raises(errors.OutOfRange):
         e.allocated("s1", starting_offset=4 * enginesuite.MiB + 1, deadline=dl())
     assert len(calls) == n
+
+
+def test_an_origin_a_failed_hold_left_held_is_let_go_by_the_undo(
+    harness: enginesuite.Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's hold fails, and letting go fails too for one origin (HoldLeft: a resume or a thaw
+    that failed). The undo must try that origin again before it closes the group as undone: closed,
+    nothing in the journal says the origin is held, and every writer on it hangs until a restart."""
+    e = harness.open()
+    for name in ("a", "b"):
+        e.create_volume(name, 2 * model.MiB, deadline=enginesuite.dl())
+        e.activate(name, deadline=enginesuite.dl())
+    before = enginesuite.committed(e)
+    backend = e.backend
+    assert isinstance(backend, fakes.FakeBackend)
+    quiesce = backend.quiesce
+
+    def half_let_go(origin_ids: list[int], *, deadline: deadline_mod.Deadline) -> None:
+        quiesce(origin_ids, deadline=deadline)
+        backend.release(origin_ids[:1], deadline=deadline)  # the first resumed, the second not
+        raise backend_mod.HoldLeft("injected", origin_ids=origin_ids[1:])
+
+    monkeypatch.setattr(backend, "quiesce", half_let_go)
+    with pytest.raises(backend_mod.HoldLeft):
+        e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+    assert backend.held() == [], "an origin stays held after the group was undone"
+    assert e.intents() == [] and e.get_group("g") == []
+    enginesuite.check_consistent(e, before=before)
+
+
+def test_a_group_with_a_member_in_use_is_not_deleted_in_part(harness: enginesuite.Harness) -> None:
+    """DeleteVolumeGroupSnapshot of a group one of whose members is active (in use: FAILED_PRECONDITION,
+    the spec's "Volume group snapshot in use") refuses the group whole: deleting the members before
+    it one by one left a group of fewer snapshots than the CO knows, none of it asked for."""
+    e = harness.open()
+    for name in ("a", "b"):
+        e.create_volume(name, 2 * model.MiB, deadline=enginesuite.dl())
+    g = e.create_group_snapshot("g", [("g-a", "a"), ("g-b", "b")], deadline=enginesuite.dl())
+    e.activate("g-b", deadline=enginesuite.dl())
+    with pytest.raises(errors.FailedPrecondition, match="g-b"):
+        e.delete_group_snapshot("g", deadline=enginesuite.dl())
+    assert [d.name for d in e.get_group("g")] == [d.name for d in g]
+    e.deactivate("g-b", deadline=enginesuite.dl())
+    e.delete_group_snapshot("g", deadline=enginesuite.dl())
+    assert e.get_group("g") == []
