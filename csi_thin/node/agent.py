@@ -661,6 +661,10 @@ class Agent:
             return
         dev = self._engine.get(ts.name) or self._adopt_late(ts, _snapshot_record(ts), deadline=dl)
         if dev is None:
+            if ts.spec.group and self._group_gone(ts.spec.group):
+                # its device went with its group (deleted first, every member in one mutation); its
+                # object is deleted next: not a lost device
+                return
             if ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST):
                 self._lost(ts, "its device is not in the pool", deadline=dl)
                 return
@@ -691,6 +695,12 @@ class Agent:
         if dev.state != model.DeviceState.READY:
             raise errors.OperationPending(f"{ts.name} is {dev.state.value}")
         self._snapshot_ready(ts, dev, deadline=dl)
+
+    def _group_gone(self, group: str) -> bool:
+        """The group object is gone or being deleted (as this agent has it)."""
+        with self._lock:
+            tg = self._groups.get(group)
+        return tg is None or tg.meta.deleting
 
     def _snapshot_ready(
         self, ts: res.ThinSnapshot, dev: model.Device, *, deadline: deadline_mod.Deadline
