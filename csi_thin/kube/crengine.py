@@ -390,6 +390,13 @@ class CrEngine:
     ) -> builtins.list[model.Device]:
         """Every (snapshot name, source volume) cut at one instant, on the sources' node; the member
         snapshots in the order given. A retry finds what its first attempt wrote and waits again."""
+        if len(members) > res.MAX_GROUP_MEMBERS:
+            # before any member is written: the group object would be refused after them, and
+            # nothing would ever name (and delete) those members
+            raise errors.InvalidArgument(
+                f"group snapshot {group!r}: {len(members)} volumes; a group holds at most "
+                f"{res.MAX_GROUP_MEMBERS}"
+            )
         vols = [self._api.get(res.ThinVolume, source, deadline=deadline) for _, source in members]
         nodes = sorted({v.spec.node_name for v in vols})
         if len(nodes) != 1:

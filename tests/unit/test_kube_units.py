@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import kubernetes
 import pytest
+import yaml
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, metrics, model
@@ -567,3 +569,18 @@ def test_a_group_across_nodes_is_refused_before_anything_is_written() -> None:
     assert "v-a on n1" in info.value.message and "v-b on n2" in info.value.message
     with pytest.raises(errors.NotFound):
         cr.create_group_snapshot("g-1", [("s-1", "v-a"), ("s-2", "v-gone")], deadline=dl())
+
+
+def test_a_group_larger_than_its_object_allows_is_refused_before_anything_is_written() -> None:
+    """The ThinGroupSnapshot CRD holds at most MAX_GROUP_MEMBERS members: a bigger group must be
+    refused before its member ThinSnapshots are written (else they stay forever: no group object
+    ever names them, and the failed create leaves no handle for a delete)."""
+    crd = pathlib.Path(__file__).parents[2] / "charts/csi-thin/crds/thingroupsnapshots.yaml"
+    schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert schema["properties"]["spec"]["properties"]["members"]["maxItems"] == res.MAX_GROUP_MEMBERS
+    n = res.MAX_GROUP_MEMBERS + 1
+    spec = res.VolumeSpec("n1", "p", MiB)
+    vols = [res.ThinVolume(meta=res.Meta(name=f"v-{i}"), spec=spec) for i in range(n)]
+    cr = crengine.CrEngine(_VolumesApi(*vols))  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgument, match=f"{n} volumes"):
+        cr.create_group_snapshot("g-1", [(f"s-{i}", f"v-{i}") for i in range(n)], deadline=dl())
