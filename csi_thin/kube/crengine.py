@@ -434,9 +434,12 @@ class CrEngine:
         try:
             self._settle("create_group_snapshot", res.ThinGroupSnapshot, existing, deadline=deadline)
         except errors.CsiThinError as exc:
-            if not isinstance(exc, errors.OperationPending | errors.DeadlineExceeded):
-                # the group failed as a whole (nothing was cut): its members go too, so that a retry
-                # starts afresh
+            if not isinstance(exc, errors.OperationPending | errors.DeadlineExceeded) and self._withdrawn(
+                group, deadline=deadline
+            ):
+                # the group failed as a whole (nothing was cut) and its object went: its members go
+                # too, so that a retry starts afresh. Not after an error of the wait itself (the API
+                # server's): the group lives on, and its node waits for every member to cut it
                 self._drop_members(group, spec.members, deadline=deadline)
             raise
         return self._members(group, spec.members, deadline=deadline)
@@ -522,6 +525,16 @@ class CrEngine:
                 )
             out.append(snapshot_device(ts))
         return out
+
+    def _withdrawn(self, group: str, *, deadline: deadline_mod.Deadline) -> bool:
+        """The group object is gone or being deleted (as the API server has it now); False when
+        that cannot be read."""
+        try:
+            obj = self._api.find(res.ThinGroupSnapshot, group, deadline=deadline)
+        except errors.CsiThinError as exc:
+            log.warning("event=group-unread name=%s error=%s action=members-kept", group, exc)
+            return False
+        return obj is None or obj.meta.deleting
 
     def _drop_members(
         self, group: str, members: Sequence[res.Member], *, deadline: deadline_mod.Deadline
