@@ -675,6 +675,11 @@ class Agent:
             if ts.spec.group or (
                 ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation
             ):
+                if ts.spec.group:
+                    # its group waits for every member: one seen now (late, or made again after it
+                    # vanished under the group's reconcile, which nothing else reconciles again)
+                    # lets it go on
+                    self._queue.put((res.Kind.GROUP, ts.spec.group))
                 return
             ts = self._claim(ts, deadline=dl)
             try:
