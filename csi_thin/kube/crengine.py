@@ -401,6 +401,13 @@ class CrEngine:
     ) -> builtins.list[model.Device]:
         """Every (snapshot name, source volume) cut at one instant, on the sources' node; the member
         snapshots in the order given. A retry finds what its first attempt wrote and waits again."""
+        if len(members) > res.MAX_GROUP_MEMBERS:
+            # before any member is written: the group object would be refused after them, and
+            # nothing would ever name (and delete) those members
+            raise errors.InvalidArgument(
+                f"group snapshot {group!r}: {len(members)} volumes; a group holds at most "
+                f"{res.MAX_GROUP_MEMBERS}"
+            )
         vols = [self._api.get(res.ThinVolume, source, deadline=deadline) for _, source in members]
         nodes = sorted({v.spec.node_name for v in vols})
         if len(nodes) != 1:
@@ -438,9 +445,12 @@ class CrEngine:
         try:
             self._settle("create_group_snapshot", res.ThinGroupSnapshot, existing, deadline=deadline)
         except errors.CsiThinError as exc:
-            if not isinstance(exc, errors.OperationPending | errors.DeadlineExceeded):
-                # the group failed as a whole (nothing was cut): its members go too, so that a retry
-                # starts afresh
+            if not isinstance(exc, errors.OperationPending | errors.DeadlineExceeded) and self._withdrawn(
+                group, deadline=deadline
+            ):
+                # the group failed as a whole (nothing was cut) and its object went: its members go
+                # too, so that a retry starts afresh. Not after an error of the wait itself (the API
+                # server's): the group lives on, and its node waits for every member to cut it
                 self._drop_members(group, spec.members, deadline=deadline)
             raise
         return self._members(group, spec.members, deadline=deadline)
@@ -526,6 +536,16 @@ class CrEngine:
                 )
             out.append(snapshot_device(ts))
         return out
+
+    def _withdrawn(self, group: str, *, deadline: deadline_mod.Deadline) -> bool:
+        """The group object is gone or being deleted (as the API server has it now); False when
+        that cannot be read."""
+        try:
+            obj = self._api.find(res.ThinGroupSnapshot, group, deadline=deadline)
+        except errors.CsiThinError as exc:
+            log.warning("event=group-unread name=%s error=%s action=members-kept", group, exc)
+            return False
+        return obj is None or obj.meta.deleting
 
     def _drop_members(
         self, group: str, members: Sequence[res.Member], *, deadline: deadline_mod.Deadline

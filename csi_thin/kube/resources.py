@@ -413,6 +413,10 @@ class ThinSnapshot:
 # ---- ThinGroupSnapshot ---------------------------------------------------------------------------
 
 
+#: the most members a ThinGroupSnapshot holds (its CRD's spec.members maxItems)
+MAX_GROUP_MEMBERS = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class Member:
     """One snapshot of a group: its id (a ThinSnapshot of that name, `spec.group` naming the group)

@@ -664,7 +664,10 @@ class Agent:
             return
         dev = self._engine.get(ts.name) or self._adopt_late(ts, _snapshot_record(ts), deadline=dl)
         if dev is None:
-            if ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST):
+            # a member's device goes with its group (deleted first, every member in one mutation),
+            # its object next: while its group is gone or going, a missing device is not lost
+            went = bool(ts.spec.group) and self._group_gone(ts.spec.group)
+            if not went and (ts.status.device_id or ts.status.phase in (res.Phase.READY, res.Phase.LOST)):
                 self._lost(ts, "its device is not in the pool", deadline=dl)
                 return
             if ts.name in self._collected:
@@ -675,6 +678,11 @@ class Agent:
             if ts.spec.group or (
                 ts.status.phase == res.Phase.FAILED and ts.status.observed_generation >= ts.meta.generation
             ):
+                if ts.spec.group:
+                    # its group waits for every member: one seen now (late, or made again after it
+                    # vanished under the group's reconcile, which nothing else reconciles again)
+                    # lets it go on
+                    self._queue.put((res.Kind.GROUP, ts.spec.group))
                 return
             ts = self._claim(ts, deadline=dl)
             try:
@@ -694,6 +702,12 @@ class Agent:
         if dev.state != model.DeviceState.READY:
             raise errors.OperationPending(f"{ts.name} is {dev.state.value}")
         self._snapshot_ready(ts, dev, deadline=dl)
+
+    def _group_gone(self, group: str) -> bool:
+        """The group object is gone or being deleted (as this agent has it)."""
+        with self._lock:
+            tg = self._groups.get(group)
+        return tg is None or tg.meta.deleting
 
     def _snapshot_ready(
         self, ts: res.ThinSnapshot, dev: model.Device, *, deadline: deadline_mod.Deadline
@@ -1027,9 +1041,10 @@ class Agent:
 
     def gc_orphans(self, *, grace_seconds: float, deadline: deadline_mod.Deadline) -> GcReport:
         """Delete what has been an orphan for `grace_seconds` or more, each one only after a fresh read
-        from the API server shows that no ThinVolume or ThinSnapshot names it (this agent's watch
-        cache may lag: a CR restored a moment ago must still save its device). Nothing a CR names is
-        ever deleted; an active device is kept. Idempotent: a second run finds nothing more to do.
+        from the API server shows that no ThinVolume, ThinSnapshot or ThinGroupSnapshot names it (this
+        agent's watch cache may lag: a CR restored a moment ago must still save its device). Nothing a
+        CR names is ever deleted; an active device is kept. Idempotent: a second run finds nothing
+        more to do.
 
         The grace clock runs in this process (`_orphan_since`): a restart restarts it. A first-seen
         time kept across restarts would count time that nobody watched (the agent down while, say,
@@ -1102,9 +1117,9 @@ class Agent:
         )
 
     def _owner(self, orphan: str, *, deadline: deadline_mod.Deadline) -> str:
-        """Which CR names this orphan, by name or by its status.deviceId; "" when none does. Read
-        from the API server now: a get and a list without a resourceVersion are consistent reads
-        (as fresh as etcd), not this agent's cache."""
+        """Which CR names this orphan, by name, as a group's member or by its status.deviceId; ""
+        when none does. Read from the API server now: a get and a list without a resourceVersion
+        are consistent reads (as fresh as etcd), not this agent's cache."""
         if orphan.startswith(ID_PREFIX):
             dev_id = int(orphan[len(ID_PREFIX) :])
         else:
@@ -1117,6 +1132,13 @@ class Agent:
             for obj in (vol, snap):
                 if obj is not None:
                     return f"{obj.kind.value} {orphan} (node {obj.spec.node_name})"
+            # a group member whose ThinSnapshot was removed by force is still its group's: deleting
+            # the group deletes it (by its record's group), and the group's snapshot is incomplete
+            # without it
+            groups, _ = self._api.list(res.ThinGroupSnapshot, deadline=deadline, node=self._node)
+            for tg in groups:
+                if any(m.snapshot == orphan for m in tg.spec.members):
+                    return f"{tg.kind.value} {tg.name} (a member of it)"
         vols, _ = self._api.list(res.ThinVolume, deadline=deadline, node=self._node)
         snaps, _ = self._api.list(res.ThinSnapshot, deadline=deadline, node=self._node)
         named: list[res.ThinVolume | res.ThinSnapshot] = [*vols, *snaps]

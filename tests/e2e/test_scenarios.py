@@ -398,7 +398,19 @@ def test_9_group_snapshot(driver: Driver) -> None:
     }
     assert sorted(members) == ["db-data", "db-wal"], sorted(members)
     for pvc in ("db-data", "db-wal"):
-        vs = members[pvc]
+        # the snapshot-controller syncs each member VolumeSnapshot's status on its own, after the
+        # group's: the group readyToUse does not mean both members say so yet (seen: db-wal's
+        # readyToUse false right after the group's wait)
+        name = members[pvc]["metadata"]["name"]
+        c.kubectl(
+            "wait",
+            "-n",
+            NS,
+            "--for=jsonpath={.status.readyToUse}=true",
+            f"volumesnapshot/{name}",
+            "--timeout=60s",
+        )
+        vs = c.get("volumesnapshot", name, "-n", NS)
         assert vs["status"]["readyToUse"] and vs["status"]["volumeGroupSnapshotName"] == "db"
         source = {
             "apiGroup": "snapshot.storage.k8s.io",

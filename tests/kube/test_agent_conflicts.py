@@ -73,3 +73,51 @@ def test_status_conflicts_are_reread_and_redone(kube: kubeenv.KubeEnv, engine: e
             api.set_finalizers(got, (), deadline=dl)
         api.delete(res.ThinVolume, name, deadline=dl)
         engine.delete(name, deadline=dl)
+
+
+def test_a_group_whose_member_vanished_goes_on_when_it_is_back(
+    kube: kubeenv.KubeEnv, engine: engine_mod.PoolEngine
+) -> None:
+    """Step by step: the group's reconcile takes up the group, then finds a member gone from the
+    API server (its cached copy stale: NotFound). The member made again (the controller's retry
+    writes it before it waits) must let the group go on: it is what the group waits for, and nothing
+    else reconciles the group again (its object does not change)."""
+    api = client_mod.Client(kube.api_client())
+    node = f"nc-{uuid.uuid4().hex[:6]}"
+    dl = deadline_mod.Deadline.after(60)
+    vol, member, group = f"v-pvc-{node}", f"sh-{node}", f"g-{node}"
+    mspec = res.SnapshotSpec(node_name=node, pool="p", source_volume=vol, group=group)
+    gspec = res.GroupSpec(node_name=node, pool="p", members=(res.Member(snapshot=member, source_volume=vol),))
+    engine.create_volume(vol, 1 << 26, deadline=dl)
+    agent = agent_mod.Agent(api=api, engine=engine, node=node, pool="p", overprovision_ratio=10.0)
+    try:
+        agent._volumes[vol] = api.create(
+            res.ThinVolume(meta=res.Meta(name=vol), spec=res.VolumeSpec(node, "p", 1 << 26)), deadline=dl
+        )
+        agent._snapshots[member] = api.create(
+            res.ThinSnapshot(meta=res.Meta(name=member), spec=mspec), deadline=dl
+        )
+        agent._groups[group] = api.create(
+            res.ThinGroupSnapshot(meta=res.Meta(name=group), spec=gspec), deadline=dl
+        )
+        api.delete(res.ThinSnapshot, member, deadline=dl)  # the agent's copy is now stale
+        agent._reconcile_key((res.Kind.GROUP, group))
+        assert engine.get(member) is None
+        # made again, and seen by the agent's watch
+        again = api.create(res.ThinSnapshot(meta=res.Meta(name=member), spec=mspec), deadline=dl)
+        agent._seen_snapshot(again, False)
+        while not agent._queue.empty():
+            key = agent._queue.get()
+            assert key is not None
+            agent._reconcile_key(key)
+        tg = api.get(res.ThinGroupSnapshot, group, deadline=dl)
+        assert tg.status.phase == res.Phase.READY, tg.status
+        assert engine.get(member) is not None
+    finally:
+        for cls, name in ((res.ThinGroupSnapshot, group), (res.ThinSnapshot, member), (res.ThinVolume, vol)):
+            got = api.find(cls, name, deadline=dl)  # type: ignore[arg-type]
+            if got is not None:
+                api.set_finalizers(got, (), deadline=dl)
+            api.delete(cls, name, deadline=dl)  # type: ignore[arg-type]
+        engine.delete_group_snapshot(group, deadline=dl)
+        engine.delete(vol, deadline=dl)

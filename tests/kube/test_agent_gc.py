@@ -84,3 +84,37 @@ def test_gc_checks_each_orphan_against_a_fresh_read(kube: kubeenv.KubeEnv, tmp_p
             api.delete(res.ThinVolume, name, deadline=dl)
         problems = demo.cleanup(tmp_path, path)
         assert not problems, problems
+
+
+def test_gc_keeps_a_member_its_group_names(kube: kubeenv.KubeEnv, tmp_path: pathlib.Path) -> None:
+    """A group member whose ThinSnapshot was removed by force is still its group's: the
+    ThinGroupSnapshot (read afresh) names it, and deleting the group deletes it. gc keeps it."""
+    api = client_mod.Client(kube.api_client())
+    node = f"ng-{uuid.uuid4().hex[:6]}"
+    dl = deadline_mod.Deadline.after(120)
+    vol, member, group = f"v-pvc-{node}", f"sh-{node}-m", f"g-{node}"
+    path = _pool_yaml(tmp_path, "1GiB")
+    cfg = config.load_pool(str(path))
+    try:
+        with app.open_engine(cfg) as eng:
+            eng.create_volume(vol, 64 * MiB, deadline=dl)
+            eng.create_group_snapshot(group, [(member, vol)], deadline=dl)
+            vspec = res.VolumeSpec(node_name=node, pool="p", size_bytes=64 * MiB)
+            api.create(res.ThinVolume(meta=res.Meta(name=vol), spec=vspec), deadline=dl)
+            spec = res.GroupSpec(
+                node_name=node, pool="p", members=(res.Member(snapshot=member, source_volume=vol),)
+            )
+            api.create(res.ThinGroupSnapshot(meta=res.Meta(name=group), spec=spec), deadline=dl)
+            agent = agent_mod.Agent(api=api, engine=eng, node=node, pool="p", overprovision_ratio=10.0)
+            report = agent.gc_orphans(grace_seconds=0, deadline=dl)
+            kept = {k.name: k.reason for k in report.kept}
+            assert report.deleted == () and set(kept) == {vol, member}, report
+            assert kept[member].startswith(f"ThinGroupSnapshot {group}"), report
+            assert eng.get(member) is not None
+            eng.delete_group_snapshot(group, deadline=dl)
+            eng.delete(vol, deadline=dl)
+    finally:
+        api.delete(res.ThinVolume, vol, deadline=dl)
+        api.delete(res.ThinGroupSnapshot, group, deadline=dl)
+        problems = demo.cleanup(tmp_path, path)
+        assert not problems, problems

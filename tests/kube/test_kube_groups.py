@@ -199,3 +199,36 @@ def test_node_agent_killed_mid_group(cluster: Cluster, tmp_path: pathlib.Path, p
     # the member holds what the mounted filesystem held then, unsynced as it was (the freeze syncs)
     restored = ctl.CreateVolume(_restore("r-data", by_source[data.volume_id], a)).volume
     assert _read(c, "a", restored, tmp_path / "rd") == "the data"
+
+
+def test_group_delete_marks_no_member_lost(cluster: Cluster) -> None:
+    """Deleting a group deletes its members' devices first (in one mutation), then their objects:
+    in between, a member whose device went with its group is not a lost device (no DeviceLost
+    Warning, no Lost status: an alert for every group deleted)."""
+    c = cluster
+    a = c.nodes["a"].name
+    ctl, grp = c.controller(), _groups(c)
+    data = ctl.CreateVolume(create_req("pvc-ld", 64 * MiB, requisite=[a], preferred=[a])).volume
+    wal = ctl.CreateVolume(create_req("pvc-lw", 64 * MiB, requisite=[a], preferred=[a])).volume
+    gs = grp.CreateVolumeGroupSnapshot(_group_req("vgs-l", data, wal)).group_snapshot
+    members = sorted(s.snapshot_id for s in gs.snapshots)
+    # the controller's first step of a delete: the group object, and the node deletes the devices
+    c.api.delete_cluster_custom_object(G, V, "thingroupsnapshots", gs.group_snapshot_id)
+    end = time.monotonic() + 60
+    while c.cr("thingroupsnapshots", gs.group_snapshot_id) is not None:
+        assert time.monotonic() < end, "the group object did not go"
+        time.sleep(0.1)
+    assert c.devices("a") == sorted([data.volume_id, wal.volume_id])
+    # a later create on the node: its agent (one reconcile at a time, in order) has handled the
+    # members it queued when the group went
+    ctl.CreateVolume(create_req("pvc-sync", 64 * MiB, requisite=[a], preferred=[a]))
+    for m in members:
+        ts = c.cr("thinsnapshots", m)
+        assert ts is not None and ts["status"]["phase"] != "Lost", ts
+    events = kubernetes.client.EventsV1Api(c.env.api_client()).list_namespaced_event("default").items
+    lost = [e.regarding.name for e in events if e.reason == "DeviceLost" and e.regarding.name in members]
+    assert lost == [], lost
+    grp.DeleteVolumeGroupSnapshot(
+        csi_pb2.DeleteVolumeGroupSnapshotRequest(group_snapshot_id=gs.group_snapshot_id, snapshot_ids=members)
+    )
+    assert all(c.cr("thinsnapshots", m) is None for m in members)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import kubernetes
 import pytest
+import yaml
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, metrics, model
@@ -567,3 +569,80 @@ def test_a_group_across_nodes_is_refused_before_anything_is_written() -> None:
     assert "v-a on n1" in info.value.message and "v-b on n2" in info.value.message
     with pytest.raises(errors.NotFound):
         cr.create_group_snapshot("g-1", [("s-1", "v-a"), ("s-2", "v-gone")], deadline=dl())
+
+
+def test_a_group_larger_than_its_object_allows_is_refused_before_anything_is_written() -> None:
+    """The ThinGroupSnapshot CRD holds at most MAX_GROUP_MEMBERS members: a bigger group must be
+    refused before its member ThinSnapshots are written (else they stay forever: no group object
+    ever names them, and the failed create leaves no handle for a delete)."""
+    crd = pathlib.Path(__file__).parents[2] / "charts/csi-thin/crds/thingroupsnapshots.yaml"
+    schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert schema["properties"]["spec"]["properties"]["members"]["maxItems"] == res.MAX_GROUP_MEMBERS
+    n = res.MAX_GROUP_MEMBERS + 1
+    spec = res.VolumeSpec("n1", "p", MiB)
+    vols = [res.ThinVolume(meta=res.Meta(name=f"v-{i}"), spec=spec) for i in range(n)]
+    cr = crengine.CrEngine(_VolumesApi(*vols))  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgument, match=f"{n} volumes"):
+        cr.create_group_snapshot("g-1", [(f"s-{i}", f"v-{i}") for i in range(n)], deadline=dl())
+
+
+class _GroupWaitFailsApi(_VolumesApi):
+    """Writes the members and the group; then every read of the group is refused (an API server
+    error while the controller waits, not the node's verdict). Records deletes."""
+
+    def __init__(self, *volumes: res.ThinVolume) -> None:
+        super().__init__(*volumes)
+        self.made: dict[str, Any] = {}
+        self.deleted: list[str] = []
+
+    def create(self, obj: Any, *, deadline: deadline_mod.Deadline) -> Any:
+        made = dataclasses.replace(
+            obj, meta=dataclasses.replace(obj.meta, uid=f"u-{obj.name}", resource_version="1")
+        )
+        self.made[obj.name] = made
+        return made
+
+    def find(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline) -> Any:
+        if cls is res.ThinGroupSnapshot and name in self.made:
+            raise client_mod.Forbidden(f"get thingroupsnapshots {name}: refused")
+        return self.made.get(name)
+
+    def delete(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline, **_: Any) -> None:
+        self.deleted.append(name)
+
+
+def test_a_group_whose_wait_fails_keeps_its_members() -> None:
+    """Only the node's verdict (the group Failed, and withdrawn) takes the members away: after an
+    API server error during the wait the group object lives on, and without its members its node
+    could never cut it (it waits for them) nor a retry find them."""
+    spec = res.VolumeSpec("n1", "p", MiB)
+    api = _GroupWaitFailsApi(*(res.ThinVolume(meta=res.Meta(name=v), spec=spec) for v in ("v-a", "v-b")))
+    cr = crengine.CrEngine(api)  # type: ignore[arg-type]
+    with pytest.raises(client_mod.Forbidden):
+        cr.create_group_snapshot("g-1", [("s-1", "v-a"), ("s-2", "v-b")], deadline=dl())
+    assert sorted(api.made) == ["g-1", "s-1", "s-2"]
+    assert api.deleted == []
+
+
+class _GroupFailsApi(_GroupWaitFailsApi):
+    """The node's verdict: the group Failed (RESOURCE_EXHAUSTED); a delete removes an object."""
+
+    def find(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline) -> Any:
+        got = self.made.get(name)
+        if cls is res.ThinGroupSnapshot and got is not None:
+            failed = res.GroupStatus(phase=res.Phase.FAILED, code="RESOURCE_EXHAUSTED", message="full")
+            return dataclasses.replace(got, status=failed)
+        return got
+
+    def delete(self, cls: type[Any], name: str, *, deadline: deadline_mod.Deadline, **_: Any) -> None:
+        self.deleted.append(name)
+        self.made.pop(name, None)
+
+
+def test_a_failed_group_takes_its_members_with_it() -> None:
+    spec = res.VolumeSpec("n1", "p", MiB)
+    api = _GroupFailsApi(*(res.ThinVolume(meta=res.Meta(name=v), spec=spec) for v in ("v-a", "v-b")))
+    cr = crengine.CrEngine(api)  # type: ignore[arg-type]
+    with pytest.raises(errors.ResourceExhausted):
+        cr.create_group_snapshot("g-1", [("s-1", "v-a"), ("s-2", "v-b")], deadline=dl())
+    assert api.deleted == ["g-1", "s-1", "s-2"] and api.made == {}
