@@ -180,6 +180,17 @@ def _relayed(route: crengine.MetadataRoute, exc: grpc.RpcError) -> errors.CsiThi
     return _Relayed(code.name, details)
 
 
+#: a caller's remaining time beyond this is no deadline at all: grpc reports "none" as centuries
+#: (gpr_inf_future), which a client's timeout cannot take
+_NO_DEADLINE_SECONDS = 10 * 365 * 86400.0
+
+
+def _callers_time(context: grpc.ServicerContext) -> float | None:
+    """The caller's remaining time, uncapped; None when it gave no deadline."""
+    remaining: float | None = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_SECONDS else remaining
+
+
 class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
     """The controller's SnapshotMetadata: validate as the node would, find the node, relay."""
 
@@ -256,7 +267,12 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
                 "reachable from the controller, and its certificate from the chart's CA?"
             ) from None
         stub = csi_pb2_grpc.SnapshotMetadataStub(channel)
-        call = getattr(stub, method)(request, timeout=max(0.0, dl.remaining()))
+        # the sidecar's own time (its --max-streaming-duration; none if it gave none), not `dl`: that
+        # is capped as a unary call's (interceptor.MAX_RPC_SECONDS), and a backup tool that copies each
+        # message's blocks before reading the next reads for far longer. The node still bounds its
+        # own reading of the map by that cap, as standalone does; a node that goes silent is found by
+        # the keepalive (PING_SECONDS)
+        call = getattr(stub, method)(request, timeout=_callers_time(context))
         # the sidecar cancelled or its deadline passed while we wait for the node's next message:
         # cancel the node's call, which ends its stream (and our wait)
         context.add_callback(call.cancel)

@@ -1,0 +1,120 @@
+"""The controller -> node relay of CSI SnapshotMetadata (csi_thin.csi.snapshot_metadata_link), in one
+process: the controller's CSI server (a unix socket) with the Forwarder, a node's mutual-TLS listener
+on 127.0.0.1, real gRPC and TLS between them; the router (which the kube tier runs against a real API
+server) and the pool (the reader) are fakes."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from csi_thin import deadline as deadline_mod
+from csi_thin import errors, model
+from csi_thin.csi import identity_service, server
+from csi_thin.csi import snapshot_metadata_link as link
+from csi_thin.csi import snapshot_metadata_service as sms
+from csi_thin.csi.pb import csi_pb2, csi_pb2_grpc
+from csi_thin.kube import crengine
+from tests import tlscerts
+
+S = grpc.StatusCode
+#: far more ranges than both hops' flow-control windows hold, one per message: a stream the client
+#: does not read stays open, with its node and controller handlers blocked in sending
+EXTENTS = 40_000
+
+
+class _Reader:
+    def allocated(
+        self, name: str, *, starting_offset: int, deadline: deadline_mod.Deadline
+    ) -> model.BlockMap:
+        if name != "s1":
+            raise errors.NotFound(f"snapshot {name!r} not found")
+        extents = tuple(model.Extent(i * 8192, 4096) for i in range(EXTENTS))
+        return model.BlockMap(capacity_bytes=EXTENTS * 8192, extents=extents)
+
+    def delta(
+        self, base: str, target: str, *, starting_offset: int, deadline: deadline_mod.Deadline
+    ) -> model.BlockMap:
+        return self.allocated(target, starting_offset=starting_offset, deadline=deadline)
+
+
+class _Recording(sms.SnapshotMetadataService):
+    """The node's servicer, noting the time each call was given."""
+
+    def __init__(self) -> None:
+        super().__init__(reader=_Reader())
+        self.remaining: list[float | None] = []
+
+    def GetMetadataAllocated(
+        self, request: csi_pb2.GetMetadataAllocatedRequest, context: grpc.ServicerContext
+    ) -> Iterator[csi_pb2.GetMetadataAllocatedResponse]:
+        self.remaining.append(context.time_remaining())
+        return super().GetMetadataAllocated(request, context)
+
+
+class _Router:
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def metadata_route(
+        self, name: str, *, deadline: deadline_mod.Deadline, what: str = "snapshot"
+    ) -> crengine.MetadataRoute:
+        return crengine.MetadataRoute(snapshot=name, node="n1", source_volume="v1", endpoint=self.endpoint)
+
+
+class _Link:
+    def __init__(self, tmp: pathlib.Path, **forwarder: Any) -> None:
+        ca = tlscerts.ca(tmp / "tls", "ca")
+        ctl, node = tlscerts.leaf(ca, link.CONTROLLER_NAME), tlscerts.leaf(ca, link.NODE_NAME)
+        self.servicer = _Recording()
+        self.node = link.NodeServer(
+            "127.0.0.1:0",
+            self.servicer,
+            tls=link.TlsFiles(cert=str(node.cert), key=str(node.key), ca=str(ca)),
+        )
+        self.router = _Router(self.node.address)
+        forward = link.Forwarder(
+            router=self.router,
+            tls=link.TlsFiles(cert=str(ctl.cert), key=str(ctl.key), ca=str(ca)),
+            **forwarder,
+        )
+        self.socket = tmp / "csi.sock"
+        self.controller = server.Server(
+            server.Endpoint.parse(f"unix://{self.socket}"),
+            server.Services(
+                identity=identity_service.IdentityService(ready=lambda _dl: True, snapshot_metadata=True),
+                snapshot_metadata=forward,
+            ),
+        )
+        self.channel = grpc.insecure_channel(f"unix://{self.socket}", options=[("grpc.http2.bdp_probe", 0)])
+        self.stub = csi_pb2_grpc.SnapshotMetadataStub(self.channel)
+        self.identity = csi_pb2_grpc.IdentityStub(self.channel)
+
+    def __enter__(self) -> _Link:
+        self.node.start()
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+        self.controller.stop(grace=0)
+        self.node.stop(grace=0)
+
+
+def test_the_node_is_given_the_sidecars_time(tmp_path: pathlib.Path) -> None:
+    """The sidecar allows a stream its --max-streaming-duration (10 minutes): a backup tool that copies
+    the blocks of each message before reading the next reads for that long. The node's call must get
+    that time, as a standalone stream has it, not the 110 s a unary CSI call is held to (found: the
+    relay ended every stream DEADLINE_EXCEEDED at 110 s)."""
+    with _Link(tmp_path) as t:
+        req = csi_pb2.GetMetadataAllocatedRequest(snapshot_id="s1", max_results=4096)
+        first = next(iter(t.stub.GetMetadataAllocated(req, timeout=600)))
+        assert len(first.block_metadata) == 4096
+        (given,) = t.servicer.remaining
+        assert given is not None and given > 500, given
+        # no deadline from the caller: none on the node's stream either (the standalone stream's)
+        assert len(list(t.stub.GetMetadataAllocated(req))) == -(-EXTENTS // 4096)
+        assert t.servicer.remaining[1] is None or t.servicer.remaining[1] > 1e6, t.servicer.remaining
