@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -49,6 +50,11 @@ CONNECT_SECONDS = 5.0
 #: about PING + PING_TIMEOUT seconds, instead of at the sidecar's deadline
 PING_SECONDS = 10.0
 PING_TIMEOUT_SECONDS = 5.0
+#: relayed streams at once: each holds one of the controller's RPC threads until it ends (up to the
+#: sidecar's --max-streaming-duration with a slow backup tool), and the controller's CSI server has
+#: 16 (csi_thin.csi.server.Server). Beyond this a stream is refused RESOURCE_EXHAUSTED at once, so
+#: the provisioner's, snapshotter's and resizer's calls and the probes always find threads
+MAX_STREAMS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,9 +207,12 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         tls: TlsFiles,
         node_name: str = NODE_NAME,
         connect_seconds: float = CONNECT_SECONDS,
+        max_streams: int = MAX_STREAMS,
     ) -> None:
         cert, key, ca = tls.read()
         self._router = router
+        self._streams = threading.BoundedSemaphore(max_streams)
+        self._max_streams = max_streams
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert
         )
@@ -220,11 +229,23 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         ]
         self._connect_seconds = connect_seconds
 
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        """Take one of the MAX_STREAMS places until the call ends, however it ends (the termination
+        callback runs once the status is sent: errors, cancels and deadlines included)."""
+        if not self._streams.acquire(blocking=False):
+            raise errors.ResourceExhausted(
+                f"{self._max_streams} snapshot metadata streams are being relayed at once, the most "
+                "the controller serves: retry when one has ended"
+            )
+        if not context.add_callback(self._streams.release):
+            self._streams.release()  # the call has already ended
+
     def GetMetadataAllocated(
         self, request: csi_pb2.GetMetadataAllocatedRequest, context: grpc.ServicerContext
     ) -> Iterator[csi_pb2.GetMetadataAllocatedResponse]:
         snapshot_id = validate.device_id(request.snapshot_id, "snapshot_id")
         snapshot_metadata_service.check_paging(request.max_results, request.starting_offset)
+        self._admit(context)
         dl = interceptor.rpc_deadline(context)
         route = self._router.metadata_route(snapshot_id, deadline=dl, what="snapshot")
         return self._relay(route, "GetMetadataAllocated", request, context, dl)
@@ -235,6 +256,7 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         base = validate.device_id(request.base_snapshot_id, "base_snapshot_id")
         target = validate.device_id(request.target_snapshot_id, "target_snapshot_id")
         snapshot_metadata_service.check_paging(request.max_results, request.starting_offset)
+        self._admit(context)
         dl = interceptor.rpc_deadline(context)
         b = self._router.metadata_route(base, deadline=dl, what="base snapshot")
         t = self._router.metadata_route(target, deadline=dl, what="target snapshot")

@@ -6,6 +6,7 @@ server) and the pool (the reader) are fakes."""
 from __future__ import annotations
 
 import pathlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,3 +119,47 @@ def test_the_node_is_given_the_sidecars_time(tmp_path: pathlib.Path) -> None:
         # no deadline from the caller: none on the node's stream either (the standalone stream's)
         assert len(list(t.stub.GetMetadataAllocated(req))) == -(-EXTENTS // 4096)
         assert t.servicer.remaining[1] is None or t.servicer.remaining[1] > 1e6, t.servicer.remaining
+
+
+def test_open_streams_do_not_starve_the_controller(tmp_path: pathlib.Path) -> None:
+    """Every relayed stream holds one of the controller's RPC threads until it ends (up to the
+    sidecar's 10 minutes with a slow backup tool). Streams beyond the relay's limit are refused
+    RESOURCE_EXHAUSTED at once, so the controller's other calls (the provisioner's, the probes) still
+    find threads (found: 16 unread streams left the controller answering nothing); a stream's end
+    gives its place back."""
+    limit = link.MAX_STREAMS
+    with _Link(tmp_path) as t:
+        req = csi_pb2.GetMetadataAllocatedRequest(snapshot_id="s1", max_results=1)
+        running: list[Any] = []
+        extra: list[Any] = []
+        try:
+            for _ in range(limit):
+                running.append(t.stub.GetMetadataAllocated(req, timeout=120))
+                next(running[-1])  # streaming, and left unread
+            extra = [t.stub.GetMetadataAllocated(req, timeout=20) for _ in range(16 - limit)]
+            for c in extra:
+                try:
+                    next(c)
+                except grpc.RpcError as exc:
+                    assert exc.code() == S.RESOURCE_EXHAUSTED and "at once" in (exc.details() or ""), exc
+                else:
+                    raise AssertionError("a stream beyond the limit was relayed")
+            t.identity.Probe(csi_pb2.ProbeRequest(), timeout=5)
+        finally:
+            for c in running + extra:
+                c.cancel()
+        # the places come back as the cancelled streams end (asynchronously: wait, bounded)
+        end = time.monotonic() + 15
+        again: list[Any] = []
+        try:
+            while len(again) < limit:
+                call: Any = t.stub.GetMetadataAllocated(req, timeout=60)
+                try:
+                    next(call)
+                    again.append(call)
+                except grpc.RpcError as exc:
+                    assert exc.code() == S.RESOURCE_EXHAUSTED and time.monotonic() < end, exc
+                    time.sleep(0.1)  # a cancelled stream's handler is still ending
+        finally:
+            for c in again:
+                c.cancel()
