@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -175,6 +176,22 @@ class _Relayed(errors.CsiThinError):
 _TRANSPORT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
+#: what the controller dials: an IP address or a host name, and a port. The endpoint is a node's own
+#: words (its ThinPool's status): never a gRPC target of another scheme (unix: sockets of the
+#: controller's pod, dns:/// or xds: resolvers)
+_ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+
+
+def _dialable(route: crengine.MetadataRoute) -> str:
+    m = _ENDPOINT.fullmatch(route.endpoint)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise errors.Unavailable(
+            f"node {route.node!r} publishes snapshot metadata endpoint {route.endpoint!r}, which is not "
+            "host:port: not dialled"
+        )
+    return route.endpoint
+
+
 def _relayed(route: crengine.MetadataRoute, exc: grpc.RpcError) -> errors.CsiThinError:
     code: grpc.StatusCode = exc.code()
     details = exc.details() or ""
@@ -277,7 +294,7 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         dl: deadline_mod.Deadline,
     ) -> Iterator[Any]:
         """Connect (every error so far is raised by the call itself), then stream lazily."""
-        channel = grpc.secure_channel(route.endpoint, self._credentials, options=self._options)
+        channel = grpc.secure_channel(_dialable(route), self._credentials, options=self._options)
         wait = min(self._connect_seconds, dl.remaining())
         try:
             grpc.channel_ready_future(channel).result(timeout=wait)

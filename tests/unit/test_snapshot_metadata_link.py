@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import pytest
 
 from csi_thin import deadline as deadline_mod
 from csi_thin import errors, model
@@ -163,3 +164,18 @@ def test_open_streams_do_not_starve_the_controller(tmp_path: pathlib.Path) -> No
         finally:
             for c in again:
                 c.cancel()
+
+
+@pytest.mark.parametrize("endpoint", ["unix:///run/x.sock", "dns:///n1:9813", "n1", "n1:port", ":9813"])
+def test_only_a_host_and_port_is_dialled(tmp_path: pathlib.Path, endpoint: str) -> None:
+    """A node writes its own endpoint (its ThinPool's status): the controller dials nothing but a
+    host:port (not a unix socket of its own pod, not another name resolver)."""
+    with _Link(tmp_path) as t:
+        t.router.endpoint = endpoint
+        req = csi_pb2.GetMetadataAllocatedRequest(snapshot_id="s1")
+        try:
+            list(t.stub.GetMetadataAllocated(req, timeout=30))
+        except grpc.RpcError as exc:
+            assert exc.code() == S.UNAVAILABLE and "host:port" in (exc.details() or ""), exc.details()
+        else:
+            raise AssertionError(f"{endpoint!r} was dialled")
