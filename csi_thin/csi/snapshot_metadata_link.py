@@ -313,8 +313,10 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         # the keepalive (PING_SECONDS)
         call = getattr(stub, method)(request, timeout=_callers_time(context))
         # the sidecar cancelled or its deadline passed while we wait for the node's next message:
-        # cancel the node's call, which ends its stream (and our wait)
-        context.add_callback(call.cancel)
+        # cancel the node's call, which ends its stream (and our wait); if that happened already
+        # (during the lookup or the connect), there is no callback to come: cancel it now
+        if not context.add_callback(call.cancel):
+            call.cancel()
         return self._messages(route, call, channel)
 
     @staticmethod

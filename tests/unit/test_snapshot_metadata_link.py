@@ -49,21 +49,30 @@ class _Recording(sms.SnapshotMetadataService):
     def __init__(self) -> None:
         super().__init__(reader=_Reader())
         self.remaining: list[float | None] = []
+        #: seconds each call waits before reading the map (a big pool's thin_delta), and whether
+        #: the call was still wanted after that wait
+        self.hold = 0.0
+        self.active_after_hold: list[bool] = []
 
     def GetMetadataAllocated(
         self, request: csi_pb2.GetMetadataAllocatedRequest, context: grpc.ServicerContext
     ) -> Iterator[csi_pb2.GetMetadataAllocatedResponse]:
         self.remaining.append(context.time_remaining())
+        if self.hold:
+            time.sleep(self.hold)  # the map's reading, which looks at no context
+            self.active_after_hold.append(context.is_active())
         return super().GetMetadataAllocated(request, context)
 
 
 class _Router:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
+        self.delay = 0.0  # an API server that answers slowly
 
     def metadata_route(
         self, name: str, *, deadline: deadline_mod.Deadline, what: str = "snapshot"
     ) -> crengine.MetadataRoute:
+        time.sleep(self.delay)
         return crengine.MetadataRoute(snapshot=name, node="n1", source_volume="v1", endpoint=self.endpoint)
 
 
@@ -164,6 +173,23 @@ def test_open_streams_do_not_starve_the_controller(tmp_path: pathlib.Path) -> No
         finally:
             for c in again:
                 c.cancel()
+
+
+def test_a_cancel_before_the_node_is_called_cancels_the_nodes_call(tmp_path: pathlib.Path) -> None:
+    """The sidecar cancels while the controller still looks the snapshot up: the node's call, made
+    after that, is cancelled at once (found: it ran on, its map read, until its first message found
+    the sidecar gone)."""
+    with _Link(tmp_path) as t:
+        t.router.delay, t.servicer.hold = 1.0, 2.0
+        call: Any = t.stub.GetMetadataAllocated(
+            csi_pb2.GetMetadataAllocatedRequest(snapshot_id="s1"), timeout=60
+        )
+        time.sleep(0.3)  # the controller is in the lookup
+        call.cancel()
+        # an absence: give the lookup (1 s) and a node call made after it (its hold, 2 s) time
+        time.sleep(4.0)
+        # the node's handler either never ran (cancelled before it started) or found itself cancelled
+        assert True not in t.servicer.active_after_hold, t.servicer.active_after_hold
 
 
 @pytest.mark.parametrize("endpoint", ["unix:///run/x.sock", "dns:///n1:9813", "n1", "n1:port", ":9813"])
