@@ -16,9 +16,10 @@ The blocks are node-local, so the controller serves the service by forwarding:
 - Both ends authenticate: the node's listener requires a client certificate from the chart's CA
   and accepts only the controller's name in it; the controller verifies the node's certificate
   against the same CA, under the one name every node's certificate carries.
-- Errors are the node's own (NOT_FOUND, INVALID_ARGUMENT, OUT_OF_RANGE, ABORTED, with its message);
-  a node that cannot be reached, does not complete the TLS handshake in time, or goes silent
-  mid-stream is UNAVAILABLE, naming the node and its address.
+- Errors are the node's own (NOT_FOUND, INVALID_ARGUMENT, OUT_OF_RANGE, ABORTED, INTERNAL ..., with
+  its message: the node marks its statuses, NODE_STATUS_KEY); a node that cannot be reached, does not
+  complete the TLS handshake in time, or goes silent or breaks the connection mid-stream is
+  UNAVAILABLE, naming the node and its address.
 """
 
 from __future__ import annotations
@@ -82,6 +83,11 @@ class Router(Protocol):
     ) -> crengine.MetadataRoute: ...
 
 
+#: trailing metadata the node's listener sends with every status of its own: the controller tells
+#: the node's answers (relayed as they are, INTERNAL included) from failures of the link itself (an
+#: INTERNAL or UNAVAILABLE that gRPC makes up when the connection breaks), which name the node
+NODE_STATUS_KEY = "csi-thin-node-status"
+
 # ---- node side -----------------------------------------------------------------------------------
 
 
@@ -94,6 +100,7 @@ class _OnlyController(csi_pb2_grpc.SnapshotMetadataServicer):
         self._client_name = client_name.encode()
 
     def _check(self, context: grpc.ServicerContext) -> None:
+        context.set_trailing_metadata(((NODE_STATUS_KEY, "1"),))  # sent with whatever status ends it
         raw: bytes | list[bytes] = context.auth_context().get("x509_common_name", [])
         names = [raw] if isinstance(raw, bytes) else list(raw)
         if self._client_name not in names:
@@ -172,7 +179,7 @@ class _Relayed(errors.CsiThinError):
         self.code = code
 
 
-#: codes that say the node's stream itself went wrong (not the request): they name the node
+#: codes that, without the node's mark (NODE_STATUS_KEY), say the link itself went wrong: they name the node
 _TRANSPORT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
@@ -195,7 +202,8 @@ def _dialable(route: crengine.MetadataRoute) -> str:
 def _relayed(route: crengine.MetadataRoute, exc: grpc.RpcError) -> errors.CsiThinError:
     code: grpc.StatusCode = exc.code()
     details = exc.details() or ""
-    if code in _TRANSPORT:
+    from_node = any(m.key == NODE_STATUS_KEY for m in exc.trailing_metadata() or ())
+    if code in _TRANSPORT and not from_node:
         return errors.Unavailable(
             f"node {route.node!r} (snapshot metadata endpoint {route.endpoint}) failed the stream: "
             f"{code.name}: {details}"

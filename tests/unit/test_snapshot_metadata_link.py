@@ -32,6 +32,8 @@ class _Reader:
     def allocated(
         self, name: str, *, starting_offset: int, deadline: deadline_mod.Deadline
     ) -> model.BlockMap:
+        if name == "sbad":
+            raise errors.CommandFailed(["thin_dump"], 1, "bad checksum in metadata block 7")
         if name != "s1":
             raise errors.NotFound(f"snapshot {name!r} not found")
         extents = tuple(model.Extent(i * 8192, 4096) for i in range(EXTENTS))
@@ -190,6 +192,30 @@ def test_a_cancel_before_the_node_is_called_cancels_the_nodes_call(tmp_path: pat
         time.sleep(4.0)
         # the node's handler either never ran (cancelled before it started) or found itself cancelled
         assert True not in t.servicer.active_after_hold, t.servicer.active_after_hold
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "code", "message"),
+    [
+        ("sbad", S.INTERNAL, "thin_dump exited 1: bad checksum in metadata block 7"),
+        ("s9", S.NOT_FOUND, "snapshot 's9' not found"),
+    ],
+)
+def test_the_nodes_own_errors_are_relayed_as_they_are(
+    tmp_path: pathlib.Path, snapshot: str, code: S, message: str
+) -> None:
+    """A status the node's servicer sent, INTERNAL included (a damaged pool), reaches the sidecar
+    with its code and message as standalone sends them (found: INTERNAL became UNAVAILABLE, which
+    tells a backup tool to retry a failure that retrying does not mend); only a failure of the link
+    itself is UNAVAILABLE naming the node."""
+    with _Link(tmp_path) as t:
+        req = csi_pb2.GetMetadataAllocatedRequest(snapshot_id=snapshot)
+        try:
+            list(t.stub.GetMetadataAllocated(req, timeout=30))
+        except grpc.RpcError as exc:
+            assert (exc.code(), exc.details()) == (code, message)
+        else:
+            raise AssertionError("no error")
 
 
 @pytest.mark.parametrize("endpoint", ["unix:///run/x.sock", "dns:///n1:9813", "n1", "n1:port", ":9813"])
