@@ -1,7 +1,8 @@
 """The controller -> node relay of CSI SnapshotMetadata (csi_thin.csi.snapshot_metadata_link), in one
 process: the controller's CSI server (a unix socket) with the Forwarder, a node's mutual-TLS listener
-on 127.0.0.1, real gRPC and TLS between them; the router (which the kube tier runs against a real API
-server) and the pool (the reader) are fakes."""
+on 127.0.0.1, real gRPC and TLS (openssl-made certificates) between them; the router (which the kube
+tier runs against a real API server) and the pool (the reader) are fakes, as tests.csi_harness's
+fake_driver has the backend."""
 
 from __future__ import annotations
 
