@@ -16,15 +16,18 @@ The blocks are node-local, so the controller serves the service by forwarding:
 - Both ends authenticate: the node's listener requires a client certificate from the chart's CA
   and accepts only the controller's name in it; the controller verifies the node's certificate
   against the same CA, under the one name every node's certificate carries.
-- Errors are the node's own (NOT_FOUND, INVALID_ARGUMENT, OUT_OF_RANGE, ABORTED, with its message);
-  a node that cannot be reached, does not complete the TLS handshake in time, or goes silent
-  mid-stream is UNAVAILABLE, naming the node and its address.
+- Errors are the node's own (NOT_FOUND, INVALID_ARGUMENT, OUT_OF_RANGE, ABORTED, INTERNAL ..., with
+  its message: the node marks its statuses, NODE_STATUS_KEY); a node that cannot be reached, does not
+  complete the TLS handshake in time, or goes silent or breaks the connection mid-stream is
+  UNAVAILABLE, naming the node and its address.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import re
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -49,6 +52,11 @@ CONNECT_SECONDS = 5.0
 #: about PING + PING_TIMEOUT seconds, instead of at the sidecar's deadline
 PING_SECONDS = 10.0
 PING_TIMEOUT_SECONDS = 5.0
+#: relayed streams at once: each holds one of the controller's RPC threads until it ends (up to the
+#: sidecar's --max-streaming-duration with a slow backup tool), and the controller's CSI server has
+#: 16 (csi_thin.csi.server.Server). Beyond this a stream is refused RESOURCE_EXHAUSTED at once, so
+#: the provisioner's, snapshotter's and resizer's calls and the probes always find threads
+MAX_STREAMS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +83,11 @@ class Router(Protocol):
     ) -> crengine.MetadataRoute: ...
 
 
+#: trailing metadata the node's listener sends with every status of its own: the controller tells
+#: the node's answers (relayed as they are, INTERNAL included) from failures of the link itself (an
+#: INTERNAL or UNAVAILABLE that gRPC makes up when the connection breaks), which name the node
+NODE_STATUS_KEY = "csi-thin-node-status"
+
 # ---- node side -----------------------------------------------------------------------------------
 
 
@@ -87,6 +100,7 @@ class _OnlyController(csi_pb2_grpc.SnapshotMetadataServicer):
         self._client_name = client_name.encode()
 
     def _check(self, context: grpc.ServicerContext) -> None:
+        context.set_trailing_metadata(((NODE_STATUS_KEY, "1"),))  # sent with whatever status ends it
         raw: bytes | list[bytes] = context.auth_context().get("x509_common_name", [])
         names = [raw] if isinstance(raw, bytes) else list(raw)
         if self._client_name not in names:
@@ -165,19 +179,47 @@ class _Relayed(errors.CsiThinError):
         self.code = code
 
 
-#: codes that say the node's stream itself went wrong (not the request): they name the node
+#: codes that, without the node's mark (NODE_STATUS_KEY), say the link itself went wrong: they name the node
 _TRANSPORT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+#: what the controller dials: an IP address or a host name, and a port. The endpoint is a node's own
+#: words (its ThinPool's status): never a gRPC target of another scheme (unix: sockets of the
+#: controller's pod, dns:/// or xds: resolvers)
+_ENDPOINT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+
+
+def _dialable(route: crengine.MetadataRoute) -> str:
+    m = _ENDPOINT.fullmatch(route.endpoint)
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise errors.Unavailable(
+            f"node {route.node!r} publishes snapshot metadata endpoint {route.endpoint!r}, which is not "
+            "host:port: not dialled"
+        )
+    return route.endpoint
 
 
 def _relayed(route: crengine.MetadataRoute, exc: grpc.RpcError) -> errors.CsiThinError:
     code: grpc.StatusCode = exc.code()
     details = exc.details() or ""
-    if code in _TRANSPORT:
+    from_node = any(m.key == NODE_STATUS_KEY for m in exc.trailing_metadata() or ())
+    if code in _TRANSPORT and not from_node:
         return errors.Unavailable(
             f"node {route.node!r} (snapshot metadata endpoint {route.endpoint}) failed the stream: "
             f"{code.name}: {details}"
         )
     return _Relayed(code.name, details)
+
+
+#: a caller's remaining time beyond this is no deadline at all: grpc reports "none" as centuries
+#: (gpr_inf_future), which a client's timeout cannot take
+_NO_DEADLINE_SECONDS = 10 * 365 * 86400.0
+
+
+def _callers_time(context: grpc.ServicerContext) -> float | None:
+    """The caller's remaining time, uncapped; None when it gave no deadline."""
+    remaining: float | None = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_SECONDS else remaining
 
 
 class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
@@ -190,9 +232,12 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         tls: TlsFiles,
         node_name: str = NODE_NAME,
         connect_seconds: float = CONNECT_SECONDS,
+        max_streams: int = MAX_STREAMS,
     ) -> None:
         cert, key, ca = tls.read()
         self._router = router
+        self._streams = threading.BoundedSemaphore(max_streams)
+        self._max_streams = max_streams
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert
         )
@@ -209,11 +254,23 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         ]
         self._connect_seconds = connect_seconds
 
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        """Take one of the MAX_STREAMS places until the call ends, however it ends (the termination
+        callback runs once the status is sent: errors, cancels and deadlines included)."""
+        if not self._streams.acquire(blocking=False):
+            raise errors.ResourceExhausted(
+                f"{self._max_streams} snapshot metadata streams are being relayed at once, the most "
+                "the controller serves: retry when one has ended"
+            )
+        if not context.add_callback(self._streams.release):
+            self._streams.release()  # the call has already ended
+
     def GetMetadataAllocated(
         self, request: csi_pb2.GetMetadataAllocatedRequest, context: grpc.ServicerContext
     ) -> Iterator[csi_pb2.GetMetadataAllocatedResponse]:
         snapshot_id = validate.device_id(request.snapshot_id, "snapshot_id")
         snapshot_metadata_service.check_paging(request.max_results, request.starting_offset)
+        self._admit(context)
         dl = interceptor.rpc_deadline(context)
         route = self._router.metadata_route(snapshot_id, deadline=dl, what="snapshot")
         return self._relay(route, "GetMetadataAllocated", request, context, dl)
@@ -224,6 +281,7 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         base = validate.device_id(request.base_snapshot_id, "base_snapshot_id")
         target = validate.device_id(request.target_snapshot_id, "target_snapshot_id")
         snapshot_metadata_service.check_paging(request.max_results, request.starting_offset)
+        self._admit(context)
         dl = interceptor.rpc_deadline(context)
         b = self._router.metadata_route(base, deadline=dl, what="base snapshot")
         t = self._router.metadata_route(target, deadline=dl, what="target snapshot")
@@ -244,7 +302,7 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
         dl: deadline_mod.Deadline,
     ) -> Iterator[Any]:
         """Connect (every error so far is raised by the call itself), then stream lazily."""
-        channel = grpc.secure_channel(route.endpoint, self._credentials, options=self._options)
+        channel = grpc.secure_channel(_dialable(route), self._credentials, options=self._options)
         wait = min(self._connect_seconds, dl.remaining())
         try:
             grpc.channel_ready_future(channel).result(timeout=wait)
@@ -256,10 +314,17 @@ class Forwarder(csi_pb2_grpc.SnapshotMetadataServicer):
                 "reachable from the controller, and its certificate from the chart's CA?"
             ) from None
         stub = csi_pb2_grpc.SnapshotMetadataStub(channel)
-        call = getattr(stub, method)(request, timeout=max(0.0, dl.remaining()))
+        # the sidecar's own time (its --max-streaming-duration; none if it gave none), not `dl`: that
+        # is capped as a unary call's (interceptor.MAX_RPC_SECONDS), and a backup tool that copies each
+        # message's blocks before reading the next reads for far longer. The node still bounds its
+        # own reading of the map by that cap, as standalone does; a node that goes silent is found by
+        # the keepalive (PING_SECONDS)
+        call = getattr(stub, method)(request, timeout=_callers_time(context))
         # the sidecar cancelled or its deadline passed while we wait for the node's next message:
-        # cancel the node's call, which ends its stream (and our wait)
-        context.add_callback(call.cancel)
+        # cancel the node's call, which ends its stream (and our wait); if that happened already
+        # (during the lookup or the connect), there is no callback to come: cancel it now
+        if not context.add_callback(call.cancel):
+            call.cancel()
         return self._messages(route, call, channel)
 
     @staticmethod

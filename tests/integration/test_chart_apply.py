@@ -218,8 +218,9 @@ ACCESS: list[tuple[str, str, str, str, str, str, bool]] = [
     (CONTROLLER, "list", "", "pods", "", "default", True),
     # the snapshot-metadata sidecar, as upstream's role: its SnapshotMetadataService, each backup
     # tool's token and access checked, VolumeSnapshots resolved to their contents
-    (CONTROLLER, "get", "cbt.storage.k8s.io", "snapshotmetadataservices", "", "", True),
-    (CONTROLLER, "watch", "cbt.storage.k8s.io", "snapshotmetadataservices", "", "", True),
+    # (its SnapshotMetadataService: get by name only, test_snapshot_metadata_service_access)
+    (CONTROLLER, "list", "cbt.storage.k8s.io", "snapshotmetadataservices", "", "", False),
+    (CONTROLLER, "create", "cbt.storage.k8s.io", "snapshotmetadataservices", "", "", False),
     (CONTROLLER, "create", "authentication.k8s.io", "tokenreviews", "", "", True),
     (CONTROLLER, "create", "authorization.k8s.io", "subjectaccessreviews", "", "", True),
     (CONTROLLER, "list", "snapshot.storage.k8s.io", "volumesnapshots", "", "default", True),
@@ -284,3 +285,39 @@ def test_service_account_access(applied: Applier, access: tuple[str, str, str, s
         }
     )
     assert review.status.allowed is allowed, f"{user} {attrs}: {review.status.reason or 'no rule'}"
+
+
+@pytest.mark.parametrize(
+    ("verb", "name", "allowed"),
+    [
+        ("get", "csi-thin.io", True),
+        ("get", "other-driver.example.com", False),
+        ("update", "csi-thin.io", False),
+        ("patch", "other-driver.example.com", False),
+        ("delete", "other-driver.example.com", False),
+    ],
+)
+def test_snapshot_metadata_service_access(applied: Applier, verb: str, name: str, allowed: bool) -> None:
+    """The sidecar reads its own SnapshotMetadataService and nothing else. Upstream's sample role also
+    lets it create, change and delete every driver's: a controller pod taken over could then point
+    another driver's backup tools (address, caCert, token audience) at itself and collect their
+    tokens (found: the chart granted all of that)."""
+    authz = kubernetes.client.AuthorizationV1Api(applied.env.api_client())
+    attrs = {
+        "verb": verb,
+        "group": "cbt.storage.k8s.io",
+        "resource": "snapshotmetadataservices",
+        "name": name,
+    }
+    review = authz.create_subject_access_review(
+        {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": CONTROLLER,
+                "groups": ["system:serviceaccounts", f"system:serviceaccounts:{NS}", "system:authenticated"],
+                "resourceAttributes": attrs,
+            },
+        }
+    )
+    assert review.status.allowed is allowed, f"{attrs}: {review.status.reason or 'no rule'}"

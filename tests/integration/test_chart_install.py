@@ -131,6 +131,30 @@ def test_install_upgrade_uninstall_keeps_the_data(cluster: tuple[kubeenv.KubeEnv
     )
     assert yaml.safe_load(pool_yaml)["thresholds"]["data"] == 0.9
 
+    # the processes read their certificates at start only: certificates made anew (a Secret was
+    # lost) must restart the controller and every node together, or the restarted ones (the new CA)
+    # and the others (the old) refuse each other until someone restarts them by hand
+    def tls_checksums() -> tuple[str, str]:
+        pods = (
+            apps.read_namespaced_deployment("csi-thin-controller", NS),
+            apps.read_namespaced_daemon_set("csi-thin-node", NS),
+        )
+        return tuple(p.spec.template.metadata.annotations["checksum/snapshot-metadata-tls"] for p in pods)  # type: ignore[return-value]
+
+    kept = tls_checksums()
+    out = helm("upgrade", "csi-thin", str(helmchart.CHART), "--namespace", NS, "--reuse-values", *CBT)
+    assert out.returncode == 0, out.stderr
+    assert tls_checksums() == kept  # certificates kept: no restart for them
+    core.delete_namespaced_secret("csi-thin-snapshot-metadata-node", NS)
+    out = helm("upgrade", "csi-thin", str(helmchart.CHART), "--namespace", NS, "--reuse-values", *CBT)
+    assert out.returncode == 0, out.stderr
+    remade = {name: core.read_namespaced_secret(name, NS).data for name in CBT_SECRETS}
+    assert (
+        remade["csi-thin-snapshot-metadata-controller"]["ca.crt"]
+        != tls["csi-thin-snapshot-metadata-controller"]["ca.crt"]
+    )
+    assert all(new != old for new, old in zip(tls_checksums(), kept, strict=True)), (tls_checksums(), kept)
+
     # a volume the driver made, as the controller writes it
     volume = {
         "apiVersion": f"{G}/{V}",

@@ -130,3 +130,22 @@ thresholds:
   data: {{ $p.thresholds.data }}
   metadata: {{ $p.thresholds.metadata }}
 {{- end }}
+
+{{/*
+A checksum of the snapshot metadata link's certificates, in the controller's and the nodes' pod
+templates: the processes read them at start only, so certificates made anew (templates/
+snapshot-metadata.yaml makes them when any of its three Secrets is missing) must restart all of them
+together, or restarted pods (the new CA) and the others (the old) refuse each other. Kept certificates
+keep the checksum: no restart. Made anew, the value is new (this template cannot see the certificates
+being made, so it is a random one; the next upgrade then reads the new ones: one more restart).
+*/}}
+{{- define "csi-thin.snapshotMetadataTlsChecksum" -}}
+{{- $ns := .Release.Namespace }}
+{{- $parts := list }}
+{{- range (list "csi-thin-snapshot-metadata-controller" "csi-thin-snapshot-metadata-node" "csi-thin-snapshot-metadata-server") }}
+{{- with lookup "v1" "Secret" $ns . }}
+{{- $parts = append $parts (printf "%s:%s:%s" .metadata.name (index .data "ca.crt") (index .data "tls.crt")) }}
+{{- end }}
+{{- end }}
+{{- if eq (len $parts) 3 }}{{ join "," $parts | sha256sum }}{{ else }}new-{{ randAlphaNum 20 }}{{ end }}
+{{- end }}
