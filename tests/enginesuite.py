@@ -51,6 +51,7 @@ __all__ = [
     "test_grow_while_active_and_refuse_shrink",
     "test_kill_during_recovery_is_rerunnable",
     "test_layers_follow_containerd_and_commit_deactivates",
+    "test_layer_commit_left_open_is_resolved_before_the_key_is_used",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
     "test_reassembly_after_reboot",
@@ -1491,4 +1492,27 @@ def test_layers_follow_containerd_and_commit_deactivates(harness: Harness) -> No
     for key in ("stale", "view", "ctr", "sha256:1"):
         lay.remove(key, deferred=False, discard=layer_discard, deadline=dl())
     assert e.list() == [] and e.store.layers() == []
+    check_consistent(e, before={})
+
+
+def test_layer_commit_left_open_is_resolved_before_the_key_is_used(harness: Harness) -> None:
+    """A Commit whose deactivate and undo both failed stays open (recovery finishes it: the key
+    becomes the committed name). The next call on the key must resolve it first: a second Commit
+    of the key under another name would give one device two committed snapshots (removing one
+    deletes the other's data), and a Mounts would activate the committed layer's device."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-o")
+    with (
+        hooked(_fail_at("layer_commit/deactivate:done", "layer_commit/undo:deactivate")),
+        pytest.raises(InjectedFault),
+    ):
+        lay.commit("sha256:o1", "extract-o", labels={}, deadline=dl())
+    assert e.intents()
+    with pytest.raises(errors.NotFound):  # the open commit went forward: the key is committed now
+        lay.commit("sha256:o2", "extract-o", labels={}, deadline=dl())
+    assert lay.get("sha256:o2") is None and lay.get("extract-o") is None
+    assert not lay.device(lay.require("sha256:o1")).active
+    check_consistent(e, before=committed(e))
+    lay.remove("sha256:o1", deferred=False, discard=None, deadline=dl())
     check_consistent(e, before={})

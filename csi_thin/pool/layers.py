@@ -113,11 +113,22 @@ class Layers:
             yield
 
     def _resolve_stale(self, key: str, deadline: deadline_mod.Deadline) -> None:
-        """Holding the key's claim: a pending record on it is left by an undo that failed; its intent
-        is resolved as recovery would (recovery moves the layer records too)."""
+        """Holding the key's claim: an open intent on the device its record names is left by an undo
+        that failed; it is resolved as recovery would (recovery moves the layer records too). Not
+        only a pending record has one: a Commit left open keeps the ACTIVE record of its key beside
+        its pending committed one, and recovery finishes it, so the key is committed already (a
+        second Commit of it would give the device two committed snapshots, a Mounts would activate
+        a committed layer). Every call on a key names it here first."""
         layer = self.store.layer(key)
-        if layer is not None and layer.pending != model.LayerPending.NONE:
+        if layer is None or not self.stale(layer):
+            return
+        # every call on the device holds the claim of a key naming it: none is in flight
+        with self.engine._claim(layer.device):
             self.engine._resolve_stale(layer.device, deadline)
+
+    def stale(self, layer: model.Layer) -> bool:
+        """An intent on the layer's device is open (a failed undo left it: see _resolve_stale)."""
+        return any(i.name == layer.device for i in self.store.intents())
 
     # ---- Prepare / View ----------------------------------------------------------------------------
 
