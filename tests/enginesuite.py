@@ -51,6 +51,7 @@ __all__ = [
     "test_grow_while_active_and_refuse_shrink",
     "test_kill_during_recovery_is_rerunnable",
     "test_layers_follow_containerd_and_commit_deactivates",
+    "test_layer_mounts_never_activates_a_committed_layer",
     "test_layer_commit_left_open_is_resolved_before_the_key_is_used",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
@@ -1492,6 +1493,44 @@ def test_layers_follow_containerd_and_commit_deactivates(harness: Harness) -> No
     for key in ("stale", "view", "ctr", "sha256:1"):
         lay.remove(key, deferred=False, discard=layer_discard, deadline=dl())
     assert e.list() == [] and e.store.layers() == []
+    check_consistent(e, before={})
+
+
+def test_layer_mounts_never_activates_a_committed_layer(harness: Harness) -> None:
+    """Mounts of an inactive active snapshot (after a node restart) activates its device; a Commit
+    of the same key must not run between Mounts' check of the kind and that activation, else the
+    committed layer's device is left active (the seed's bug). The Commit is run exactly there."""
+    from csi_thin import config  # noqa: PLC0415 - only this test needs the snapshotter
+    from csi_thin.snapshotter import service  # noqa: PLC0415
+
+    e = harness.open()
+    lay = _layers(e)
+    sn = service.Snapshotter(e, config.SnapshotterConfig())
+    _prepare_layer(e, "extract-m")
+    e.deactivate(lay.require("extract-m").device, deadline=dl())  # as after a node restart
+    real_activate = e.activate
+    outcome: list[str] = []
+
+    def activate(name: str, *, deadline: deadline_mod.Deadline) -> model.Device:
+        if not outcome:
+            try:
+                lay.commit("sha256:m", "extract-m", labels={}, deadline=dl())
+                outcome.append("committed")
+            except errors.OperationPending:
+                outcome.append("refused")
+        return real_activate(name, deadline=deadline)
+
+    e.activate = activate  # type: ignore[method-assign]
+    try:
+        mounts = sn.mounts("extract-m", deadline=dl())
+    finally:
+        del e.activate
+    assert outcome == ["refused"], outcome  # the Commit waits for Mounts (containerd retries it)
+    assert mounts and lay.device(lay.require("extract-m")).active
+    check_consistent(e, before=committed(e))
+    lay.commit("sha256:m", "extract-m", labels={}, deadline=dl())
+    assert not lay.device(lay.require("sha256:m")).active
+    lay.remove("sha256:m", deferred=False, discard=None, deadline=dl())
     check_consistent(e, before={})
 
 

@@ -295,6 +295,22 @@ class Layers:
         assert got is not None and dev is not None
         return got, dev
 
+    # ---- Mounts ------------------------------------------------------------------------------------
+
+    def activate(self, key: str, *, deadline: deadline_mod.Deadline) -> tuple[model.Layer, model.Device]:
+        """The active or view snapshot's device made active (again, after a node restart), holding
+        the key's claim: a Commit of the key (which deactivates the device for good) cannot run
+        between the check of its kind and the activation."""
+        validate_key(key)
+        with self._claim(key):
+            self._resolve_stale(key, deadline)
+            layer = self.require(key)
+            if layer.kind == model.LayerKind.COMMITTED:
+                raise errors.FailedPrecondition(
+                    f"snapshot {key!r} is committed: only active and view snapshots mount"
+                )
+            return layer, self.engine.activate(layer.device, deadline=deadline)
+
     # ---- Commit ------------------------------------------------------------------------------------
 
     def commit(
