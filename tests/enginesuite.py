@@ -53,6 +53,7 @@ __all__ = [
     "test_layers_follow_containerd_and_commit_deactivates",
     "test_layer_mounts_never_activates_a_committed_layer",
     "test_layer_commit_left_open_is_resolved_before_the_key_is_used",
+    "test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
     "test_reassembly_after_reboot",
@@ -1554,4 +1555,57 @@ def test_layer_commit_left_open_is_resolved_before_the_key_is_used(harness: Harn
     assert not lay.device(lay.require("sha256:o1")).active
     check_consistent(e, before=committed(e))
     lay.remove("sha256:o1", deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before={})
+
+
+def test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove(harness: Harness) -> None:
+    """Two containers of one image start at once: two Prepares with the same committed parent. Both
+    must succeed (containerd does not retry ABORTED); a Remove of the parent meanwhile must not
+    (the child it would orphan is not recorded yet). The second Prepare and the Remove run while
+    the first holds its claims, before its transaction."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-p")
+    lay.commit("sha256:p", "extract-p", labels={}, deadline=dl())
+    real_parent_device = lay._parent_device
+    seen: list[str] = []
+
+    def parent_device(parent: str) -> model.Device:
+        if not seen:
+            seen.append("inside")
+            _layers(e).prepare(
+                "ctr-2",
+                parent="sha256:p",
+                kind=model.LayerKind.ACTIVE,
+                labels={},
+                size_bytes=4 * MiB,
+                fmt=layer_fmt,
+                attributes={},
+                deadline=dl(),
+            )
+            seen.append("second prepared")
+            with pytest.raises(errors.OperationPending):
+                _layers(e).remove("sha256:p", deferred=False, discard=None, deadline=dl())
+            with pytest.raises(errors.OperationPending):
+                _layers(e).remove("sha256:p", deferred=True, discard=None, deadline=dl())
+        return real_parent_device(parent)
+
+    lay._parent_device = parent_device  # type: ignore[method-assign]
+    lay.prepare(
+        "ctr-1",
+        parent="sha256:p",
+        kind=model.LayerKind.ACTIVE,
+        labels={},
+        size_bytes=4 * MiB,
+        fmt=layer_fmt,
+        attributes={},
+        deadline=dl(),
+    )
+    assert seen == ["inside", "second prepared"]
+    assert {x.key for x in lay.list()} == {"sha256:p", "ctr-1", "ctr-2"}
+    check_consistent(e, before=committed(e))
+    with pytest.raises(errors.FailedPrecondition):  # now the children are there to see
+        _layers(e).remove("sha256:p", deferred=False, discard=None, deadline=dl())
+    for key in ("ctr-1", "ctr-2", "sha256:p"):
+        _layers(e).remove(key, deferred=False, discard=None, deadline=dl())
     check_consistent(e, before={})

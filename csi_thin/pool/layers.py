@@ -19,7 +19,8 @@ cannot be undone).
 
 Keys are containerd's strings (any length up to MAX_KEY_BYTES, '/' and all): the device gets a
 name of its own, `l-` + 40 random hex digits, recorded in the layer record. Claims: the key (and the
-parent's, so it is not removed under a Prepare) in the engine's claim space under `layer:`.
+parent's, shared: Prepares of its children run together, its Remove waits) in the engine's claim
+space under `layer:`.
 """
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ class Layers:
     # ---- claims ----------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _claim(self, *keys: str, devices: tuple[str, ...] = ()) -> Iterator[None]:
-        with self.engine._claim(*(_claim_name(k) for k in keys), *devices):
+    def _claim(self, *keys: str, devices: tuple[str, ...] = (), parent: str = "") -> Iterator[None]:
+        """`parent`: claimed shared (Prepares of its children run together; its Remove waits)."""
+        shared = (_claim_name(parent),) if parent else ()
+        with self.engine._claim(*(_claim_name(k) for k in keys), *devices, shared=shared):
             yield
 
     def _resolve_stale(self, key: str, deadline: deadline_mod.Deadline) -> None:
@@ -154,7 +157,7 @@ class Layers:
             raise errors.InvalidArgument("a snapshot is prepared active or as a view, never committed")
         size = self.engine._size(size_bytes)
         eng = self.engine
-        with self._claim(key, *([parent] if parent else [])):
+        with self._claim(key, parent=parent):
             self._resolve_stale(key, deadline)
             if self.store.layer(key) is not None:
                 raise errors.AlreadyExists(f"snapshot {key!r} already exists")
