@@ -145,7 +145,7 @@ class Snapshotter:
         if text is None:
             return self.settings.base_image_size
         least = max(1, filesystem.min_bytes(self.settings.fs_type.value))
-        if not text.isdigit() or int(text) < least:
+        if not (text.isascii() and text.isdigit()) or int(text) < least:
             raise errors.InvalidArgument(
                 f"label {LABEL_MAX_SIZE}={text!r}: a number of bytes, at least {least} for "
                 f"{self.settings.fs_type.value}"
