@@ -33,7 +33,6 @@ import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from csi_thin.snapshotter.pb import snapshots_pb2, snapshots_pb2_grpc
-
 from tests import snapshotterenv
 
 N = int(os.environ.get("BENCH_N", "25"))
