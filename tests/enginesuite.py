@@ -28,12 +28,13 @@ from typing import Any
 
 import pytest
 
+from csi_thin import config, errors, model
 from csi_thin import deadline as deadline_mod
-from csi_thin import errors, model
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import faults
 from csi_thin.pool import layers as layers_mod
+from csi_thin.snapshotter import service
 from csi_thin.store import lmdb_store
 from tests import blockio, conftest
 
@@ -50,10 +51,10 @@ __all__ = [
     "test_fault_at_every_point",
     "test_grow_while_active_and_refuse_shrink",
     "test_kill_during_recovery_is_rerunnable",
-    "test_layers_follow_containerd_and_commit_deactivates",
-    "test_layer_mounts_never_activates_a_committed_layer",
     "test_layer_commit_left_open_is_resolved_before_the_key_is_used",
+    "test_layer_mounts_never_activates_a_committed_layer",
     "test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove",
+    "test_layers_follow_containerd_and_commit_deactivates",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
     "test_reassembly_after_reboot",
@@ -1501,9 +1502,6 @@ def test_layer_mounts_never_activates_a_committed_layer(harness: Harness) -> Non
     """Mounts of an inactive active snapshot (after a node restart) activates its device; a Commit
     of the same key must not run between Mounts' check of the kind and that activation, else the
     committed layer's device is left active (the seed's bug). The Commit is run exactly there."""
-    from csi_thin import config  # noqa: PLC0415 - only this test needs the snapshotter
-    from csi_thin.snapshotter import service  # noqa: PLC0415
-
     e = harness.open()
     lay = _layers(e)
     sn = service.Snapshotter(e, config.SnapshotterConfig())
