@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from csi_thin import config, errors, model
+from csi_thin.controller import provisioner
 from csi_thin import deadline as deadline_mod
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
@@ -54,6 +55,7 @@ __all__ = [
     "test_layer_commit_left_open_is_resolved_before_the_key_is_used",
     "test_layer_mounts_never_activates_a_committed_layer",
     "test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove",
+    "test_committed_layers_take_no_thin_headroom",
     "test_layers_follow_containerd_and_commit_deactivates",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
@@ -1605,5 +1607,39 @@ def test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove(harne
     with pytest.raises(errors.FailedPrecondition):  # now the children are there to see
         _layers(e).remove("sha256:p", deferred=False, discard=None, deadline=dl())
     for key in ("ctr-1", "ctr-2", "sha256:p"):
+        _layers(e).remove(key, deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before={})
+
+
+def test_committed_layers_take_no_thin_headroom(harness: Harness) -> None:
+    """GetCapacity's thin headroom and the overprovision check count what writable devices may
+    grow to. A committed layer is read-only for good (inactive; its mapped blocks are in the pool's
+    data used already), like a CSI snapshot: counting each at the full base_image_size (10GiB) would
+    refuse new volumes on a node holding a few hundred image layers. Active snapshots and views of
+    it count (each may be written up to its size), also after a committed parent's recovery."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-h")
+    assert provisioner._provisioned(e) == 4 * MiB
+    lay.commit("sha256:h", "extract-h", labels={}, deadline=dl())
+    assert provisioner._provisioned(e) == 0
+    _prepare_layer(e, "ctr-h", parent="sha256:h")
+    assert provisioner._provisioned(e) == 4 * MiB
+    lay.commit("sha256:h2", "ctr-h", labels={}, deadline=dl())
+    _prepare_layer(e, "view-h", parent="sha256:h2", kind=model.LayerKind.VIEW)
+    assert provisioner._provisioned(e) == 4 * MiB
+    # a commit finished by recovery (its undo failed) marks the device the same way
+    _prepare_layer(e, "extract-h3")
+    with (
+        hooked(_fail_at("layer_commit/deactivate:done", "layer_commit/undo:deactivate")),
+        pytest.raises(InjectedFault),
+    ):
+        lay.commit("sha256:h3", "extract-h3", labels={}, deadline=dl())
+    harness.close(e)
+    e = harness.open()  # recovery finishes the commit
+    assert _layers(e).get("sha256:h3") is not None
+    assert provisioner._provisioned(e) == 4 * MiB
+    check_consistent(e, before=committed(e))
+    for key in ("view-h", "sha256:h2", "sha256:h", "sha256:h3"):
         _layers(e).remove(key, deferred=False, discard=None, deadline=dl())
     check_consistent(e, before={})

@@ -432,12 +432,13 @@ class Provisioner:
 
 
 def _provisioned(engine: Engine) -> int:
-    """What writable devices may grow to: volumes and containerd's snapshots on the same pool (a
-    layer is a writable thin device too; the CR engine of Kubernetes mode lists none)."""
-    return sum(
+    """What writable devices may grow to: volumes and containerd's active and view snapshots on
+    the same pool (writable thin devices too; the CR engine of Kubernetes mode lists none). A
+    committed layer, like a CSI snapshot, is read-only for good: its blocks count in data used."""
+    return sum(d.size_bytes for d in engine.list(kind=model.DeviceKind.VOLUME)) + sum(
         d.size_bytes
-        for kind in (model.DeviceKind.VOLUME, model.DeviceKind.LAYER)
-        for d in engine.list(kind=kind)
+        for d in engine.list(kind=model.DeviceKind.LAYER)
+        if model.ATTR_LAYER_COMMITTED not in dict(d.attributes)
     )
 
 

@@ -70,6 +70,11 @@ def new_device_name() -> str:
     return DEVICE_PREFIX + secrets.token_hex(20)
 
 
+def _inherited(attrs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A snapshot's device attributes from its committed parent's: not the committed mark."""
+    return tuple(kv for kv in attrs if kv[0] != model.ATTR_LAYER_COMMITTED)
+
+
 class Layers:
     """The layer transactions over one engine (which owns the claims, the pool lock and the store)."""
 
@@ -185,7 +190,7 @@ class Layers:
                     size=src.size_bytes if src else size,
                     src=src,
                     fmt=fmt,
-                    attrs=src.attributes if src else model.attributes(attributes),
+                    attrs=_inherited(src.attributes) if src else model.attributes(attributes),
                     deadline=deadline,
                 )
 
@@ -368,7 +373,11 @@ class Layers:
         def commit(w: lmdb_store.WriteTxn, tx: engine_mod._Transition) -> None:
             rec = w.get(dev.name)
             assert rec is not None
-            w.put(dataclasses.replace(rec, active=False, path=None))
+            w.put(
+                dataclasses.replace(
+                    rec, active=False, path=None, attributes=model.committed_layer(rec.attributes)
+                )
+            )
             w.remove_layer(active.key)
             w.put_layer(done)
             w.close_intent(tx.intent)
