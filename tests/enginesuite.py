@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 from csi_thin import config, errors, model
-from csi_thin.controller import provisioner
 from csi_thin import deadline as deadline_mod
+from csi_thin.controller import provisioner
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import faults
@@ -43,6 +43,7 @@ __all__ = [
     "test_activate_deactivate_idempotent",
     "test_attributes_are_kept_and_part_of_create_compatibility",
     "test_clone_and_restore_into_larger_volume",
+    "test_committed_layers_take_no_thin_headroom",
     "test_concurrent_creates_of_different_names",
     "test_concurrent_creates_of_one_name",
     "test_create_is_idempotent_and_checks_compatibility",
@@ -55,7 +56,6 @@ __all__ = [
     "test_layer_commit_left_open_is_resolved_before_the_key_is_used",
     "test_layer_mounts_never_activates_a_committed_layer",
     "test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove",
-    "test_committed_layers_take_no_thin_headroom",
     "test_layers_follow_containerd_and_commit_deactivates",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
