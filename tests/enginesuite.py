@@ -56,6 +56,7 @@ __all__ = [
     "test_layer_commit_left_open_is_resolved_before_the_key_is_used",
     "test_layer_mounts_never_activates_a_committed_layer",
     "test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove",
+    "test_layer_remove_is_not_held_off_by_a_stale_child",
     "test_layers_follow_containerd_and_commit_deactivates",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
@@ -1642,4 +1643,25 @@ def test_committed_layers_take_no_thin_headroom(harness: Harness) -> None:
     check_consistent(e, before=committed(e))
     for key in ("view-h", "sha256:h2", "sha256:h", "sha256:h3"):
         _layers(e).remove(key, deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before={})
+
+
+def test_layer_remove_is_not_held_off_by_a_stale_child(harness: Harness) -> None:
+    """A child's Prepare failed and so did its undo: its pending record names the parent until a
+    fenced call resolves it. A Remove of the parent (the child never existed for containerd) must
+    resolve it, not answer FailedPrecondition; with async_remove no Remove is ever fenced, so the
+    parent could not be removed at all until a restart."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-s")
+    lay.commit("sha256:s", "extract-s", labels={}, deadline=dl())
+    with (
+        hooked(_fail_at("layer_snap/activate:done", "layer_snap/undo:activate")),
+        pytest.raises(InjectedFault),
+    ):
+        _prepare_layer(e, "ctr-s", parent="sha256:s")
+    assert e.intents() and lay.get("ctr-s") is None
+    lay.remove("sha256:s", deferred=True, discard=None, deadline=dl())
+    assert lay.list() == [] and e.store.layers() == [] and e.intents() == []
+    assert lay.cleanup(discard=None, deadline=dl())
     check_consistent(e, before={})

@@ -424,6 +424,12 @@ class Layers:
         with self._claim(key):
             self._resolve_stale(key, deadline)
             layer = self.require(key)
+            if any(x.parent == key and x.pending == model.LayerPending.PREPARE for x in self.store.layers()):
+                # holding the key's claim, no Prepare of a child is in flight (it claims its parent):
+                # a pending child is a Prepare whose undo failed. Resolve it (with every stale fenced
+                # intent) rather than refuse the Remove until some other fenced call happens by.
+                with self.engine._fenced(deadline):
+                    pass
             children = sorted(x.key for x in self.store.layers() if x.parent == key)
             if children:
                 raise errors.FailedPrecondition(
