@@ -20,6 +20,14 @@ GiB = 1024 * MiB
 #: the device attributes the CSI layer keeps on each volume (and hands back as volume_context)
 ATTR_ACCESS_TYPE = "csi-thin.io/access-type"
 ATTR_FS_TYPE = "csi-thin.io/fs-type"
+#: set on a LAYER device when its containerd snapshot is committed (read-only for good: it takes
+#: no thin headroom, csi_thin.controller.provisioner); never inherited by its children
+ATTR_LAYER_COMMITTED = "csi-thin.io/layer-committed"
+
+
+def committed_layer(attrs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A LAYER device's attributes once its snapshot is committed."""
+    return tuple(sorted({**dict(attrs), ATTR_LAYER_COMMITTED: "true"}.items()))
 
 
 class DeviceKind(enum.StrEnum):

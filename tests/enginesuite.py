@@ -30,12 +30,14 @@ from typing import Any
 import lmdb
 import pytest
 
+from csi_thin import config, errors, model
 from csi_thin import deadline as deadline_mod
-from csi_thin import errors, model
+from csi_thin.controller import provisioner
 from csi_thin.pool import backend as backend_mod
 from csi_thin.pool import engine as engine_mod
 from csi_thin.pool import faults
 from csi_thin.pool import layers as layers_mod
+from csi_thin.snapshotter import service
 from csi_thin.store import lmdb_store
 from tests import blockio, conftest
 
@@ -43,6 +45,7 @@ __all__ = [
     "test_activate_deactivate_idempotent",
     "test_attributes_are_kept_and_part_of_create_compatibility",
     "test_clone_and_restore_into_larger_volume",
+    "test_committed_layers_take_no_thin_headroom",
     "test_concurrent_creates_of_different_names",
     "test_concurrent_creates_of_one_name",
     "test_create_is_idempotent_and_checks_compatibility",
@@ -53,6 +56,10 @@ __all__ = [
     "test_group_snapshot_is_idempotent_and_refuses_what_it_cannot_do",
     "test_grow_while_active_and_refuse_shrink",
     "test_kill_during_recovery_is_rerunnable",
+    "test_layer_commit_left_open_is_resolved_before_the_key_is_used",
+    "test_layer_mounts_never_activates_a_committed_layer",
+    "test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove",
+    "test_layer_remove_is_not_held_off_by_a_stale_child",
     "test_layers_follow_containerd_and_commit_deactivates",
     "test_lost_store_adopts_the_pool_and_reports_orphans",
     "test_orphans_reported_and_gc",
@@ -1684,4 +1691,170 @@ def test_layers_follow_containerd_and_commit_deactivates(harness: Harness) -> No
     for key in ("stale", "view", "ctr", "sha256:1"):
         lay.remove(key, deferred=False, discard=layer_discard, deadline=dl())
     assert e.list() == [] and e.store.layers() == []
+    check_consistent(e, before={})
+
+
+def test_layer_mounts_never_activates_a_committed_layer(harness: Harness) -> None:
+    """Mounts of an inactive active snapshot (after a node restart) activates its device; a Commit
+    of the same key must not run between Mounts' check of the kind and that activation, else the
+    committed layer's device is left active (the seed's bug). The Commit is run exactly there."""
+    e = harness.open()
+    lay = _layers(e)
+    sn = service.Snapshotter(e, config.SnapshotterConfig())
+    _prepare_layer(e, "extract-m")
+    e.deactivate(lay.require("extract-m").device, deadline=dl())  # as after a node restart
+    real_activate = e.activate
+    outcome: list[str] = []
+
+    def activate(name: str, *, deadline: deadline_mod.Deadline) -> model.Device:
+        if not outcome:
+            try:
+                lay.commit("sha256:m", "extract-m", labels={}, deadline=dl())
+                outcome.append("committed")
+            except errors.OperationPending:
+                outcome.append("refused")
+        return real_activate(name, deadline=deadline)
+
+    e.activate = activate  # type: ignore[method-assign]
+    try:
+        mounts = sn.mounts("extract-m", deadline=dl())
+    finally:
+        del e.activate
+    assert outcome == ["refused"], outcome  # the Commit waits for Mounts (containerd retries it)
+    assert mounts and lay.device(lay.require("extract-m")).active
+    check_consistent(e, before=committed(e))
+    lay.commit("sha256:m", "extract-m", labels={}, deadline=dl())
+    assert not lay.device(lay.require("sha256:m")).active
+    lay.remove("sha256:m", deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before={})
+
+
+def test_layer_commit_left_open_is_resolved_before_the_key_is_used(harness: Harness) -> None:
+    """A Commit whose deactivate and undo both failed stays open (recovery finishes it: the key
+    becomes the committed name). The next call on the key must resolve it first: a second Commit
+    of the key under another name would give one device two committed snapshots (removing one
+    deletes the other's data), and a Mounts would activate the committed layer's device."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-o")
+    with (
+        hooked(_fail_at("layer_commit/deactivate:done", "layer_commit/undo:deactivate")),
+        pytest.raises(InjectedFault),
+    ):
+        lay.commit("sha256:o1", "extract-o", labels={}, deadline=dl())
+    assert e.intents()
+    with pytest.raises(errors.NotFound):  # the open commit went forward: the key is committed now
+        lay.commit("sha256:o2", "extract-o", labels={}, deadline=dl())
+    assert lay.get("sha256:o2") is None and lay.get("extract-o") is None
+    assert not lay.device(lay.require("sha256:o1")).active
+    check_consistent(e, before=committed(e))
+    lay.remove("sha256:o1", deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before={})
+
+
+def test_layer_prepares_on_one_parent_run_together_and_hold_off_its_remove(harness: Harness) -> None:
+    """Two containers of one image start at once: two Prepares with the same committed parent. Both
+    must succeed (containerd does not retry ABORTED); a Remove of the parent meanwhile must not
+    (the child it would orphan is not recorded yet). The second Prepare and the Remove run while
+    the first holds its claims, before its transaction."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-p")
+    lay.commit("sha256:p", "extract-p", labels={}, deadline=dl())
+    real_parent_device = lay._parent_device
+    seen: list[str] = []
+
+    def parent_device(parent: str) -> model.Device:
+        if not seen:
+            seen.append("inside")
+            _layers(e).prepare(
+                "ctr-2",
+                parent="sha256:p",
+                kind=model.LayerKind.ACTIVE,
+                labels={},
+                size_bytes=4 * MiB,
+                fmt=layer_fmt,
+                attributes={},
+                deadline=dl(),
+            )
+            seen.append("second prepared")
+            with pytest.raises(errors.OperationPending):
+                _layers(e).remove("sha256:p", deferred=False, discard=None, deadline=dl())
+            with pytest.raises(errors.OperationPending):
+                _layers(e).remove("sha256:p", deferred=True, discard=None, deadline=dl())
+        return real_parent_device(parent)
+
+    lay._parent_device = parent_device  # type: ignore[method-assign]
+    lay.prepare(
+        "ctr-1",
+        parent="sha256:p",
+        kind=model.LayerKind.ACTIVE,
+        labels={},
+        size_bytes=4 * MiB,
+        fmt=layer_fmt,
+        attributes={},
+        deadline=dl(),
+    )
+    assert seen == ["inside", "second prepared"]
+    assert {x.key for x in lay.list()} == {"sha256:p", "ctr-1", "ctr-2"}
+    check_consistent(e, before=committed(e))
+    with pytest.raises(errors.FailedPrecondition):  # now the children are there to see
+        _layers(e).remove("sha256:p", deferred=False, discard=None, deadline=dl())
+    for key in ("ctr-1", "ctr-2", "sha256:p"):
+        _layers(e).remove(key, deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before={})
+
+
+def test_committed_layers_take_no_thin_headroom(harness: Harness) -> None:
+    """GetCapacity's thin headroom and the overprovision check count what writable devices may
+    grow to. A committed layer is read-only for good (inactive; its mapped blocks are in the pool's
+    data used already), like a CSI snapshot: counting each at the full base_image_size (10GiB) would
+    refuse new volumes on a node holding a few hundred image layers. Active snapshots and views of
+    it count (each may be written up to its size), also after a committed parent's recovery."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-h")
+    assert provisioner._provisioned(e) == 4 * MiB
+    lay.commit("sha256:h", "extract-h", labels={}, deadline=dl())
+    assert provisioner._provisioned(e) == 0
+    _prepare_layer(e, "ctr-h", parent="sha256:h")
+    assert provisioner._provisioned(e) == 4 * MiB
+    lay.commit("sha256:h2", "ctr-h", labels={}, deadline=dl())
+    _prepare_layer(e, "view-h", parent="sha256:h2", kind=model.LayerKind.VIEW)
+    assert provisioner._provisioned(e) == 4 * MiB
+    # a commit finished by recovery (its undo failed) marks the device the same way
+    _prepare_layer(e, "extract-h3")
+    with (
+        hooked(_fail_at("layer_commit/deactivate:done", "layer_commit/undo:deactivate")),
+        pytest.raises(InjectedFault),
+    ):
+        lay.commit("sha256:h3", "extract-h3", labels={}, deadline=dl())
+    harness.close(e)
+    e = harness.open()  # recovery finishes the commit
+    assert _layers(e).get("sha256:h3") is not None
+    assert provisioner._provisioned(e) == 4 * MiB
+    check_consistent(e, before=committed(e))
+    for key in ("view-h", "sha256:h2", "sha256:h", "sha256:h3"):
+        _layers(e).remove(key, deferred=False, discard=None, deadline=dl())
+    check_consistent(e, before={})
+
+
+def test_layer_remove_is_not_held_off_by_a_stale_child(harness: Harness) -> None:
+    """A child's Prepare failed and so did its undo: its pending record names the parent until a
+    fenced call resolves it. A Remove of the parent (the child never existed for containerd) must
+    resolve it, not answer FailedPrecondition; with async_remove no Remove is ever fenced, so the
+    parent could not be removed at all until a restart."""
+    e = harness.open()
+    lay = _layers(e)
+    _prepare_layer(e, "extract-s")
+    lay.commit("sha256:s", "extract-s", labels={}, deadline=dl())
+    with (
+        hooked(_fail_at("layer_snap/activate:done", "layer_snap/undo:activate")),
+        pytest.raises(InjectedFault),
+    ):
+        _prepare_layer(e, "ctr-s", parent="sha256:s")
+    assert e.intents() and lay.get("ctr-s") is None
+    lay.remove("sha256:s", deferred=True, discard=None, deadline=dl())
+    assert lay.list() == [] and e.store.layers() == [] and e.intents() == []
+    assert lay.cleanup(discard=None, deadline=dl())
     check_consistent(e, before={})

@@ -454,9 +454,10 @@ class Provisioner:
 
 
 def _provisioned(engine: Engine) -> int:
-    """What writable devices may grow to: volumes and containerd's snapshots on the same pool (a
-    layer is a writable thin device too; the CR engine of Kubernetes mode lists none)."""
-    return engine.volume_bytes()  # a running total (the pool engine's store), not a list
+    """What writable devices may grow to: volumes and containerd's active and view snapshots on
+    the same pool (writable thin devices too; the CR engine of Kubernetes mode lists none). A
+    committed layer, like a CSI snapshot, is read-only for good: its blocks count in data used."""
+    return engine.volume_bytes()
 
 
 def _ready(device: model.Device) -> model.Device:

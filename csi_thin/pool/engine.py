@@ -156,6 +156,8 @@ class PoolEngine:
         self.block_size = block_size
         self._claims_mutex = threading.Lock()
         self._claimed: set[str] = set()
+        #: shared claims: name -> how many callers hold it (see _claim)
+        self._shared: dict[str, int] = {}
         self._pool_lock = threading.Lock()
         #: what the last `recover` found and did (None before it ran)
         self.last_recovery: RecoveryReport | None = None
@@ -163,19 +165,28 @@ class PoolEngine:
     # ---- seams and locks -------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _claim(self, *names: str) -> Iterator[None]:
-        """Per-name claim, non-blocking: a second caller on any of the names gets OperationPending."""
+    def _claim(self, *names: str, shared: tuple[str, ...] = ()) -> Iterator[None]:
+        """Per-name claim, non-blocking: a second caller on any of the names gets OperationPending.
+        `shared` names are claimed only against the exclusive claims: any number of callers hold
+        them together (containerd's Prepares of children of one parent), none while one holds the
+        name exclusively (its Remove)."""
         keys = set(names)
         with self._claims_mutex:
-            busy = sorted(keys & self._claimed)
+            busy = sorted((keys & (self._claimed | self._shared.keys())) | (set(shared) & self._claimed))
             if busy:
                 raise errors.OperationPending(f"an operation on {busy[0]!r} is in progress; retry later")
             self._claimed |= keys
+            for name in shared:
+                self._shared[name] = self._shared.get(name, 0) + 1
         try:
             yield
         finally:
             with self._claims_mutex:
                 self._claimed -= keys
+                for name in shared:
+                    self._shared[name] -= 1
+                    if not self._shared[name]:
+                        del self._shared[name]
 
     @contextlib.contextmanager
     def _fenced(self, deadline: deadline_mod.Deadline) -> Iterator[None]:
@@ -967,10 +978,16 @@ class PoolEngine:
         return self.store.totals()
 
     def volume_bytes(self) -> int:
-        """Sum of the sizes of the writable devices' records in any state, volumes and containerd's
-        layers (a layer is a writable thin device too): what overprovisioning counts."""
-        totals = self.store.totals()
-        return sum(totals.of(kind=k).size_bytes for k in (model.DeviceKind.VOLUME, model.DeviceKind.LAYER))
+        """What overprovisioning counts: the sizes of the volume records in any state (a running
+        total) and of containerd's active and view snapshots (writable thin devices too). A committed
+        layer, like a snapshot, is read-only for good. The layers are read from the index by kind:
+        their number follows the node's images, not its volumes."""
+        volumes = self.store.totals().of(kind=model.DeviceKind.VOLUME).size_bytes
+        return volumes + sum(
+            d.size_bytes
+            for d in self.list(kind=model.DeviceKind.LAYER)
+            if model.ATTR_LAYER_COMMITTED not in dict(d.attributes)
+        )
 
     def lost(self) -> builtins.list[str]:
         """The names of the LOST records (the store's index of records not READY)."""

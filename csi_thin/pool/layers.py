@@ -19,7 +19,8 @@ cannot be undone).
 
 Keys are containerd's strings (any length up to MAX_KEY_BYTES, '/' and all): the device gets a
 name of its own, `l-` + 40 random hex digits, recorded in the layer record. Claims: the key (and the
-parent's, so it is not removed under a Prepare) in the engine's claim space under `layer:`.
+parent's, shared: Prepares of its children run together, its Remove waits) in the engine's claim
+space under `layer:`.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def new_device_name() -> str:
     return DEVICE_PREFIX + secrets.token_hex(20)
 
 
+def _inherited(attrs: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A snapshot's device attributes from its committed parent's: not the committed mark."""
+    return tuple(kv for kv in attrs if kv[0] != model.ATTR_LAYER_COMMITTED)
+
+
 class Layers:
     """The layer transactions over one engine (which owns the claims, the pool lock and the store)."""
 
@@ -108,16 +114,29 @@ class Layers:
     # ---- claims ----------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _claim(self, *keys: str, devices: tuple[str, ...] = ()) -> Iterator[None]:
-        with self.engine._claim(*(_claim_name(k) for k in keys), *devices):
+    def _claim(self, *keys: str, devices: tuple[str, ...] = (), parent: str = "") -> Iterator[None]:
+        """`parent`: claimed shared (Prepares of its children run together; its Remove waits)."""
+        shared = (_claim_name(parent),) if parent else ()
+        with self.engine._claim(*(_claim_name(k) for k in keys), *devices, shared=shared):
             yield
 
     def _resolve_stale(self, key: str, deadline: deadline_mod.Deadline) -> None:
-        """Holding the key's claim: a pending record on it is left by an undo that failed; its intent
-        is resolved as recovery would (recovery moves the layer records too)."""
+        """Holding the key's claim: an open intent on the device its record names is left by an undo
+        that failed; it is resolved as recovery would (recovery moves the layer records too). Not
+        only a pending record has one: a Commit left open keeps the ACTIVE record of its key beside
+        its pending committed one, and recovery finishes it, so the key is committed already (a
+        second Commit of it would give the device two committed snapshots, a Mounts would activate
+        a committed layer). Every call on a key names it here first."""
         layer = self.store.layer(key)
-        if layer is not None and layer.pending != model.LayerPending.NONE:
+        if layer is None or not self.stale(layer):
+            return
+        # every call on the device holds the claim of a key naming it: none is in flight
+        with self.engine._claim(layer.device):
             self.engine._resolve_stale(layer.device, deadline)
+
+    def stale(self, layer: model.Layer) -> bool:
+        """An intent on the layer's device is open (a failed undo left it: see _resolve_stale)."""
+        return any(i.name == layer.device for i in self.store.intents())
 
     # ---- Prepare / View ----------------------------------------------------------------------------
 
@@ -143,7 +162,7 @@ class Layers:
             raise errors.InvalidArgument("a snapshot is prepared active or as a view, never committed")
         size = self.engine._size(size_bytes)
         eng = self.engine
-        with self._claim(key, *([parent] if parent else [])):
+        with self._claim(key, parent=parent):
             self._resolve_stale(key, deadline)
             if self.store.layer(key) is not None:
                 raise errors.AlreadyExists(f"snapshot {key!r} already exists")
@@ -171,7 +190,7 @@ class Layers:
                     size=src.size_bytes if src else size,
                     src=src,
                     fmt=fmt,
-                    attrs=src.attributes if src else model.attributes(attributes),
+                    attrs=_inherited(src.attributes) if src else model.attributes(attributes),
                     deadline=deadline,
                 )
 
@@ -284,6 +303,22 @@ class Layers:
         assert got is not None and dev is not None
         return got, dev
 
+    # ---- Mounts ------------------------------------------------------------------------------------
+
+    def activate(self, key: str, *, deadline: deadline_mod.Deadline) -> tuple[model.Layer, model.Device]:
+        """The active or view snapshot's device made active (again, after a node restart), holding
+        the key's claim: a Commit of the key (which deactivates the device for good) cannot run
+        between the check of its kind and the activation."""
+        validate_key(key)
+        with self._claim(key):
+            self._resolve_stale(key, deadline)
+            layer = self.require(key)
+            if layer.kind == model.LayerKind.COMMITTED:
+                raise errors.FailedPrecondition(
+                    f"snapshot {key!r} is committed: only active and view snapshots mount"
+                )
+            return layer, self.engine.activate(layer.device, deadline=deadline)
+
     # ---- Commit ------------------------------------------------------------------------------------
 
     def commit(
@@ -338,7 +373,11 @@ class Layers:
         def commit(w: lmdb_store.WriteTxn, tx: engine_mod._Transition) -> None:
             rec = w.get(dev.name)
             assert rec is not None
-            w.put(dataclasses.replace(rec, active=False, path=None))
+            w.put(
+                dataclasses.replace(
+                    rec, active=False, path=None, attributes=model.committed_layer(rec.attributes)
+                )
+            )
             w.remove_layer(active.key)
             w.put_layer(done)
             w.close_intent(tx.intent)
@@ -385,6 +424,12 @@ class Layers:
         with self._claim(key):
             self._resolve_stale(key, deadline)
             layer = self.require(key)
+            if any(x.parent == key and x.pending == model.LayerPending.PREPARE for x in self.store.layers()):
+                # holding the key's claim, no Prepare of a child is in flight (it claims its parent):
+                # a pending child is a Prepare whose undo failed. Resolve it (with every stale fenced
+                # intent) rather than refuse the Remove until some other fenced call happens by.
+                with self.engine._fenced(deadline):
+                    pass
             children = sorted(x.key for x in self.store.layers() if x.parent == key)
             if children:
                 raise errors.FailedPrecondition(

@@ -217,7 +217,11 @@ def _finish_layer_commit(
     with store.write() as w:
         rec = w.get(intent.name)
         if rec is not None and rec.dev_id == intent.dev_id:
-            w.put(dataclasses.replace(rec, active=False, path=None))
+            w.put(
+                dataclasses.replace(
+                    rec, active=False, path=None, attributes=model.committed_layer(rec.attributes)
+                )
+            )
         for layer in w.layers():
             if layer.device != intent.name:
                 continue

@@ -145,7 +145,7 @@ class Snapshotter:
         if text is None:
             return self.settings.base_image_size
         least = max(1, filesystem.min_bytes(self.settings.fs_type.value))
-        if not text.isdigit() or int(text) < least:
+        if not (text.isascii() and text.isdigit()) or int(text) < least:
             raise errors.InvalidArgument(
                 f"label {LABEL_MAX_SIZE}={text!r}: a number of bytes, at least {least} for "
                 f"{self.settings.fs_type.value}"
@@ -189,9 +189,11 @@ class Snapshotter:
                 f"snapshot {key!r} is committed: only active and view snapshots mount"
             )
         dev = self.layers.device(layer)
-        if not dev.active:  # after a node restart: the kernel's devices are gone, the records stay
-            dev = self.engine.activate(dev.name, deadline=deadline)
-        return self._mounts(layer, dev)
+        if dev.active and not self.layers.stale(layer):
+            return self._mounts(layer, dev)
+        # after a node restart the kernel's devices are gone, the records stay: activate it again
+        # under the key's claim (a Commit must not slip between this check and the activation)
+        return self._mounts(*self.layers.activate(key, deadline=deadline))
 
     def commit(
         self, name: str, key: str, labels: Mapping[str, str], *, deadline: deadline_mod.Deadline

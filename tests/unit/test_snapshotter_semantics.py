@@ -3,6 +3,8 @@ functions of csi_thin.snapshotter and csi_thin.config, table-driven."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from csi_thin import config, errors, model
@@ -125,3 +127,13 @@ def test_snapshotter_section_mirrors_the_seed() -> None:
 def test_bad_snapshotter_section(raw: dict[str, object], says: str) -> None:
     with pytest.raises(errors.InvalidArgument, match=says):
         config.pool_from_dict(_pool(raw))
+
+
+@pytest.mark.parametrize("text", ["\u00b2", "\uff11\uff12\uff13", "-1", "1e9", "", " 100000000"])
+def test_max_size_label_is_ascii_digits_or_invalid_argument(text: str) -> None:
+    """containerd's max-size label comes from any client: anything but ASCII digits (str.isdigit
+    accepts '²', which int() then refuses with a ValueError: an INTERNAL error) is InvalidArgument."""
+    sn = service.Snapshotter(types.SimpleNamespace(store=None), config.SnapshotterConfig())  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgument, match="max-size"):
+        sn._base_size({service.LABEL_MAX_SIZE: text})
+    assert sn._base_size({service.LABEL_MAX_SIZE: str(64 * model.MiB)}) == 64 * model.MiB
