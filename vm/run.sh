@@ -24,6 +24,8 @@ boot() {  # boot(accel, timeout, command...) -> guest exit code
   local accel=$1 tmo=$2; shift 2
   local run; mkdir -p "$VM_STATE/run"; run=$(mktemp -d "$VM_STATE/run/r.XXXXXX")
   printf '%s\n' "$*" > "$run/cmd"; echo "$CWD" > "$run/cwd"; : > "$run/env"
+  # the guest learns how it is run: emulated (tcg) timings are not the machine's (bench/scale.py)
+  printf 'CSI_THIN_VM_ACCEL=%s\n' "$accel" > "$run/env"
   for v in ${VM_ENV:-}; do [ -n "${!v+x}" ] && printf '%s=%q\n' "$v" "${!v}" >> "$run/env"; done
   local acc
   case $accel in

@@ -421,3 +421,15 @@ def test_a_total_is_never_written_below_zero(tmp_path: pathlib.Path) -> None:
         (diff,) = store.check_index(repair=True)
         assert diff.startswith("total volume/ready is Tally(count=1, size_bytes=1048576"), diff
         _check_derived(store)
+
+
+def test_a_page_after_a_name_longer_than_any_key_still_pages(tmp_path: pathlib.Path) -> None:
+    # a starting_token carries any name a client sends: one past LMDB's key size (511 bytes) must
+    # page like any other name, not fail inside the cursor
+    with lmdb_store.LmdbStore(str(tmp_path)) as store:
+        with store.write() as w:
+            for i, name in enumerate(["a", "m" * 600 + "z", "n"]):
+                w.put(_dev(name[:200], i + 1))
+        long = "m" * 600
+        assert [d.name for d in store.page(model.DeviceKind.VOLUME, after=long, limit=0)] == ["n"]
+        assert [d.name for d in store.page(model.DeviceKind.VOLUME, after="é" * 300, limit=0)] == []
