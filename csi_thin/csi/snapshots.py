@@ -250,7 +250,7 @@ def serve_until_signalled(srv: SnapshotsServer, grace: float) -> None:
     try:
         srv.start()
         try:
-            done.wait()
+            server.wait_for_signal(done)
         finally:
             srv.stop(grace)
     finally:
